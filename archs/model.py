@@ -1,0 +1,80 @@
+"""The common interface: Model = byte embedding + backbone + objective.
+
+The trainer sees only `Model`: it calls `objective.loss` / `objective.evaluate` / `objective.sample`
+and the `after_optimizer_step` hook, and never branches on architecture names.
+Batches are LongTensors of byte ids, shape (B, seq_len + 1): each objective decides how to use them
+(autoregressive: inputs = batch[:, :-1], targets = batch[:, 1:]).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from archlab.archs.config import ModelConfig
+
+
+class Backbone(nn.Module):
+    """Maps embedded tokens (B, L, d) to hidden states (B, L, d)."""
+
+    d_model: int
+
+    def forward(self, x: Tensor, *, causal: bool, cache=None) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int, *, causal: bool) -> int:  # pragma: no cover - interface
+        """Forward FLOPs per token of the backbone (matmuls + attention/scan), analytic."""
+        raise NotImplementedError
+
+
+class Objective(nn.Module):
+    """Owns output heads, masking, the loss, evaluation and sampling."""
+
+    #: whether the backbone must run causally (None: either works)
+    requires_causal: bool | None = None
+
+    def loss(self, model: "Model", batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
+        """Scalar training loss and metrics as detached 0-dim tensors (read them only when logging)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: "Model", batch: Tensor) -> dict[str, float]:  # pragma: no cover
+        """Metrics for one batch; must include `bpb` (bits per byte) and `n_bytes` (its weight)."""
+        raise NotImplementedError
+
+    def sample(self, model: "Model", prompt: Tensor, n_tokens: int, **kwargs) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def head_flops_per_token(self, d_model: int) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model: "Model", step: int) -> None:
+        """Hook for objective-owned state (e.g. an EMA target encoder). Default: nothing."""
+
+
+class Model(nn.Module):
+    """Byte embedding -> backbone -> hidden states; the objective turns them into losses and samples."""
+
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding, backbone: Backbone, objective: Objective):
+        super().__init__()
+        needed = objective.requires_causal
+        name = type(objective).__name__
+        if needed is not None and cfg.causal is not None and cfg.causal != needed:
+            kind, setting = ("causal", "true") if needed else ("bidirectional", "false")
+            raise ValueError(f"objective {name} needs a {kind} backbone; set model.causal={setting} or remove it")
+        # an objective that works either way runs causally unless the config says otherwise
+        self.causal = cfg.causal if cfg.causal is not None else needed is not False
+        self.embedding = embedding
+        self.backbone = backbone
+        self.objective = objective
+
+    def forward(self, tokens: Tensor, cache=None) -> Tensor:
+        """tokens (B, L) byte ids -> hidden states (B, L, d). `cache` comes from backbone.new_cache."""
+        return self.backbone(self.embedding(tokens), causal=self.causal, cache=cache)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token, backbone + output head (training costs about 3x this)."""
+        return (self.backbone.flops_per_token(seq_len, causal=self.causal)
+                + self.objective.head_flops_per_token(self.backbone.d_model))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head is counted once); optionally without the embedding table."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embedding.weight.numel() if exclude_embeddings else total

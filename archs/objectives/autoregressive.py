@@ -1,0 +1,104 @@
+"""Next-byte prediction: cross-entropy on batch[:, 1:] given batch[:, :-1]; KV-cached sampling."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from archlab.archs.config import ModelConfig
+from archlab.archs.model import Model, Objective
+
+
+class AutoregressiveObjective(Objective):
+    requires_causal = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.vocab_size = cfg.vocab_size
+        # tied: the head is model.embedding.weight, read at call time so it is stored once in checkpoints
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
+
+    def head_weight(self, model: Model) -> Tensor:
+        return model.embedding.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, model: Model, tokens: Tensor, cache=None) -> Tensor:
+        """tokens (B, L) -> float32 logits (B, L, vocab) for the byte after each position."""
+        hidden = model(tokens, cache=cache)
+        # float32 even under autocast: a bf16 softmax over the vocabulary loses too much precision
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.head_weight(model).float())
+
+    def _cross_entropy(self, model: Model, batch: Tensor) -> tuple[Tensor, int]:
+        if batch.ndim != 2 or batch.shape[1] < 2:
+            raise ValueError(f"batch must be (B, L + 1) byte ids with L >= 1, got shape {tuple(batch.shape)}")
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.logits(model, inputs)
+        loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v"), rearrange(targets, "b l -> (b l)"))
+        return loss, targets.numel()
+
+    def loss(self, model: Model, batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean next-byte cross-entropy in nats; metrics (detached, no host sync) also give bits per byte."""
+        loss, _ = self._cross_entropy(model, batch)
+        return loss, {"loss": loss.detach(), "bpb": loss.detach() / math.log(2)}
+
+    @torch.no_grad()
+    def evaluate(self, model: Model, batch: Tensor) -> dict[str, float]:
+        loss, n_bytes = self._cross_entropy(model, batch)
+        value = loss.item()
+        return {"loss": value, "bpb": value / math.log(2), "n_bytes": n_bytes}
+
+    def head_flops_per_token(self, d_model: int) -> int:
+        return 2 * d_model * self.vocab_size
+
+    def sample(self, model: Model, prompt: Tensor, n_tokens: int, *, temperature: float = 1.0,
+               top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Continues prompt (B, P) by n_tokens bytes; returns (B, P + n_tokens).
+
+        The prompt is run once into a KV cache, then each new byte costs one single-position step.
+        temperature 0 is greedy; top_k keeps only the k most likely bytes; a seeded generator makes it
+        reproducible. Runs in eval mode and restores the previous mode afterwards.
+        """
+        self._check_sample_args(prompt, n_tokens, temperature, top_k)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                cache = model.backbone.new_cache(prompt.shape[0], prompt.shape[1] + n_tokens, device=prompt.device)
+                new_tokens, step_input = [], prompt
+                for _ in range(n_tokens):
+                    next_logits = self.logits(model, step_input, cache=cache)[:, -1]
+                    step_input = self._choose(next_logits, temperature, top_k, generator)
+                    new_tokens.append(step_input)
+                return torch.cat([prompt, *new_tokens], dim=1)
+        finally:
+            model.train(was_training)
+
+    def _check_sample_args(self, prompt: Tensor, n_tokens: int, temperature: float, top_k: int | None) -> None:
+        if not isinstance(prompt, Tensor) or prompt.dtype != torch.long or prompt.ndim != 2:
+            raise TypeError("prompt must be a LongTensor of byte ids, shape (batch, length)")
+        if prompt.shape[0] == 0 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be non-empty, got shape {tuple(prompt.shape)}; give at least one byte")
+        if prompt.min() < 0 or prompt.max() >= self.vocab_size:
+            raise ValueError(f"prompt ids must lie in [0, {self.vocab_size}); encode the text as bytes")
+        if n_tokens < 0:
+            raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and not 1 <= top_k <= self.vocab_size:
+            raise ValueError(f"top_k must be in 1..{self.vocab_size} or None, got {top_k}")
+
+    @staticmethod
+    def _choose(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+        """logits (B, vocab) -> next ids (B, 1)."""
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        if top_k is not None:
+            kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)

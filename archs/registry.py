@@ -1,0 +1,35 @@
+"""Names in configs -> backbone and objective classes, and the one function that builds a Model.
+
+archs/config.py imports BACKBONES, OBJECTIVES and closest lazily (inside a validator), so this module
+may import the config at the top without a cycle.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from torch import nn
+
+from archlab.archs.backbones.transformer import TransformerBackbone
+from archlab.archs.config import ModelConfig
+from archlab.archs.model import Model
+from archlab.archs.objectives.autoregressive import AutoregressiveObjective
+
+BACKBONES: dict[str, type] = {"transformer": TransformerBackbone}
+OBJECTIVES: dict[str, type] = {"autoregressive": AutoregressiveObjective}
+
+
+def closest(name: str, options: Iterable[str]) -> str:
+    """The tail of an 'unknown name' error: a close match if there is one, else every option."""
+    options = list(options)
+    match = difflib.get_close_matches(name, options, n=1)
+    return f"; did you mean {match[0]!r}?" if match else f"; choose from {', '.join(options)}"
+
+
+def build_model(cfg: ModelConfig, *, attention_backend: str = "auto") -> Model:
+    """A freshly initialised model on the CPU; weights are normal(0, cfg.init_std) (see the backbone)."""
+    embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+    nn.init.normal_(embedding.weight, mean=0.0, std=cfg.init_std)
+    backbone = BACKBONES[cfg.backbone](cfg, attention_backend=attention_backend)
+    objective = OBJECTIVES[cfg.objective](cfg)
+    return Model(cfg, embedding, backbone, objective)

@@ -1,0 +1,82 @@
+"""Softmax attention with grouped-query heads: `attention(q, k, v, causal=..., backend="auto")`.
+
+Layout: q (B, H, Lq, D); k, v (B, H_kv, Lk, D) with H_kv dividing H (query head h reads kv head
+h // (H / H_kv)); out (B, H, Lq, D) in q's dtype. Causal masking is bottom-right aligned (query i sits
+at absolute position Lk - Lq + i), which is what decoding with a KV cache needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from archlab.kernels.attention.reference import attention_reference
+from archlab.kernels.backend import resolve_backend
+
+__all__ = ["attention", "attention_reference"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+# The fused SDPA kernels a peer may use; MATH is left out so a benchmark never times the slow path.
+PEER_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+_SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
+              backend: str = "auto") -> Tensor:
+    """Scaled dot-product attention; `scale` defaults to D ** -0.5. See the module docstring for layout."""
+    _check_inputs(q, k, v, causal)
+    name = resolve_backend("attention", backend, q.device)
+    if name == "reference":
+        return attention_reference(q, k, v, causal=causal, scale=scale)[0]
+    if name == "peer":
+        with sdpa_kernel(PEER_SDPA_KERNELS):
+            return _sdpa(q, k, v, causal=causal, scale=scale)
+    return _sdpa(q, k, v, causal=causal, scale=scale)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None) -> Tensor:
+    len_q, len_k = q.shape[2], k.shape[2]
+    mask = None
+    if causal and len_q != len_k:
+        # SDPA's is_causal is top-left aligned; a single query at the end sees every key anyway.
+        if len_q > 1:
+            mask = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril(diagonal=len_k - len_q)
+        causal = False
+    n_groups = q.shape[1] // k.shape[1]
+    if n_groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=True)
+    k, v = (repeat(t, "b h l d -> b (h g) l d", g=n_groups) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"attention: {name} must be 4-D (batch, heads, length, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"attention: dtype {q.dtype} is not supported; use float32, float16 or bfloat16")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (batch, n_heads, len_q, head_dim), (kv_batch, n_kv_heads, len_k, kv_head_dim) = q.shape, k.shape
+    if batch != kv_batch or head_dim != kv_head_dim:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must match in batch and head_dim")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"attention: k/v heads ({n_kv_heads}) must divide q heads ({n_heads})")
+    if causal and len_q > len_k:
+        raise ValueError(f"attention: causal needs len_q <= len_k (queries are the last positions), "
+                         f"got len_q={len_q} > len_k={len_k}")
+    if head_dim > MAX_HEAD_DIM or head_dim % 2:
+        raise ValueError(f"attention: head_dim must be even and at most {MAX_HEAD_DIM}, got {head_dim}")

@@ -1,0 +1,31 @@
+"""Softmax attention in plain float32 PyTorch: the definition of correct for every other backend."""
+from __future__ import annotations
+
+import torch
+from einops import repeat
+from torch import Tensor
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                        scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Returns (out, lse): out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 log-sum-exp of the scores.
+
+    q is (B, H, Lq, D), k and v are (B, H_kv, Lk, D); query head h reads kv head h // (H / H_kv).
+    Causal masking is bottom-right aligned: query i sits at absolute position Lk - Lq + i (as in
+    FlashAttention), so a block of new queries attends to the whole KV cache before it.
+    Math runs in float32 (float64 inputs stay float64, for gradcheck), and so does lse; autograd
+    differentiates it.
+    """
+    n_groups = q.shape[1] // k.shape[1]
+    k, v = (repeat(t, "b h l d -> b (h g) l d", g=n_groups) for t in (k, v))
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(compute_dtype), k.to(compute_dtype)) * scale
+    if causal:
+        len_q, len_k = scores.shape[-2:]
+        visible = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril(diagonal=len_k - len_q)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, v.to(compute_dtype))
+    return out.to(q.dtype), lse

@@ -1,0 +1,50 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends:
+  auto       the fastest one available on the tensors' device
+  triton     our own Triton kernels (kernels/<op>/triton.py)
+  torch      fast pure-PyTorch path; what CPU training uses
+  reference  plain float32 PyTorch, the definition of correct (slow)
+  peer       a mature third-party kernel (SDPA flash/cuDNN, mamba_ssm, ...), CUDA only
+"""
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "reference", "peer")
+
+# op -> the concrete backends it has today; adding a kernel means adding its name here.
+IMPLEMENTED: dict[str, tuple[str, ...]] = {
+    "attention": ("torch", "reference", "peer"),
+}
+
+# op -> what `auto` picks on CUDA; on CPU `auto` is always `torch`.
+AUTO_ON_CUDA: dict[str, str] = {
+    "attention": "torch",
+}
+
+
+def _choices(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_backend(op: str, requested: str) -> None:
+    """Device-independent validation, so a bad name fails when the model is built, not at the first step."""
+    if op not in IMPLEMENTED:
+        raise ValueError(f"unknown op {op!r}; choose from {', '.join(IMPLEMENTED)}")
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
+    if requested != "auto" and requested not in IMPLEMENTED[op]:
+        raise ValueError(f"{op} has no {requested!r} backend yet; use {_choices(('auto', *IMPLEMENTED[op]))}")
+
+
+def resolve_backend(op: str, requested: str, device: torch.device) -> str:
+    """Maps a requested backend name to the concrete backend that runs `op` on `device`."""
+    check_backend(op, requested)
+    if requested == "auto":
+        return AUTO_ON_CUDA[op] if device.type == "cuda" else "torch"
+    if requested == "peer" and device.type != "cuda":
+        raise ValueError(f"the 'peer' backend for {op} runs third-party CUDA kernels and the tensors are on "
+                         f"{device.type}; use auto, torch or reference off the GPU")
+    return requested

@@ -1,0 +1,49 @@
+"""The archlab.* namespace maps the fixed top-level folders; every subpackage must be listed."""
+import ast
+import importlib
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = {"kernels": set(), "archs": {"kernels"}, "train": {"kernels", "archs"}, "compare": {"kernels", "archs", "train"}}
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    setuptools = _pyproject()["tool"]["setuptools"]
+    folders = {f"archlab.{p.parent.relative_to(ROOT).as_posix().replace('/', '.')}"
+               for top in LAYERS for p in (ROOT / top).rglob("__init__.py")}
+    assert folders == set(setuptools["packages"])
+    assert setuptools["package-dir"] == {f"archlab.{top}": top for top in LAYERS}
+
+
+@pytest.mark.parametrize("package", sorted(_pyproject()["tool"]["setuptools"]["packages"]))
+def test_subpackage_imports_from_its_folder(package):
+    module = importlib.import_module(package)
+    top = package.split(".")[1]
+    assert Path(module.__file__).resolve().is_relative_to(ROOT / top)
+
+
+def _archlab_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {m.split(".")[1] for m in names if re.match(r"archlab\.\w+", m)}
+
+
+@pytest.mark.parametrize("top", sorted(LAYERS))
+def test_imports_flow_one_way(top):
+    """kernels <- archs <- train <- compare: no layer imports one above it."""
+    for path in (ROOT / top).rglob("*.py"):
+        bad = _archlab_imports(path) - LAYERS[top] - {top}
+        assert not bad, f"{path.relative_to(ROOT)} imports archlab.{bad.pop()}"

@@ -1,0 +1,134 @@
+"""The command line end to end, and every bad input: exit code 2, one `error:` line, nothing written or lost."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from archlab.train.cli import main
+
+from .conftest import ROOT, TINY
+
+
+def run_cli(capsys, *argv):
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One finished tiny run shared by the read-only CLI tests (run in a subprocess: the real entry point)."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = subprocess.run([sys.executable, "-m", "archlab.train.cli", "train", str(TINY), f"run.dir={run_dir}"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 12 and summary["val_bpb"] < 8.0
+    assert "--- sample" in result.stdout and (run_dir / "sample.txt").read_text().startswith("KING")
+    return run_dir
+
+
+def test_eval_prints_val_bpb(capsys, trained_run):
+    code, out, _ = run_cli(capsys, "eval", trained_run)
+    assert code == 0
+    result = json.loads(out)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert result["step"] == 12 and result["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
+    code, out, _ = run_cli(capsys, "eval", trained_run, "--all")
+    assert code == 0 and 0 < json.loads(out)["val_bpb"] < 8.0
+
+
+def test_sample_prints_text(capsys, trained_run):
+    code, out, _ = run_cli(capsys, "sample", trained_run, "--prompt", "ROMEO:", "--tokens", "30", "--seed", "1")
+    assert code == 0 and out.startswith("ROMEO:")
+    assert run_cli(capsys, "sample", trained_run, "--prompt", "ROMEO:", "--tokens", "30", "--seed", "1")[1] == out
+
+
+def test_train_again_with_auto_resume_is_idempotent(capsys, trained_run):
+    before = snapshot(trained_run / "checkpoints")
+    code, out, _ = run_cli(capsys, "train", TINY, f"run.dir={trained_run}", "run.resume=auto")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["step"] == 12
+    assert snapshot(trained_run / "checkpoints") == before
+
+
+def _bad_cases(tmp: Path, trained: Path):
+    (tmp / "empty.txt").write_bytes(b"")
+    (tmp / "short.txt").write_bytes(b"too short")
+    (tmp / "data_dir").mkdir()
+    other = tmp / "other"
+    base = ["train", TINY]
+    own_data = ["data.sha256=null"]  # tiny.yaml pins tinyshakespeare's checksum
+    return {
+        "missing data file": (base + own_data + ["data.path=no_such_corpus.txt"], "no_such_corpus.txt"),
+        "empty data file": (base + own_data + [f"data.path={tmp / 'empty.txt'}"], "empty"),
+        "data is a directory": (base + own_data + [f"data.path={tmp / 'data_dir'}"], "directory"),
+        "data shorter than a sequence": (base + own_data + [f"data.path={tmp / 'short.txt'}"], "data.seq_len"),
+        "unknown backbone": (base + ["model.backbone=rnn"], "unknown backbone 'rnn'"),
+        "unknown objective": (base + ["model.objective=jepa2"], "unknown objective 'jepa2'"),
+        "unknown key": (base + ["train.learning_rate=1"], "unknown key train.learning_rate; nearest valid key: train."),
+        "wrong type": (base + ["model.n_layers=two"], "model.n_layers: input should be a valid integer"),
+        "negative lr": (base + ["train.lr=-0.1"], "train.lr: input should be greater than 0"),
+        "zero batch": (base + ["train.batch_size=0"], "train.batch_size"),
+        "zero steps": (base + ["train.max_steps=0"], "train.max_steps"),
+        "heads not dividing d_model": (base + ["model.n_heads=5"], "does not divide d_model"),
+        "resume without checkpoint": (base + [f"run.dir={other}", "--resume"], "nothing to resume"),
+        "run dir not empty": (base + [f"run.dir={trained}"], "not empty; pass --resume"),
+        "missing config": (["train", tmp / "nope.yaml"], "not found"),
+        "eval of a non-run": (["eval", tmp], "not a run directory"),
+        "unknown command": (["fly"], "invalid choice"),
+        "unknown benchmark": (["bench", "kernels"], "unknown benchmark"),
+        "unknown fetch target": (["data", "fetch", "enwik9"], "enwik9"),
+        **({} if __import__("torch").cuda.is_available() else
+           {"cuda without CUDA": (base + ["train.device=cuda"], "no CUDA device")}),
+    }
+
+
+def test_bad_inputs(capsys, tmp_path, trained_run):
+    watched = snapshot(trained_run)
+    for name, (argv, message) in _bad_cases(tmp_path, trained_run).items():
+        listing = snapshot(tmp_path)
+        code, out, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2, f"{name}: exit {code}, stderr {err!r}"
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], f"{name}: {err!r}"
+        assert snapshot(tmp_path) == listing, f"{name}: wrote files"
+        assert not Path("runs/default").exists()
+    assert snapshot(trained_run) == watched
+
+
+def test_damaged_checkpoint_and_other_architecture(capsys, tmp_path, trained_run):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    latest = sorted((run / "checkpoints").iterdir())[-1]
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run_cli(capsys, "eval", run)
+    assert code == 2 and err.startswith("error: ") and "corrupted or truncated" in err
+
+    other = tmp_path / "other"
+    assert run_cli(capsys, "train", TINY, f"run.dir={other}", "model.d_model=64", "train.max_steps=1",
+                   "sample.tokens=0")[0] == 0
+    code, _, err = run_cli(capsys, "eval", trained_run, "--checkpoint", sorted((other / "checkpoints").iterdir())[-1])
+    assert code == 2 and "different architecture" in err and err.count("\n") == 1
+
+
+def test_debug_shows_traceback(capsys):
+    from archlab.train.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", str(TINY), "train.lr=-1"])

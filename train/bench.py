@@ -1,0 +1,84 @@
+"""`archlab bench trainer`: steps/s of the full trainer against a bare PyTorch loop on the same model.
+
+The bare loop is the least a training loop can do (forward, backward, AdamW step, zero_grad on one fixed
+batch). The trainer adds data sampling, gradient accumulation bookkeeping, clipping, the lr schedule,
+the NaN guard, metric logging and the progress bar. Chunks of both are interleaved so that drift in the
+machine's speed hits both alike; the medians are compared.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from archlab.train.config import load_config
+from archlab.train.flops import peak_flops
+from archlab.train.trainer import Trainer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_trainer(config: str, overrides: list[str], *, steps: int, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        total = (repeats + 1) * steps
+        cfg = load_config(config, list(overrides) + [
+            f"run.dir={Path(tmp) / 'run'}", "run.wandb=disabled", "run.resume=false",
+            f"train.max_steps={10 * total}", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
+            "train.eval_tokens=" + str(1024 * 8)])
+        trainer = Trainer(cfg)
+        model, device = trainer.model, trainer.device
+        bare_optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=device.type == "cuda")
+        batch = trainer.sampler.batch(0).to(device)
+
+        def bare_chunk() -> float:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                with trainer._autocast():
+                    loss, _ = model.objective.loss(model, batch)
+                loss.backward()
+                bare_optimizer.step()
+                bare_optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            return steps / (time.perf_counter() - start)
+
+        def trainer_chunk() -> float:
+            _sync(device)
+            start = time.perf_counter()
+            trainer.train(until_step=trainer.step + steps)
+            _sync(device)
+            return steps / (time.perf_counter() - start)
+
+        trainer_chunk(), bare_chunk()  # warm-up (and the trainer's step-0 eval)
+        trainer_rates, bare_rates = [], []
+        for _ in range(repeats):
+            trainer_rates.append(trainer_chunk())
+            bare_rates.append(bare_chunk())
+
+    trainer_sps, bare_sps = statistics.median(trainer_rates), statistics.median(bare_rates)
+    result = {
+        "benchmark": "trainer", "config": config, "overrides": list(overrides), "device": _device_name(device),
+        "torch": torch.__version__, "params": model.num_parameters(), "tokens_per_step": trainer.tokens_per_step,
+        "steps_per_chunk": steps, "repeats": repeats,
+        "trainer_steps_per_s": round(trainer_sps, 3), "bare_steps_per_s": round(bare_sps, 3),
+        "trainer_tokens_per_s": round(trainer_sps * trainer.tokens_per_step),
+        "overhead_pct": round(100 * (bare_sps / trainer_sps - 1), 2),
+    }
+    peak = peak_flops(device)
+    if peak:
+        result["mfu"] = round(trainer_sps * trainer.flops_per_step / peak, 4)
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,117 @@
+"""Atomic checkpoints with exact resume.
+
+A checkpoint is a directory `RUN_DIR/checkpoints/step_00000100/` holding
+  model.safetensors   weights (safetensors: no code can hide in it)
+  state.pt            optimizer, RNG states, data-sampler position, counters (loaded with weights_only=True)
+  meta.json           step, format version, the model config it was written for
+It is written into a hidden temporary directory, every file fsynced, then renamed into place: a crash at
+any moment leaves either the complete new checkpoint or none, and older ones untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from archlab.train.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories of interrupted saves are ignored)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    model_config: dict[str, Any], keep_last: int) -> Path:
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({**state, "format_version": FORMAT_VERSION}, tmp / "state.pt")
+        meta = {"step": step, "format_version": FORMAT_VERSION, "model": model_config, "saved_at": time.time()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        if final.exists():  # re-saving a step (e.g. a resumed run's final step): swap atomically enough
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupted or incomplete (meta.json: {err}); "
+                              "delete it to fall back to an earlier one") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}, this archlab reads "
+                              f"version {FORMAT_VERSION}; use the archlab version that wrote it")
+    return meta
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, Any]) -> dict[str, Any]:
+    """Load weights into `model` and return the saved training state. Checks it is the same architecture."""
+    meta = read_meta(path)
+    saved = meta.get("model", {})
+    differing = sorted(k for k in saved.keys() | model_config.keys() if saved.get(k) != model_config.get(k))
+    if differing:
+        shown = ", ".join(f"model.{k}: {saved.get(k)!r} in checkpoint vs {model_config.get(k)!r}" for k in differing[:3])
+        raise CheckpointError(f"checkpoint {path} is from a different architecture ({shown}); "
+                              "load it with the config it was trained with")
+    try:
+        device = str(next(model.parameters()).device)
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=device)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except (OSError, SafetensorError, RuntimeError, EOFError, ValueError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason}); "
+                              "delete it to fall back to an earlier one") from None
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}); load it with the config it was trained with")
+    return state
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,158 @@
+"""`archlab train | eval | sample | data fetch | bench` — the command line.
+
+User errors (bad config, data, checkpoint, arguments) print one line `error: ...` and exit with code 2;
+`--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from archlab.train.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2, like every other user error
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run_config(run_dir: str, device: str | None):
+    """The config a finished or running run was trained with, pointed at that run directory."""
+    from archlab.train.config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the run.dir of a training run")
+    overrides = [f"run.dir={run_dir}", "run.resume=true", "run.wandb=disabled", "run.progress=false"]
+    return load_config(path, overrides + ([f"train.device={device}"] if device else []))
+
+
+def cmd_train(args) -> None:
+    from archlab.train.config import load_config
+    from archlab.train.trainer import Trainer
+
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
+    n_params = trainer.model.num_parameters()
+    print(f"{cfg.model.backbone} + {cfg.model.objective}: {n_params / 1e6:.2f}M parameters, "
+          f"{trainer.flops_per_step / trainer.tokens_per_step / 1e6:.1f} MFLOP/token (train), device {trainer.device}, "
+          f"run dir {cfg.run.dir}" + (f", resuming from {trainer.resume_from}" if trainer.resume_from else ""))
+    final = trainer.train()
+    if cfg.sample.tokens:
+        text = trainer.sample_text(cfg.sample.prompt, cfg.sample.tokens, temperature=cfg.sample.temperature,
+                                   top_k=cfg.sample.top_k, seed=cfg.train.seed)
+        (Path(cfg.run.dir) / "sample.txt").write_text(text)
+        print(f"--- sample ({cfg.sample.tokens} bytes, temperature {cfg.sample.temperature}) ---\n{text}\n---")
+    summary = trainer.write_summary(final)
+    print(json.dumps(summary))
+
+
+def cmd_eval(args) -> None:
+    from archlab.train.data import eval_batches
+    from archlab.train.trainer import Trainer
+
+    cfg = _run_config(args.run_dir, args.device)
+    trainer = Trainer(cfg, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+    batches = trainer.eval_set
+    if args.split != "val" or args.all:
+        batches = eval_batches(trainer.corpus.split(args.split), seq_len=cfg.data.seq_len,
+                               batch_size=cfg.train.micro_batch_size or cfg.train.batch_size,
+                               max_tokens=None if args.all else cfg.train.eval_tokens)
+    metrics = trainer.evaluate(batches)
+    print(json.dumps({"step": trainer.step, "checkpoint": str(trainer.resume_from),
+                      **{f"{args.split}_{k}": v for k, v in metrics.items()}}))
+
+
+def cmd_sample(args) -> None:
+    from archlab.train.trainer import Trainer
+
+    trainer = Trainer(_run_config(args.run_dir, args.device))
+    print(trainer.sample_text(args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                              seed=args.seed))
+
+
+def cmd_data_fetch(args) -> None:
+    from archlab.train.fetch import fetch_corpus
+
+    fetch_corpus(args.name, url=args.url, dest=Path(args.dest) if args.dest else None)
+
+
+def cmd_bench(args) -> None:
+    from archlab.train.bench import bench_trainer
+
+    if args.what != "trainer":
+        raise UserError(f"unknown benchmark {args.what!r}; available: trainer")
+    result = bench_trainer(args.config, list(args.overrides), steps=args.steps, repeats=args.repeats)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="archlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train from a YAML config")
+    train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=200")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="score a run's checkpoint; prints JSON with val_bpb")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--split", choices=["val", "test"], default="val")
+    evaluate.add_argument("--all", action="store_true", help="score the whole split, not train.eval_tokens")
+    evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    evaluate.set_defaults(handler=cmd_eval)
+
+    sample = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
+    sample.add_argument("run_dir")
+    sample.add_argument("--prompt", default="\n")
+    sample.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--top-k", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    sample.set_defaults(handler=cmd_sample)
+
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    fetch = data_sub.add_parser("fetch", help="download enwik8 or text8 (needs a network) and verify it")
+    fetch.add_argument("name", help="enwik8 or text8")
+    fetch.add_argument("--url", help="download from here instead of the canonical URL (file:// works)")
+    fetch.add_argument("--dest", help="folder to write into (default: $ARCHLAB_DATA or ~/.cache/archlab/data)")
+    fetch.set_defaults(handler=cmd_data_fetch)
+
+    bench = sub.add_parser("bench", help="benchmarks: `trainer` (trainer overhead vs a bare loop)")
+    bench.add_argument("what", help="trainer")
+    bench.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+    bench.add_argument("overrides", nargs="*")
+    bench.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
+    bench.add_argument("--repeats", type=int, default=5, help="timed chunks of each loop, interleaved")
+    bench.add_argument("--out", help="also write the JSON result here")
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

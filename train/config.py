@@ -1,0 +1,234 @@
+"""Typed run configuration: YAML files composed with `include:`, dotted CLI overrides, strict validation.
+
+pydantic (not omegaconf) because it validates what omegaconf cannot — ranges (lr > 0), literals, cross-field
+rules (heads dividing d_model) — with the path of the offending key, and it is already how archs/ declares
+its model config. Composition needs only a deep merge, which is a few lines.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.max_steps=200", "model.d_model=128"])
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from archlab.archs.config import ModelConfig
+from archlab.train.errors import ConfigError
+
+BackendName = Literal["auto", "triton", "torch", "reference", "peer"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str = Field("tinyshakespeare.txt", description="file, absolute or relative to a data root")
+    seq_len: int = Field(256, gt=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="contiguous split after train")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="contiguous split at the end")
+    sha256: Optional[str] = Field(None, description="expected sha256 of the (decompressed) bytes")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1 to leave training data")
+        return self
+
+
+class TrainConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(1337, ge=0)
+    batch_size: int = Field(32, gt=0, description="sequences per optimizer step")
+    micro_batch_size: Optional[int] = Field(None, gt=0, description="sequences per forward; None = batch_size")
+    max_steps: int = Field(1000, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps in the final decay")
+    weight_decay: float = Field(0.1, ge=0)
+    decay_embeddings: bool = False
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = False
+    eval_every: int = Field(250, gt=0)
+    eval_tokens: Optional[int] = Field(131072, gt=0, description="val bytes scored per eval; None = whole split")
+    checkpoint_every: int = Field(500, gt=0)
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> "TrainConfig":
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+class KernelsConfig(_Section):
+    attention: BackendName = "auto"
+
+
+class RunConfig(_Section):
+    dir: str = "runs/default"
+    resume: Union[bool, Literal["auto"]] = Field(False, description="true: continue; auto: continue if possible")
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "archlab"
+    progress: bool = True
+
+
+class SampleConfig(_Section):
+    prompt: str = "\n"
+    tokens: int = Field(300, ge=0, description="bytes generated at the end of training; 0 = none")
+    temperature: float = Field(0.8, ge=0)
+    top_k: Optional[int] = Field(None, gt=0)
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    kernels: KernelsConfig = KernelsConfig()
+    run: RunConfig = RunConfig()
+    sample: SampleConfig = SampleConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Keys that may change when a run is resumed: they steer bookkeeping, not the math of the loss curve.
+RESUMABLE_CHANGES = {
+    "run.dir", "run.resume", "run.wandb", "run.wandb_project", "run.progress", "train.device", "train.eval_every",
+    "train.checkpoint_every", "train.keep_last", "train.log_every", "sample.prompt", "sample.tokens",
+    "sample.temperature", "sample.top_k",
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply `a.b=value` overrides, validate."""
+    raw = _read_yaml_tree(Path(path), ()) if path is not None else {}
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate_config(raw, source=str(path) if path else "overrides")
+
+
+def validate_config(raw: dict[str, Any], *, source: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_differences(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    flat_old, flat_new = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass the path of a YAML file such as configs/quickstart.yaml")
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"config {path} includes itself (through {' -> '.join(p.name for p in seen)})")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections (model:, data:, train:, ...)")
+    includes = tree.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"config {path}: include must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for include in includes:
+        _deep_merge(merged, _read_yaml_tree(path.parent / include, seen + (resolved,)))
+    _deep_merge(merged, tree)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.lr=3e-4)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node, path = raw, []
+    for part in parents:
+        path.append(part)
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(path)} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: ValidationError) -> str:
+    """First validation error as one line: dotted key, what is wrong, nearest valid key for typos."""
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {key}{_nearest_key(loc)}"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    given = f" (got {first['input']!r})" if first["type"] != "value_error" and not isinstance(first["input"], dict) else ""
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{key or 'config'}: {message[0].lower() + message[1:]}{given}{more}"
+
+
+def _nearest_key(loc: list[str]) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    prefix = ".".join(loc[:-1] + [""])
+    names = list(model.model_fields)
+    nearest = max(names, key=lambda name: difflib.SequenceMatcher(None, loc[-1], name).ratio())
+    if difflib.get_close_matches(loc[-1], [nearest], cutoff=0.5):
+        return f"; did you mean {prefix}{nearest}?"
+    return f"; nearest valid key: {prefix}{nearest} (valid here: {', '.join(names)})"

@@ -1,0 +1,68 @@
+"""Run records: RUN_DIR/metrics.jsonl (the source of truth) and wandb (offline unless asked otherwise).
+
+Named run_log rather than logging so that it can never shadow the standard library's `logging`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from archlab.train.errors import UserError
+
+
+class MetricsLog:
+    """Append-only JSON lines; each record has a `kind` ("train" | "eval") and a `step`."""
+
+    def __init__(self, path: Path, wandb_run=None):
+        self.path = Path(path)
+        self.wandb_run = wandb_run
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records newer than the checkpoint so the file tells one continuous story."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        record = {"kind": kind, "step": step, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def check_wandb_mode(mode: str) -> None:
+    """Called before anything is written: online mode needs credentials, offline never needs the network."""
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise UserError("run.wandb=online needs WANDB_API_KEY in the environment; set it or use run.wandb=offline")
+
+
+def start_wandb(mode: str, project: str, run_dir: Path, config: dict[str, Any]):
+    """A wandb run writing under RUN_DIR/wandb, or None when disabled."""
+    if mode == "disabled":
+        return None
+    import wandb  # lazy: slow to import and absent on some GPU boxes
+
+    run_dir = Path(run_dir).resolve()
+    return wandb.init(project=project, name=run_dir.name, dir=str(run_dir), mode=mode, config=config,
+                      id=_stable_id(run_dir), resume="allow", settings=wandb.Settings(silent=True))
+
+
+def _stable_id(run_dir: Path) -> str:
+    """The same run directory maps to the same wandb id, so a resumed run continues its wandb history."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]

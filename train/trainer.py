@@ -1,0 +1,294 @@
+"""The training loop: one for every backbone x objective.
+
+Config -> validated inputs (nothing written yet) -> seeded model, optimizer, sampler -> loop with gradient
+accumulation, autocast, clipping, lr schedule, periodic eval and atomic checkpoints -> final eval, sample,
+summary. Resume restores weights, optimizer, RNG and data position so the loss curve continues exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from archlab.archs.registry import build_model
+from archlab.train import checkpoint as ckpt
+from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, validate_config
+from archlab.train.data import ByteCorpus, ByteTokenizer, WindowSampler, eval_batches, resolve_data_path
+from archlab.train.errors import CheckpointError, ConfigError, UserError
+from archlab.train.flops import peak_flops, training_flops_per_token
+from archlab.train.run_log import MetricsLog, check_wandb_mode, start_wandb
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Peak lr `cfg.lr` after linear warmup; then cosine to min_lr, or WSD (flat, then linear decay)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps)
+    if step < decay_start:
+        return cfg.lr
+    return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / max(1, cfg.max_steps - decay_start)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
+    """Weight decay on matrices only: never on norms and biases, on embeddings only when asked."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        is_matrix = param.ndim >= 2 and (decay_embeddings or id(param) not in embedding_params)
+        (decay if is_matrix else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, checkpoint: Path | None = None):
+        """Validates everything (device, data, run directory, checkpoint) before anything is written.
+
+        `checkpoint` picks a checkpoint to load instead of the latest one (implies resuming).
+        """
+        self.cfg = cfg
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        self.run_dir = Path(cfg.run.dir)
+        self.resume_from = self._resume_point()
+        if checkpoint is not None:
+            if not (Path(checkpoint) / "meta.json").exists():
+                raise CheckpointError(f"{checkpoint} is not a checkpoint directory (no meta.json)")
+            self.resume_from = Path(checkpoint)
+        self.corpus = ByteCorpus.open(resolve_data_path(cfg.data.path), val_fraction=cfg.data.val_fraction,
+                                      test_fraction=cfg.data.test_fraction, sha256=cfg.data.sha256)
+        self.corpus.check_seq_len(cfg.data.seq_len)
+        check_wandb_mode(cfg.run.wandb)
+
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model, attention_backend=cfg.kernels.attention).to(self.device)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay, t.decay_embeddings),
+                                           lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+        self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
+        self.eval_set = eval_batches(self.corpus.val, seq_len=cfg.data.seq_len,
+                                     batch_size=t.micro_batch_size or t.batch_size, max_tokens=t.eval_tokens)
+        self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" or (
+            t.precision == "auto" and self.device.type == "cuda") else None
+        self.tokens_per_step = t.batch_size * cfg.data.seq_len
+        self.flops_per_step = training_flops_per_token(self.model, cfg.data.seq_len) * self.tokens_per_step
+        self.peak_flops = peak_flops(self.device)
+        self.step = self.tokens = self.flops = 0
+        self.train_seconds = 0.0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        if t.compile:
+            self.model.compile()
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _resume_point(self) -> Path | None:
+        mode = self.cfg.run.resume
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if mode is True and latest is None:
+            raise CheckpointError(f"nothing to resume: {self.run_dir} has no checkpoint; start without --resume")
+        if latest is None or mode is False:
+            if self.run_dir.exists() and any(self.run_dir.iterdir()):
+                raise UserError(f"run.dir {self.run_dir} is not empty; pass --resume to continue that run "
+                                "or choose a new run.dir")
+            return None
+        saved = self.run_dir / "config.yaml"
+        try:
+            old = validate_config(yaml.safe_load(saved.read_text()), source=str(saved))
+        except (OSError, yaml.YAMLError) as err:
+            raise CheckpointError(f"cannot read {saved} to resume ({err}); it must hold the run's config") from None
+        changed = [k for k in config_differences(old, self.cfg) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(f"cannot resume {self.run_dir} with a different config ({', '.join(changed[:4])} "
+                              "changed); resume with the same settings or start a new run.dir")
+        return latest
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.model, self.cfg.model.model_dump(mode="json"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_torch"])
+        if self.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step, self.tokens, self.flops = state["step"], state["tokens"], state["flops"]
+        self.train_seconds = state["train_seconds"]
+
+    def _save(self) -> Path:
+        state = {
+            "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_seconds": self.train_seconds,
+        }
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, state,
+                                    self.cfg.model.model_dump(mode="json"), self.cfg.train.keep_last)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """Byte-weighted mean of the objective's metrics over the fixed held-out batches."""
+        self.model.eval()
+        totals: dict[str, float] = {}
+        weight = 0
+        for batch in batches if batches is not None else self.eval_set:
+            with self._autocast():
+                metrics = self.model.objective.evaluate(self.model, batch.to(self.device))
+            n = metrics.pop("n_bytes")
+            weight += n
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * n
+        self.model.train()
+        return {key: value / weight for key, value in totals.items()}
+
+    def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a global batch; returns (mean loss, grad norm) as tensors."""
+        t = self.cfg.train
+        lr = lr_at(self.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in batch.to(self.device, non_blocking=True).split(t.micro_batch_size or t.batch_size):
+            with self._autocast():
+                loss, _ = self.model.objective.loss(self.model, micro)
+            (loss / t.grad_accum_steps).backward()
+            total += loss.detach() / t.grad_accum_steps
+        if t.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([
+                p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
+        if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged("loss" if not torch.isfinite(total) else "gradient norm", total)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.objective.after_optimizer_step(self.model, self.step)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.flops += self.flops_per_step
+        return total, grad_norm
+
+    def _diverged(self, what: str, loss: torch.Tensor) -> TrainingDiverged:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        where = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
+        return TrainingDiverged(f"training stopped: {what} became {loss.item() if what == 'loss' else 'non-finite'} "
+                                f"at step {self.step + 1}; {where} (lower train.lr or raise train.warmup_steps, "
+                                "then resume with --resume)")
+
+    def train(self, until_step: int | None = None) -> dict[str, Any]:
+        """Train to `train.max_steps` (or `until_step`), evaluating, logging and checkpointing on the way."""
+        cfg, t = self.cfg, self.cfg.train
+        stop = min(until_step or t.max_steps, t.max_steps)
+        if self.step >= stop:  # e.g. the quickstart run a second time: nothing to train, nothing rewritten
+            return self.evaluate()
+        self._prepare_run_dir()
+        log = MetricsLog(self.run_dir / "metrics.jsonl",
+                         start_wandb(cfg.run.wandb, cfg.run.wandb_project, self.run_dir, cfg.to_dict()))
+        log.truncate_after(self.step)
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not cfg.run.progress, mininterval=1.0)
+        last_eval: dict[str, float] = {}
+        try:
+            if self.step == 0:
+                last_eval = self._eval_and_log(log, bar)
+            window_start, window_steps = time.perf_counter(), 0
+            while self.step < stop:
+                loss, grad_norm = self.train_step(next(self.sampler))
+                window_steps += 1
+                bar.update(1)
+                at_end = self.step == t.max_steps
+                if self.step % t.log_every == 0 or at_end:
+                    loss_value = loss.item()  # the only host sync of a step on GPU
+                    seconds = time.perf_counter() - window_start
+                    self.train_seconds += seconds
+                    tokens_per_s = window_steps * self.tokens_per_step / seconds
+                    record = {"loss": loss_value, "lr": lr_at(self.step - 1, t), "grad_norm": grad_norm.item(),
+                              "tokens": self.tokens, "flops": self.flops, "tokens_per_s": tokens_per_s}
+                    postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                    if self.peak_flops:
+                        record["mfu"] = tokens_per_s / self.tokens_per_step * self.flops_per_step / self.peak_flops
+                        postfix["mfu"] = f"{record['mfu']:.1%}"
+                    if last_eval:
+                        postfix["val_bpb"] = f"{last_eval['bpb']:.3f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    log.write("train", self.step, **record)
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % t.eval_every == 0 or at_end:
+                    last_eval = self._eval_and_log(log, bar)
+                if self.step % t.checkpoint_every == 0 or at_end:
+                    self._save()
+                if self.step % t.eval_every == 0 or self.step % t.checkpoint_every == 0:
+                    window_start = time.perf_counter()  # keep eval/checkpoint time out of tokens/s
+        finally:
+            bar.close()
+            log.close()
+        return last_eval
+
+    def _eval_and_log(self, log: MetricsLog, bar: tqdm) -> dict[str, float]:
+        metrics = self.evaluate()
+        log.write("eval", self.step, tokens=self.tokens, flops=self.flops,
+                  **{f"val_{k}": v for k, v in metrics.items()})
+        bar.write(f"step {self.step}: val_bpb {metrics['bpb']:.4f}")
+        return metrics
+
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        target = self.run_dir / "config.yaml"
+        if self.resume_from is None or not target.exists():
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(dump_config(self.cfg))
+            os.replace(tmp, target)
+
+    # -- after training -----------------------------------------------------------------------------
+    def sample_text(self, prompt: str, n_tokens: int, *, temperature: float, top_k: int | None, seed: int) -> str:
+        tokenizer = ByteTokenizer()
+        prompt_ids = tokenizer.encode(prompt)[None].to(self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with self._autocast():
+            out = self.model.objective.sample(self.model, prompt_ids, n_tokens, temperature=temperature,
+                                              top_k=top_k, generator=generator)
+        return tokenizer.decode(out[0].tolist())
+
+    def write_summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
+        summary = {
+            "run_dir": str(self.run_dir), "step": self.step, "val_bpb": final_eval.get("bpb"),
+            "tokens": self.tokens, "train_flops": self.flops, "train_seconds": round(self.train_seconds, 2),
+            "tokens_per_s": round(self.tokens / self.train_seconds) if self.train_seconds else None,
+            "params": self.model.num_parameters(), "backbone": self.cfg.model.backbone,
+            "objective": self.cfg.model.objective, "device": str(self.device),
+        }
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary) + "\n")
+        os.replace(tmp, self.run_dir / "summary.json")
+        return summary
