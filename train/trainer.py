@@ -277,7 +277,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         with self._autocast():
             out = self.model.objective.sample(self.model, prompt_ids, n_tokens, temperature=temperature,
-                                              top_k=top_k, generator=generator)
+                                              top_k=top_k, generator=generator, context_len=self.cfg.data.seq_len)
         return tokenizer.decode(out[0].tolist())
 
     def write_summary(self, final_eval: dict[str, float]) -> dict[str, Any]:

@@ -56,29 +56,38 @@ class AutoregressiveObjective(Objective):
         return 2 * d_model * self.vocab_size
 
     def sample(self, model: Model, prompt: Tensor, n_tokens: int, *, temperature: float = 1.0,
-               top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+               top_k: int | None = None, generator: torch.Generator | None = None,
+               context_len: int | None = None) -> Tensor:
         """Continues prompt (B, P) by n_tokens bytes; returns (B, P + n_tokens).
 
         The prompt is run once into a KV cache, then each new byte costs one single-position step.
         temperature 0 is greedy; top_k keeps only the k most likely bytes; a seeded generator makes it
-        reproducible. Runs in eval mode and restores the previous mode afterwards.
+        reproducible. `context_len` (e.g. the training seq_len) bounds what the model attends to, since
+        positions beyond the trained length are out of distribution: when the cache is full it is rebuilt
+        from the last context_len // 2 bytes. Runs in eval mode and restores the previous mode afterwards.
         """
-        self._check_sample_args(prompt, n_tokens, temperature, top_k)
+        self._check_sample_args(prompt, n_tokens, temperature, top_k, context_len)
+        window = context_len or prompt.shape[1] + n_tokens
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                cache = model.backbone.new_cache(prompt.shape[0], prompt.shape[1] + n_tokens, device=prompt.device)
-                new_tokens, step_input = [], prompt
+                tokens, cache = prompt, None
+                step_input = prompt[:, -window:]
                 for _ in range(n_tokens):
+                    if cache is None or cache[0].length + step_input.shape[1] > window:
+                        if cache is not None:
+                            step_input = tokens[:, -max(1, window // 2):]
+                        cache = model.backbone.new_cache(prompt.shape[0], window, device=prompt.device)
                     next_logits = self.logits(model, step_input, cache=cache)[:, -1]
                     step_input = self._choose(next_logits, temperature, top_k, generator)
-                    new_tokens.append(step_input)
-                return torch.cat([prompt, *new_tokens], dim=1)
+                    tokens = torch.cat([tokens, step_input], dim=1)
+                return tokens
         finally:
             model.train(was_training)
 
-    def _check_sample_args(self, prompt: Tensor, n_tokens: int, temperature: float, top_k: int | None) -> None:
+    def _check_sample_args(self, prompt: Tensor, n_tokens: int, temperature: float, top_k: int | None,
+                           context_len: int | None) -> None:
         if not isinstance(prompt, Tensor) or prompt.dtype != torch.long or prompt.ndim != 2:
             raise TypeError("prompt must be a LongTensor of byte ids, shape (batch, length)")
         if prompt.shape[0] == 0 or prompt.shape[1] == 0:
@@ -91,6 +100,8 @@ class AutoregressiveObjective(Objective):
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and not 1 <= top_k <= self.vocab_size:
             raise ValueError(f"top_k must be in 1..{self.vocab_size} or None, got {top_k}")
+        if context_len is not None and context_len < 1:
+            raise ValueError(f"context_len must be >= 1 or None, got {context_len}")
 
     @staticmethod
     def _choose(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:

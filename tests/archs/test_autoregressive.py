@@ -91,9 +91,28 @@ def test_greedy_sample_is_argmax_of_full_recompute():
     (torch.zeros(1, 3, dtype=torch.long), {"temperature": -0.5}, ValueError, "temperature must be >= 0"),
     (torch.zeros(1, 3, dtype=torch.long), {"top_k": 0}, ValueError, "top_k must be in 1..256"),
     (torch.zeros(1, 3, dtype=torch.long), {"top_k": 300}, ValueError, "top_k must be in 1..256"),
+    (torch.zeros(1, 3, dtype=torch.long), {"context_len": 0}, ValueError, "context_len must be >= 1"),
 ])
 def test_sample_argument_errors(prompt, kwargs, error, message):
     model = tiny_model()
     kwargs = {"n_tokens": 4} | kwargs
     with pytest.raises(error, match=message):
         model.objective.sample(model, prompt, **kwargs)
+
+
+@pytest.mark.parametrize("prompt_len", [5, 9])
+def test_context_len_bounds_what_sampling_attends_to(prompt_len):
+    """Greedy decoding with a window equals the argmax of a full recompute over that window:
+    the context of byte q is tokens[start:q], and start jumps to q - window // 2 when it would exceed it."""
+    model = tiny_model(init_std=0.1)
+    window, prompt = 6, torch.randint(0, 256, (2, prompt_len))
+    out = model.objective.sample(model, prompt, 12, temperature=0, context_len=window)
+    start = max(0, prompt_len - window)
+    with torch.no_grad():
+        for q in range(prompt_len, prompt_len + 12):
+            if q - start > window:
+                start = q - window // 2
+            expected = model.objective.logits(model, out[:, start:q])[:, -1].argmax(-1)
+            assert torch.equal(out[:, q], expected), q
+    long_window = model.objective.sample(model, prompt, 12, temperature=0, context_len=prompt_len + 12)
+    assert torch.equal(long_window, model.objective.sample(model, prompt, 12, temperature=0))
