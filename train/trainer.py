@@ -188,6 +188,8 @@ class Trainer:
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([
                 p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
+        # Checked every step (one host sync on GPU, microseconds against a step) so that a bad step never
+        # reaches the weights and the run stops at the step that failed.
         if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise self._diverged("loss" if not torch.isfinite(total) else "gradient norm", total)
@@ -222,38 +224,48 @@ class Trainer:
         try:
             if self.step == 0:
                 last_eval = self._eval_and_log(log, bar)
-            window_start, window_steps = time.perf_counter(), 0
+            # The clock runs only while training: eval and checkpoint time stay out of tokens/s and MFU.
+            clock, rate_steps, rate_seconds = time.perf_counter(), 0, 0.0
             while self.step < stop:
                 loss, grad_norm = self.train_step(next(self.sampler))
-                window_steps += 1
+                rate_steps += 1
                 bar.update(1)
-                at_end = self.step == t.max_steps
-                if self.step % t.log_every == 0 or at_end:
-                    loss_value = loss.item()  # the only host sync of a step on GPU
-                    seconds = time.perf_counter() - window_start
-                    self.train_seconds += seconds
-                    tokens_per_s = window_steps * self.tokens_per_step / seconds
-                    record = {"loss": loss_value, "lr": lr_at(self.step - 1, t), "grad_norm": grad_norm.item(),
-                              "tokens": self.tokens, "flops": self.flops, "tokens_per_s": tokens_per_s}
-                    postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
-                    if self.peak_flops:
-                        record["mfu"] = tokens_per_s / self.tokens_per_step * self.flops_per_step / self.peak_flops
-                        postfix["mfu"] = f"{record['mfu']:.1%}"
-                    if last_eval:
-                        postfix["val_bpb"] = f"{last_eval['bpb']:.3f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    log.write("train", self.step, **record)
-                    window_start, window_steps = time.perf_counter(), 0
-                if self.step % t.eval_every == 0 or at_end:
+                do_log = self.step % t.log_every == 0 or self.step == t.max_steps
+                do_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
+                do_save = self.step % t.checkpoint_every == 0 or self.step == t.max_steps
+                if not (do_log or do_eval or do_save):
+                    continue
+                loss_value = loss.item()
+                now = time.perf_counter()
+                rate_seconds += now - clock
+                self.train_seconds += now - clock
+                if do_log:
+                    self._log_train(log, bar, loss_value, grad_norm.item(), rate_steps / rate_seconds, last_eval)
+                    rate_steps, rate_seconds = 0, 0.0
+                if do_eval:
                     last_eval = self._eval_and_log(log, bar)
-                if self.step % t.checkpoint_every == 0 or at_end:
+                if do_save:
                     self._save()
-                if self.step % t.eval_every == 0 or self.step % t.checkpoint_every == 0:
-                    window_start = time.perf_counter()  # keep eval/checkpoint time out of tokens/s
+                clock = time.perf_counter()
+            self.train_seconds += time.perf_counter() - clock
         finally:
             bar.close()
             log.close()
         return last_eval
+
+    def _log_train(self, log: MetricsLog, bar: tqdm, loss: float, grad_norm: float, steps_per_s: float,
+                   last_eval: dict[str, float]) -> None:
+        tokens_per_s = steps_per_s * self.tokens_per_step
+        record = {"loss": loss, "lr": lr_at(self.step - 1, self.cfg.train), "grad_norm": grad_norm,
+                  "tokens": self.tokens, "flops": self.flops, "tokens_per_s": tokens_per_s}
+        postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if self.peak_flops:
+            record["mfu"] = steps_per_s * self.flops_per_step / self.peak_flops
+            postfix["mfu"] = f"{record['mfu']:.1%}"
+        if last_eval:
+            postfix["val_bpb"] = f"{last_eval['bpb']:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        log.write("train", self.step, **record)
 
     def _eval_and_log(self, log: MetricsLog, bar: tqdm) -> dict[str, float]:
         metrics = self.evaluate()

@@ -189,3 +189,18 @@ def test_sample_is_deterministic(tiny_config):
     a = trainer.sample_text("KING", 20, temperature=1.0, top_k=None, seed=3)
     assert a == trainer.sample_text("KING", 20, temperature=1.0, top_k=None, seed=3)
     assert a.startswith("KING") and len(a.encode("utf-8", errors="surrogateescape")) >= 4
+
+
+def test_wandb_offline_needs_no_network(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the suite disables wandb; this test wants the default
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    Trainer(tiny_config("run.wandb=offline", "train.max_steps=2")).train()
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_wandb_online_without_key_fails_before_writing(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(UserError, match="WANDB_API_KEY"):
+        Trainer(tiny_config("run.wandb=online"))
+    assert not (tmp_path / "run").exists()
