@@ -204,3 +204,11 @@ def test_wandb_online_without_key_fails_before_writing(tiny_config, tmp_path, mo
     with pytest.raises(UserError, match="WANDB_API_KEY"):
         Trainer(tiny_config("run.wandb=online"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(tiny_config, tmp_path):
+    """train.compile=true runs the same math (~20 s of compilation on CPU)."""
+    Trainer(tiny_config("train.compile=true", "train.max_steps=3", run_dir=tmp_path / "compiled")).train()
+    Trainer(tiny_config("train.max_steps=3", run_dir=tmp_path / "eager")).train()
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), abs=1e-5)
