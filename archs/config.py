@@ -8,11 +8,13 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from archlab.kernels.attention import MAX_HEAD_DIM
+
 BYTE_VOCAB_SIZE = 256
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
     backbone: str = "transformer"
     objective: str = "autoregressive"
@@ -25,7 +27,6 @@ class ModelConfig(BaseModel):
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
-    vocab_size: int = Field(BYTE_VOCAB_SIZE, gt=0, description="256 byte symbols; objectives may add a mask token")
     causal: Optional[bool] = Field(None, description="None = what the objective needs")
 
     @model_validator(mode="after")
@@ -40,9 +41,21 @@ class ModelConfig(BaseModel):
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head dim d_model/n_heads={self.head_dim} is above {MAX_HEAD_DIM}; raise n_heads")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        needed = OBJECTIVES[self.objective].requires_causal
+        if needed is not None and self.causal is not None and self.causal != needed:
+            kind, setting = ("causal", "true") if needed else ("bidirectional", "false")
+            raise ValueError(f"objective {self.objective} needs a {kind} backbone; "
+                             f"set model.causal={setting} or leave it unset")
         return self
+
+    @property
+    def vocab_size(self) -> int:
+        """Byte symbols; an objective that needs extra symbols (a mask token) adds them itself."""
+        return BYTE_VOCAB_SIZE
 
     @property
     def head_dim(self) -> int:

@@ -54,13 +54,9 @@ class Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig, embedding: nn.Embedding, backbone: Backbone, objective: Objective):
         super().__init__()
-        needed = objective.requires_causal
-        name = type(objective).__name__
-        if needed is not None and cfg.causal is not None and cfg.causal != needed:
-            kind, setting = ("causal", "true") if needed else ("bidirectional", "false")
-            raise ValueError(f"objective {name} needs a {kind} backbone; set model.causal={setting} or remove it")
-        # an objective that works either way runs causally unless the config says otherwise
-        self.causal = cfg.causal if cfg.causal is not None else needed is not False
+        # ModelConfig has checked cfg.causal against the objective; one that works either way runs
+        # causally unless the config says otherwise
+        self.causal = cfg.causal if cfg.causal is not None else objective.requires_causal is not False
         self.embedding = embedding
         self.backbone = backbone
         self.objective = objective

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from archlab.train.errors import CheckpointError
@@ -48,10 +47,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                     model_config: dict[str, Any], keep_last: int) -> Path:
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        root.mkdir(parents=True)
+        _fsync(root.parent)
+    for leftover in root.glob(".tmp-*"):  # from a save that was killed; one writer per run directory
+        shutil.rmtree(leftover, ignore_errors=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
@@ -61,10 +63,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)
-        if final.exists():  # re-saving a step (e.g. a resumed run's final step): swap atomically enough
-            shutil.rmtree(final)
+        replaced = root / f".tmp-old-{final.name}"
+        if final.exists():  # re-saving a step: move the old copy aside first, so one always exists
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync(root)
+        shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,10 +102,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, 
     try:
         device = str(next(model.parameters()).device)
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=device)
+        # weights_only: tensors and plain containers only; anything else (a pickle that would run code)
+        # is refused with an UnpicklingError, reported below like any other damage.
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except (OSError, SafetensorError, RuntimeError, EOFError, ValueError) as err:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason}); "
+    except Exception as err:  # noqa: BLE001 - whatever the damage, the user needs the same one-line answer
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupted, truncated or not archlab's ({reason}); "
                               "delete it to fall back to an earlier one") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "

@@ -68,10 +68,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from archlab.train.config import SampleConfig, validate_config
     from archlab.train.trainer import Trainer
 
+    wanted = validate_config({"prompt": args.prompt, "tokens": args.tokens, "temperature": args.temperature,
+                              "top_k": args.top_k}, source="archlab sample", section=SampleConfig)
     trainer = Trainer(_run_config(args.run_dir, args.device))
-    print(trainer.sample_text(args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
+    print(trainer.sample_text(wanted.prompt, wanted.tokens, temperature=wanted.temperature, top_k=wanted.top_k,
                               seed=args.seed))
 
 

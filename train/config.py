@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from archlab.archs.config import ModelConfig
+from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig
+from archlab.kernels.backend import check_backend
 from archlab.train.errors import ConfigError
 
 BackendName = Literal["auto", "triton", "torch", "reference", "peer"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `run.dir=2024` on the command line is a name, not a number
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class DataConfig(_Section):
@@ -64,9 +66,12 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
 
     @model_validator(mode="after")
-    def _micro_batches(self) -> "TrainConfig":
+    def _consistent(self) -> "TrainConfig":
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be below max_steps={self.max_steps}; "
+                             "lower train.warmup_steps")
         return self
 
     @property
@@ -76,6 +81,12 @@ class TrainConfig(_Section):
 
 class KernelsConfig(_Section):
     attention: BackendName = "auto"
+
+    @field_validator("attention")
+    @classmethod
+    def _implemented(cls, name: str) -> str:
+        check_backend("attention", name)
+        return name
 
 
 class RunConfig(_Section):
@@ -87,10 +98,10 @@ class RunConfig(_Section):
 
 
 class SampleConfig(_Section):
-    prompt: str = "\n"
+    prompt: str = Field("\n", min_length=1)
     tokens: int = Field(300, ge=0, description="bytes generated at the end of training; 0 = none")
-    temperature: float = Field(0.8, ge=0)
-    top_k: Optional[int] = Field(None, gt=0)
+    temperature: float = Field(0.8, ge=0, description="0 = greedy")
+    top_k: Optional[int] = Field(None, gt=0, le=BYTE_VOCAB_SIZE)
 
 
 class Config(_Section):
@@ -113,6 +124,15 @@ RESUMABLE_CHANGES = {
 }
 
 
+# Names other codebases use for our keys, so that the suggestion for a typo-free miss is still right.
+COMMON_ALIASES = {
+    "learning_rate": "lr", "steps": "max_steps", "iters": "max_steps", "max_iters": "max_steps",
+    "bs": "batch_size", "dim": "d_model", "n_embd": "d_model", "hidden_size": "d_model", "layers": "n_layers",
+    "n_layer": "n_layers", "heads": "n_heads", "n_head": "n_heads", "block_size": "seq_len",
+    "context_length": "seq_len", "warmup": "warmup_steps", "wd": "weight_decay", "clip": "grad_clip",
+}
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None), apply `a.b=value` overrides, validate."""
     raw = _read_yaml_tree(Path(path), ()) if path is not None else {}
@@ -121,9 +141,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return validate_config(raw, source=str(path) if path else "overrides")
 
 
-def validate_config(raw: dict[str, Any], *, source: str) -> Config:
+def validate_config(raw: dict[str, Any], *, source: str, section: type[BaseModel] = Config):
+    """`raw` as a validated Config (or one section of it, e.g. SampleConfig for CLI arguments)."""
     try:
-        return Config.model_validate(raw)
+        return section.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{source}: {_describe(err)}") from None
 
@@ -150,6 +171,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     path = path.expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; pass a YAML file such as configs/quickstart.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass the path of a YAML file such as configs/quickstart.yaml")
     resolved = path.resolve()
@@ -228,6 +251,8 @@ def _nearest_key(loc: list[str]) -> str:
         model = field.annotation
     prefix = ".".join(loc[:-1] + [""])
     names = list(model.model_fields)
+    if COMMON_ALIASES.get(loc[-1]) in names:
+        return f"; did you mean {prefix}{COMMON_ALIASES[loc[-1]]}?"
     nearest = max(names, key=lambda name: difflib.SequenceMatcher(None, loc[-1], name).ratio())
     if difflib.get_close_matches(loc[-1], [nearest], cutoff=0.5):
         return f"; did you mean {prefix}{nearest}?"

@@ -54,7 +54,7 @@ def _how_to_get(name: str) -> str:
 
 
 def resolve_data_path(path: str | Path) -> Path:
-    """An absolute path as is; a relative one under the first data root that has it."""
+    """An absolute path as is; a relative one under the first data root that has it, else in the cwd."""
     path = Path(path).expanduser()
     if path.is_absolute():
         if not path.exists():
@@ -64,6 +64,8 @@ def resolve_data_path(path: str | Path) -> Path:
     for root in roots:
         if (root / path).exists():
             return root / path
+    if path.exists():  # last, a path relative to where the command runs
+        return path.resolve()
     raise DataError(f"data file {str(path)!r} is not in any data root ({', '.join(map(str, roots))}); "
                     f"{_how_to_get(str(path))}")
 

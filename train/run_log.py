@@ -4,6 +4,8 @@ Named run_log rather than logging so that it can never shadow the standard libra
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -23,7 +25,7 @@ class MetricsLog:
         """On resume, drop records newer than the checkpoint so the file tells one continuous story."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line, record in _parse_lines(self.path) if record["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -41,13 +43,31 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [record for _, record in _parse_lines(path)]
+
+
+def _parse_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) pairs; a torn last line (a kill in the middle of a write) is skipped."""
+    parsed = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            parsed.append((line, json.loads(line)))
+        except ValueError:
+            continue
+    return parsed
 
 
 def check_wandb_mode(mode: str) -> None:
-    """Called before anything is written: online mode needs credentials, offline never needs the network."""
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise UserError("run.wandb=online needs WANDB_API_KEY in the environment; set it or use run.wandb=offline")
+    """Called before anything is written: wandb must be importable, and online mode needs credentials
+    (WANDB_API_KEY or a `wandb login` entry in ~/.netrc); offline never needs the network."""
+    if mode == "disabled":
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError(f"run.wandb={mode} but wandb is not installed; `pip install wandb` or set run.wandb=disabled")
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or logged_in):
+        raise UserError("run.wandb=online needs WANDB_API_KEY or `wandb login`; set one or use run.wandb=offline")
 
 
 def start_wandb(mode: str, project: str, run_dir: Path, config: dict[str, Any]):
@@ -62,7 +82,6 @@ def start_wandb(mode: str, project: str, run_dir: Path, config: dict[str, Any]):
 
 
 def _stable_id(run_dir: Path) -> str:
-    """The same run directory maps to the same wandb id, so a resumed run continues its wandb history."""
-    import hashlib
-
+    """The same run directory maps to the same wandb id, so a resumed run continues its wandb history.
+    wandb keeps the steps it already has: records that metrics.jsonl drops on resume stay in wandb."""
     return hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from archlab.archs.registry import build_model
+from archlab.kernels.backend import resolve_backend
 from archlab.train import checkpoint as ckpt
-from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, validate_config
+from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
 from archlab.train.data import ByteCorpus, ByteTokenizer, WindowSampler, eval_batches, resolve_data_path
 from archlab.train.errors import CheckpointError, ConfigError, UserError
 from archlab.train.flops import peak_flops, training_flops_per_token
@@ -29,6 +29,11 @@ from archlab.train.run_log import MetricsLog, check_wandb_mode, start_wandb
 
 class TrainingDiverged(UserError):
     pass
+
+
+# What a run writes into its directory; a directory holding only these (and no checkpoint) is a run that
+# died before its first checkpoint, which run.resume=auto may start over.
+RUN_ARTIFACTS = {"config.yaml", "metrics.jsonl", "checkpoints", "wandb", "sample.txt", "summary.json"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,7 +52,8 @@ def lr_at(step: int, cfg) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        # the last step that runs is max_steps - 1: it gets the floor, as in WSD
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps)
         return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     decay_start = cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps)
     if step < decay_start:
@@ -76,6 +82,10 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.device = resolve_device(t.device)
+        try:  # e.g. the GPU-only peer backend on a CPU machine
+            resolve_backend("attention", cfg.kernels.attention, self.device)
+        except ValueError as err:
+            raise ConfigError(f"kernels.attention: {err}") from None
         self.run_dir = Path(cfg.run.dir)
         self.resume_from = self._resume_point()
         if checkpoint is not None:
@@ -89,14 +99,14 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, attention_backend=cfg.kernels.attention).to(self.device)
-        fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay, t.decay_embeddings),
-                                           lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+                                           lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
         self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
         self.eval_set = eval_batches(self.corpus.val, seq_len=cfg.data.seq_len,
                                      batch_size=t.micro_batch_size or t.batch_size, max_tokens=t.eval_tokens)
         self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" or (
             t.precision == "auto" and self.device.type == "cuda") else None
+        self.precision_name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_step = training_flops_per_token(self.model, cfg.data.seq_len) * self.tokens_per_step
         self.peak_flops = peak_flops(self.device)
@@ -109,29 +119,37 @@ class Trainer:
 
     # -- set-up -------------------------------------------------------------------------------------
     def _resume_point(self) -> Path | None:
-        mode = self.cfg.run.resume
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if mode is True and latest is None:
-            raise CheckpointError(f"nothing to resume: {self.run_dir} has no checkpoint; start without --resume")
-        if latest is None or mode is False:
-            if self.run_dir.exists() and any(self.run_dir.iterdir()):
-                raise UserError(f"run.dir {self.run_dir} is not empty; pass --resume to continue that run "
-                                "or choose a new run.dir")
-            return None
-        saved = self.run_dir / "config.yaml"
-        try:
-            old = validate_config(yaml.safe_load(saved.read_text()), source=str(saved))
-        except (OSError, yaml.YAMLError) as err:
-            raise CheckpointError(f"cannot read {saved} to resume ({err}); it must hold the run's config") from None
-        changed = [k for k in config_differences(old, self.cfg) if k not in RESUMABLE_CHANGES]
+        """The checkpoint to continue from, or None for a fresh start; refuses anything that would overwrite."""
+        run_dir, mode = self.run_dir, self.cfg.run.resume
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"run.dir {run_dir} is a file; point run.dir at a directory")
+        contents = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None and mode is True:
+            hint = " (its run stopped before the first checkpoint: run.resume=auto starts it over)" if contents else ""
+            raise CheckpointError(f"nothing to resume: {run_dir} has no checkpoint{hint}; start without --resume")
+        # A run killed before its first checkpoint left only its own records: auto may start it over.
+        restartable = latest is None and mode == "auto" and contents <= RUN_ARTIFACTS
+        would_overwrite = mode is False or (latest is None and not restartable)
+        if contents and would_overwrite:
+            raise UserError(f"run.dir {run_dir} is not empty; pass --resume to continue that run "
+                            "or choose a new run.dir")
+        if contents and "config.yaml" in contents:
+            self._check_same_config(run_dir / "config.yaml")
+        return latest
+
+    def _check_same_config(self, saved: Path) -> None:
+        changed = [k for k in config_differences(load_config(saved), self.cfg) if k not in RESUMABLE_CHANGES]
         if changed:
             raise ConfigError(f"cannot resume {self.run_dir} with a different config ({', '.join(changed[:4])} "
                               "changed); resume with the same settings or start a new run.dir")
-        return latest
 
     def _restore(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.model, self.cfg.model.model_dump(mode="json"))
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups carry the old device's `fused` flag
+            group["fused"] = self.device.type == "cuda"
+        self.saved_precision = state["precision"]
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng_torch"])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -145,6 +163,7 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_seconds": self.train_seconds,
+            "precision": self.precision_name,
         }
         return ckpt.save_checkpoint(self.run_dir, self.step, self.model, state,
                                     self.cfg.model.model_dump(mode="json"), self.cfg.train.keep_last)
@@ -205,8 +224,8 @@ class Trainer:
         last = ckpt.latest_checkpoint(self.run_dir)
         where = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
         return TrainingDiverged(f"training stopped: {what} became {loss.item() if what == 'loss' else 'non-finite'} "
-                                f"at step {self.step + 1}; {where} (lower train.lr or raise train.warmup_steps, "
-                                "then resume with --resume)")
+                                f"at step {self.step + 1}; {where}. Resuming would replay the same steps: "
+                                "start a new run.dir with a lower train.lr or more train.warmup_steps")
 
     def train(self, until_step: int | None = None) -> dict[str, Any]:
         """Train to `train.max_steps` (or `until_step`), evaluating, logging and checkpointing on the way."""
@@ -214,10 +233,14 @@ class Trainer:
         stop = min(until_step or t.max_steps, t.max_steps)
         if self.step >= stop:  # e.g. the quickstart run a second time: nothing to train, nothing rewritten
             return self.evaluate()
+        if self.resume_from is not None and self.saved_precision != self.precision_name:
+            raise ConfigError(f"{self.resume_from} was trained in {self.saved_precision} and would continue in "
+                              f"{self.precision_name} on {self.device.type}; resume on the same kind of device "
+                              "(train.device) so the run stays one run")
         self._prepare_run_dir()
         log = MetricsLog(self.run_dir / "metrics.jsonl",
                          start_wandb(cfg.run.wandb, cfg.run.wandb_project, self.run_dir, cfg.to_dict()))
-        log.truncate_after(self.step)
+        log.truncate_after(self.step if self.resume_from is not None else -1)
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not cfg.run.progress, mininterval=1.0)
         last_eval: dict[str, float] = {}

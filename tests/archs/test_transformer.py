@@ -123,6 +123,6 @@ def test_residual_output_projections_are_scaled_down():
 
 
 def test_objective_that_needs_causal_rejects_a_bidirectional_config():
-    with pytest.raises(ValueError, match="needs a causal backbone; set model.causal=true or remove it"):
+    with pytest.raises(ValueError, match="needs a causal backbone; set model.causal=true or leave it unset"):
         tiny_model(causal=False)
     assert tiny_model(causal=True).causal and tiny_model().causal

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from archlab.train.cli import main
 
@@ -22,10 +23,11 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every directory (None), so that a new empty directory counts as a change."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,20 @@ def _bad_cases(tmp: Path, trained: Path):
         "data shorter than a sequence": (base + own_data + [f"data.path={tmp / 'short.txt'}"], "data.seq_len"),
         "unknown backbone": (base + ["model.backbone=rnn"], "unknown backbone 'rnn'"),
         "unknown objective": (base + ["model.objective=jepa2"], "unknown objective 'jepa2'"),
-        "unknown key": (base + ["train.learning_rate=1"], "unknown key train.learning_rate; nearest valid key: train."),
+        "unknown key": (base + ["train.learning_rate=1"], "unknown key train.learning_rate; did you mean train.lr?"),
+        "unknown key far from any": (base + ["train.zzz=1"], "unknown key train.zzz; nearest valid key: train."),
+        "removed key": (base + ["model.vocab_size=128"], "unknown key model.vocab_size"),
+        "causal objective on a bidirectional model": (base + ["model.causal=false"], "needs a causal backbone"),
+        "head dim too large": (base + ["model.d_model=1024", "model.n_heads=2"], "head dim d_model/n_heads=512"),
+        "warmup not below max_steps": (base + ["train.max_steps=3"], "warmup_steps=3 must be below max_steps=3"),
+        "attention backend not built yet": (base + ["kernels.attention=triton"], "no 'triton' backend yet"),
+        "empty sample prompt": (base + ["sample.prompt="], "sample.prompt"),
+        "top_k above the vocabulary": (base + ["sample.top_k=300"], "sample.top_k"),
+        "run dir is a file": (base + [f"run.dir={tmp / 'empty.txt'}"], "is a file"),
+        "config is a directory": (["train", tmp / "data_dir"], "is a directory"),
+        "sample with negative tokens": (["sample", trained, "--tokens", "-1"], "tokens"),
+        "sample with top-k 0": (["sample", trained, "--top-k", "0"], "top_k"),
+        "sample with empty prompt": (["sample", trained, "--prompt", ""], "prompt"),
         "wrong type": (base + ["model.n_layers=two"], "model.n_layers: input should be a valid integer"),
         "negative lr": (base + ["train.lr=-0.1"], "train.lr: input should be greater than 0"),
         "zero batch": (base + ["train.batch_size=0"], "train.batch_size"),
@@ -91,8 +106,10 @@ def _bad_cases(tmp: Path, trained: Path):
         "unknown command": (["fly"], "invalid choice"),
         "unknown benchmark": (["bench", "kernels"], "unknown benchmark"),
         "unknown fetch target": (["data", "fetch", "enwik9"], "enwik9"),
-        **({} if __import__("torch").cuda.is_available() else
-           {"cuda without CUDA": (base + ["train.device=cuda"], "no CUDA device")}),
+        **({} if torch.cuda.is_available() else {
+            "cuda without CUDA": (base + ["train.device=cuda"], "no CUDA device"),
+            "GPU-only peer backend on CPU": (base + ["kernels.attention=peer"], "kernels.attention: the 'peer'"),
+        }),
     }
 
 
@@ -115,13 +132,15 @@ def test_damaged_checkpoint_and_other_architecture(capsys, tmp_path, trained_run
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     latest = sorted((run / "checkpoints").iterdir())[-1]
-    weights = latest / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    code, _, err = run_cli(capsys, "eval", run)
-    assert code == 2 and err.startswith("error: ") and "corrupted or truncated" in err
+    for damaged, data in [("model.safetensors", None), ("state.pt", b"\x80\x04garbage, not a zip")]:
+        original = (latest / damaged).read_bytes()
+        (latest / damaged).write_bytes(original[:1000] if data is None else data)
+        code, _, err = run_cli(capsys, "eval", run)
+        assert code == 2 and err.startswith("error: ") and "corrupted, truncated" in err and err.count("\n") == 1
+        (latest / damaged).write_bytes(original)
 
     other = tmp_path / "other"
-    assert run_cli(capsys, "train", TINY, f"run.dir={other}", "model.d_model=64", "train.max_steps=1",
+    assert run_cli(capsys, "train", TINY, f"run.dir={other}", "model.d_model=64", "train.max_steps=1", "train.warmup_steps=0",
                    "sample.tokens=0")[0] == 0
     code, _, err = run_cli(capsys, "eval", trained_run, "--checkpoint", sorted((other / "checkpoints").iterdir())[-1])
     assert code == 2 and "different architecture" in err and err.count("\n") == 1

@@ -157,8 +157,8 @@ def test_lr_schedules():
     cfg = load_config(None, ["train.lr=1.0", "train.warmup_steps=10", "train.max_steps=110",
                              "train.min_lr_ratio=0.1"]).train
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(110, cfg) == pytest.approx(0.1)
-    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(109, cfg) == pytest.approx(0.1)  # last step: floor
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
     wsd = cfg.model_copy(update={"schedule": "wsd", "decay_fraction": 0.2})
     assert lr_at(80, wsd) == 1.0 and lr_at(87, wsd) == 1.0
     assert lr_at(109, wsd) == pytest.approx(0.1)
@@ -194,7 +194,7 @@ def test_sample_is_deterministic(tiny_config):
 def test_wandb_offline_needs_no_network(tiny_config, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the suite disables wandb; this test wants the default
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    Trainer(tiny_config("run.wandb=offline", "train.max_steps=2")).train()
+    Trainer(tiny_config("run.wandb=offline", "train.max_steps=2", "train.warmup_steps=1")).train()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
@@ -209,6 +209,65 @@ def test_wandb_online_without_key_fails_before_writing(tiny_config, tmp_path, mo
 @pytest.mark.slow
 def test_compiled_model_trains_like_eager(tiny_config, tmp_path):
     """train.compile=true runs the same math (~20 s of compilation on CPU)."""
-    Trainer(tiny_config("train.compile=true", "train.max_steps=3", run_dir=tmp_path / "compiled")).train()
-    Trainer(tiny_config("train.max_steps=3", run_dir=tmp_path / "eager")).train()
+    Trainer(tiny_config("train.compile=true", "train.max_steps=3", "train.warmup_steps=1", run_dir=tmp_path / "compiled")).train()
+    Trainer(tiny_config("train.max_steps=3", "train.warmup_steps=1", run_dir=tmp_path / "eager")).train()
     assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), abs=1e-5)
+
+
+def test_exact_resume_restores_the_torch_rng(tiny_config, tmp_path, monkeypatch):
+    """An objective that draws random numbers (as masking objectives do) still resumes exactly."""
+    from archlab.archs.objectives.autoregressive import AutoregressiveObjective
+
+    plain_loss = AutoregressiveObjective.loss
+
+    def noisy_loss(self, model, batch):
+        loss, metrics = plain_loss(self, model, batch)
+        return loss + 0.1 * torch.rand(()), metrics
+
+    monkeypatch.setattr(AutoregressiveObjective, "loss", noisy_loss)
+    Trainer(tiny_config(run_dir=tmp_path / "straight")).train()
+    Trainer(tiny_config(run_dir=tmp_path / "resumed")).train(until_step=6)
+    Trainer(tiny_config("run.resume=true", run_dir=tmp_path / "resumed")).train()
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+
+
+def test_run_killed_before_its_first_checkpoint(tiny_config, tmp_path):
+    """Only its own records are left: --resume explains, run.resume=auto starts it over cleanly."""
+    Trainer(tiny_config("train.checkpoint_every=100")).train(until_step=3)
+    assert not ckpt.list_checkpoints(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="stopped before the first checkpoint: run.resume=auto"):
+        Trainer(tiny_config("train.checkpoint_every=100", "run.resume=true"))
+    Trainer(tiny_config("train.checkpoint_every=100", "run.resume=auto")).train()
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_survives_a_torn_metrics_line(tiny_config, tmp_path):
+    Trainer(tiny_config()).train(until_step=7)
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 8, "lo')  # killed in the middle of a write
+    Trainer(tiny_config("run.resume=true")).train()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert not any('"lo' in line and line.endswith('"lo') for line in lines)  # the torn record is gone
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, 13))
+
+
+def test_half_written_checkpoint_is_ignored_then_cleaned(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config())
+    trainer.train(until_step=6)
+    partial = tmp_path / "run" / "checkpoints" / ".tmp-step_00000009"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    resumed = Trainer(tiny_config("run.resume=true"))
+    assert resumed.resume_from.name == "step_00000006"
+    resumed.train()
+    assert not partial.exists()
+
+
+def test_saving_the_same_step_twice_keeps_one_checkpoint(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config())
+    trainer.train(until_step=6)
+    trainer._save()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000006"]
+    assert Trainer(tiny_config("run.resume=true")).step == 6
