@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"kernels": set(), "archs": {"kernels"}, "train": {"kernels", "archs"}, "compare": {"kernels", "archs", "train"}}
+# each top-level folder and the layers below it that it may import
+LAYERS = {"kernels": set(), "archs": {"kernels"}, "train": {"kernels", "archs"},
+          "compare": {"kernels", "archs", "train"}}
 
 
 def _pyproject():

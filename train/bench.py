@@ -57,9 +57,9 @@ def bench_trainer(config: str, overrides: list[str], *, steps: int, repeats: int
 
         trainer_chunk(), bare_chunk()  # warm-up (and the trainer's step-0 eval)
         trainer_rates, bare_rates = [], []
-        for _ in range(repeats):
-            trainer_rates.append(trainer_chunk())
-            bare_rates.append(bare_chunk())
+        for repeat in range(repeats):  # alternate which goes first, so neither always runs on a warmer machine
+            for chunk in (trainer_chunk, bare_chunk) if repeat % 2 == 0 else (bare_chunk, trainer_chunk):
+                (trainer_rates if chunk is trainer_chunk else bare_rates).append(chunk())
 
     trainer_sps, bare_sps = statistics.median(trainer_rates), statistics.median(bare_rates)
     result = {

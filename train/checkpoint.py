@@ -96,7 +96,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, 
     saved = meta.get("model", {})
     differing = sorted(k for k in saved.keys() | model_config.keys() if saved.get(k) != model_config.get(k))
     if differing:
-        shown = ", ".join(f"model.{k}: {saved.get(k)!r} in checkpoint vs {model_config.get(k)!r}" for k in differing[:3])
+        shown = ", ".join(f"model.{k}: {saved.get(k)!r} in checkpoint vs {model_config.get(k)!r}"
+                          for k in differing[:3])
         raise CheckpointError(f"checkpoint {path} is from a different architecture ({shown}); "
                               "load it with the config it was trained with")
     try:

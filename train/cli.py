@@ -12,6 +12,8 @@ from pathlib import Path
 
 from archlab.train.errors import UserError
 
+DEFAULT_BENCH_CONFIG = "configs/quickstart.yaml"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2, like every other user error
@@ -89,7 +91,10 @@ def cmd_bench(args) -> None:
 
     if args.what != "trainer":
         raise UserError(f"unknown benchmark {args.what!r}; available: trainer")
-    result = bench_trainer(args.config, list(args.overrides), steps=args.steps, repeats=args.repeats)
+    config, overrides = args.config, list(args.overrides)
+    if "=" in config:  # `archlab bench trainer key=value`: the config was left out
+        config, overrides = DEFAULT_BENCH_CONFIG, [config, *overrides]
+    result = bench_trainer(config, overrides, steps=args.steps, repeats=args.repeats)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
@@ -134,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: `trainer` (trainer overhead vs a bare loop)")
     bench.add_argument("what", help="trainer")
-    bench.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+    bench.add_argument("config", nargs="?", default=DEFAULT_BENCH_CONFIG)
     bench.add_argument("overrides", nargs="*")
-    bench.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
-    bench.add_argument("--repeats", type=int, default=5, help="timed chunks of each loop, interleaved")
+    bench.add_argument("--steps", type=int, default=50, help="steps per timed chunk")
+    bench.add_argument("--repeats", type=int, default=6, help="timed chunks of each loop, interleaved")
     bench.add_argument("--out", help="also write the JSON result here")
     bench.set_defaults(handler=cmd_bench)
     return parser

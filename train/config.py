@@ -237,7 +237,8 @@ def _describe(err: ValidationError) -> str:
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
-    given = f" (got {first['input']!r})" if first["type"] != "value_error" and not isinstance(first["input"], dict) else ""
+    show_input = first["type"] != "value_error" and not isinstance(first["input"], dict)
+    given = f" (got {first['input']!r})" if show_input else ""
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{key or 'config'}: {message[0].lower() + message[1:]}{given}{more}"
 

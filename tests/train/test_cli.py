@@ -140,8 +140,8 @@ def test_damaged_checkpoint_and_other_architecture(capsys, tmp_path, trained_run
         (latest / damaged).write_bytes(original)
 
     other = tmp_path / "other"
-    assert run_cli(capsys, "train", TINY, f"run.dir={other}", "model.d_model=64", "train.max_steps=1", "train.warmup_steps=0",
-                   "sample.tokens=0")[0] == 0
+    assert run_cli(capsys, "train", TINY, f"run.dir={other}", "model.d_model=64", "train.max_steps=1",
+                   "train.warmup_steps=0", "sample.tokens=0")[0] == 0
     code, _, err = run_cli(capsys, "eval", trained_run, "--checkpoint", sorted((other / "checkpoints").iterdir())[-1])
     assert code == 2 and "different architecture" in err and err.count("\n") == 1
 

@@ -405,7 +405,7 @@ def test_eval_windows(n, seq_len, batch_size, max_tokens):
         assert int(gaps.max()) - int(gaps.min()) <= 1  # evenly spaced
         assert available - int(starts[-1] // seq_len) <= -(-available // wanted)  # reaching the end of the split
     again = eval_batches(positions(n), seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)
-    assert all(torch.equal(x, y) for x, y in zip(batches, again))
+    assert all(torch.equal(x, y) for x, y in zip(batches, again, strict=True))
 
 
 def test_eval_full_split_covers_every_byte():

@@ -41,4 +41,4 @@ def test_tolerance_catches_a_one_percent_lr_change(tiny_config, tmp_path):
     """The tolerance is not so loose that a small real change passes."""
     golden = json.loads(GOLDEN.read_text())
     changed = tiny_curve(tiny_config, tmp_path, "train.lr=3.03e-3")
-    assert max(abs(a - b) for a, b in zip(changed["train_loss"], golden["train_loss"])) > 10 * TOLERANCE
+    assert max(abs(a - b) for a, b in zip(changed["train_loss"], golden["train_loss"], strict=True)) > 10 * TOLERANCE

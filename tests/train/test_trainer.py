@@ -48,7 +48,7 @@ def test_exact_resume_equals_straight_run(tiny_config, tmp_path):
     second.train()
 
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")  # bit-identical on CPU
-    for a, b in zip(straight.model.state_dict().values(), second.model.state_dict().values()):
+    for a, b in zip(straight.model.state_dict().values(), second.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -209,8 +209,9 @@ def test_wandb_online_without_key_fails_before_writing(tiny_config, tmp_path, mo
 @pytest.mark.slow
 def test_compiled_model_trains_like_eager(tiny_config, tmp_path):
     """train.compile=true runs the same math (~20 s of compilation on CPU)."""
-    Trainer(tiny_config("train.compile=true", "train.max_steps=3", "train.warmup_steps=1", run_dir=tmp_path / "compiled")).train()
-    Trainer(tiny_config("train.max_steps=3", "train.warmup_steps=1", run_dir=tmp_path / "eager")).train()
+    short = ("train.max_steps=3", "train.warmup_steps=1")
+    Trainer(tiny_config("train.compile=true", *short, run_dir=tmp_path / "compiled")).train()
+    Trainer(tiny_config(*short, run_dir=tmp_path / "eager")).train()
     assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), abs=1e-5)
 
 
