@@ -43,6 +43,8 @@ def cmd_train(args) -> None:
     print(f"{cfg.model.backbone} + {cfg.model.objective}: {n_params / 1e6:.2f}M parameters, "
           f"{trainer.flops_per_step / trainer.tokens_per_step / 1e6:.1f} MFLOP/token (train), device {trainer.device}, "
           f"run dir {cfg.run.dir}" + (f", resuming from {trainer.resume_from}" if trainer.resume_from else ""))
+    if trainer.step >= cfg.train.max_steps:
+        print(f"{cfg.run.dir} finished at step {trainer.step}: scoring and sampling its last checkpoint again")
     final = trainer.train()
     if cfg.sample.tokens:
         text = trainer.sample_text(cfg.sample.prompt, cfg.sample.tokens, temperature=cfg.sample.temperature,
