@@ -37,19 +37,20 @@ CHUNK = 1 << 20
 # -- finding files ----------------------------------------------------------------------------------
 
 def data_roots() -> list[Path]:
-    """Folders searched for relative data paths, in order: $ARCHLAB_DATA, the shipped corpora, ../shared/data."""
+    """Folders searched for relative data paths, in order: $ARCHLAB_DATA, the shipped corpora, ../shared/data,
+    and the cache's data/ folder (where `archlab data fetch` puts what it downloads by default)."""
     roots = [Path(p).expanduser() for p in os.environ.get("ARCHLAB_DATA", "").split(os.pathsep) if p]
     roots.append(REPO_CORPORA)
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     if shared.is_dir():
         roots.append(shared)
+    roots.append(cache_dir() / "data")
     return roots
 
 
 def _how_to_get(name: str) -> str:
     if Path(name).name in FETCHABLE:
-        return (f"get it with `archlab data fetch {Path(name).name}` (needs a network) and set ARCHLAB_DATA "
-                "to the folder it prints")
+        return f"get it with `archlab data fetch {Path(name).name}` (needs a network)"
     return f"put it in one of them or set ARCHLAB_DATA to the folder that holds it (several: join with {os.pathsep!r})"
 
 

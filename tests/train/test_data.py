@@ -72,7 +72,7 @@ def test_data_roots_order(env, tmp_path):
     roots = data_roots()
     assert roots[:3] == [tmp_path / "a", tmp_path / "b", REPO_CORPORA]
     shared = Path(data_module.__file__).resolve().parents[2] / "shared" / "data"
-    assert roots[3:] == ([shared] if shared.is_dir() else [])
+    assert roots[3:] == ([shared] if shared.is_dir() else []) + [cache_dir() / "data"]
 
 
 def test_archlab_data_beats_shipped_corpus(env, tmp_path):
