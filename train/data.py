@@ -50,7 +50,8 @@ def data_roots() -> list[Path]:
 
 def _how_to_get(name: str) -> str:
     if Path(name).name in FETCHABLE:
-        return f"get it with `archlab data fetch {Path(name).name}` (needs a network)"
+        return (f"get it with `archlab data fetch {Path(name).name}` (needs a network), or set ARCHLAB_DATA "
+                "to a folder that holds it")
     return f"put it in one of them or set ARCHLAB_DATA to the folder that holds it (several: join with {os.pathsep!r})"
 
 
