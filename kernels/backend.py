@@ -9,18 +9,21 @@ Backends:
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "reference", "peer")
 
 # op -> the concrete backends it has today; adding a kernel means adding its name here.
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
-    "attention": ("torch", "reference", "peer"),
+    "attention": ("triton", "torch", "reference", "peer"),
 }
 
 # op -> what `auto` picks on CUDA; on CPU `auto` is always `torch`.
 AUTO_ON_CUDA: dict[str, str] = {
-    "attention": "torch",
+    "attention": "triton",
 }
 
 
@@ -47,4 +50,19 @@ def resolve_backend(op: str, requested: str, device: torch.device) -> str:
     if requested == "peer" and device.type != "cuda":
         raise ValueError(f"the 'peer' backend for {op} runs third-party CUDA kernels and the tensors are on "
                          f"{device.type}; use auto, torch or reference off the GPU")
+    if requested == "triton":
+        _check_triton(op, device)
     return requested
+
+
+def triton_interpreting() -> bool:
+    """Triton's CPU interpreter runs the real kernels (slowly); it must be on before kernels are imported."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_triton(op: str, device: torch.device) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError(f"the 'triton' backend for {op} needs the triton package; install it or use auto")
+    if device.type != "cuda" and not triton_interpreting():
+        raise ValueError(f"the 'triton' backend for {op} runs on CUDA, or on {device.type} only under Triton's "
+                         "interpreter (set TRITON_INTERPRET=1 before starting; slow, for tests); or use auto")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from archlab.train.config import load_config
-from archlab.train.flops import peak_flops
+from archlab.kernels.hardware import device_name, peak_flops
 from archlab.train.trainer import Trainer
 
 
@@ -63,7 +63,7 @@ def bench_trainer(config: str, overrides: list[str], *, steps: int, repeats: int
 
     trainer_sps, bare_sps = statistics.median(trainer_rates), statistics.median(bare_rates)
     result = {
-        "benchmark": "trainer", "config": config, "overrides": list(overrides), "device": _device_name(device),
+        "benchmark": "trainer", "config": config, "overrides": list(overrides), "device": device_name(device),
         "torch": torch.__version__, "params": model.num_parameters(), "tokens_per_step": trainer.tokens_per_step,
         "steps_per_chunk": steps, "repeats": repeats,
         "trainer_steps_per_s": round(trainer_sps, 3), "bare_steps_per_s": round(bare_sps, 3),
@@ -75,10 +75,3 @@ def bench_trainer(config: str, overrides: list[str], *, steps: int, repeats: int
         result["mfu"] = round(trainer_sps * trainer.flops_per_step / peak, 4)
     return result
 
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -89,17 +89,40 @@ def cmd_data_fetch(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.what == "trainer":
+        _bench_trainer(args)
+    elif args.what == "attention":
+        _bench_attention(args)
+    else:
+        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, attention")
+
+
+def _bench_trainer(args) -> None:
     from archlab.train.bench import bench_trainer
 
-    if args.what != "trainer":
-        raise UserError(f"unknown benchmark {args.what!r}; available: trainer")
-    config, overrides = args.config, list(args.overrides)
+    config, overrides = args.config or DEFAULT_BENCH_CONFIG, list(args.overrides)
     if "=" in config:  # `archlab bench trainer key=value`: the config was left out
         config, overrides = DEFAULT_BENCH_CONFIG, [config, *overrides]
     result = bench_trainer(config, overrides, steps=args.steps, repeats=args.repeats)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
+
+
+def _bench_attention(args) -> None:
+    import torch
+
+    if args.config or args.overrides:
+        raise UserError("archlab bench attention takes no config or overrides")
+    if not torch.cuda.is_available():
+        print("archlab bench attention needs a CUDA GPU and this machine has none: nothing measured")
+        return
+    from archlab.kernels.bench import bench_attention, to_markdown, write_results
+
+    result = bench_attention()
+    json_path, md_path = write_results(result, Path(args.out or "compare/results"))
+    print(to_markdown(result))
+    print(f"wrote {json_path} and {md_path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,13 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dest", help="folder to write into (default: $ARCHLAB_DATA or ~/.cache/archlab/data)")
     fetch.set_defaults(handler=cmd_data_fetch)
 
-    bench = sub.add_parser("bench", help="benchmarks: `trainer` (trainer overhead vs a bare loop)")
-    bench.add_argument("what", help="trainer")
-    bench.add_argument("config", nargs="?", default=DEFAULT_BENCH_CONFIG)
+    bench = sub.add_parser("bench", help="benchmarks: `trainer` (trainer overhead vs a bare loop), "
+                                         "`attention` (Triton kernel vs SDPA; CUDA)")
+    bench.add_argument("what", help="trainer or attention")
+    bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG})")
     bench.add_argument("overrides", nargs="*")
-    bench.add_argument("--steps", type=int, default=50, help="steps per timed chunk")
-    bench.add_argument("--repeats", type=int, default=6, help="timed chunks of each loop, interleaved")
-    bench.add_argument("--out", help="also write the JSON result here")
+    bench.add_argument("--steps", type=int, default=50, help="trainer: steps per timed chunk")
+    bench.add_argument("--repeats", type=int, default=6, help="trainer: timed chunks of each loop, interleaved")
+    bench.add_argument("--out", help="trainer: also write the JSON here; attention: folder for JSON + Markdown "
+                                     "(default compare/results)")
     bench.set_defaults(handler=cmd_bench)
     return parser
 

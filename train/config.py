@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig
+from archlab.kernels.attention import TRITON_HEAD_DIMS
 from archlab.kernels.backend import check_backend
 from archlab.train.errors import ConfigError
 
@@ -111,6 +112,13 @@ class Config(_Section):
     kernels: KernelsConfig = KernelsConfig()
     run: RunConfig = RunConfig()
     sample: SampleConfig = SampleConfig()
+
+    @model_validator(mode="after")
+    def _kernels_fit_the_model(self) -> "Config":
+        if self.kernels.attention == "triton" and self.model.head_dim not in TRITON_HEAD_DIMS:
+            raise ValueError(f"kernels.attention=triton needs a head dim (d_model/n_heads) in {TRITON_HEAD_DIMS}, "
+                             f"got {self.model.head_dim}; change model.n_heads or use kernels.attention=auto")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

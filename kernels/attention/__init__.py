@@ -19,6 +19,7 @@ __all__ = ["attention", "attention_reference"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what kernels/attention/triton.py compiles for
 # The fused SDPA kernels a peer may use; MATH is left out so a benchmark never times the slow path.
 PEER_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 _SDPA_HAS_GQA = torch.__version__ >= (2, 5)
@@ -29,12 +30,68 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | N
     """Scaled dot-product attention; `scale` defaults to D ** -0.5. See the module docstring for layout."""
     _check_inputs(q, k, v, causal)
     name = resolve_backend("attention", backend, q.device)
+    if name == "triton" and q.shape[-1] not in TRITON_HEAD_DIMS:
+        if backend != "auto":
+            raise ValueError(f"attention: the triton backend takes head_dim in {TRITON_HEAD_DIMS}, got "
+                             f"{q.shape[-1]}; choose another n_heads or backend")
+        name = "torch"  # auto: our kernel does not cover this head dim, SDPA does
+    if name == "triton":
+        return flash_attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5 if scale is None else scale)[0]
     if name == "reference":
         return attention_reference(q, k, v, causal=causal, scale=scale)[0]
     if name == "peer":
         with sdpa_kernel(PEER_SDPA_KERNELS):
             return _sdpa(q, k, v, causal=causal, scale=scale)
     return _sdpa(q, k, v, causal=causal, scale=scale)
+
+
+# -- our Triton kernels as a torch.library custom op: opaque to torch.compile, differentiable ------------
+# The op returns (out, lse); lse is there for tests and future fused consumers and is not differentiable.
+# The kernel module is imported on first use, so machines without triton can still import this package.
+
+@torch.library.custom_op("archlab::flash_attention", mutates_args=())
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Triton FlashAttention forward: (out (B, H, Lq, D) in q.dtype, lse (B, H, Lq) float32)."""
+    from archlab.kernels.attention.triton import flash_attn_fwd
+
+    out, lse = flash_attn_fwd(q, k, v, causal=causal, scale=scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@flash_attention.register_fake
+def _(q, k, v, *, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("archlab::flash_attention_backward", mutates_args=())
+def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+                             causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton FlashAttention backward (deterministic: no atomics): (dq, dk, dv)."""
+    from archlab.kernels.attention.triton import flash_attn_bwd
+
+    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, causal=causal, scale=scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@flash_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, *, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, keyword_only_inputs, output):
+    q, k, v = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = keyword_only_inputs["causal"], keyword_only_inputs["scale"]
+    ctx.mark_non_differentiable(lse)
+
+
+def _flash_attention_grad(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return flash_attention_backward(grad_out, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale)
+
+
+flash_attention.register_autograd(_flash_attention_grad, setup_context=_save_for_backward)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None) -> Tensor:

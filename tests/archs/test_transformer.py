@@ -80,8 +80,8 @@ def test_reference_and_torch_backends_give_the_same_model():
     slow.load_state_dict(fast.state_dict())
     tokens = torch.randint(0, 256, (2, 10))
     torch.testing.assert_close(slow(tokens), fast(tokens))
-    with pytest.raises(ValueError, match="attention has no 'triton' backend yet"):
-        build_model(cfg, attention_backend="triton")
+    with pytest.raises(ValueError, match="unknown backend 'flash' for attention"):
+        build_model(cfg, attention_backend="flash")
 
 
 def test_flops_per_token_by_hand():

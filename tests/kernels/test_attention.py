@@ -169,13 +169,17 @@ def test_bad_inputs_are_one_line_errors(make, causal, error, message):
     assert "\n" not in str(info.value)
 
 
-def test_backend_resolution():
+def test_backend_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("attention", "auto", cpu) == "torch"
-    assert resolve_backend("attention", "auto", cuda) == "torch"
+    assert resolve_backend("attention", "auto", cuda) == "triton"
+    assert resolve_backend("attention", "triton", cuda) == "triton"
     assert resolve_backend("attention", "peer", cuda) == "peer"
     assert resolve_backend("attention", "reference", cpu) == "reference"
-    with pytest.raises(ValueError, match="attention has no 'triton' backend yet; use auto, torch, reference or peer"):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("attention", "triton", cpu) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="'triton' backend for attention runs on CUDA, or on cpu only under"):
         resolve_backend("attention", "triton", cpu)
     with pytest.raises(ValueError, match="'peer' backend .* CUDA kernels"):
         resolve_backend("attention", "peer", cpu)

@@ -86,7 +86,9 @@ def _bad_cases(tmp: Path, trained: Path):
         "causal objective on a bidirectional model": (base + ["model.causal=false"], "needs a causal backbone"),
         "head dim too large": (base + ["model.d_model=1024", "model.n_heads=2"], "head dim d_model/n_heads=512"),
         "warmup not below max_steps": (base + ["train.max_steps=3"], "warmup_steps=3 must be below max_steps=3"),
-        "attention backend not built yet": (base + ["kernels.attention=triton"], "no 'triton' backend yet"),
+        "unknown attention backend": (base + ["kernels.attention=flash3"], "kernels.attention: input should be"),
+        "head dim the triton kernel lacks": (base + ["kernels.attention=triton", "model.n_heads=4"],
+                                             "kernels.attention=triton needs a head dim"),
         "empty sample prompt": (base + ["sample.prompt="], "sample.prompt"),
         "top_k above the vocabulary": (base + ["sample.top_k=300"], "sample.top_k"),
         "run dir is a file": (base + [f"run.dir={tmp / 'empty.txt'}"], "is a file"),
@@ -144,6 +146,14 @@ def test_damaged_checkpoint_and_other_architecture(capsys, tmp_path, trained_run
                    "train.warmup_steps=0", "sample.tokens=0")[0] == 0
     code, _, err = run_cli(capsys, "eval", trained_run, "--checkpoint", sorted((other / "checkpoints").iterdir())[-1])
     assert code == 2 and "different architecture" in err and err.count("\n") == 1
+
+
+def test_triton_on_cpu_without_the_interpreter(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, _, err = run_cli(capsys, "train", TINY, f"run.dir={tmp_path / 'run'}", "train.device=cpu",
+                           "kernels.attention=triton")
+    assert code == 2 and "TRITON_INTERPRET=1" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_debug_shows_traceback(capsys):
