@@ -49,7 +49,7 @@ def _time_ms(fn, inputs: tuple, grad_out, *, causal: bool, backward: bool) -> fl
         if backward:
             out.backward(grad_out)
 
-    return triton.testing.do_bench(run, warmup=25, rep=100, grad_to_none=list(inputs))
+    return triton.testing.do_bench(run, warmup=25, rep=100, grad_to_none=list(inputs), return_mode="median")
 
 
 def bench_attention(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -68,7 +68,8 @@ def bench_attention(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16) 
                            "head_dim": head_dim, "causal": causal, "pass": "fwd+bwd" if backward else "fwd"}
                     try:
                         ms = _time_ms(fn, (q, k, v), grad_out, causal=causal, backward=backward)
-                    except RuntimeError as err:  # e.g. a SDPA backend this GPU/shape does not support
+                    # an SDPA backend this GPU or shape lacks, a config that fails to compile: keep the other rows
+                    except Exception as err:  # noqa: BLE001
                         rows.append({**row, "error": str(err).splitlines()[0][:200]})
                         continue
                     tflops = attention_flops(batch, heads, seq_len, head_dim, causal=causal,
@@ -113,7 +114,7 @@ def to_markdown(result: dict) -> str:
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
     slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
-    stem = Path(out_dir) / f"attention-{slug}-{result['date']}"
+    stem = Path(out_dir) / f"attention-{slug}-{result['date']}-{result['commit']}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -20,6 +20,7 @@ __all__ = ["attention", "attention_reference"]
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what kernels/attention/triton.py compiles for
+AUTO_TRITON_MIN_LEN_Q = 16
 # The fused SDPA kernels a peer may use; MATH is left out so a benchmark never times the slow path.
 PEER_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 _SDPA_HAS_GQA = torch.__version__ >= (2, 5)
@@ -35,6 +36,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | N
             raise ValueError(f"attention: the triton backend takes head_dim in {TRITON_HEAD_DIMS}, got "
                              f"{q.shape[-1]}; choose another n_heads or backend")
         name = "torch"  # auto: our kernel does not cover this head dim, SDPA does
+    if name == "triton" and backend == "auto" and (q.dtype == torch.float32 or q.shape[2] < AUTO_TRITON_MIN_LEN_Q):
+        # auto takes SDPA where our kernel is the wrong tool: fp32 (exact fp32 dots, no tensor cores)
+        # and decoding-sized queries (a 64-row query tile would be mostly padding)
+        name = "torch"
     if name == "triton":
         return flash_attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5 if scale is None else scale)[0]
     if name == "reference":
@@ -76,6 +81,15 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
 @flash_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, *, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("archlab::flash_attention has no second derivative; use kernels.attention=torch "
+                              "for double backward")
+
+
+flash_attention_backward.register_autograd(
+    _no_double_backward, setup_context=lambda ctx, inputs, keyword_only_inputs, output: None)
 
 
 def _save_for_backward(ctx, inputs, keyword_only_inputs, output):
@@ -121,6 +135,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
                              f"got shape {tuple(t.shape)}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"attention: dtype {q.dtype} is not supported; use float32, float16 or bfloat16")
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"attention: empty inputs (q {tuple(q.shape)}, k {tuple(k.shape)}); every size must be >= 1")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:

@@ -82,3 +82,29 @@ def test_head_dims_the_kernel_lacks(monkeypatch):
     torch.testing.assert_close(attention(q, k, v, causal=True), attention_reference(q, k, v, causal=True)[0])
     with pytest.raises(ValueError, match=r"triton backend takes head_dim in \(16, 32, 64, 128\), got 24"):
         attention(q, k, v, causal=True, backend="triton")
+
+
+def test_auto_uses_sdpa_where_the_kernel_is_the_wrong_tool(monkeypatch):
+    """As on CUDA: fp32 inputs and decoding-sized queries go to SDPA, half-precision prefill to Triton."""
+    import archlab.kernels.attention as attention_module
+
+    calls = []
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda op, requested, device: "triton")
+    monkeypatch.setattr(attention_module, "flash_attention", lambda *a, **kw: calls.append("triton") or (a[0], None))
+    monkeypatch.setattr(attention_module, "_sdpa", lambda *a, **kw: calls.append("sdpa") or a[0])
+    q, k, v = _qkv(len_q=16, len_k=16)
+    attention(q, k, v, causal=True)                                        # fp32
+    attention(*(t.detach().bfloat16() for t in (q, k, v)), causal=True)   # bf16, 16 queries
+    attention(*(t.detach().bfloat16() for t in _qkv(len_q=1, len_k=16)), causal=True)  # bf16 decode step
+    attention(q, k, v, causal=True, backend="triton")                      # explicit: always ours
+    assert calls == ["sdpa", "triton", "sdpa", "triton"]
+
+
+def test_empty_inputs_and_double_backward_are_clear_errors():
+    with pytest.raises(ValueError, match="empty inputs"):
+        attention(*_qkv(len_q=0, len_k=0), causal=False)
+    q, k, v = _qkv(len_q=4, len_k=4, head_dim=16)
+    out = attention(q, k, v, causal=True, backend="triton")
+    (grad_q,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        grad_q.sum().backward()

@@ -181,3 +181,12 @@ def test_cuda_large_bf16_matches_reference(monkeypatch, causal, n_heads, n_kv_he
     case = dict(batch=2, n_heads=n_heads, n_kv_heads=n_kv_heads, len_q=len_q, len_k=len_k, head_dim=head_dim,
                 causal=causal, scale=None, layout="transposed")
     check_low_precision(case, torch.bfloat16, seed=0)
+
+
+@pytest.mark.parametrize("len_q,len_k,causal,head_dim", [
+    (257, 257, True, 32),    # a few hundred: many blocks, ragged tail, causal skipping over a long range
+    (300, 211, False, 64),   # more queries than keys, neither a block multiple
+    (131, 300, True, 128),   # a long cache behind a prefill chunk, largest head dim
+])
+def test_a_few_hundred_positions(len_q, len_k, causal, head_dim):
+    check_float32(_case(len_q, len_k, causal, n_heads=2, n_kv_heads=1, head_dim=head_dim), seed=len_q)

@@ -33,7 +33,7 @@ def test_ratios_compare_same_shape_and_pass(tmp_path):
     assert "| 1 | 2 | 64 | 32 | True | fwd | archlab-triton | 2.0 | 1.0 |  | 1.5 | 0.5 |" in markdown
     assert "failed: not supported" in markdown
     json_path, md_path = write_results(result, tmp_path)
-    assert json_path.name == "attention-nvidia-h100-80gb-hbm3-2026-11-23.json"
+    assert json_path.name == "attention-nvidia-h100-80gb-hbm3-2026-11-23-abc.json"
     assert json.loads(json_path.read_text())["rows"][0]["ratio_vs_sdpa-flash"] == 1.5 and md_path.exists()
 
 
