@@ -91,19 +91,29 @@ def _query_range(start_n, Lq, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
     return lo, mid
 
 
+@triton.jit
+def _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, qk_scale, MASKED: tl.constexpr,
+                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The key block at start_n: its K and V tiles and the (masked) scores q K^T * qk_scale."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _load(K + cols[:, None] * stride_kn + offs_d[None, :], cols[:, None] < Lk, UPCAST)
+    v = _load(V + cols[:, None] * stride_vn + offs_d[None, :], cols[:, None] < Lk, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(_visible(rows[:, None], cols[None, :], Lq, Lk, CAUSAL), s, float("-inf"))
+    return k, v, s
+
+
 # -- forward ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, Lk, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load(K + cols[:, None] * stride_kn + offs_d[None, :], cols[:, None] < Lk, UPCAST)
-        v = _load(V + cols[:, None] * stride_vn + offs_d[None, :], cols[:, None] < Lk, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
-        if MASKED:
-            s = tl.where(_visible(rows[:, None], cols[None, :], Lq, Lk, CAUSAL), s, float("-inf"))
+        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, qk_scale, MASKED, CAUSAL,
+                                    UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
         # Every row sees key 0 in the first block, so m_new is finite from then on and never NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -231,14 +241,9 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV,
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, Lk, qk_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load(K + cols[:, None] * stride_kn + offs_d[None, :], cols[:, None] < Lk, UPCAST)
-        v = _load(V + cols[:, None] * stride_vn + offs_d[None, :], cols[:, None] < Lk, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            s = tl.where(_visible(rows[:, None], cols[None, :], Lq, Lk, CAUSAL), s, float("-inf"))
+        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, qk_scale, MASKED, CAUSAL,
+                                    UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
