@@ -24,14 +24,13 @@ Kernels assume a contiguous head dim and a power-of-two head_dim in HEAD_DIMS (B
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from archlab.kernels.attention import TRITON_HEAD_DIMS
+from archlab.kernels.backend import triton_interpreting
 
 __all__ = ["flash_attn_fwd", "flash_attn_bwd"]
 
@@ -302,13 +301,9 @@ _dkdv_tuned = triton.autotune(_configs((32, 64), (64, 128)), key=_TUNE_KEY)(_bwd
 _dq_tuned = triton.autotune(_configs((64, 128), (32, 64)), key=_TUNE_KEY)(_bwd_dq_kernel)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _launch(kernel, tuned, grid, *args, **constexprs) -> None:
     """Autotuned on a GPU; FIXED_BLOCKS elsewhere (the autotuner cannot run without a GPU driver)."""
-    if AUTOTUNE and args[0].is_cuda and not _interpreting():
+    if AUTOTUNE and args[0].is_cuda and not triton_interpreting():
         tuned[grid](*args, **constexprs)
     else:
         kernel[grid(FIXED_BLOCKS)](*args, **constexprs, **FIXED_BLOCKS)
@@ -332,7 +327,7 @@ def _constexprs(q: Tensor, causal: bool) -> dict:
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"triton attention: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     # fp32 inputs get true fp32 dots (tf32 would cost them their point); half types use tensor cores anyway.
-    return dict(HEAD_DIM=head_dim, CAUSAL=causal, UPCAST=_interpreting(),
+    return dict(HEAD_DIM=head_dim, CAUSAL=causal, UPCAST=triton_interpreting(),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
