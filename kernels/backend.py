@@ -19,11 +19,15 @@ BACKENDS = ("auto", "triton", "torch", "reference", "peer")
 # op -> the concrete backends it has today; adding a kernel means adding its name here.
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "attention": ("triton", "torch", "reference", "peer"),
+    "selective_scan": ("triton", "torch", "reference", "peer"),
+    "causal_conv1d": ("triton", "torch", "reference", "peer"),
 }
 
 # op -> what `auto` picks on CUDA; on CPU `auto` is always `torch`.
 AUTO_ON_CUDA: dict[str, str] = {
     "attention": "triton",
+    "selective_scan": "triton",
+    "causal_conv1d": "triton",
 }
 
 

@@ -1,0 +1,68 @@
+"""Mamba-1 selective scan as a sequential float32 recurrence: the definition of correct for every backend.
+
+Layouts follow mamba_ssm: u, delta, z (batch, dim, L); A (dim, N) real; B, C (batch, N, L), or grouped
+(batch, G, N, L) where channel d reads group d // (dim / G); D, delta_bias (dim,).
+
+    delta' = softplus(delta + delta_bias)            (bias and softplus optional)
+    h_t    = exp(delta'_t A) * h_{t-1} + delta'_t B_t u_t      (h_0 = 0, per channel a length-N state)
+    y_t    = C_t . h_t + D u_t,   out = y * silu(z)          (D and z optional)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from torch import Tensor
+
+
+def expand_groups(BC: Tensor, dim: int) -> Tensor:
+    """(batch, N, L) or (batch, G, N, L) -> (batch, dim, N, L): the B or C row each channel reads."""
+    if BC.ndim == 3:
+        return repeat(BC, "b n l -> b d n l", d=dim)
+    return repeat(BC, "b g n l -> b (g h) n l", h=dim // BC.shape[1])
+
+
+def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                             z: Tensor | None = None, delta_bias: Tensor | None = None,
+                             delta_softplus: bool = False, *,
+                             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Returns (out (batch, dim, L) in u's dtype, last state (batch, dim, N) float32).
+
+    `initial_state` (batch, dim, N) replaces h_0 = 0 (decoding continues from a saved state).
+    One Python step per position, float32 throughout (float64 inputs stay float64, for gradcheck);
+    autograd differentiates it.
+    """
+    dtype_in, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
+    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
+    dim, length = u.shape[1], u.shape[2]
+    B, C = expand_groups(B.to(compute), dim), expand_groups(C.to(compute), dim)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    state = u.new_zeros(u.shape[0], dim, A.shape[1]) if initial_state is None else initial_state.to(compute)
+    ys = []
+    for t in range(length):
+        decay = torch.exp(delta[:, :, t, None] * A)                      # (batch, dim, N)
+        state = decay * state + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, :, :, t]
+        ys.append((state * C[:, :, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    return y.to(dtype_in), state
+
+
+def selective_state_update_reference(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                     D: Tensor | None = None, z: Tensor | None = None,
+                                     dt_bias: Tensor | None = None, dt_softplus: bool = False) -> Tensor:
+    """One decoding step of the same recurrence; updates `state` (batch, dim, N) in place, returns y (batch, dim).
+
+    x, dt, z are (batch, dim); B, C are (batch, N) or grouped (batch, G, N).
+    """
+    out, new_state = selective_scan_reference(
+        x[..., None], dt[..., None], A, B[..., None], C[..., None], D, None if z is None else z[..., None],
+        dt_bias, dt_softplus, initial_state=state)
+    state.copy_(new_state)
+    return out[..., 0]
