@@ -88,13 +88,16 @@ def cmd_data_fetch(args) -> None:
     fetch_corpus(args.name, url=args.url, dest=Path(args.dest) if args.dest else None)
 
 
+KERNEL_BENCHMARKS = ("attention", "scan", "conv1d")
+
+
 def cmd_bench(args) -> None:
     if args.what == "trainer":
         _bench_trainer(args)
-    elif args.what == "attention":
-        _bench_attention(args)
+    elif args.what in KERNEL_BENCHMARKS:
+        _bench_kernel(args)
     else:
-        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, attention")
+        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, {', '.join(KERNEL_BENCHMARKS)}")
 
 
 def _bench_trainer(args) -> None:
@@ -109,17 +112,23 @@ def _bench_trainer(args) -> None:
     print(json.dumps(result))
 
 
-def _bench_attention(args) -> None:
+def _bench_kernel(args) -> None:
     import torch
 
     if args.config or args.overrides:
-        raise UserError("archlab bench attention takes no config or overrides")
-    if not torch.cuda.is_available():
-        print("archlab bench attention needs a CUDA GPU and this machine has none: nothing measured")
+        raise UserError(f"archlab bench {args.what} takes no config or overrides")
+    if not torch.cuda.is_available() and args.what != "scan":
+        print(f"archlab bench {args.what} needs a CUDA GPU and this machine has none: nothing measured")
         return
-    from archlab.kernels.bench import bench_attention, to_markdown, write_results
+    from archlab.kernels.bench import to_markdown, write_results
 
-    result = bench_attention()
+    if args.what == "attention":
+        from archlab.kernels.bench.attention import bench_attention as run
+    elif args.what == "scan":  # on CPU: the torch backend vs the sequential reference
+        from archlab.kernels.bench.scan import bench_scan as run
+    else:
+        from archlab.kernels.bench.conv1d import bench_conv1d as run
+    result = run()
     json_path, md_path = write_results(result, Path(args.out or "compare/results"))
     print(to_markdown(result))
     print(f"wrote {json_path} and {md_path}")
@@ -163,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(handler=cmd_data_fetch)
 
     bench = sub.add_parser("bench", help="benchmarks: `trainer` (trainer overhead vs a bare loop), "
-                                         "`attention` (Triton kernel vs SDPA; CUDA)")
-    bench.add_argument("what", help="trainer or attention")
+                                         "`attention` (Triton kernel vs SDPA; CUDA), `scan` (Triton vs mamba_ssm "
+                                         "on CUDA; torch backend vs reference on CPU), `conv1d` (Triton vs "
+                                         "causal-conv1d and cuDNN; CUDA)")
+    bench.add_argument("what", help="trainer, attention, scan or conv1d")
     bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG})")
     bench.add_argument("overrides", nargs="*")
     bench.add_argument("--steps", type=int, default=50, help="trainer: steps per timed chunk")
     bench.add_argument("--repeats", type=int, default=6, help="trainer: timed chunks of each loop, interleaved")
-    bench.add_argument("--out", help="trainer: also write the JSON here; attention: folder for JSON + Markdown "
+    bench.add_argument("--out", help="trainer: also write the JSON here; kernels: folder for JSON + Markdown "
                                      "(default compare/results)")
     bench.set_defaults(handler=cmd_bench)
     return parser

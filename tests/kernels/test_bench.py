@@ -1,10 +1,14 @@
-"""The attention benchmark's arithmetic and report; the timing itself needs CUDA (marker gpu)."""
+"""The kernel benchmarks' arithmetic and reports; GPU timings are covered by `gpu`-marked tests."""
 import json
 
 import pytest
 import torch
 
-from archlab.kernels.bench import _add_ratios, attention_flops, bench_attention, to_markdown, write_results
+from archlab.kernels.bench import add_ratios, to_markdown, write_results
+from archlab.kernels.bench.attention import COLUMNS as ATTENTION_COLUMNS
+from archlab.kernels.bench.attention import attention_flops, bench_attention
+from archlab.kernels.bench.conv1d import bench_conv1d, conv1d_bytes
+from archlab.kernels.bench.scan import bench_scan, scan_bytes
 from archlab.train.cli import main
 
 
@@ -13,6 +17,16 @@ def test_attention_flops_convention():
     assert attention_flops(2, 3, 128, 64, causal=False, backward=False) == full
     assert attention_flops(2, 3, 128, 64, causal=True, backward=False) == full / 2
     assert attention_flops(2, 3, 128, 64, causal=True, backward=True) == full / 2 * 3.5
+
+
+def test_scan_and_conv_traffic_counts_each_tensor_once():
+    batch, dim, seq_len, d_state = 2, 3, 5, 4
+    forward = batch * dim * seq_len * 4 + batch * d_state * seq_len * 2  # u, delta, z, out; B, C
+    backward = batch * dim * seq_len * 7 + batch * d_state * seq_len * 4  # + dout, du, ddelta, dz; dB, dC
+    assert scan_bytes(batch, dim, seq_len, d_state, 2, backward=False) == 2 * forward
+    assert scan_bytes(batch, dim, seq_len, d_state, 2, backward=True) == 2 * (forward + backward)
+    assert conv1d_bytes(batch, dim, seq_len, 2, backward=False) == 2 * 2 * batch * dim * seq_len
+    assert conv1d_bytes(batch, dim, seq_len, 2, backward=True) == 2 * 5 * batch * dim * seq_len
 
 
 def _row(provider, ms, **shape):
@@ -24,23 +38,43 @@ def test_ratios_compare_same_shape_and_pass(tmp_path):
     rows = [_row("archlab-triton", 2.0), _row("sdpa-flash", 3.0), _row("sdpa-cudnn", 1.0),
             _row("archlab-triton", 4.0, causal=False), _row("sdpa-flash", 2.0, causal=False),
             {**_row("sdpa-cudnn", None, causal=False), "error": "not supported"}]
-    _add_ratios(rows)
+    add_ratios(rows, ours=["archlab-triton"], peers=["sdpa-flash", "sdpa-cudnn"],
+               key=("batch", "heads", "seq_len", "head_dim", "causal", "pass"))
     assert rows[0]["ratio_vs_sdpa-flash"] == 1.5 and rows[0]["ratio_vs_sdpa-cudnn"] == 0.5
     assert rows[3]["ratio_vs_sdpa-flash"] == 0.5 and rows[3]["ratio_vs_sdpa-cudnn"] is None
-    result = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-23", "dtype": "bfloat16", "torch": "x",
+    result = {"benchmark": "attention", "title": "Attention benchmark", "columns": ATTENTION_COLUMNS,
+              "device": "NVIDIA H100 80GB HBM3", "date": "2026-11-23", "dtype": "bfloat16", "torch": "x",
               "triton": "y", "commit": "abc", "rows": rows}
     markdown = to_markdown(result)
     assert "| 1 | 2 | 64 | 32 | True | fwd | archlab-triton | 2.0 | 1.0 |  | 1.5 | 0.5 |" in markdown
-    assert "failed: not supported" in markdown
+    assert "| 1 | 2 | 64 | 32 | False | fwd | sdpa-cudnn | failed: not supported |  |  |  |  |" in markdown
     json_path, md_path = write_results(result, tmp_path)
     assert json_path.name == "attention-nvidia-h100-80gb-hbm3-2026-11-23-abc.json"
     assert json.loads(json_path.read_text())["rows"][0]["ratio_vs_sdpa-flash"] == 1.5 and md_path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [json_path.name, md_path.name]  # no temporary files left
+
+
+def test_scan_bench_on_cpu_times_torch_against_reference():
+    result = bench_scan(torch.device("cpu"), shapes=((1, 8, 16, 4),), min_run_time=0.01)
+    rows = {(r["provider"], r["pass"]): r for r in result["rows"]}
+    assert set(rows) == {(p, s) for p in ("archlab-torch", "reference") for s in ("fwd", "fwd+bwd")}
+    assert all(r["ms"] > 0 and r["gb_per_s"] > 0 for r in rows.values()), result["rows"]
+    ours = rows[("archlab-torch", "fwd+bwd")]
+    assert ours["ratio_vs_reference"] == pytest.approx(rows[("reference", "fwd+bwd")]["ms"] / ours["ms"], rel=1e-2)
+    assert "ratio_vs_reference" in to_markdown(result)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
-def test_bench_attention_on_cpu_says_it_needs_cuda(capsys):
-    main(["bench", "attention"])
+@pytest.mark.parametrize("what", ["attention", "conv1d"])
+def test_cuda_only_benches_on_cpu_say_so(what, capsys):
+    main(["bench", what])
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_kernel_bench_rejects_a_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "scan", "configs/quickstart.yaml"])
+    assert exit_info.value.code == 2 and "takes no config" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
@@ -48,3 +82,12 @@ def test_bench_attention_runs_on_gpu():
     result = bench_attention(shapes=((1, 2, 256, 64),))
     ours = [r for r in result["rows"] if r["provider"] == "archlab-triton"]
     assert len(ours) == 4 and all(r["tflops"] > 0 for r in ours)
+
+
+@pytest.mark.gpu
+def test_scan_and_conv1d_benches_run_on_gpu():
+    scan = bench_scan(torch.device("cuda"), shapes=((1, 64, 256, 16),))
+    conv = bench_conv1d(shapes=((1, 64, 256, 4),))
+    for result in (scan, conv):
+        ours = [r for r in result["rows"] if r["provider"] == "archlab-triton"]
+        assert len(ours) == 2 and all(r["gb_per_s"] > 0 for r in ours), ours

@@ -1,0 +1,122 @@
+"""Kernel benchmarks behind `archlab bench attention|scan|conv1d`: shared timing, ratios and reports.
+
+Each benchmark returns a result dict: `benchmark`, `title`, `notes` (lines for the report), `columns`
+(the table's columns, in order), `rows` (one dict per provider x shape x pass; a failed measurement keeps
+its row with an `error`), plus the device, dtype, versions, commit and date the numbers belong to.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from archlab.kernels.hardware import device_name
+
+
+def time_cuda_ms(run: Callable[[], None], grad_to_none: Sequence[torch.Tensor] = ()) -> float:
+    """Median milliseconds of `run` on the GPU (triton's do_bench: warm-up, L2 flush, CUDA events)."""
+    import triton.testing
+
+    return triton.testing.do_bench(run, warmup=25, rep=100, grad_to_none=list(grad_to_none), return_mode="median")
+
+
+def time_cpu_ms(run: Callable[[], None], grad_to_none: Sequence[torch.Tensor] = (), min_run_time: float = 2.0) -> float:
+    """Median milliseconds of `run` on the CPU, over as many runs as fit in `min_run_time` seconds (>= 1)."""
+    from torch.utils.benchmark import Timer
+
+    def fresh_run():
+        for tensor in grad_to_none:  # as do_bench does: no gradient accumulation inside the timing
+            tensor.grad = None
+        run()
+
+    fresh_run()  # warm-up: first-call allocations and lazy imports are not what we measure
+    return Timer(stmt="run()", globals={"run": fresh_run}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def time_passes(row: dict, forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+                timer: Callable[..., float], passes: Sequence[str] = ("fwd", "fwd+bwd")) -> list[dict]:
+    """One measured row per pass: `forward(*inputs)` alone, and with a backward of a fixed random gradient."""
+    grad_out = {}
+
+    def run(backward: bool) -> None:
+        out = forward(*inputs)
+        if backward:
+            if "value" not in grad_out:
+                grad_out["value"] = torch.randn_like(out)
+            out.backward(grad_out["value"])
+
+    return [measure({**row, "pass": name}, lambda name=name: timer(lambda: run(name == "fwd+bwd"), inputs))
+            for name in passes]
+
+
+def add_ratios(rows: list[dict], *, ours: Sequence[str], peers: Sequence[str], key: Sequence[str]) -> None:
+    """ratio_vs_<peer> = peer ms / our ms for rows of `ours` at the same `key` columns (> 1: ours is faster)."""
+    times = {(row["provider"], *(row[k] for k in key)): row.get("ms") for row in rows}
+    for row in rows:
+        if row["provider"] in ours and row.get("ms"):
+            for peer in peers:
+                peer_ms = times.get((peer, *(row[k] for k in key)))
+                row[f"ratio_vs_{peer}"] = round(peer_ms / row["ms"], 3) if peer_ms else None
+
+
+def measure(row: dict, timing: Callable[[], float]) -> dict:
+    """`row` plus its `ms`, or plus the first line of the error when the provider cannot run it."""
+    try:
+        return {**row, "ms": round(timing(), 4)}
+    # a peer that is not installed, a shape a kernel rejects, a config that fails to compile: keep the others
+    except Exception as err:  # noqa: BLE001
+        return {**row, "error": str(err).splitlines()[0][:200] if str(err) else type(err).__name__}
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "triton": _triton_version(), "commit": _commit(), "date": datetime.date.today().isoformat()}
+
+
+def to_markdown(result: dict) -> str:
+    columns = result["columns"]
+    lines = [f"# {result['title']} — {result['device']}, {result['date']}", "",
+             f"{result['dtype']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}.",
+             *result.get("notes", ()), "",
+             "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    for row in result["rows"]:
+        if "error" in row:
+            first_metric = columns.index("ms")
+            cells = [row.get(c) for c in columns[:first_metric]] + [f"failed: {row['error']}"]
+            cells += [""] * (len(columns) - len(cells))
+        else:
+            cells = [row.get(c) for c in columns]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Writes <benchmark>-<device>-<date>-<commit>.json and .md under out_dir; returns both paths."""
+    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
+    stem = Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    # write both to temporary names first so an interrupted run never leaves half a report
+    for path, text in ((json_path, json.dumps(result, indent=1) + "\n"), (md_path, to_markdown(result))):
+        path.with_suffix(path.suffix + ".tmp").write_text(text)
+    for path in (json_path, md_path):
+        path.with_suffix(path.suffix + ".tmp").replace(path)
+    return json_path, md_path
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def _commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent)
+    return result.stdout.strip() or "unknown"
