@@ -70,3 +70,15 @@ def _check_triton(op: str, device: torch.device) -> None:
     if device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"the 'triton' backend for {op} runs on CUDA, or on {device.type} only under Triton's "
                          "interpreter (set TRITON_INTERPRET=1 before starting; slow, for tests); or use auto")
+
+
+def refuse_double_backward(backward_op, op_name: str, alternative: str) -> None:
+    """Makes a Triton custom op's backward op non-differentiable with a clear error: our kernels have no
+    second derivative, so double backward must go through `alternative` (a PyTorch path)."""
+    def refuse(ctx, *grads):
+        raise NotImplementedError(f"{op_name} has no second derivative; use {alternative} for double backward")
+
+    def nothing_to_save(ctx, inputs, output, keyword_only_inputs=None):
+        return None
+
+    backward_op.register_autograd(refuse, setup_context=nothing_to_save)

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from archlab.kernels.attention.reference import attention_reference
-from archlab.kernels.backend import resolve_backend
+from archlab.kernels.backend import refuse_double_backward, resolve_backend
 
 __all__ = ["attention", "attention_reference"]
 
@@ -83,13 +83,7 @@ def _(grad_out, q, k, v, out, lse, *, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("archlab::flash_attention has no second derivative; use kernels.attention=torch "
-                              "for double backward")
-
-
-flash_attention_backward.register_autograd(
-    _no_double_backward, setup_context=lambda ctx, inputs, keyword_only_inputs, output: None)
+refuse_double_backward(flash_attention_backward, "archlab::flash_attention", "kernels.attention=torch")
 
 
 def _save_for_backward(ctx, inputs, keyword_only_inputs, output):

@@ -1,25 +1,190 @@
 """Depthwise causal conv1d: `causal_conv1d(x, weight, bias=None, activation=None, backend="auto")`.
 
-PROVISIONAL: only the reference backend is wired so far; torch/triton/peer arrive with their files.
+Layout as in the causal-conv1d package: x (batch, dim, L), weight (dim, width) with width 2..4, bias (dim,);
+out[:, d, t] = act(bias[d] + sum_k weight[d, k] * x[:, d, t - (width - 1) + k]) in x's dtype.
+`activation` is None or "silu"; "swish" is accepted as another name for SiLU, as the peer does.
+x may be channel-last (a (batch, L, dim) tensor transposed), as the Mamba block passes it; the triton
+backend reads it in place and returns out in the same layout.
+
+`causal_conv1d_update(x, conv_state, weight, bias, activation)` is one decoding step: x (batch, dim),
+conv_state (batch, dim, width - 1) holding the previous inputs, oldest first, shifted in place.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from archlab.kernels.backend import resolve_backend
+from archlab.kernels.backend import refuse_double_backward, resolve_backend
 from archlab.kernels.causal_conv1d.reference import causal_conv1d_reference, causal_conv1d_update_reference
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_reference"]
+__all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_reference", "causal_conv1d_update_reference"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WIDTHS = (2, 3, 4)
+ACTIVATIONS = {None: None, "silu": "silu", "swish": "silu"}  # the peer's names, mapped to ours
+PEER_INSTALL_HINT = "pip install -e .[peers] (or scripts/build_peers.sh on the GPU machine)"
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
                   backend: str = "auto") -> Tensor:
-    """x (batch, dim, L), weight (dim, width) -> out (batch, dim, L) in x's dtype."""
-    resolve_backend("causal_conv1d", backend, x.device)
-    return causal_conv1d_reference(x, weight, bias, activation)
+    """x (batch, dim, L), weight (dim, width) -> out (batch, dim, L) in x's dtype. See the module docstring."""
+    activation = _check_inputs(x, weight, bias, activation)
+    name = resolve_backend("causal_conv1d", backend, x.device)
+    if name == "triton":
+        return causal_conv1d_triton(x, weight, bias, activation == "silu")
+    if name == "reference":
+        return causal_conv1d_reference(x, weight, bias, activation)
+    if name == "peer":
+        return _peer(x, weight, bias, activation)
+    return _torch(x, weight, bias, activation)
 
 
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
                          activation: str | None = None) -> Tensor:
-    """One decoding step: x (batch, dim) -> (batch, dim); conv_state (batch, dim, width - 1) shifts in place."""
-    return causal_conv1d_update_reference(x, conv_state, weight, bias, activation)
+    """One decoding step: x (batch, dim) -> (batch, dim); conv_state (batch, dim, width - 1) shifts in place
+    and keeps its dtype. Computed as causal_conv1d_update_reference does (the window in x's dtype, fp32 math)."""
+    activation = _check_update_inputs(x, conv_state, weight, bias, activation)
+    window = torch.cat([conv_state, x[..., None].to(conv_state.dtype)], dim=-1)  # (batch, dim, width)
+    conv_state.copy_(window[..., 1:])
+    compute = torch.promote_types(x.dtype, torch.float32)
+    window = window.to(x.dtype).to(compute)
+    out = sum(weight[:, k].to(compute) * window[..., k] for k in range(weight.shape[1]))  # the reference's order
+    if bias is not None:
+        out = out + bias.to(compute)
+    if activation == "silu":
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def _torch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
+    width, length = weight.shape[1], x.shape[2]
+    # depthwise (groups=dim); padding both sides then cutting to L is the causal (left-padded) conv
+    out = F.conv1d(x, weight.to(x.dtype)[:, None, :], None if bias is None else bias.to(x.dtype),
+                   padding=width - 1, groups=x.shape[1])[..., :length]
+    return F.silu(out) if activation == "silu" else out
+
+
+def _peer(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError as error:
+        raise ImportError(f"the 'peer' backend for causal_conv1d needs the causal-conv1d package: "
+                          f"{PEER_INSTALL_HINT}") from error
+    return causal_conv1d_fn(x, weight, bias, activation=activation)
+
+
+# -- layout shared by the Triton kernels and the custom op's fake implementation ------------------------------
+def is_channel_last(x: Tensor) -> bool:
+    """dim is the unit-stride axis (and L is not): a (batch, L, dim) tensor seen as (batch, dim, L)."""
+    return x.stride(1) == 1 and x.stride(2) != 1
+
+
+def new_like_x(x: Tensor) -> Tensor:
+    """An uninitialised (batch, dim, L) tensor in x's dtype, channel-last exactly when x is."""
+    batch, dim, length = x.shape
+    if is_channel_last(x):
+        return x.new_empty((batch, length, dim)).transpose(1, 2)
+    return x.new_empty((batch, dim, length))
+
+
+# -- our Triton kernels as a torch.library custom op: opaque to torch.compile, differentiable ------------
+# The kernel module is imported on first use, so machines without triton can still import this package.
+
+@torch.library.custom_op("archlab::causal_conv1d", mutates_args=())
+def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    """Triton forward: out (batch, dim, L) in x's dtype, channel-last exactly when x is."""
+    from archlab.kernels.causal_conv1d.triton import causal_conv1d_fwd
+
+    return causal_conv1d_fwd(x, weight, bias, silu)
+
+
+@causal_conv1d_triton.register_fake
+def _(x, weight, bias, silu):
+    return new_like_x(x)
+
+
+@torch.library.custom_op("archlab::causal_conv1d_backward", mutates_args=())
+def causal_conv1d_triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
+                                  silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward (deterministic: no atomics): dx, dweight, dbias (float32 zeros' shape without a bias)."""
+    from archlab.kernels.causal_conv1d.triton import causal_conv1d_bwd
+
+    return causal_conv1d_bwd(grad_out, x, weight, bias, silu)
+
+
+@causal_conv1d_triton_backward.register_fake
+def _(grad_out, x, weight, bias, silu):
+    bias_dtype = torch.float32 if bias is None else bias.dtype
+    return new_like_x(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1], dtype=bias_dtype)
+
+
+refuse_double_backward(causal_conv1d_triton_backward, "archlab::causal_conv1d", "backend='torch'")
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, weight, bias, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu, ctx.has_bias = silu, bias is not None
+
+
+def _causal_conv1d_grad(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = causal_conv1d_triton_backward(grad_out, x, weight, bias, ctx.silu)
+    return dx, dweight, dbias if ctx.has_bias else None, None
+
+
+causal_conv1d_triton.register_autograd(_causal_conv1d_grad, setup_context=_save_for_backward)
+
+
+# -- input checks: one-line errors, raised before any work ------------------------------------------------
+def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"causal_conv1d: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"causal_conv1d: {name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"causal_conv1d: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+
+
+def _check_weight_bias_activation(x: Tensor, weight: Tensor, bias: Tensor | None, activation) -> str | None:
+    dim = x.shape[1]
+    _check_tensor("weight", weight, 2, "(dim, width)")
+    if weight.shape[0] != dim:
+        raise ValueError(f"causal_conv1d: weight {tuple(weight.shape)} must have x's dim {dim} rows")
+    if weight.shape[1] not in WIDTHS:
+        raise ValueError(f"causal_conv1d: width must be 2, 3 or 4, got weight {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1, "(dim,)")
+        if bias.shape[0] != dim:
+            raise ValueError(f"causal_conv1d: bias must have shape ({dim},) to match x's dim, got {tuple(bias.shape)}")
+    tensors = [x, weight] + ([] if bias is None else [bias])
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"causal_conv1d: x, weight and bias must be on one device, got "
+                         f"{', '.join(str(t.device) for t in tensors)}")
+    if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu' ('swish' is an alias), got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, activation) -> str | None:
+    _check_tensor("x", x, 3, "(batch, dim, L)")
+    if 0 in x.shape:
+        raise ValueError(f"causal_conv1d: empty input x {tuple(x.shape)}; batch, dim and L must be >= 1")
+    return _check_weight_bias_activation(x, weight, bias, activation)
+
+
+def _check_update_inputs(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
+                         activation) -> str | None:
+    _check_tensor("x", x, 2, "(batch, dim) (one step)")
+    if 0 in x.shape:
+        raise ValueError(f"causal_conv1d_update: empty input x {tuple(x.shape)}; batch and dim must be >= 1")
+    activation = _check_weight_bias_activation(x, weight, bias, activation)
+    _check_tensor("conv_state", conv_state, 3, "(batch, dim, width - 1)")
+    expected = (x.shape[0], x.shape[1], weight.shape[1] - 1)
+    if tuple(conv_state.shape) != expected:
+        raise ValueError(f"causal_conv1d_update: conv_state must have shape (batch, dim, width - 1) = {expected}, "
+                         f"got {tuple(conv_state.shape)}")
+    if conv_state.device != x.device:
+        raise ValueError(f"causal_conv1d_update: conv_state is on {conv_state.device} but x is on {x.device}")
+    return activation
