@@ -1,23 +1,46 @@
-"""Mamba-1 selective scan: `selective_scan(u, delta, A, B, C, ..., backend="auto")` (see reference.py).
+"""Mamba-1 selective scan: `selective_scan(u, delta, A, B, C, ..., backend="auto")` and one-step decoding.
 
-PROVISIONAL: only the reference backend is wired so far; torch/triton/peer arrive with their files.
+Layouts follow mamba_ssm: u, delta, z (batch, dim, L); A (dim, N) real; B, C (batch, N, L), or grouped
+(batch, G, N, L) with G dividing dim (channel d reads group d // (dim / G)); D, delta_bias (dim,).
+With delta' = softplus(delta + delta_bias) (bias and softplus optional) each channel runs the length-N recurrence
+h_t = exp(delta'_t A) h_{t-1} + delta'_t B_t u_t from h = 0, and out = (C_t . h_t + D u_t) * silu(z_t);
+reference.py holds the exact definition. Out comes back in u's dtype, the last state (batch, dim, N) in float32.
+
+Backends (kernels/backend.py decides): torch = chunked.py (CPU training; what `auto` picks on CPU), triton = our
+kernels (op.py; `auto` on CUDA), reference = the sequential definition, peer = mamba_ssm's CUDA kernel.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from archlab.kernels.backend import resolve_backend
+from archlab.kernels.selective_scan.chunked import selective_scan_chunked, selective_state_update_torch
 from archlab.kernels.selective_scan.reference import selective_scan_reference, selective_state_update_reference
 
-__all__ = ["selective_scan", "selective_state_update", "selective_scan_reference"]
+__all__ = ["selective_scan", "selective_state_update", "selective_scan_reference", "selective_state_update_reference"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PEER_INSTALL_HINT = "pip install -e .[peers] (or scripts/build_peers.sh) on a CUDA machine"
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """out (batch, dim, L) in u's dtype, or (out, last state (batch, dim, N) float32) with return_last_state."""
-    resolve_backend("selective_scan", backend, u.device)
-    out, last_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend("selective_scan", backend, u.device)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if name == "torch":
+        out, last_state = selective_scan_chunked(*args)
+    elif name == "reference":
+        out, last_state = selective_scan_reference(*args)
+    elif name == "triton":
+        from archlab.kernels.selective_scan.op import selective_scan_triton
+
+        out, last_state = selective_scan_triton(*args)
+    else:
+        out, last_state = _peer_selective_scan(*args)
     return (out, last_state) if return_last_state else out
 
 
@@ -25,4 +48,124 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
                            D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
                            dt_softplus: bool = False) -> Tensor:
     """One decoding step: updates state (batch, dim, N) float32 in place, returns y (batch, dim) in x's dtype."""
-    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    _check_update_inputs(state, x, dt, A, B, C, D, z, dt_bias)
+    return selective_state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _peer_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError as error:
+        raise ImportError(f"the 'peer' selective_scan backend needs mamba_ssm ({error}); install it with "
+                          f"{PEER_INSTALL_HINT}, or use auto") from None
+    tensors = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
+    u, delta, A, B, C, D, z, delta_bias = tensors
+    out, last_state = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+    return out, last_state.float()
+
+
+# -- input checks: one-line errors before any work ---------------------------------------------------------------
+def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    _check_tensors("selective_scan", named)
+    for name in ("u", "delta", "z"):
+        if named[name] is not None and named[name].ndim != 3:
+            raise ValueError(f"selective_scan: {name} must be 3-D (batch, dim, L), got shape "
+                             f"{tuple(named[name].shape)}")
+    if A.ndim != 2:
+        raise ValueError(f"selective_scan: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    if 0 in (batch, dim, length, n_state):
+        raise ValueError(f"selective_scan: empty inputs (u {tuple(u.shape)}, A {tuple(A.shape)}); every size must "
+                         "be >= 1")
+    for name in ("delta", "z"):
+        if named[name] is not None and named[name].shape != u.shape:
+            raise ValueError(f"selective_scan: {name} must have u's shape {tuple(u.shape)}, got "
+                             f"{tuple(named[name].shape)}")
+    if A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (dim, N) with dim={dim}, got shape {tuple(A.shape)}")
+    for name in ("B", "C"):
+        _check_bc("selective_scan", name, named[name], batch, dim, n_state, (length,), "(batch, [G,] N, L)")
+    if B.ndim != C.ndim or B.shape != C.shape:
+        raise ValueError(f"selective_scan: B and C must have the same shape, got {tuple(B.shape)} and "
+                         f"{tuple(C.shape)}")
+    _check_per_channel("selective_scan", {"D": D, "delta_bias": delta_bias}, dim)
+    _check_dtypes("selective_scan", named, streams=("u", "delta", "z", "B", "C"), params=("A", "D", "delta_bias"))
+
+
+def _check_update_inputs(state, x, dt, A, B, C, D, z, dt_bias) -> None:
+    named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
+    _check_tensors("selective_state_update", named)
+    for name in ("x", "dt", "z"):
+        if named[name] is not None and named[name].ndim != 2:
+            raise ValueError(f"selective_state_update: {name} must be 2-D (batch, dim), got shape "
+                             f"{tuple(named[name].shape)}")
+    if A.ndim != 2:
+        raise ValueError(f"selective_state_update: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
+    (batch, dim), n_state = x.shape, A.shape[1]
+    if 0 in (batch, dim, n_state):
+        raise ValueError(f"selective_state_update: empty inputs (x {tuple(x.shape)}, A {tuple(A.shape)}); every size "
+                         "must be >= 1")
+    for name in ("dt", "z"):
+        if named[name] is not None and named[name].shape != x.shape:
+            raise ValueError(f"selective_state_update: {name} must have x's shape {tuple(x.shape)}, got "
+                             f"{tuple(named[name].shape)}")
+    if A.shape[0] != dim:
+        raise ValueError(f"selective_state_update: A must be (dim, N) with dim={dim}, got shape {tuple(A.shape)}")
+    if state.shape != (batch, dim, n_state) or state.dtype != torch.float32:
+        raise ValueError(f"selective_state_update: state must be float32 of shape {(batch, dim, n_state)}, got "
+                         f"{state.dtype} {tuple(state.shape)}")
+    for name in ("B", "C"):
+        _check_bc("selective_state_update", name, named[name], batch, dim, n_state, (), "(batch, [G,] N)")
+    if B.shape != C.shape:
+        raise ValueError(f"selective_state_update: B and C must have the same shape, got {tuple(B.shape)} and "
+                         f"{tuple(C.shape)}")
+    _check_per_channel("selective_state_update", {"D": D, "dt_bias": dt_bias}, dim)
+    _check_dtypes("selective_state_update", named, streams=("x", "dt", "z", "B", "C"), params=("A", "D", "dt_bias"))
+
+
+def _check_tensors(op: str, named: dict) -> None:
+    first = None
+    for name, t in named.items():
+        if t is None and name in ("D", "z", "delta_bias", "dt_bias"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_complex():
+            raise TypeError(f"{op}: {name} is complex; only real A (and real inputs) are supported, as in Mamba-1 "
+                            "with real-valued A_log")
+        first = first or (name, t)
+        if t.device != first[1].device:
+            raise ValueError(f"{op}: all tensors must be on one device, got {first[0]} on {first[1].device} and "
+                             f"{name} on {t.device}")
+
+
+def _check_bc(op: str, name: str, t: Tensor, batch: int, dim: int, n_state: int, tail: tuple, layout: str) -> None:
+    grouped = t.ndim == 3 + len(tail)
+    if t.ndim not in (2 + len(tail), 3 + len(tail)) or t.shape[0] != batch or t.shape[-1 - len(tail)] != n_state \
+            or tuple(t.shape[t.ndim - len(tail):]) != tail:
+        raise ValueError(f"{op}: {name} must be {layout} with batch={batch}, N={n_state}" +
+                         (f", L={tail[0]}" if tail else "") + f", got shape {tuple(t.shape)}")
+    if grouped and (t.shape[1] == 0 or dim % t.shape[1]):
+        raise ValueError(f"{op}: {name} has {t.shape[1]} groups, which must divide dim={dim}")
+
+
+def _check_per_channel(op: str, named: dict, dim: int) -> None:
+    for name, t in named.items():
+        if t is not None and t.shape != (dim,):
+            raise ValueError(f"{op}: {name} must be 1-D of length dim={dim}, got shape {tuple(t.shape)}")
+
+
+def _check_dtypes(op: str, named: dict, streams: tuple, params: tuple) -> None:
+    lead = named[streams[0]]
+    if lead.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {streams[0]} has dtype {lead.dtype}; use float32, float16 or bfloat16")
+    for name in streams[1:]:
+        t = named[name]
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+    for name in params:
+        t = named[name]
+        if t is not None and t.dtype not in (torch.float32, lead.dtype):
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; use float32 or {streams[0]}'s dtype {lead.dtype}")

@@ -34,7 +34,7 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     """
     dtype_in, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
     u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
-    dim, length = u.shape[1], u.shape[2]
+    dim = u.shape[1]
     B, C = expand_groups(B.to(compute), dim), expand_groups(C.to(compute), dim)
     if delta_bias is not None:
         delta = delta + delta_bias.to(compute)[:, None]
@@ -42,10 +42,12 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
         delta = F.softplus(delta)
     state = u.new_zeros(u.shape[0], dim, A.shape[1]) if initial_state is None else initial_state.to(compute)
     ys = []
-    for t in range(length):
-        decay = torch.exp(delta[:, :, t, None] * A)                      # (batch, dim, N)
-        state = decay * state + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, :, :, t]
-        ys.append((state * C[:, :, :, t]).sum(-1))
+    # unbind once: indexing position t inside the loop would give every step a full-size gradient buffer
+    steps = zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True)
+    for delta_t, u_t, B_t, C_t in steps:
+        decay = torch.exp(delta_t[..., None] * A)                       # (batch, dim, N)
+        state = decay * state + (delta_t * u_t)[..., None] * B_t
+        ys.append((state * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D.to(compute)[:, None]

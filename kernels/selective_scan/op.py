@@ -1,0 +1,95 @@
+"""The Triton selective scan as torch.library custom ops: differentiable and opaque to torch.compile.
+
+`selective_scan_triton` is what the dispatcher in `__init__.py` calls for backend="triton". The forward op also
+returns the fp32 state at the start of every chunk of `chunk_len` positions: the backward op restarts the
+recurrence from those instead of storing every state. Neither states output is differentiable.
+
+The kernel module is imported inside the op bodies, so this file imports on machines without triton.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from archlab.kernels.backend import refuse_double_backward, triton_interpreting
+
+__all__ = ["selective_scan_triton", "selective_scan_fwd", "selective_scan_bwd", "chunk_len_for"]
+
+# Positions per chunk: the scan tile along L and the spacing of the states saved for the backward.
+# GPU: 32, because the backward's tiles must fit in registers: ptxas reports 175 registers and no spills for
+# 16 channels x 32 positions at 8 warps, but spills at 64 positions (see triton.py). The saved states then take
+# N / 32 of an fp32 activation (half of one for N = 16). Interpreter: 16, so short tests cross chunk boundaries.
+GPU_CHUNK_LEN = 32
+INTERPRETER_CHUNK_LEN = 16
+
+
+def chunk_len_for(device: torch.device) -> int:
+    return GPU_CHUNK_LEN if device.type == "cuda" and not triton_interpreting() else INTERPRETER_CHUNK_LEN
+
+
+def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                          z: Tensor | None, delta_bias: Tensor | None,
+                          delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """(out (batch, dim, L) in u's dtype, last state (batch, dim, N) fp32, not differentiable); inputs as in
+    `selective_scan` and already validated."""
+    out, last_state, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
+                                            chunk_len=chunk_len_for(u.device))
+    return out, last_state
+
+
+@torch.library.custom_op("archlab::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                       z: Tensor | None, delta_bias: Tensor | None, *, delta_softplus: bool,
+                       chunk_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton forward: (out, last state (batch, dim, N) fp32, chunk start states (batch, dim, n_chunks, N) fp32)."""
+    from archlab.kernels.selective_scan import triton as kernels
+
+    return kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len)
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, chunk_len):
+    batch, dim, length = u.shape
+    n_state, n_chunks = A.shape[1], -(-length // chunk_len)
+    return (u.new_empty(u.shape), u.new_empty((batch, dim, n_state), dtype=torch.float32),
+            u.new_empty((batch, dim, n_chunks, n_state), dtype=torch.float32))
+
+
+@torch.library.custom_op("archlab::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                       z: Tensor | None, delta_bias: Tensor | None, chunk_states: Tensor, *, delta_softplus: bool,
+                       chunk_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triton backward (deterministic): (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias). An op cannot return None,
+    so the gradient of an absent optional input is an empty tensor, mapped back to None by the autograd rule."""
+    from archlab.kernels.selective_scan import triton as kernels
+
+    grads = kernels.selective_scan_bwd(grad_out, u, delta, A, B, C, D, z, delta_bias, chunk_states,
+                                       delta_softplus, chunk_len)
+    return tuple(u.new_empty(0) if g is None else g for g in grads)
+
+
+@selective_scan_bwd.register_fake
+def _(grad_out, u, delta, A, B, C, D, z, delta_bias, chunk_states, *, delta_softplus, chunk_len):
+    return tuple(u.new_empty(0) if t is None else t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+refuse_double_backward(selective_scan_bwd, "archlab::selective_scan_fwd", "kernels.selective_scan=torch")
+
+
+def _save_for_backward(ctx, inputs, keyword_only_inputs, output):
+    _, last_state, chunk_states = output
+    ctx.save_for_backward(*inputs, chunk_states)
+    ctx.present = [t is not None for t in inputs]
+    ctx.delta_softplus = keyword_only_inputs["delta_softplus"]
+    ctx.chunk_len = keyword_only_inputs["chunk_len"]
+    ctx.mark_non_differentiable(last_state, chunk_states)
+
+
+def _selective_scan_grad(ctx, grad_out, _grad_last_state, _grad_chunk_states):
+    *inputs, chunk_states = ctx.saved_tensors
+    grads = selective_scan_bwd(grad_out, *inputs, chunk_states, delta_softplus=ctx.delta_softplus,
+                               chunk_len=ctx.chunk_len)
+    return tuple(g if present else None for g, present in zip(grads, ctx.present, strict=True))
+
+
+selective_scan_fwd.register_autograd(_selective_scan_grad, setup_context=_save_for_backward)
