@@ -4,6 +4,7 @@ Lives in archs/ so that model builders need nothing from train/; the trainer emb
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -11,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from archlab.kernels.attention import MAX_HEAD_DIM
 
 BYTE_VOCAB_SIZE = 256
+
+# Backbones built from attention layers: the head-shape checks apply to these only.
+ATTENTION_BACKBONES = ("transformer", "hybrid")
 
 
 class ModelConfig(BaseModel):
@@ -27,7 +31,19 @@ class ModelConfig(BaseModel):
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
-    causal: Optional[bool] = Field(None, description="None = what the objective needs")
+    causal: Optional[bool] = Field(None, description="None = what the objective needs; a bidirectional Mamba "
+                                   "also scans the reversed sequence and averages the two directions")
+    # Mamba-1 (mamba_ssm's defaults)
+    d_state: int = Field(16, gt=0, description="Mamba: SSM state size N per channel")
+    d_conv: int = Field(4, ge=2, le=4, description="Mamba: width of the depthwise causal conv (2..4)")
+    expand: int = Field(2, gt=0, description="Mamba: inner width E = expand * d_model")
+    dt_rank: Optional[int] = Field(None, gt=0, description="Mamba: rank of the dt projection; None = ceil(d_model/16)")
+    dt_min: float = Field(0.001, gt=0, description="Mamba: smallest initial step size dt")
+    dt_max: float = Field(0.1, gt=0, description="Mamba: largest initial step size dt")
+    dt_init_floor: float = Field(1e-4, gt=0, description="Mamba: initial dt is clamped at least to this")
+    conv_bias: bool = Field(True, description="Mamba: bias in the depthwise conv")
+    attn_layers: Optional[list[int]] = Field(None, description="hybrid: indices of the attention + SwiGLU "
+                                             "blocks (0-based); the other layers are Mamba blocks")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -37,6 +53,17 @@ class ModelConfig(BaseModel):
             raise ValueError(f"unknown backbone {self.backbone!r}{closest(self.backbone, BACKBONES)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}{closest(self.objective, OBJECTIVES)}")
+        if self.has_attention:
+            self._check_attention_shapes()
+        self._check_mamba_settings()
+        needed = OBJECTIVES[self.objective].requires_causal
+        if needed is not None and self.causal is not None and self.causal != needed:
+            kind, setting = ("causal", "true") if needed else ("bidirectional", "false")
+            raise ValueError(f"objective {self.objective} needs a {kind} backbone; "
+                             f"set model.causal={setting} or leave it unset")
+        return self
+
+    def _check_attention_shapes(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2:
@@ -45,17 +72,39 @@ class ModelConfig(BaseModel):
             raise ValueError(f"head dim d_model/n_heads={self.head_dim} is above {MAX_HEAD_DIM}; raise n_heads")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        needed = OBJECTIVES[self.objective].requires_causal
-        if needed is not None and self.causal is not None and self.causal != needed:
-            kind, setting = ("causal", "true") if needed else ("bidirectional", "false")
-            raise ValueError(f"objective {self.objective} needs a {kind} backbone; "
-                             f"set model.causal={setting} or leave it unset")
-        return self
+
+    def _check_mamba_settings(self) -> None:
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min={self.dt_min} must not exceed dt_max={self.dt_max}")
+        if self.backbone != "hybrid":
+            if self.attn_layers is not None:
+                raise ValueError(f"attn_layers is for backbone=hybrid, not {self.backbone}; remove model.attn_layers")
+            return
+        if not self.attn_layers:
+            raise ValueError("backbone=hybrid needs model.attn_layers, the indices of its attention blocks "
+                             "(e.g. [1]); use backbone=mamba for none")
+        outside = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
+        if outside:
+            raise ValueError(f"attn_layers {outside} outside 0..{self.n_layers - 1} (n_layers={self.n_layers})")
+        if len(set(self.attn_layers)) != len(self.attn_layers):
+            raise ValueError(f"attn_layers {self.attn_layers} repeats an index; list each attention layer once")
 
     @property
     def vocab_size(self) -> int:
         """Byte symbols; an objective that needs extra symbols (a mask token) adds them itself."""
         return BYTE_VOCAB_SIZE
+
+    @property
+    def runs_causally(self) -> bool:
+        """Whether the backbone runs causally. The validator has checked model.causal against the objective;
+        one that works either way runs causally unless the config says otherwise."""
+        from archlab.archs.registry import OBJECTIVES
+
+        return self.causal if self.causal is not None else OBJECTIVES[self.objective].requires_causal is not False
+
+    @property
+    def has_attention(self) -> bool:
+        return self.backbone in ATTENTION_BACKBONES
 
     @property
     def head_dim(self) -> int:
@@ -68,3 +117,12 @@ class ModelConfig(BaseModel):
     @property
     def mlp_width(self) -> int:
         return self.mlp_hidden or 64 * -(-(8 * self.d_model // 3) // 64)
+
+    @property
+    def d_inner(self) -> int:
+        """Mamba: the expanded width E the conv and the scan run at."""
+        return self.expand * self.d_model
+
+    @property
+    def dt_rank_or_default(self) -> int:
+        return self.dt_rank or math.ceil(self.d_model / 16)

@@ -54,9 +54,7 @@ class Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig, embedding: nn.Embedding, backbone: Backbone, objective: Objective):
         super().__init__()
-        # ModelConfig has checked cfg.causal against the objective; one that works either way runs
-        # causally unless the config says otherwise
-        self.causal = cfg.causal if cfg.causal is not None else objective.requires_causal is not False
+        self.causal = cfg.runs_causally  # build_model built the backbone for this too
         self.embedding = embedding
         self.backbone = backbone
         self.objective = objective

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig
 from archlab.kernels.attention import TRITON_HEAD_DIMS
@@ -81,12 +81,16 @@ class TrainConfig(_Section):
 
 
 class KernelsConfig(_Section):
-    attention: BackendName = "auto"
+    """Backend per op (kernels/backend.py); the field names are the op names build_model takes."""
 
-    @field_validator("attention")
+    attention: BackendName = "auto"
+    selective_scan: BackendName = Field("auto", description="Mamba's scan")
+    causal_conv1d: BackendName = Field("auto", description="Mamba's depthwise causal conv")
+
+    @field_validator("attention", "selective_scan", "causal_conv1d")
     @classmethod
-    def _implemented(cls, name: str) -> str:
-        check_backend("attention", name)
+    def _implemented(cls, name: str, info: ValidationInfo) -> str:
+        check_backend(info.field_name, name)
         return name
 
 
@@ -115,7 +119,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _kernels_fit_the_model(self) -> "Config":
-        if self.kernels.attention == "triton" and self.model.head_dim not in TRITON_HEAD_DIMS:
+        if (self.kernels.attention == "triton" and self.model.has_attention
+                and self.model.head_dim not in TRITON_HEAD_DIMS):
             raise ValueError(f"kernels.attention=triton needs a head dim (d_model/n_heads) in {TRITON_HEAD_DIMS}, "
                              f"got {self.model.head_dim}; change model.n_heads or use kernels.attention=auto")
         return self

@@ -62,14 +62,15 @@ def lr_at(step: int, cfg) -> float:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
-    """Weight decay on matrices only: never on norms and biases, on embeddings only when asked."""
+    """Weight decay on matrices only: never on norms and biases, on embeddings only when asked, never on
+    parameters a layer marks `_no_weight_decay` (mamba_ssm's marker: Mamba's A_log, D and dt bias)."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
             continue
         is_matrix = param.ndim >= 2 and (decay_embeddings or id(param) not in embedding_params)
-        (decay if is_matrix else no_decay).append(param)
+        (decay if is_matrix and not getattr(param, "_no_weight_decay", False) else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -82,10 +83,12 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.device = resolve_device(t.device)
-        try:  # e.g. the GPU-only peer backend on a CPU machine
-            resolve_backend("attention", cfg.kernels.attention, self.device)
-        except ValueError as err:
-            raise ConfigError(f"kernels.attention: {err}") from None
+        kernels = cfg.kernels.model_dump()  # op name -> backend name
+        for op, backend in kernels.items():
+            try:  # e.g. the GPU-only peer backend on a CPU machine
+                resolve_backend(op, backend, self.device)
+            except ValueError as err:
+                raise ConfigError(f"kernels.{op}: {err}") from None
         self.run_dir = Path(cfg.run.dir)
         self.resume_from = self._resume_point()
         if checkpoint is not None:
@@ -98,7 +101,7 @@ class Trainer:
         check_wandb_mode(cfg.run.wandb)
 
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model, attention_backend=cfg.kernels.attention).to(self.device)
+        self.model = build_model(cfg.model, kernels=kernels).to(self.device)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay, t.decay_embeddings),
                                            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
         self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)

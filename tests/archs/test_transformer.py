@@ -76,12 +76,12 @@ def test_grouped_query_attention_equals_multi_head_with_shared_kv():
 def test_reference_and_torch_backends_give_the_same_model():
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
-    fast, slow = build_model(cfg), build_model(cfg, attention_backend="reference")
+    fast, slow = build_model(cfg), build_model(cfg, kernels={"attention": "reference"})
     slow.load_state_dict(fast.state_dict())
     tokens = torch.randint(0, 256, (2, 10))
     torch.testing.assert_close(slow(tokens), fast(tokens))
     with pytest.raises(ValueError, match="unknown backend 'flash' for attention"):
-        build_model(cfg, attention_backend="flash")
+        build_model(cfg, kernels={"attention": "flash"})
 
 
 def test_flops_per_token_by_hand():

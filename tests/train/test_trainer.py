@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -138,6 +139,22 @@ def test_checkpoint_from_other_architecture_is_refused(tiny_config, tmp_path):
     with pytest.raises(CheckpointError, match="different architecture .*d_model"):
         ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"), other.model,
                              other.cfg.model.model_dump(mode="json"))
+
+
+def test_checkpoint_from_before_newer_model_keys_loads(tiny_config, tmp_path):
+    """A checkpoint written before a model key existed was built with that key's default."""
+    trainer = Trainer(tiny_config())
+    trainer.train(until_step=6)
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    meta = json.loads((path / "meta.json").read_text())
+    for newer_key in ("d_state", "d_conv", "attn_layers"):
+        del meta["model"][newer_key]
+    (path / "meta.json").write_text(json.dumps(meta))
+    ckpt.load_checkpoint(path, trainer.model, trainer.cfg.model.model_dump(mode="json"))
+    meta["model"]["d_state"] = 8  # a key that is there still has to match
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="d_state"):
+        ckpt.load_checkpoint(path, trainer.model, trainer.cfg.model.model_dump(mode="json"))
 
 
 def test_keep_last_prunes_old_checkpoints(tiny_config, tmp_path):

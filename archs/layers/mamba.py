@@ -1,0 +1,170 @@
+"""The Mamba-1 mixer (Gu & Dao 2023) as mamba_ssm's `Mamba` (modules/mamba_simple.py), optionally bidirectional.
+
+    x, z     = in_proj(u)                        d -> 2E, no bias
+    x        = silu(causal_conv1d(x))            depthwise over positions, width d_conv, bias
+    dt, B, C = x_proj(x)                         E -> R + 2N, no bias
+    dt       = dt_proj.weight @ dt               R -> E; dt_proj's bias enters the scan as delta_bias,
+                                                 softplus(dt + bias) inside the kernel, as mamba_ssm does
+    y        = selective_scan(x, dt, A = -exp(A_log), B, C, D, z)   gated by silu(z)
+    out      = out_proj(y)                       E -> d, no bias
+
+Bidirectional (Vision Mamba's layout): the reversed sequence goes through a second set of direction-specific
+weights (conv, x_proj, dt_proj, A_log, D) while in_proj and out_proj are shared, and the two directions'
+gated outputs are averaged before out_proj.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from archlab.archs.config import ModelConfig
+from archlab.kernels.backend import check_backend
+from archlab.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from archlab.kernels.selective_scan import selective_scan, selective_state_update
+
+BIDIRECTIONAL_DECODING = ("a bidirectional Mamba cannot decode (each output reads later positions); "
+                          "sample from a causal model")
+
+
+class MambaState:
+    """Decoding state of one causal Mamba mixer after `length` positions: fixed-size, whatever the length.
+
+    conv_state (B, E, d_conv - 1) holds the last pre-conv inputs (activation dtype), ssm_state (B, E, N)
+    the scan's hidden state (float32, as the kernels keep it).
+    """
+
+    def __init__(self, batch_size: int, d_inner: int, d_conv: int, d_state: int, *,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.conv_state = torch.zeros(batch_size, d_inner, d_conv - 1, dtype=dtype, device=device)
+        self.ssm_state = torch.zeros(batch_size, d_inner, d_state, dtype=torch.float32, device=device)
+        self.length = 0
+
+
+class SelectiveSSM(nn.Module):
+    """One scan direction: causal conv + SiLU, the input-dependent dt/B/C projections, the gated scan."""
+
+    def __init__(self, cfg: ModelConfig, *, scan_backend: str, conv_backend: str):
+        super().__init__()
+        d_inner, self.d_state, self.dt_rank = cfg.d_inner, cfg.d_state, cfg.dt_rank_or_default
+        self.scan_backend, self.conv_backend = scan_backend, conv_backend
+        # depthwise conv weights initialised as mamba_ssm's nn.Conv1d is: uniform(+-1/sqrt(fan_in = width))
+        bound = 1 / math.sqrt(cfg.d_conv)
+        self.conv_weight = nn.Parameter(torch.empty(d_inner, cfg.d_conv).uniform_(-bound, bound))
+        self.conv_bias = nn.Parameter(torch.empty(d_inner).uniform_(-bound, bound)) if cfg.conv_bias else None
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self._init_dt(cfg)
+        # S4D-real: A[e, n] = -(n + 1) for every channel, stored as log(-A) so that A stays negative
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        for param in (self.A_log, self.D, self.dt_proj.bias):
+            param._no_weight_decay = True  # mamba_ssm's marker; train.trainer.parameter_groups honours it
+
+    def _init_dt(self, cfg: ModelConfig) -> None:
+        """dt_proj.weight uniform(+-R^-0.5); the bias is softplus^-1 of dt drawn log-uniformly in
+        [dt_min, dt_max] (floored at dt_init_floor), so every channel starts with its own time scale."""
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        dt = torch.exp(torch.rand(cfg.d_inner) * (log_max - log_min) + log_min).clamp(min=cfg.dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus, stable for small dt
+        for param in (self.dt_proj.weight, self.dt_proj.bias):
+            param._no_reinit = True  # the backbone's normal(init_std) pass leaves these alone
+
+    def A(self) -> Tensor:
+        return -torch.exp(self.A_log.float())
+
+    def _dt_B_C(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., E) -> dt (..., E) without dt_proj's bias (the scan adds it), B and C (..., N)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, x: Tensor, z: Tensor, state: MambaState | None = None) -> Tensor:
+        """x, z (B, E, L) -> gated scan output (B, E, L). A (fresh) `state` is filled for decoding onwards."""
+        if state is not None:  # the last d_conv - 1 pre-conv inputs, zeros in front when L is shorter
+            state.conv_state.copy_(F.pad(x, (state.conv_state.shape[-1] - x.shape[-1], 0)))
+        x = causal_conv1d(x, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend)
+        dt, B, C = self._dt_B_C(rearrange(x, "b e l -> b l e"))
+        out = selective_scan(x, rearrange(dt, "b l e -> b e l"), self.A(), rearrange(B, "b l n -> b n l"),
+                             rearrange(C, "b l n -> b n l"), self.D.float(), z=z,
+                             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                             return_last_state=state is not None, backend=self.scan_backend)
+        if state is None:
+            return out
+        out, last_state = out
+        state.ssm_state.copy_(last_state)
+        return out
+
+    def step(self, x: Tensor, z: Tensor, state: MambaState) -> Tensor:
+        """One position: x, z (B, E) -> (B, E); advances the state's conv window and SSM state in place."""
+        x = causal_conv1d_update(x, state.conv_state, self.conv_weight, self.conv_bias, activation="silu")
+        dt, B, C = self._dt_B_C(x)
+        return selective_state_update(state.ssm_state, x, dt, self.A(), B, C, self.D.float(), z=z,
+                                      dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+
+    def flops_per_token(self) -> int:
+        """conv 2 E d_conv, x_proj 2 E (R + 2N), dt_proj 2 R E, scan 9 E N (mamba_ssm's benchmark count)."""
+        d_inner, width = self.conv_weight.shape
+        return (2 * d_inner * width + 2 * d_inner * (self.dt_rank + 2 * self.d_state)
+                + 2 * self.dt_rank * d_inner + 9 * d_inner * self.d_state)
+
+
+class MambaMixer(nn.Module):
+    """u (B, L, d) -> (B, L, d). Built causal or bidirectional (their weights differ); decoding is causal only."""
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool = False, scan_backend: str = "auto",
+                 conv_backend: str = "auto"):
+        super().__init__()
+        check_backend("selective_scan", scan_backend)
+        check_backend("causal_conv1d", conv_backend)
+        self.bidirectional = bidirectional
+        self.d_inner, self.d_conv, self.d_state = cfg.d_inner, cfg.d_conv, cfg.d_state
+        self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner, bias=False)
+        self.ssm = SelectiveSSM(cfg, scan_backend=scan_backend, conv_backend=conv_backend)
+        self.ssm_reversed = (SelectiveSSM(cfg, scan_backend=scan_backend, conv_backend=conv_backend)
+                             if bidirectional else None)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=False)
+
+    def forward(self, u: Tensor, *, causal: bool, state: MambaState | None = None) -> Tensor:
+        """With a state, u holds the positions after the `state.length` already seen: an empty state is
+        filled by one pass over u (prefill), a filled one is advanced position by position."""
+        if causal == self.bidirectional:
+            built = "bidirectional" if self.bidirectional else "causal"
+            raise ValueError(f"this Mamba layer was built {built} but is called with causal={causal}; "
+                             "build the model with the causal setting it runs with (build_model does)")
+        if state is not None:
+            self._check_state(state, u.shape[0])
+        x, z = rearrange(self.in_proj(u), "b l (two e) -> two b e l", two=2)
+        if state is not None and state.length > 0:
+            y = torch.stack([self.ssm.step(x[..., t], z[..., t], state) for t in range(x.shape[-1])], dim=-1)
+        elif self.ssm_reversed is None:
+            y = self.ssm(x, z, state)
+        else:
+            y = (self.ssm(x, z) + self.ssm_reversed(x.flip(-1), z.flip(-1)).flip(-1)) / 2
+        if state is not None:
+            state.length += u.shape[1]
+        return self.out_proj(rearrange(y, "b e l -> b l e"))
+
+    def _check_state(self, state: MambaState, batch_size: int) -> None:
+        if self.bidirectional:
+            raise ValueError(BIDIRECTIONAL_DECODING)
+        if state.conv_state.shape[0] != batch_size:
+            raise ValueError(f"Mamba state was made for batch {state.conv_state.shape[0]} but got {batch_size}; "
+                             "make a new cache for this batch")
+
+    def new_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str) -> MambaState:
+        if self.bidirectional:
+            raise ValueError(BIDIRECTIONAL_DECODING)
+        return MambaState(batch_size, self.d_inner, self.d_conv, self.d_state, dtype=dtype, device=device)
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token (2 per multiply-add): in_proj 2 d 2E and out_proj 2 E d, plus each
+        direction's conv, x_proj, dt_proj and scan (SelectiveSSM.flops_per_token); gating, softplus and
+        the direction average are O(E) and left out."""
+        d = self.in_proj.in_features
+        directions = 2 if self.bidirectional else 1
+        return 2 * d * 2 * self.d_inner + 2 * self.d_inner * d + directions * self.ssm.flops_per_token()
