@@ -36,6 +36,10 @@ def _choices(names) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+PEER_INSTALL_HINT = ("install the peers on a CUDA machine with scripts/build_peers.sh (this GPU's arch only, "
+                     "~9 min) or pip install -e .[peers]")
+
+
 def check_backend(op: str, requested: str) -> None:
     """Device-independent validation, so a bad name fails when the model is built, not at the first step."""
     if op not in IMPLEMENTED:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from archlab.kernels.backend import refuse_double_backward, resolve_backend
+from archlab.kernels.backend import PEER_INSTALL_HINT, refuse_double_backward, resolve_backend
 from archlab.kernels.causal_conv1d.reference import causal_conv1d_reference, causal_conv1d_update_reference
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_reference", "causal_conv1d_update_reference"]
@@ -23,7 +23,6 @@ __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_reference", "
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WIDTHS = (2, 3, 4)
 ACTIVATIONS = {None: None, "silu": "silu", "swish": "silu"}  # the peer's names, mapped to ours
-PEER_INSTALL_HINT = "pip install -e .[peers] (or scripts/build_peers.sh on the GPU machine)"
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
@@ -45,16 +44,8 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     """One decoding step: x (batch, dim) -> (batch, dim); conv_state (batch, dim, width - 1) shifts in place
     and keeps its dtype. Computed as causal_conv1d_update_reference does (the window in x's dtype, fp32 math)."""
     activation = _check_update_inputs(x, conv_state, weight, bias, activation)
-    window = torch.cat([conv_state, x[..., None].to(conv_state.dtype)], dim=-1)  # (batch, dim, width)
-    conv_state.copy_(window[..., 1:])
-    compute = torch.promote_types(x.dtype, torch.float32)
-    window = window.to(x.dtype).to(compute)
-    out = sum(weight[:, k].to(compute) * window[..., k] for k in range(weight.shape[1]))  # the reference's order
-    if bias is not None:
-        out = out + bias.to(compute)
-    if activation == "silu":
-        out = F.silu(out)
-    return out.to(x.dtype)
+    # the reference convolves the (width)-long window: O(width^2) per channel, nothing next to a decoding step
+    return causal_conv1d_update_reference(x, conv_state, weight, bias, activation)
 
 
 def _torch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
@@ -69,8 +60,10 @@ def _peer(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None
     try:
         from causal_conv1d import causal_conv1d_fn
     except ImportError as error:
-        raise ImportError(f"the 'peer' backend for causal_conv1d needs the causal-conv1d package: "
-                          f"{PEER_INSTALL_HINT}") from error
+        raise ImportError(f"the 'peer' backend for causal_conv1d needs causal-conv1d ({error}); {PEER_INSTALL_HINT}, "
+                          "or use auto") from None
+    if not (x.is_contiguous() or is_channel_last(x)):
+        x = x.contiguous()  # the package takes (batch, dim, L) contiguous or channel-last, nothing else
     return causal_conv1d_fn(x, weight, bias, activation=activation)
 
 

@@ -26,7 +26,8 @@ its dweight/dbias contributions in registers in a fixed order and writes them to
 buffer that torch then sums: no atomics, so bitwise deterministic.
 
 Under TRITON_INTERPRET=1 (the CPU tests) fixed small blocks replace the autotuner, which needs a GPU.
-Offsets within one batch element are int32: dim * L must stay below 2**31.
+Offsets are int64 wherever a stride multiplies an index (the batch, the channel in channel-first, the position in
+channel-last, whose stride is 2 * dim for the Mamba block's in_proj view), so no size overflows int32.
 """
 from __future__ import annotations
 
@@ -53,11 +54,12 @@ MAX_WIDTH = 4  # the dweight accumulator has MAX_WIDTH columns (a power of two),
 # -- shared pieces ----------------------------------------------------------------------------------------
 @triton.jit
 def _tile_offsets(d, t, stride_d, stride_l, CHANNEL_LAST: tl.constexpr):
-    """Offsets of the (channels, positions) tile; the unit-stride axis is a literal 1 so loads vectorise."""
+    """Offsets of the (channels, positions) tile; the unit-stride axis is a literal 1 so loads vectorise. The
+    strided term is int64: position * stride_l overflows int32 once L * stride_l reaches 2**31."""
     if CHANNEL_LAST:
-        offs = d[:, None] + t[None, :] * stride_l
+        offs = d[:, None] + t.to(tl.int64)[None, :] * stride_l
     else:
-        offs = d[:, None] * stride_d + t[None, :]
+        offs = d.to(tl.int64)[:, None] * stride_d + t[None, :]
     return offs
 
 
@@ -144,7 +146,7 @@ def _fwd_channel_first_kernel(X, Weight, Bias, Out, stride_xb, stride_xd, stride
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t = (tl.program_id(0) * BLOCK_L + tl.arange(0, R) * V)[None, :, None] + tl.arange(0, V)[None, None, :]
     d_mask = d < dim
-    x_ptrs = X + b * stride_xb + d[:, None, None] * stride_xd + t
+    x_ptrs = X + b * stride_xb + d.to(tl.int64)[:, None, None] * stride_xd + t  # int64, see _tile_offsets
     mask = d_mask[:, None, None] & (t < length)
     cur = _split_vectors(tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32), V)
     prev_mask = d_mask[:, None, None] & (t >= V) & (t - V < length)  # by the positions it reads, t - V
@@ -164,7 +166,8 @@ def _fwd_channel_first_kernel(X, Weight, Bias, Out, stride_xb, stride_xd, stride
             acc = acc * tl.sigmoid(acc)
         outs = outs + (acc,)
     out = _join_vectors(outs, V)
-    tl.store(Out + b * stride_ob + d[:, None, None] * stride_od + t, out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + b * stride_ob + d.to(tl.int64)[:, None, None] * stride_od + t, out.to(Out.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -280,9 +283,14 @@ def _readable(t: Tensor) -> Tensor:
     return t if t.stride(2) == 1 or t.stride(1) == 1 else t.contiguous()
 
 
+def _contiguous(bias: Tensor | None) -> Tensor | None:
+    """The kernels read bias[d] with unit stride; a (dim,) copy is free."""
+    return None if bias is None else bias.contiguous()
+
+
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
     """out (batch, dim, L) in x's dtype and layout (see new_like_x)."""
-    x, weight = _readable(x), weight.contiguous()
+    x, weight, bias = _readable(x), weight.contiguous(), _contiguous(bias)
     batch, dim, length = x.shape
     out = new_like_x(x)
     channel_last = is_channel_last(x)
@@ -300,7 +308,7 @@ def causal_conv1d_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor 
                       silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx in x's dtype and layout, dweight (dim, width) in weight's dtype, dbias (dim,) in bias's dtype,
     float32 without a bias); deterministic."""
-    x, grad_out, weight = _readable(x), _readable(grad_out), weight.contiguous()
+    x, grad_out, weight, bias = _readable(x), _readable(grad_out), weight.contiguous(), _contiguous(bias)
     batch, dim, length = x.shape
     width = weight.shape[1]
     n_chunks = triton.cdiv(length, BWD_CHUNK_LEN)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from archlab.kernels.backend import resolve_backend
+from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
 from archlab.kernels.selective_scan.chunked import selective_scan_chunked, selective_state_update_torch
 from archlab.kernels.selective_scan.reference import selective_scan_reference, selective_state_update_reference
 
 __all__ = ["selective_scan", "selective_state_update", "selective_scan_reference", "selective_state_update_reference"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PEER_INSTALL_HINT = "pip install -e .[peers] (or scripts/build_peers.sh) on a CUDA machine"
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -56,8 +55,8 @@ def _peer_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) ->
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except ImportError as error:
-        raise ImportError(f"the 'peer' selective_scan backend needs mamba_ssm ({error}); install it with "
-                          f"{PEER_INSTALL_HINT}, or use auto") from None
+        raise ImportError(f"the 'peer' backend for selective_scan needs mamba_ssm ({error}); {PEER_INSTALL_HINT}, "
+                          "or use auto") from None
     tensors = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
     u, delta, A, B, C, D, z, delta_bias = tensors
     out, last_state = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
@@ -87,7 +86,7 @@ def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError(f"selective_scan: A must be (dim, N) with dim={dim}, got shape {tuple(A.shape)}")
     for name in ("B", "C"):
         _check_bc("selective_scan", name, named[name], batch, dim, n_state, (length,), "(batch, [G,] N, L)")
-    if B.ndim != C.ndim or B.shape != C.shape:
+    if B.shape != C.shape:
         raise ValueError(f"selective_scan: B and C must have the same shape, got {tuple(B.shape)} and "
                          f"{tuple(C.shape)}")
     _check_per_channel("selective_scan", {"D": D, "delta_bias": delta_bias}, dim)

@@ -75,19 +75,14 @@ def _load_delta(Delta, offsets, mask, bias, HAS_DELTA_BIAS: tl.constexpr, SOFTPL
 
 @triton.jit
 def _column(tile, cols, n):
-    """Column n of a (BLOCK_D, N_PAD) register tile (Triton tiles cannot be indexed)."""
+    """Column n of a register tile whose column indices are `cols` (Triton tiles cannot be indexed): a state
+    column of a (BLOCK_D, N_PAD) tile, or a time step of a (BLOCK_D, CHUNK) one."""
     return tl.sum(tl.where(cols[None, :] == n, tile, 0.0), 1)
 
 
 @triton.jit
 def _set_column(tile, cols, n, values):
     return tl.where(cols[None, :] == n, values[:, None], tile)
-
-
-@triton.jit
-def _time_column(tile, positions, t):
-    """Column t of a (BLOCK_D, CHUNK) tile along time."""
-    return tl.sum(tl.where(positions[None, :] == t, tile, 0.0), 1)
 
 
 # -- forward ----------------------------------------------------------------------------------------------
@@ -100,7 +95,9 @@ def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkSta
                 dim, dim_per_group, n_groups, L, N, n_chunks,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 N_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    bg = tl.program_id(1).to(tl.int64)  # int64: offsets into big batches overflow int32
+    # int64 batch, channel and position indices, so every offset is int64: a batch offset overflows int32 in a
+    # big batch, and so does position * stride_l in a channel-last view (stride 2 * dim for z in the Mamba block)
+    bg = tl.program_id(1).to(tl.int64)
     b, g = bg // n_groups, bg % n_groups
     in_group = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = in_group < dim_per_group
@@ -118,7 +115,7 @@ def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkSta
     state = tl.zeros([BLOCK_D, N_PAD], dtype=tl.float32)
     for chunk in range(n_chunks):
         tl.store(chunk_state_ptrs + chunk * N, state, mask=state_mask)  # the backward restarts from here
-        positions = chunk * CHUNK + steps
+        positions = (chunk * CHUNK + steps).to(tl.int64)
         mask = d_mask[:, None] & (positions[None, :] < L)
         u = tl.load(U + b * stride_ub + channels[:, None] * stride_ud + positions[None, :] * stride_ul,
                     mask=mask, other=0.0).to(tl.float32)
@@ -134,7 +131,7 @@ def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkSta
                                                         1, _compose)
             h = decay_prod * _column(state, cols, n)[:, None] + input_sum
             y += h * c_n[None, :]
-            state = _set_column(state, cols, n, _time_column(h, steps, CHUNK - 1))
+            state = _set_column(state, cols, n, _column(h, steps, CHUNK - 1))
         if HAS_Z:
             z = tl.load(Z + b * stride_zb + channels[:, None] * stride_zd + positions[None, :] * stride_zl,
                         mask=mask, other=0.0).to(tl.float32)
@@ -155,7 +152,7 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
                 dim, dim_per_group, n_groups, L, N, n_chunks,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 N_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    bg = tl.program_id(1).to(tl.int64)
+    bg = tl.program_id(1).to(tl.int64)  # int64 offsets, as in the forward
     block = tl.program_id(0)
     b, g = bg // n_groups, bg % n_groups
     in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -180,7 +177,7 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
     dBias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for reverse_index in range(n_chunks):
         chunk = n_chunks - 1 - reverse_index
-        positions = chunk * CHUNK + steps
+        positions = (chunk * CHUNK + steps).to(tl.int64)
         mask = d_mask[:, None] & (positions[None, :] < L)
         next_mask = d_mask[:, None] & (positions[None, :] + 1 < L)
         grad_offsets = b * dim * L + channels[:, None] * L + positions[None, :]  # gradients are contiguous
@@ -215,7 +212,7 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
             carry_prod, carry_sum = tl.associative_scan((tl.exp(delta_next * a_n[:, None]), dy * c_n[None, :]),
                                                         1, _compose, reverse=True)
             dh = carry_prod * _column(dh_carry, cols, n)[:, None] + carry_sum
-            dh_carry = _set_column(dh_carry, cols, n, _time_column(dh, steps, 0))
+            dh_carry = _set_column(dh_carry, cols, n, _column(dh, steps, 0))
             # a_t h_{t-1} = h_t - b_t: the decay's gradient term without a division or a shifted tile
             decay_term = dh * (h - inputs)
             du += dh * delta * b_n[None, :]
@@ -255,8 +252,14 @@ def _bwd_block_d(t: Tensor) -> int:
     return GPU_BWD_BLOCK_D if _on_gpu(t) else FIXED_BLOCK_D
 
 
-def _grouped(BC: Tensor) -> Tensor:
+def _with_group_axis(BC: Tensor) -> Tensor:
+    """(batch, N, L) -> (batch, 1, N, L): ungrouped B/C as one group (a view); grouped ones unchanged."""
     return BC if BC.ndim == 4 else BC.unsqueeze(1)
+
+
+def _contiguous_params(D: Tensor | None, delta_bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The kernels index D and delta_bias by channel with unit stride; they are (dim,), so copies are free."""
+    return tuple(None if t is None else t.contiguous() for t in (D, delta_bias))
 
 
 def _common_args(u, delta, A, B, C, z):
@@ -282,7 +285,8 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        chunk_len: int) -> tuple[Tensor, Tensor, Tensor]:
     """Returns out (batch, dim, L) in u.dtype, the last state (batch, dim, N) fp32 and the state at the start of
     every chunk of `chunk_len` positions (batch, dim, n_chunks, N) fp32, which the backward restarts from."""
-    B, C = _grouped(B), _grouped(C)
+    B, C = _with_group_axis(B), _with_group_axis(C)
+    D, delta_bias = _contiguous_params(D, delta_bias)
     batch, dim, length, n_groups, n_state, n_chunks = _shape_args(u, A, B, chunk_len)
     constexprs = _constexprs(D, z, delta_bias, delta_softplus, n_state, chunk_len)
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
@@ -307,7 +311,8 @@ def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the dtypes and shapes of the inputs, None for an
     absent optional input; deterministic (every sum runs in a fixed order)."""
     grouped = B.ndim == 4
-    B4, C4 = _grouped(B), _grouped(C)
+    B4, C4 = _with_group_axis(B), _with_group_axis(C)
+    D, delta_bias = _contiguous_params(D, delta_bias)  # dD, ddelta_bias come back (dim,): the callers' shape
     batch, dim, length, n_groups, n_state, n_chunks = _shape_args(u, A, B4, chunk_len)
     constexprs = _constexprs(D, z, delta_bias, delta_softplus, n_state, chunk_len)
     chunk_states = chunk_states.contiguous()

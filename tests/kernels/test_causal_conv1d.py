@@ -49,8 +49,9 @@ def naive_conv(x, weight, bias, activation):
 
 
 def output_and_grads(fn, x, weight, bias, dout, **kw):
-    """[out, dx, dweight(, dbias)] of fn on fresh leaves."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + (() if bias is None else (bias,))]
+    """[out, dx, dweight(, dbias)] of fn on fresh leaves. They share the inputs' memory: clone() would make the
+    non-dense layouts (sliced x, strided bias) contiguous and hide them."""
+    leaves = [t.detach().requires_grad_() for t in (x, weight) + (() if bias is None else (bias,))]
     x, weight, bias = leaves[0], leaves[1], leaves[2] if bias is not None else None
     out = fn(x, weight, bias, **kw)
     return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
@@ -61,7 +62,7 @@ def conv_cases(draw):
     length = draw(st.sampled_from(LENGTHS))
     long = length > 64  # the interpreter's cost grows with batch * dim * L: long sequences get few channels
     return dict(batch=draw(st.integers(1, 2 if long else 3)), dim=draw(st.integers(1, 4 if long else 9)),
-                length=length, width=draw(st.integers(2, 4)), bias=draw(st.booleans()),
+                length=length, width=draw(st.integers(2, 4)), bias=draw(st.sampled_from([False, True, "strided"])),
                 activation=draw(st.sampled_from([None, "silu"])), layout=draw(st.sampled_from(LAYOUTS)),
                 dout_channel_last=draw(st.booleans()), chunk_len=draw(st.sampled_from([48, 512])))
 
@@ -71,7 +72,10 @@ def make_inputs(case, dtype, weight_dtype, seed):
     batch, dim, length = case["batch"], case["dim"], case["length"]
     x = make_x(batch, dim, length, dtype, case["layout"]).to(DEVICE)
     weight = (torch.randn(dim, case["width"]) / case["width"] ** 0.5).to(weight_dtype).to(DEVICE)
-    bias = torch.randn(dim).to(weight_dtype).to(DEVICE) if case["bias"] else None
+    if case["bias"] == "strided":  # stride 2: a column of a (dim, 2) buffer
+        bias = torch.randn(dim, 2).to(weight_dtype).to(DEVICE)[:, 1]
+    else:
+        bias = torch.randn(dim).to(weight_dtype).to(DEVICE) if case["bias"] else None
     dout = make_x(batch, dim, length, dtype, "channel_last" if case["dout_channel_last"] else "contiguous")
     return x, weight, bias, dout.to(DEVICE)
 
@@ -161,15 +165,105 @@ def _small(dtype=torch.float32, layout="contiguous", length=45, dim=6, width=4):
     return x, weight, bias
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
-def test_triton_backward_is_deterministic(monkeypatch, layout):
-    monkeypatch.setattr(conv_triton, "BWD_CHUNK_LEN", 16)  # several partial rows per channel to sum
-    x, weight, bias = _small(torch.bfloat16, layout, length=40, dim=3)
-    dout = torch.randn(x.shape, device=DEVICE).to(torch.bfloat16)
+def _assert_backward_is_deterministic(x, weight, bias):
+    dout = torch.randn(x.shape, device=x.device).to(x.dtype)
     runs = [output_and_grads(causal_conv1d, x, weight, bias, dout, activation="silu", backend="triton")
             for _ in range(2)]
-    for first, second in zip(*runs, strict=True):
-        assert torch.equal(first, second)
+    for name, first, second in zip(NAMES, *runs, strict=True):
+        assert torch.equal(first, second), f"{name} differs between two runs"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+def test_triton_backward_is_deterministic(monkeypatch, layout):
+    """Cannot fail under the (sequential) interpreter; it checks the plumbing. The GPU variant below is the test."""
+    monkeypatch.setattr(conv_triton, "BWD_CHUNK_LEN", 16)  # several partial rows per channel to sum
+    _assert_backward_is_deterministic(*_small(torch.bfloat16, layout, length=40, dim=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+def test_triton_backward_is_deterministic_on_cuda(monkeypatch, layout):
+    """At a realistic shape, autotuned, where programs run concurrently and atomics would reorder sums."""
+    monkeypatch.setattr(conv_triton, "AUTOTUNE", True)
+    torch.manual_seed(0)
+    x = make_x(4, 2048, 2048, torch.bfloat16, layout).to(DEVICE)
+    weight, bias = torch.randn(2048, 4, device=DEVICE), torch.randn(2048, device=DEVICE)
+    _assert_backward_is_deterministic(x, weight.to(torch.bfloat16), bias.to(torch.bfloat16))
+
+
+def _huge_buffer(length, stride):
+    """(1, length, stride) bf16, uninitialised: 4.3 GB of address space, of which the tests touch a few columns."""
+    try:
+        return torch.empty(1, length, stride, dtype=torch.bfloat16, device=DEVICE)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        pytest.skip(f"cannot reserve a 4.3 GB buffer: {error}")
+
+
+def test_channel_last_offsets_past_int32(monkeypatch):
+    """A channel-last x whose position stride makes (L - 1) * stride >= 2**31 elements (the Mamba block's in_proj
+    view has stride 2 * dim): the offsets must be int64. The same kernels on a channel-last copy give the same bits.
+    The shared buffer reserves 4.3 GB but only the few columns in use are written (a few MB touched), so this runs
+    under the interpreter too; skipped where the allocation is refused."""
+    monkeypatch.setattr(conv_triton, "AUTOTUNE", True)
+    torch.manual_seed(0)
+    dim, stride = 8, 2**24
+    length = 2**31 // stride + 2  # 130 positions
+    buffer = _huge_buffer(length, stride)
+    buffer[:, :, :dim] = torch.randn(1, length, dim, device=DEVICE).to(torch.bfloat16)
+    x = buffer[:, :, :dim].transpose(1, 2)
+    assert (length - 1) * x.stride(2) >= 2**31
+    copy = x.transpose(1, 2).contiguous().transpose(1, 2)  # channel-last too, so the same kernels run
+    weight, bias = torch.randn(dim, 4, device=DEVICE), torch.randn(dim, device=DEVICE)
+    dout = torch.randn(1, dim, length, device=DEVICE).to(torch.bfloat16)
+    got, want = (output_and_grads(causal_conv1d, t, weight, bias, dout, activation="silu", backend="triton")
+                 for t in (x, copy))
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# -- every GPU autotune config, under the interpreter -------------------------------------------------------------
+def _config_blocks(tuned):
+    """The distinct block sizes among an autotuner's configs (the interpreter ignores num_warps)."""
+    return sorted({(config.kwargs["BLOCK_D"], config.kwargs["BLOCK_L"]) for config in tuned.configs})
+
+
+GPU_CONFIGS = [pytest.param(direction, channel_last, blocks, id=f"{direction}-{layout}-D{blocks[0]}-L{blocks[1]}")
+               for direction, tuned in (("fwd", conv_triton._fwd_tuned), ("bwd", conv_triton._bwd_tuned))
+               for channel_last, layout in ((False, "channel_first"), (True, "channel_last"))
+               for blocks in _config_blocks(tuned[channel_last])]
+
+
+@pytest.mark.parametrize("direction,channel_last,blocks", GPU_CONFIGS)
+def test_every_gpu_config(monkeypatch, direction, channel_last, blocks):
+    """Each block size of the GPU autotuner, forward and backward, both layouts, in bf16 (so channel-first reads
+    8-position vectors, as on the GPU): dim just over BLOCK_D, L just over BLOCK_L (and, for the 512-position
+    blocks, over a backward chunk), against the fp32 reference within one rounding."""
+    block_d, block_l = blocks
+    monkeypatch.setattr(conv_triton, "FIXED_BLOCKS", {"BLOCK_D": block_d, "BLOCK_L": block_l})
+    case = dict(batch=1, dim=block_d + 1, length=block_l + 3, width=4, bias="strided", activation="silu",
+                layout="channel_last" if channel_last else "contiguous", dout_channel_last=channel_last,
+                chunk_len=conv_triton.BWD_CHUNK_LEN)
+    x, weight, bias, dout = make_inputs(case, torch.bfloat16, torch.float32, seed=block_d + block_l)
+    upcast = [x.float().requires_grad_(), weight.requires_grad_(), bias.requires_grad_()]
+    want_out = causal_conv1d_reference(*upcast, "silu")
+    if direction == "fwd":
+        got, want = [conv_triton.causal_conv1d_fwd(x, weight, bias, silu=True)], [want_out.detach()]
+    else:
+        got = conv_triton.causal_conv1d_bwd(dout, x, weight, bias, silu=True)
+        want = torch.autograd.grad(want_out, upcast, dout.float())
+    for name, g, w in zip(["out"] if direction == "fwd" else NAMES[1:], got, want, strict=True):
+        assert g.shape == w.shape, name
+        error = (g.float() - w).abs()
+        allowed = torch.finfo(g.dtype).eps * w.abs() + 1e-5 * max(w.abs().max().item(), 1.0)
+        assert (error <= allowed).all(), f"{name}: max error {error.max():.3g}"
+
+
+def test_strided_bias():
+    """A bias with stride 2: right output, and a dbias of the bias's own shape (dim,)."""
+    for layout in ("contiguous", "channel_last"):
+        case = dict(batch=2, dim=6, length=37, width=4, bias="strided", activation="silu", layout=layout,
+                    dout_channel_last=False, chunk_len=16)
+        check_float32(case, "triton", seed=1)
 
 
 def test_triton_output_keeps_the_channel_last_layout():
@@ -283,7 +377,7 @@ def test_peer_off_the_gpu_and_without_the_package_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(conv_module, "resolve_backend", lambda op, requested, device: requested)  # as on CUDA
     monkeypatch.setitem(sys.modules, "causal_conv1d", None)  # makes the import fail as if it were missing
-    with pytest.raises(ImportError, match=r"needs the causal-conv1d package: pip install -e \.\[peers\]"):
+    with pytest.raises(ImportError, match=r"needs causal-conv1d .*pip install -e \.\[peers\]"):
         causal_conv1d(*_args(), backend="peer")
 
 

@@ -22,7 +22,7 @@ def make_inputs(batch, dim, length, n_state, groups, *, with_D=True, with_z=True
                 dtype=torch.float32, layout="contiguous", decay_scale=1.0, seed=0):
     """Leaf tensors keyed like selective_scan's arguments; groups=0 gives ungrouped (batch, N, L) B and C.
 
-    `transposed` builds every (.., L) tensor as a transposed view, so the inputs are non-contiguous. delta and
+    layout="transposed" builds every (.., L) tensor as a transposed view (non-contiguous inputs). delta and
     delta_bias are >= 0, so every decay exp(delta A) is <= 1 with or without softplus, as in a real model.
     """
     gen = torch.Generator().manual_seed(seed)

@@ -23,6 +23,7 @@ from archlab.kernels.selective_scan.op import selective_scan_bwd, selective_scan
 from archlab.kernels.selective_scan.reference import selective_scan_reference
 
 pytest.importorskip("triton")
+from archlab.kernels.selective_scan import triton as scan_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
@@ -37,9 +38,7 @@ INTERPRETER_BUDGET = 4000
 @pytest.fixture(autouse=True)
 def fixed_blocks(monkeypatch):
     """Fixed small blocks on a GPU as well, so the property tests do not autotune every drawn shape."""
-    from archlab.kernels.selective_scan import triton as kernels
-
-    monkeypatch.setattr(kernels, "AUTOTUNE", False)
+    monkeypatch.setattr(scan_kernels, "AUTOTUNE", False)
 
 
 def _stored(shape, dtype, layout):
@@ -49,6 +48,11 @@ def _stored(shape, dtype, layout):
     if layout == "sliced":  # every other position of a longer buffer
         return torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2].to(dtype)
     return torch.randn(shape).to(dtype)
+
+
+def _parameter(dim, strided):
+    """A (dim,) parameter, or one with stride 2 (a column of a (dim, 2) buffer): the kernels index it by channel."""
+    return torch.randn(dim, 2)[:, 1] if strided else torch.randn(dim)
 
 
 def make_inputs(case, dtype, seed):
@@ -63,9 +67,10 @@ def make_inputs(case, dtype, seed):
     A = -torch.rand(dim, n_state) * 2 - 0.1  # A = -exp(A_log): negative, so the state decays
     bc_shape = (batch, n_state, length) if groups is None else (batch, groups, n_state, length)
     B, C = _stored(bc_shape, dtype, layout), _stored(bc_shape, dtype, layout)
-    D = torch.randn(dim) if case["has_D"] else None
+    D = _parameter(dim, case["strided_params"]) if case["has_D"] else None
     z = _stored((batch, dim, length), dtype, layout) if case["has_z"] else None
-    bias = torch.randn(dim) if case["softplus"] else torch.rand(dim)  # positive too when nothing rectifies it
+    bias = _parameter(dim, case["strided_params"])
+    bias = bias if case["softplus"] else bias.abs()  # positive too when nothing rectifies it
     delta_bias = bias * 0.5 if case["has_delta_bias"] else None
     grad_out = torch.randn(batch, dim, length).to(dtype)
     to_device = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
@@ -73,9 +78,10 @@ def make_inputs(case, dtype, seed):
 
 
 def triton_scan(inputs, softplus, chunk_len):
-    """(out, last_state, grads) through the custom op and its autograd rule."""
+    """(out, last_state, grads) through the custom op and its autograd rule. The leaves share the inputs' memory:
+    clone() would make the non-dense layouts (sliced, strided parameters) contiguous and hide them."""
     *tensors, grad_out = inputs
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
     out, last_state, _ = selective_scan_fwd(*leaves, delta_softplus=softplus, chunk_len=chunk_len)
     out.backward(grad_out)
     return out.detach(), last_state, [None if t is None else t.grad for t in leaves]
@@ -124,7 +130,8 @@ def scan_cases(draw):
     lengths = [n for n in LENGTHS if batch * dim * n_state * n <= INTERPRETER_BUDGET] or [1]
     return dict(batch=batch, dim=dim, length=draw(st.sampled_from(lengths)), n_state=n_state, groups=groups,
                 has_D=draw(st.booleans()), has_z=draw(st.booleans()), has_delta_bias=draw(st.booleans()),
-                softplus=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])))
+                softplus=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
+                strided_params=draw(st.booleans()))
 
 
 @settings(max_examples=12, deadline=None)
@@ -141,7 +148,7 @@ def test_half_precision_is_one_rounding_from_reference(case, dtype, seed):
 
 def _case(**overrides):
     case = dict(batch=2, dim=6, length=37, n_state=4, groups=None, has_D=True, has_z=True, has_delta_bias=True,
-                softplus=True, layout="contiguous")
+                softplus=True, layout="contiguous", strided_params=False)
     return {**case, **overrides}
 
 
@@ -151,14 +158,27 @@ def test_chunk_lengths_and_boundaries(chunk_len, length):
     check_case(_case(length=length, n_state=3, groups=2), torch.float32, seed=length, chunk_len=chunk_len)
 
 
-@pytest.mark.parametrize("block_d", [8, 16])
-def test_gpu_block_and_chunk_sizes(monkeypatch, block_d):
-    """The GPU's channel blocks and chunk length (the interpreter's are smaller), crossing both."""
-    from archlab.kernels.selective_scan import triton as kernels
+# The autotuned forward's configs differ in BLOCK_D and num_warps (which the interpreter ignores); the backward's
+# only in num_warps, at GPU_BWD_BLOCK_D channels.
+GPU_FWD_BLOCKS = sorted({config.kwargs["BLOCK_D"] for config in scan_kernels._fwd_tuned.configs})
 
-    monkeypatch.setattr(kernels, "FIXED_BLOCK_D", block_d)
-    check_case(_case(dim=2 * block_d + 2, length=35, n_state=2, groups=2), torch.float32, seed=block_d,
-               chunk_len=scan_op.GPU_CHUNK_LEN)
+
+@pytest.mark.parametrize("fwd_block_d", GPU_FWD_BLOCKS)
+def test_every_gpu_config(monkeypatch, fwd_block_d):
+    """Every forward autotune config with the backward's GPU block, at the GPU chunk length: channels per group
+    just over the larger block (so both kernels cross a block edge), L just over a chunk."""
+    assert all(not config.kwargs for config in scan_kernels._bwd_tuned.configs)  # else test them here too
+    monkeypatch.setattr(scan_kernels, "FIXED_BLOCK_D", fwd_block_d)
+    monkeypatch.setattr(scan_kernels, "_bwd_block_d", lambda t: scan_kernels.GPU_BWD_BLOCK_D)
+    dim_per_group = max(fwd_block_d, scan_kernels.GPU_BWD_BLOCK_D) + 1
+    check_case(_case(batch=1, dim=2 * dim_per_group, length=scan_op.GPU_CHUNK_LEN + 3, n_state=2, groups=2,
+                     strided_params=True), torch.float32, seed=fwd_block_d, chunk_len=scan_op.GPU_CHUNK_LEN)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_D_and_delta_bias(dtype):
+    """D and delta_bias with stride 2: right outputs, and gradients of the parameters' own shape (dim,)."""
+    check_case(_case(length=21, strided_params=True, layout="sliced"), dtype, seed=7)
 
 
 def test_large_decay_and_softplus_tail():
@@ -173,13 +193,67 @@ def test_large_decay_and_softplus_tail():
         assert_matches(f"d{name}", got, want, 19, 0.0)
 
 
+def _assert_backward_is_deterministic(case, dtype, chunk_len):
+    *tensors, grad_out = make_inputs(case, dtype, seed=0)
+    out, _, chunk_states = selective_scan_fwd(*tensors, delta_softplus=True, chunk_len=chunk_len)
+    first = selective_scan_bwd(grad_out, *tensors, chunk_states, delta_softplus=True, chunk_len=chunk_len)
+    second = selective_scan_bwd(grad_out, *tensors, chunk_states, delta_softplus=True, chunk_len=chunk_len)
+    for name, a, b in zip(NAMES, first, second, strict=True):
+        assert torch.equal(a, b), f"d{name} differs between two runs"
+
+
 def test_backward_is_deterministic():
-    inputs = make_inputs(_case(dim=5, length=40, groups=None), torch.float32, seed=0)
-    *tensors, grad_out = inputs
-    out, _, chunk_states = selective_scan_fwd(*tensors, delta_softplus=True, chunk_len=16)
-    first = selective_scan_bwd(grad_out, *tensors, chunk_states, delta_softplus=True, chunk_len=16)
-    second = selective_scan_bwd(grad_out, *tensors, chunk_states, delta_softplus=True, chunk_len=16)
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    """Cannot fail under the (sequential) interpreter; it checks the plumbing. The GPU variant below is the test."""
+    _assert_backward_is_deterministic(_case(dim=5, length=40, groups=None), torch.float32, chunk_len=16)
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic_on_cuda(monkeypatch):
+    """At a realistic shape, autotuned, where programs run concurrently and atomics would reorder sums."""
+    monkeypatch.setattr(scan_kernels, "AUTOTUNE", True)
+    _assert_backward_is_deterministic(_case(batch=4, dim=2048, length=2048, n_state=16, groups=None),
+                                      torch.bfloat16, chunk_len=scan_op.GPU_CHUNK_LEN)
+
+
+def _huge_buffer(length, stride):
+    """(1, length, stride) bf16, uninitialised: 4.3 GB of address space, of which the tests touch a few columns."""
+    try:
+        return torch.empty(1, length, stride, dtype=torch.bfloat16, device=DEVICE)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        pytest.skip(f"cannot reserve a 4.3 GB buffer: {error}")
+
+
+def test_offsets_past_int32(monkeypatch):
+    """Views with a position stride so large that (L - 1) * stride >= 2**31 elements (as the Mamba block's z,
+    stride 2 * dim, at long L): the offsets must be int64. The same kernels on contiguous copies give the same bits.
+    The shared buffer reserves 4.3 GB but only the few columns in use are written (a few MB touched), so this runs
+    under the interpreter too; skipped where the allocation is refused."""
+    monkeypatch.setattr(scan_kernels, "AUTOTUNE", True)
+    torch.manual_seed(0)
+    dim, n_state, stride = 8, 4, 2**24
+    length = 2**31 // stride + 2  # 130 positions
+    buffer = _huge_buffer(length, stride)
+
+    def view(start, width):  # (1, width, L) with stride `stride` along L
+        buffer[:, :, start:start + width] = torch.randn(1, length, width, device=DEVICE).to(torch.bfloat16)
+        return buffer[:, :, start:start + width].transpose(1, 2)
+
+    u, delta, z = view(0, dim), view(dim, dim), view(2 * dim, dim)
+    B, C = view(3 * dim, n_state), view(3 * dim + n_state, n_state)
+    assert (length - 1) * u.stride(2) >= 2**31
+    A = -torch.rand(dim, n_state, device=DEVICE) * 2 - 0.1
+    D, delta_bias = torch.randn(dim, device=DEVICE), torch.randn(dim, device=DEVICE)
+    grad_out = torch.randn(1, dim, length, device=DEVICE).to(torch.bfloat16)
+    strided = [u, delta, A, B, C, D, z, delta_bias]
+    results = []
+    for tensors in (strided, [t.contiguous() for t in strided]):
+        out, last_state, chunk_states = selective_scan_fwd(*tensors, delta_softplus=True,
+                                                           chunk_len=scan_op.GPU_CHUNK_LEN)
+        grads = selective_scan_bwd(grad_out, *tensors, chunk_states, delta_softplus=True,
+                                   chunk_len=scan_op.GPU_CHUNK_LEN)
+        results.append([out, last_state, *grads])
+    for name, got, want in zip(["out", "last_state", *(f"d{n}" for n in NAMES)], *results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_public_function_returns_out_and_a_constant_last_state():
@@ -239,8 +313,6 @@ def test_op_imports_without_triton():
 @pytest.mark.parametrize("groups", [None, 4])
 def test_cuda_benchmark_shape_bf16_matches_reference(monkeypatch, groups):
     """B8 D2048 L2048 N16 in bf16 with z, D, delta_bias and softplus, autotuned, vs the fp32 reference on GPU."""
-    from archlab.kernels.selective_scan import triton as kernels
-
-    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(scan_kernels, "AUTOTUNE", True)
     case = _case(batch=8, dim=2048, length=2048, n_state=16, groups=groups, layout="contiguous")
     check_case(case, torch.bfloat16, seed=0, chunk_len=scan_op.chunk_len_for(torch.device("cuda")))
