@@ -16,6 +16,8 @@ class Backbone(nn.Module):
     """Maps embedded tokens (B, L, d) to hidden states (B, L, d)."""
 
     d_model: int
+    #: the kernel ops (kernels/backend.py) it runs, whose configured backends must work on the device
+    kernel_ops: tuple[str, ...] = ()
 
     def forward(self, x: Tensor, *, causal: bool, cache=None) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

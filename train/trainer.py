@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from archlab.archs.registry import build_model
+from archlab.archs.registry import BACKBONES, build_model
 from archlab.kernels.backend import resolve_backend
 from archlab.train import checkpoint as ckpt
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
@@ -84,9 +84,9 @@ class Trainer:
         t = cfg.train
         self.device = resolve_device(t.device)
         kernels = cfg.kernels.model_dump()  # op name -> backend name
-        for op, backend in kernels.items():
+        for op in BACKBONES[cfg.model.backbone].kernel_ops:  # a setting for an op the model never runs is moot
             try:  # e.g. the GPU-only peer backend on a CPU machine
-                resolve_backend(op, backend, self.device)
+                resolve_backend(op, kernels[op], self.device)
             except ValueError as err:
                 raise ConfigError(f"kernels.{op}: {err}") from None
         self.run_dir = Path(cfg.run.dir)

@@ -13,6 +13,8 @@ from archlab.archs.config import ModelConfig
 class HybridBackbone(ResidualStack):
     """Decoding state is a per-layer list mixing KVCache (attention) and MambaState (Mamba) entries."""
 
+    kernel_ops = ("attention", "selective_scan", "causal_conv1d")
+
     def __init__(self, cfg: ModelConfig, *, causal: bool = True, kernels: Mapping[str, str] | None = None):
         attention_backend = backend_for(kernels, "attention")
         attn_layers = set(cfg.attn_layers or ())

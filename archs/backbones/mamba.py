@@ -41,5 +41,7 @@ class MambaBlock(nn.Module):
 class MambaBackbone(ResidualStack):
     """n_layers Mamba blocks; `causal` picks the causal or the bidirectional mixer (their weights differ)."""
 
+    kernel_ops = ("selective_scan", "causal_conv1d")
+
     def __init__(self, cfg: ModelConfig, *, causal: bool = True, kernels: Mapping[str, str] | None = None):
         super().__init__(cfg, [MambaBlock(cfg, causal=causal, kernels=kernels) for _ in range(cfg.n_layers)])

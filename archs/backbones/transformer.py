@@ -53,6 +53,8 @@ class Block(nn.Module):
 class TransformerBackbone(ResidualStack):
     """n_layers attention + SwiGLU blocks; runs causally or not as each call says."""
 
+    kernel_ops = ("attention",)
+
     def __init__(self, cfg: ModelConfig, *, causal: bool = True, kernels: Mapping[str, str] | None = None):
         # `causal` is part of the common constructor; attention takes it per call, so nothing depends on it
         attention_backend = backend_for(kernels, "attention")

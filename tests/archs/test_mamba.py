@@ -104,15 +104,23 @@ def test_future_tokens_reach_earlier_outputs_only_when_bidirectional(causal):
     assert any("ssm_reversed" in name for name in backbone.state_dict()) == (not causal)
 
 
-def test_bidirectional_is_the_average_of_both_scan_directions():
+def test_bidirectional_is_the_average_of_two_causal_mixers_one_on_the_reversed_sequence():
+    """Checked from outside: two causal mixers sharing in/out_proj, one with the reversed direction's weights
+    and run on the flipped sequence (its output flipped back); out_proj is linear, so averaging after it is
+    the same as before it."""
     torch.manual_seed(0)
     mixer = MambaMixer(mamba_config(), bidirectional=True)
+    forward_only, backward_only = MambaMixer(mamba_config()), MambaMixer(mamba_config())
+    for causal_mixer, ssm in ((forward_only, mixer.ssm), (backward_only, mixer.ssm_reversed)):
+        causal_mixer.in_proj, causal_mixer.out_proj, causal_mixer.ssm = mixer.in_proj, mixer.out_proj, ssm
     u = torch.randn(2, 7, 32)
-    x, z = mixer.in_proj(u).transpose(1, 2).chunk(2, dim=1)
-    forward = mixer.ssm(x, z)
-    backward = mixer.ssm_reversed(x.flip(-1), z.flip(-1)).flip(-1)
-    expected = mixer.out_proj(((forward + backward) / 2).transpose(1, 2))
+    expected = (forward_only(u, causal=True) + backward_only(u.flip(1), causal=True).flip(1)) / 2
     torch.testing.assert_close(mixer(u, causal=False), expected)
+    # the reversed direction really reads the sequence backwards: its last output depends on the first input
+    changed = u.clone()
+    changed[:, 0] += 1.0
+    assert not torch.allclose(backward_only(u.flip(1), causal=True)[:, -1],
+                              backward_only(changed.flip(1), causal=True)[:, -1])
 
 
 def test_running_with_the_other_causal_flag_is_an_error():
@@ -212,6 +220,8 @@ def test_trainer_names_the_kernel_key_that_cannot_run(tmp_path):
     config = load_config(TINY, [f"run.dir={tmp_path}", "model.backbone=mamba", "kernels.causal_conv1d=peer"])
     with pytest.raises(ConfigError, match="kernels.causal_conv1d: the 'peer' backend"):
         Trainer(config)
+    # a backend for an op the model never runs is not checked against the device
+    Trainer(load_config(TINY, [f"run.dir={tmp_path / 'run'}", "model.backbone=mamba", "kernels.attention=peer"]))
 
 
 def test_trainer_run_lowers_the_loss(tmp_path):
