@@ -6,6 +6,8 @@ segment's (batch, dim, positions, N) temporaries stay around SEGMENT_ELEMENTS. I
      multiply-add over (batch, dim, chunks, N) per position in the chunk; the decay products ride along;
   2. carries: the true state entering each chunk, one step per chunk;
   3. fix-up: h_t = local_t + (decay product since the chunk's start)_t * state entering the chunk.
+When batch x dim x N is large a segment holds a single chunk, which scans on from its entering state
+directly (no decay products, no fix-up).
 Only products of decays exp(delta A) <= 1 are ever formed, never exp of a positive sum, so long sequences with
 strong decay cannot overflow (they underflow towards 0, which is the right answer).
 
@@ -34,6 +36,12 @@ def _chunked_scan(decay: Tensor, inputs: Tensor, initial: Tensor) -> tuple[Tenso
 
     Returns (all states like `inputs`, the last state (batch, G, H, N)); the arguments are left unchanged.
     """
+    if inputs.shape[3] == 1:  # one chunk (large batch x dim): scan on from `initial`, no carries to fix up
+        states = torch.empty_like(inputs)
+        torch.addcmul(inputs[0], decay[0], initial[:, :, None], out=states[0])
+        for j in range(1, inputs.shape[0]):
+            torch.addcmul(inputs[j], decay[j], states[j - 1], out=states[j])
+        return states, states[-1, :, :, 0].clone()
     states, products = torch.empty_like(inputs), torch.empty_like(decay)
     states[0], products[0] = inputs[0], decay[0]
     for j in range(1, inputs.shape[0]):
@@ -53,6 +61,11 @@ def _chunked_reverse_scan_(decay: Tensor, grads: Tensor, future: Tensor) -> Tens
 
     Tensors as in _chunked_scan; returns decay_0 g_0: what the state before the first position receives.
     """
+    if grads.shape[3] == 1:  # one chunk: run the recurrence straight through
+        grads[-1].add_(future[:, :, None])
+        for j in range(grads.shape[0] - 2, -1, -1):
+            grads[j].addcmul_(decay[j + 1], grads[j + 1])
+        return decay[0, :, :, 0] * grads[0, :, :, 0]
     tails = torch.empty_like(decay)  # tails_j = decay_{j+1} ... decay_{CHUNK-1} within the chunk
     tails[-1] = 1
     for j in range(grads.shape[0] - 2, -1, -1):
