@@ -16,6 +16,7 @@ from torch import Tensor
 
 from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
 from archlab.kernels.selective_scan.chunked import selective_scan_chunked, selective_state_update_torch
+from archlab.kernels.selective_scan.op import selective_scan_triton  # registers the custom ops; no triton import
 from archlab.kernels.selective_scan.reference import selective_scan_reference, selective_state_update_reference
 
 __all__ = ["selective_scan", "selective_state_update", "selective_scan_reference", "selective_state_update_reference"]
@@ -35,8 +36,6 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     elif name == "reference":
         out, last_state = selective_scan_reference(*args)
     elif name == "triton":
-        from archlab.kernels.selective_scan.op import selective_scan_triton
-
         out, last_state = selective_scan_triton(*args)
     else:
         out, last_state = _peer_selective_scan(*args)
