@@ -32,6 +32,8 @@ class Objective(nn.Module):
 
     #: whether the backbone must run causally (None: either works)
     requires_causal: bool | None = None
+    #: sampler settings beyond temperature/top_k that `sample` takes (the config's sample.<name> keys)
+    sample_options: tuple[str, ...] = ()
 
     def loss(self, model: "Model", batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
         """Scalar training loss and metrics as detached 0-dim tensors (read them only when logging)."""

@@ -309,13 +309,16 @@ class Trainer:
             os.replace(tmp, target)
 
     # -- after training -----------------------------------------------------------------------------
-    def sample_text(self, prompt: str, n_tokens: int, *, temperature: float, top_k: int | None, seed: int) -> str:
+    def sample_text(self, prompt: str, n_tokens: int, *, temperature: float, top_k: int | None, seed: int,
+                    **options) -> str:
+        """`options`: the objective's own sampler settings (Objective.sample_options), e.g. diffusion steps."""
         tokenizer = ByteTokenizer()
         prompt_ids = tokenizer.encode(prompt)[None].to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         with self._autocast():
             out = self.model.objective.sample(self.model, prompt_ids, n_tokens, temperature=temperature,
-                                              top_k=top_k, generator=generator, context_len=self.cfg.data.seq_len)
+                                              top_k=top_k, generator=generator, context_len=self.cfg.data.seq_len,
+                                              **options)
         return tokenizer.decode(out[0].tolist())
 
     def write_summary(self, final_eval: dict[str, float]) -> dict[str, Any]:

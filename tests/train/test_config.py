@@ -53,6 +53,8 @@ def test_dumped_config_round_trips(tmp_path):
     ("train.micro_batch_size=5", "micro_batch_size=5 must divide batch_size=32"),
     ("train.lr", "must look like section.key=value"),
     ("train.lr.x=1", "train.lr is a value, not a section"),
+    ("sample.steps=8", "sample.steps does not apply to objective autoregressive; remove it"),
+    ("sample.strategy=greedy", "sample.strategy: input should be 'ancestral', 'confidence' or 'block'"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
