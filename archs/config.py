@@ -5,7 +5,7 @@ Lives in archs/ so that model builders need nothing from train/; the trainer emb
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,6 +44,12 @@ class ModelConfig(BaseModel):
     conv_bias: bool = Field(True, description="Mamba: bias in the depthwise conv")
     attn_layers: Optional[list[int]] = Field(None, description="hybrid: indices of the attention + SwiGLU "
                                              "blocks (0-based); the other layers are Mamba blocks")
+    # masked diffusion (objective=masked_diffusion; the other objectives ignore these)
+    noise_schedule: Literal["log_linear", "cosine"] = Field(
+        "log_linear", description="masked_diffusion: alpha_t (probability a byte is still unmasked at time t); "
+                                  "log_linear = 1 - t, cosine = cos(pi t / 2)")
+    diffusion_eval_draws: int = Field(4, gt=0, description="masked_diffusion: (t, mask) draws per eval batch "
+                                      "averaged into val bpb (fixed seed: the same batch gives the same figure)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":

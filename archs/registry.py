@@ -16,11 +16,12 @@ from archlab.archs.backbones.transformer import TransformerBackbone
 from archlab.archs.config import ModelConfig
 from archlab.archs.model import Model
 from archlab.archs.objectives.autoregressive import AutoregressiveObjective
+from archlab.archs.objectives.masked_diffusion import MaskedDiffusionObjective
 from archlab.kernels.backend import check_backend
 
 # Every backbone takes (cfg, *, causal, kernels): causal fixes the weights of those that differ by direction.
 BACKBONES: dict[str, type] = {"transformer": TransformerBackbone, "mamba": MambaBackbone, "hybrid": HybridBackbone}
-OBJECTIVES: dict[str, type] = {"autoregressive": AutoregressiveObjective}
+OBJECTIVES: dict[str, type] = {"autoregressive": AutoregressiveObjective, "masked_diffusion": MaskedDiffusionObjective}
 
 
 def closest(name: str, options: Iterable[str]) -> str:
