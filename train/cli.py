@@ -48,7 +48,7 @@ def cmd_train(args) -> None:
     final = trainer.train()
     if cfg.sample.tokens:
         text = trainer.sample_text(cfg.sample.prompt, cfg.sample.tokens, temperature=cfg.sample.temperature,
-                                   top_k=cfg.sample.top_k, seed=cfg.train.seed)
+                                   top_k=cfg.sample.top_k, seed=cfg.train.seed, **cfg.sample.options())
         (Path(cfg.run.dir) / "sample.txt").write_text(text)
         print(f"--- sample ({cfg.sample.tokens} bytes, temperature {cfg.sample.temperature}) ---\n{text}\n---")
     summary = trainer.write_summary(final)
@@ -76,10 +76,16 @@ def cmd_sample(args) -> None:
     from archlab.train.trainer import Trainer
 
     wanted = validate_config({"prompt": args.prompt, "tokens": args.tokens, "temperature": args.temperature,
-                              "top_k": args.top_k}, source="archlab sample", section=SampleConfig)
+                              "top_k": args.top_k, "steps": args.steps, "strategy": args.strategy,
+                              "block_size": args.block_size}, source="archlab sample", section=SampleConfig)
     trainer = Trainer(_run_config(args.run_dir, args.device))
+    objective = trainer.model.objective
+    unused = sorted(set(wanted.options()) - set(objective.sample_options))
+    if unused:
+        raise UserError(f"--{unused[0].replace('_', '-')} does not apply to objective {trainer.cfg.model.objective}; "
+                        "leave it out")
     print(trainer.sample_text(wanted.prompt, wanted.tokens, temperature=wanted.temperature, top_k=wanted.top_k,
-                              seed=args.seed))
+                              seed=args.seed, **wanted.options()))
 
 
 def cmd_data_fetch(args) -> None:
@@ -94,10 +100,13 @@ KERNEL_BENCHMARKS = ("attention", "scan", "conv1d")
 def cmd_bench(args) -> None:
     if args.what == "trainer":
         _bench_trainer(args)
+    elif args.what == "decode":
+        _bench_decode(args)
     elif args.what in KERNEL_BENCHMARKS:
         _bench_kernel(args)
     else:
-        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, {', '.join(KERNEL_BENCHMARKS)}")
+        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, decode, "
+                        f"{', '.join(KERNEL_BENCHMARKS)}")
 
 
 def _bench_trainer(args) -> None:
@@ -110,6 +119,20 @@ def _bench_trainer(args) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
+
+
+def _bench_decode(args) -> None:
+    from archlab.train.decode_bench import bench_decode, load_pair, to_markdown, write_results
+
+    if not args.config or len(args.overrides) != 1:
+        raise UserError("archlab bench decode takes two run directories: a masked_diffusion run, then an "
+                        "autoregressive run")
+    diffusion, ar = load_pair(args.config, args.overrides[0], args.device, n_tokens=args.tokens,
+                              prompt_len=args.prompt_len)
+    result = bench_decode(diffusion, ar, n_tokens=args.tokens, samples=args.samples, prompt_len=args.prompt_len)
+    json_path, md_path, png_path = write_results(result, Path(args.out or "compare/results"))
+    print(to_markdown(result, png_path.name))
+    print(f"wrote {json_path}, {md_path} and {png_path}")
 
 
 def _bench_kernel(args) -> None:
@@ -160,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=0.8)
     sample.add_argument("--top-k", type=int, default=None)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int, help="masked_diffusion: denoising steps (default: one per byte)")
+    sample.add_argument("--strategy", help="masked_diffusion: ancestral (default), confidence or block")
+    sample.add_argument("--block-size", type=int, help="masked_diffusion, --strategy block: bytes per block")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"])
     sample.set_defaults(handler=cmd_sample)
 
@@ -172,16 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(handler=cmd_data_fetch)
 
     bench = sub.add_parser("bench", help="benchmarks: `trainer` (trainer overhead vs a bare loop), "
+                                         "`decode RUN_DIFFUSION RUN_AR` (masked-diffusion vs autoregressive "
+                                         "sampling: tokens/s vs generative bpb), "
                                          "`attention` (Triton kernel vs SDPA; CUDA), `scan` (Triton vs mamba_ssm "
                                          "on CUDA; torch backend vs reference on CPU), `conv1d` (Triton vs "
                                          "causal-conv1d and cuDNN; CUDA)")
-    bench.add_argument("what", help="trainer, attention, scan or conv1d")
-    bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG})")
-    bench.add_argument("overrides", nargs="*")
+    bench.add_argument("what", help="trainer, decode, attention, scan or conv1d")
+    bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG}); "
+                                                 "decode: the masked_diffusion run directory")
+    bench.add_argument("overrides", nargs="*", help="trainer: dotted overrides; decode: the autoregressive run "
+                                                    "directory")
     bench.add_argument("--steps", type=int, default=50, help="trainer: steps per timed chunk")
     bench.add_argument("--repeats", type=int, default=6, help="trainer: timed chunks of each loop, interleaved")
-    bench.add_argument("--out", help="trainer: also write the JSON here; kernels: folder for JSON + Markdown "
-                                     "(default compare/results)")
+    bench.add_argument("--tokens", type=int, default=96, help="decode: bytes generated after each prompt")
+    bench.add_argument("--samples", type=int, default=8, help="decode: prompts, sampled together as one batch")
+    bench.add_argument("--prompt-len", type=int, default=32, help="decode: prompt bytes (val-split windows)")
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], help="decode: where to load both runs")
+    bench.add_argument("--out", help="trainer: also write the JSON here; kernels: folder for JSON + Markdown; "
+                                     "decode: folder for JSON + Markdown + PNG (default compare/results)")
     bench.set_defaults(handler=cmd_bench)
     return parser
 

@@ -59,6 +59,22 @@ def test_sample_prints_text(capsys, trained_run):
     assert run_cli(capsys, "sample", trained_run, "--prompt", "ROMEO:", "--tokens", "30", "--seed", "1")[1] == out
 
 
+def test_sample_refuses_diffusion_options_for_an_autoregressive_run(capsys, trained_run):
+    code, _, err = run_cli(capsys, "sample", trained_run, "--tokens", "8", "--steps", "4")
+    assert code == 2 and err.startswith("error: --steps does not apply to objective autoregressive")
+
+
+def test_diffusion_run_samples_with_every_strategy(capsys, tmp_path):
+    run_dir = tmp_path / "diffusion"
+    code, _, _ = run_cli(capsys, "train", TINY, f"run.dir={run_dir}", "model.objective=masked_diffusion",
+                         "train.max_steps=6", "sample.steps=4", "sample.strategy=confidence")
+    assert code == 0 and (run_dir / "sample.txt").read_text().startswith("KING")
+    for extra in ([], ["--strategy", "confidence", "--steps", "4"], ["--strategy", "block", "--block-size", "8"]):
+        code, out, err = run_cli(capsys, "sample", run_dir, "--prompt", "ROMEO:", "--tokens", "16", *extra)
+        assert code == 0 and out.startswith("ROMEO:"), (extra, err)
+        assert run_cli(capsys, "sample", run_dir, "--prompt", "ROMEO:", "--tokens", "16", *extra)[1] == out
+
+
 def test_train_again_with_auto_resume_is_idempotent(capsys, trained_run):
     before = snapshot(trained_run / "checkpoints")
     code, out, _ = run_cli(capsys, "train", TINY, f"run.dir={trained_run}", "run.resume=auto")
