@@ -34,6 +34,8 @@ class Objective(nn.Module):
     requires_causal: bool | None = None
     #: sampler settings beyond temperature/top_k that `sample` takes (the config's sample.<name> keys)
     sample_options: tuple[str, ...] = ()
+    #: whether prompt + sample must fit in the trained context (no sliding window, e.g. diffusion)
+    samples_within_context: bool = False
 
     def loss(self, model: "Model", batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
         """Scalar training loss and metrics as detached 0-dim tensors (read them only when logging)."""

@@ -84,6 +84,11 @@ def cmd_sample(args) -> None:
     if unused:
         raise UserError(f"--{unused[0].replace('_', '-')} does not apply to objective {trainer.cfg.model.objective}; "
                         "leave it out")
+    seq_len, prompt_len = trainer.cfg.data.seq_len, len(wanted.prompt.encode())
+    if objective.samples_within_context and prompt_len + wanted.tokens > seq_len:
+        raise UserError(f"a {trainer.cfg.model.objective} run samples prompt and continuation in one window of "
+                        f"data.seq_len={seq_len} bytes: the prompt ({prompt_len}) + --tokens ({wanted.tokens}) does "
+                        "not fit; lower --tokens")
     print(trainer.sample_text(wanted.prompt, wanted.tokens, temperature=wanted.temperature, top_k=wanted.top_k,
                               seed=args.seed, **wanted.options()))
 

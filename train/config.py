@@ -136,9 +136,15 @@ class Config(_Section):
                              f"got {self.model.head_dim}; change model.n_heads or use kernels.attention=auto")
         from archlab.archs.registry import OBJECTIVES
 
-        unused = sorted(set(self.sample.options()) - set(OBJECTIVES[self.model.objective].sample_options))
+        objective = OBJECTIVES[self.model.objective]
+        unused = sorted(set(self.sample.options()) - set(objective.sample_options))
         if unused:
             raise ValueError(f"sample.{unused[0]} does not apply to objective {self.model.objective}; remove it")
+        sample_len = len(self.sample.prompt.encode()) + self.sample.tokens
+        if objective.samples_within_context and self.sample.tokens and sample_len > self.data.seq_len:
+            raise ValueError(f"{self.model.objective} generates prompt and sample in one window: sample.prompt "
+                             f"({sample_len - self.sample.tokens} bytes) + sample.tokens ({self.sample.tokens}) must "
+                             f"fit in data.seq_len={self.data.seq_len}; lower sample.tokens")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,7 +155,7 @@ class Config(_Section):
 RESUMABLE_CHANGES = {
     "run.dir", "run.resume", "run.wandb", "run.wandb_project", "run.progress", "train.device", "train.eval_every",
     "train.checkpoint_every", "train.keep_last", "train.log_every", "sample.prompt", "sample.tokens",
-    "sample.temperature", "sample.top_k",
+    "sample.temperature", "sample.top_k", "sample.steps", "sample.strategy", "sample.block_size",
 }
 
 

@@ -36,6 +36,7 @@ STRATEGIES = ("ancestral", "confidence", "block")
 class MaskedDiffusionObjective(Objective):
     requires_causal = False
     sample_options = ("steps", "strategy", "block_size")
+    samples_within_context = True  # the whole sequence is denoised at once
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -73,6 +73,8 @@ def test_diffusion_run_samples_with_every_strategy(capsys, tmp_path):
         code, out, err = run_cli(capsys, "sample", run_dir, "--prompt", "ROMEO:", "--tokens", "16", *extra)
         assert code == 0 and out.startswith("ROMEO:"), (extra, err)
         assert run_cli(capsys, "sample", run_dir, "--prompt", "ROMEO:", "--tokens", "16", *extra)[1] == out
+    code, _, err = run_cli(capsys, "sample", run_dir, "--prompt", "ROMEO:", "--tokens", "30")
+    assert code == 2 and "ROMEO:" not in err and "the prompt (6) + --tokens (30) does not fit" in err
 
 
 def test_train_again_with_auto_resume_is_idempotent(capsys, trained_run):

@@ -54,6 +54,8 @@ def test_dumped_config_round_trips(tmp_path):
     ("train.lr", "must look like section.key=value"),
     ("train.lr.x=1", "train.lr is a value, not a section"),
     ("sample.steps=8", "sample.steps does not apply to objective autoregressive; remove it"),
+    ("model.objective=masked_diffusion", "sample.prompt (6 bytes) + sample.tokens (300) must fit in "
+                                         "data.seq_len=128; lower sample.tokens"),
     ("sample.strategy=greedy", "sample.strategy: input should be 'ancestral', 'confidence' or 'block'"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
