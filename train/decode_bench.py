@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from archlab.kernels.bench import markdown_table
 from archlab.train.errors import UserError
 
 DIFFUSION_OBJECTIVE = "masked_diffusion"
@@ -258,15 +259,7 @@ def to_markdown(result: dict, plot_name: str | None = None) -> str:
              f"{result['dtype']}, torch {result['torch']}, commit {result['commit']}; runs: diffusion "
              f"{result['runs']['diffusion']}, autoregressive {result['runs']['autoregressive']}.",
              *(f"- {note}" for note in result.get("notes", ())), "",
-             "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    for row in result["rows"]:
-        if "error" in row:
-            first_metric = columns.index("tokens_per_s")
-            cells = [row.get(c) for c in columns[:first_metric]] + [f"failed: {row['error']}"]
-            cells += [""] * (len(columns) - len(cells))
-        else:
-            cells = [row.get(c) for c in columns]
-        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+             *markdown_table(columns, result["rows"], first_metric="tokens_per_s")]
     if plot_name:
         lines += ["", f"![tokens/s vs generative bpb]({plot_name})"]
     return "\n".join(lines) + "\n"

@@ -78,20 +78,24 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    columns = result["columns"]
     lines = [f"# {result['title']} — {result['device']}, {result['date']}", "",
              f"{result['dtype']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}.",
-             *result.get("notes", ()), "",
-             "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    for row in result["rows"]:
+             *result.get("notes", ()), "", *markdown_table(result["columns"], result["rows"], first_metric="ms")]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(columns, rows: list[dict], *, first_metric: str) -> list[str]:
+    """Table lines; a row with an `error` shows it in place of its metrics, from column `first_metric` on."""
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    for row in rows:
         if "error" in row:
-            first_metric = columns.index("ms")
-            cells = [row.get(c) for c in columns[:first_metric]] + [f"failed: {row['error']}"]
+            first = list(columns).index(first_metric)
+            cells = [row.get(c) for c in columns[:first]] + [f"failed: {row['error']}"]
             cells += [""] * (len(columns) - len(cells))
         else:
             cells = [row.get(c) for c in columns]
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
