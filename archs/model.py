@@ -7,6 +7,7 @@ Batches are LongTensors of byte ids, shape (B, seq_len + 1): each objective deci
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
@@ -50,6 +51,24 @@ class Objective(nn.Module):
 
     def head_flops_per_token(self, d_model: int) -> int:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def check_sample_args(self, prompt: Tensor, n_tokens: int, temperature: float, top_k: int | None,
+                          context_len: int | None, *, empty_prompt_ok: bool = False) -> None:
+        """The argument checks every sampler shares (one-line errors); prompt ids index `vocab_size` bytes."""
+        if not isinstance(prompt, Tensor) or prompt.dtype != torch.long or prompt.ndim != 2:
+            raise TypeError("prompt must be a LongTensor of byte ids, shape (batch, length)")
+        if prompt.shape[0] == 0 or (prompt.shape[1] == 0 and not empty_prompt_ok):
+            raise ValueError(f"prompt must be non-empty, got shape {tuple(prompt.shape)}; give at least one byte")
+        if prompt.numel() and (prompt.min() < 0 or prompt.max() >= self.vocab_size):
+            raise ValueError(f"prompt ids must lie in [0, {self.vocab_size}); encode the text as bytes")
+        if n_tokens < 0:
+            raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and not 1 <= top_k <= self.vocab_size:
+            raise ValueError(f"top_k must be in 1..{self.vocab_size} or None, got {top_k}")
+        if context_len is not None and context_len < 1:
+            raise ValueError(f"context_len must be >= 1 or None, got {context_len}")
 
     def after_optimizer_step(self, model: "Model", step: int) -> None:
         """Hook for objective-owned state (e.g. an EMA target encoder). Default: nothing."""

@@ -66,7 +66,7 @@ class AutoregressiveObjective(Objective):
         positions beyond the trained length are out of distribution: when the cache is full it is rebuilt
         from the last context_len // 2 bytes. Runs in eval mode and restores the previous mode afterwards.
         """
-        self._check_sample_args(prompt, n_tokens, temperature, top_k, context_len)
+        self.check_sample_args(prompt, n_tokens, temperature, top_k, context_len)
         window = context_len or prompt.shape[1] + n_tokens
         was_training = model.training
         model.eval()
@@ -85,23 +85,6 @@ class AutoregressiveObjective(Objective):
                 return tokens
         finally:
             model.train(was_training)
-
-    def _check_sample_args(self, prompt: Tensor, n_tokens: int, temperature: float, top_k: int | None,
-                           context_len: int | None) -> None:
-        if not isinstance(prompt, Tensor) or prompt.dtype != torch.long or prompt.ndim != 2:
-            raise TypeError("prompt must be a LongTensor of byte ids, shape (batch, length)")
-        if prompt.shape[0] == 0 or prompt.shape[1] == 0:
-            raise ValueError(f"prompt must be non-empty, got shape {tuple(prompt.shape)}; give at least one byte")
-        if prompt.min() < 0 or prompt.max() >= self.vocab_size:
-            raise ValueError(f"prompt ids must lie in [0, {self.vocab_size}); encode the text as bytes")
-        if n_tokens < 0:
-            raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.vocab_size:
-            raise ValueError(f"top_k must be in 1..{self.vocab_size} or None, got {top_k}")
-        if context_len is not None and context_len < 1:
-            raise ValueError(f"context_len must be >= 1 or None, got {context_len}")
 
     @staticmethod
     def _choose(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:

@@ -247,20 +247,7 @@ class MaskedDiffusionObjective(Objective):
 
     def _check_sample_args(self, prompt: Tensor, n_tokens: int, temperature: float, top_k: int | None,
                            context_len: int | None, steps: int, strategy: str, block_size: int | None) -> None:
-        if not isinstance(prompt, Tensor) or prompt.dtype != torch.long or prompt.ndim != 2:
-            raise TypeError("prompt must be a LongTensor of byte ids, shape (batch, length)")
-        if prompt.shape[0] == 0:
-            raise ValueError(f"prompt must have at least one row, got shape {tuple(prompt.shape)}")
-        if prompt.numel() and (prompt.min() < 0 or prompt.max() >= self.vocab_size):
-            raise ValueError(f"prompt ids must lie in [0, {self.vocab_size}); encode the text as bytes")
-        if n_tokens < 0:
-            raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.vocab_size:
-            raise ValueError(f"top_k must be in 1..{self.vocab_size} or None, got {top_k}")
-        if context_len is not None and context_len < 1:
-            raise ValueError(f"context_len must be >= 1 or None, got {context_len}")
+        self.check_sample_args(prompt, n_tokens, temperature, top_k, context_len, empty_prompt_ok=True)
         if context_len is not None and prompt.shape[1] + n_tokens > context_len:
             raise ValueError(f"prompt ({prompt.shape[1]} bytes) + n_tokens ({n_tokens}) exceeds context_len "
                              f"{context_len}: diffusion denoises the whole sequence at once; shorten the prompt "
