@@ -65,62 +65,48 @@ def _peer_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) ->
 # -- input checks: one-line errors before any work ---------------------------------------------------------------
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    _check_tensors("selective_scan", named)
-    for name in ("u", "delta", "z"):
-        if named[name] is not None and named[name].ndim != 3:
-            raise ValueError(f"selective_scan: {name} must be 3-D (batch, dim, L), got shape "
-                             f"{tuple(named[name].shape)}")
-    if A.ndim != 2:
-        raise ValueError(f"selective_scan: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
-    batch, dim, length = u.shape
-    n_state = A.shape[1]
-    if 0 in (batch, dim, length, n_state):
-        raise ValueError(f"selective_scan: empty inputs (u {tuple(u.shape)}, A {tuple(A.shape)}); every size must "
-                         "be >= 1")
-    for name in ("delta", "z"):
-        if named[name] is not None and named[name].shape != u.shape:
-            raise ValueError(f"selective_scan: {name} must have u's shape {tuple(u.shape)}, got "
-                             f"{tuple(named[name].shape)}")
-    if A.shape[0] != dim:
-        raise ValueError(f"selective_scan: A must be (dim, N) with dim={dim}, got shape {tuple(A.shape)}")
-    for name in ("B", "C"):
-        _check_bc("selective_scan", name, named[name], batch, dim, n_state, (length,), "(batch, [G,] N, L)")
-    if B.shape != C.shape:
-        raise ValueError(f"selective_scan: B and C must have the same shape, got {tuple(B.shape)} and "
-                         f"{tuple(C.shape)}")
-    _check_per_channel("selective_scan", {"D": D, "delta_bias": delta_bias}, dim)
-    _check_dtypes("selective_scan", named, streams=("u", "delta", "z", "B", "C"), params=("A", "D", "delta_bias"))
+    _check_shapes_and_dtypes("selective_scan", named, lead="u", like_lead=("delta", "z"), layout="(batch, dim, L)",
+                             bc_layout="(batch, [G,] N, L)", bias="delta_bias")
 
 
 def _check_update_inputs(state, x, dt, A, B, C, D, z, dt_bias) -> None:
     named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
-    _check_tensors("selective_state_update", named)
-    for name in ("x", "dt", "z"):
-        if named[name] is not None and named[name].ndim != 2:
-            raise ValueError(f"selective_state_update: {name} must be 2-D (batch, dim), got shape "
-                             f"{tuple(named[name].shape)}")
-    if A.ndim != 2:
-        raise ValueError(f"selective_state_update: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
-    (batch, dim), n_state = x.shape, A.shape[1]
-    if 0 in (batch, dim, n_state):
-        raise ValueError(f"selective_state_update: empty inputs (x {tuple(x.shape)}, A {tuple(A.shape)}); every size "
-                         "must be >= 1")
-    for name in ("dt", "z"):
-        if named[name] is not None and named[name].shape != x.shape:
-            raise ValueError(f"selective_state_update: {name} must have x's shape {tuple(x.shape)}, got "
-                             f"{tuple(named[name].shape)}")
-    if A.shape[0] != dim:
-        raise ValueError(f"selective_state_update: A must be (dim, N) with dim={dim}, got shape {tuple(A.shape)}")
+    batch, dim, n_state = _check_shapes_and_dtypes("selective_state_update", named, lead="x", like_lead=("dt", "z"),
+                                                   layout="(batch, dim)", bc_layout="(batch, [G,] N)", bias="dt_bias")
     if state.shape != (batch, dim, n_state) or state.dtype != torch.float32:
         raise ValueError(f"selective_state_update: state must be float32 of shape {(batch, dim, n_state)}, got "
                          f"{state.dtype} {tuple(state.shape)}")
+
+
+def _check_shapes_and_dtypes(op: str, named: dict, *, lead: str, like_lead: tuple, layout: str, bc_layout: str,
+                             bias: str) -> tuple[int, int, int]:
+    """The checks the scan and the decoding step share: `lead` (u or x) sets batch, dim and the positions (if any),
+    `like_lead` must match it, A is (dim, N), B and C follow `bc_layout`. Returns (batch, dim, N)."""
+    _check_tensors(op, named)
+    ndim = layout.count(",") + 1
+    for name in (lead, *like_lead):
+        if named[name] is not None and named[name].ndim != ndim:
+            raise ValueError(f"{op}: {name} must be {ndim}-D {layout}, got shape {tuple(named[name].shape)}")
+    lead_t, A, B, C = named[lead], named["A"], named["B"], named["C"]
+    if A.ndim != 2:
+        raise ValueError(f"{op}: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
+    (batch, dim, *positions), n_state = lead_t.shape, A.shape[1]
+    if 0 in (batch, dim, *positions, n_state):
+        raise ValueError(f"{op}: empty inputs ({lead} {tuple(lead_t.shape)}, A {tuple(A.shape)}); every size must "
+                         "be >= 1")
+    for name in like_lead:
+        if named[name] is not None and named[name].shape != lead_t.shape:
+            raise ValueError(f"{op}: {name} must have {lead}'s shape {tuple(lead_t.shape)}, got "
+                             f"{tuple(named[name].shape)}")
+    if A.shape[0] != dim:
+        raise ValueError(f"{op}: A must be (dim, N) with dim={dim}, got shape {tuple(A.shape)}")
     for name in ("B", "C"):
-        _check_bc("selective_state_update", name, named[name], batch, dim, n_state, (), "(batch, [G,] N)")
+        _check_bc(op, name, named[name], batch, dim, n_state, tuple(positions), bc_layout)
     if B.shape != C.shape:
-        raise ValueError(f"selective_state_update: B and C must have the same shape, got {tuple(B.shape)} and "
-                         f"{tuple(C.shape)}")
-    _check_per_channel("selective_state_update", {"D": D, "dt_bias": dt_bias}, dim)
-    _check_dtypes("selective_state_update", named, streams=("x", "dt", "z", "B", "C"), params=("A", "D", "dt_bias"))
+        raise ValueError(f"{op}: B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
+    _check_per_channel(op, {"D": named["D"], bias: named[bias]}, dim)
+    _check_dtypes(op, named, streams=(lead, *like_lead, "B", "C"), params=("A", "D", bias))
+    return batch, dim, n_state
 
 
 def _check_tensors(op: str, named: dict) -> None:
