@@ -70,6 +70,17 @@ class Objective(nn.Module):
         if context_len is not None and context_len < 1:
             raise ValueError(f"context_len must be >= 1 or None, got {context_len}")
 
+    @staticmethod
+    def draw_tokens(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+        """logits (B, vocab) -> ids (B, 1): greedy at temperature 0, else a draw from the top-k softmax."""
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        if top_k is not None:
+            kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
     def after_optimizer_step(self, model: "Model", step: int) -> None:
         """Hook for objective-owned state (e.g. an EMA target encoder). Default: nothing."""
 

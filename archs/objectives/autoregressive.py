@@ -80,19 +80,8 @@ class AutoregressiveObjective(Objective):
                             step_input = tokens[:, -max(1, window // 2):]
                         cache = model.backbone.new_cache(prompt.shape[0], window, device=prompt.device)
                     next_logits = self.logits(model, step_input, cache=cache)[:, -1]
-                    step_input = self._choose(next_logits, temperature, top_k, generator)
+                    step_input = self.draw_tokens(next_logits, temperature, top_k, generator)
                     tokens = torch.cat([tokens, step_input], dim=1)
                 return tokens
         finally:
             model.train(was_training)
-
-    @staticmethod
-    def _choose(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
-        """logits (B, vocab) -> next ids (B, 1)."""
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        if top_k is not None:
-            kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -235,15 +235,8 @@ class MaskedDiffusionObjective(Objective):
     @staticmethod
     def _draw(logits: Tensor, *, temperature: float, top_k: int | None, generator) -> tuple[Tensor, Tensor]:
         """logits (K, 256) -> (bytes (K,), the model's probability of each: the confidence LLaDA ranks by)."""
-        probs = torch.softmax(logits, dim=-1)
-        if temperature == 0:
-            choice = logits.argmax(dim=-1)
-        else:
-            if top_k is not None:
-                kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-            choice = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
-        return choice, probs.gather(-1, choice[:, None])[:, 0]
+        choice = Objective.draw_tokens(logits, temperature, top_k, generator)
+        return choice[:, 0], torch.softmax(logits, dim=-1).gather(-1, choice)[:, 0]
 
     def _check_sample_args(self, prompt: Tensor, n_tokens: int, temperature: float, top_k: int | None,
                            context_len: int | None, steps: int, strategy: str, block_size: int | None) -> None:
