@@ -17,6 +17,52 @@ BYTE_VOCAB_SIZE = 256
 ATTENTION_BACKBONES = ("transformer", "hybrid")
 
 
+class JepaConfig(BaseModel):
+    """model.jepa: the JEPA objective's settings (archs/objectives/jepa.py explains each mode)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mode: Literal["next_latent", "masked_span"] = Field(
+        "next_latent", description="next_latent: causal encoder predicts future latents; masked_span: bidirectional "
+                                   "encoder predicts the latents of hidden spans (I-JEPA / data2vec style)")
+    offsets: list[int] = Field([1, 4, 16], min_length=1, description="next_latent: predict z_{t+k} for these k")
+    pool: int = Field(1, gt=0, description="next_latent: the target is the mean of `pool` latents from t+k on")
+    loss: Literal["smooth_l1", "mse"] = Field("smooth_l1", description="distance between prediction and target")
+    target_encoder: Literal["ema", "online"] = Field(
+        "ema", description="ema: an EMA copy, no gradient; online: the context encoder itself with gradient (the "
+                           "collapse-prone ablation: no EMA, no stop-gradient)")
+    ema_momentum_start: float = Field(0.996, ge=0, le=1, description="EMA momentum at step 0 (I-JEPA: 0.996)")
+    ema_momentum_end: float = Field(1.0, ge=0, le=1, description="EMA momentum at train.max_steps (linear)")
+    predictor_backbone: Optional[Literal["transformer", "mamba"]] = Field(
+        None, description="None = mamba for a mamba encoder, else transformer")
+    predictor_depth: int = Field(1, gt=0, description="predictor layers")
+    predictor_width: Optional[int] = Field(None, gt=0, description="None = d_model // 2")
+    predictor_heads: Optional[int] = Field(None, gt=0, description="None = max(1, n_heads // 2)")
+    spans: int = Field(4, gt=0, description="masked_span: target spans hidden per sequence (they may overlap)")
+    span_length: tuple[int, int] = Field((8, 16), description="masked_span: span lengths drawn uniformly in [min, max]")
+    ar_weight: float = Field(0.0, ge=0, description="> 0: hybrid; add ar_weight x next-byte cross-entropy (LLM-JEPA)")
+    latent_weight: float = Field(1.0, ge=0, description="weight of the latent prediction loss")
+    vicreg_variance_weight: float = Field(0.0, ge=0, description="VICReg variance hinge on context representations")
+    vicreg_covariance_weight: float = Field(0.0, ge=0, description="VICReg covariance penalty on them")
+    sigreg_weight: float = Field(0.0, ge=0, description="LeJEPA SIGReg (isotropic Gaussian) penalty on them")
+    sigreg_directions: int = Field(64, gt=0, description="random 1-D projections SIGReg tests per step")
+    probe: Literal["linear", "mlp"] = Field("linear", description="byte probe on stop-gradient representations")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JepaConfig":
+        if any(k < 1 for k in self.offsets) or len(set(self.offsets)) != len(self.offsets):
+            raise ValueError(f"jepa.offsets {self.offsets} must be distinct positive integers")
+        low, high = self.span_length
+        if not 1 <= low <= high:
+            raise ValueError(f"jepa.span_length {list(self.span_length)} must be [min, max] with 1 <= min <= max")
+        if self.mode == "masked_span" and self.ar_weight > 0:
+            raise ValueError("jepa.ar_weight > 0 (next-byte loss) needs mode=next_latent: a bidirectional encoder "
+                             "sees the next byte")
+        if self.ar_weight == 0 and self.latent_weight == 0:
+            raise ValueError("jepa.latent_weight and jepa.ar_weight are both 0: nothing would train the encoder")
+        return self
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
@@ -50,6 +96,7 @@ class ModelConfig(BaseModel):
                                   "log_linear = 1 - t, cosine = cos(pi t / 2)")
     diffusion_eval_draws: int = Field(4, gt=0, description="masked_diffusion: (t, mask) draws per eval batch "
                                       "averaged into val bpb (fixed seed: the same batch gives the same figure)")
+    jepa: JepaConfig = Field(JepaConfig(), description="objective=jepa: its settings (other objectives ignore them)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -62,7 +109,8 @@ class ModelConfig(BaseModel):
         if self.has_attention:
             self._check_attention_shapes()
         self._check_mamba_settings()
-        needed = OBJECTIVES[self.objective].requires_causal
+        OBJECTIVES[self.objective].check_config(self)
+        needed = OBJECTIVES[self.objective].causality(self)
         if needed is not None and self.causal is not None and self.causal != needed:
             kind, setting = ("causal", "true") if needed else ("bidirectional", "false")
             raise ValueError(f"objective {self.objective} needs a {kind} backbone; "
@@ -106,7 +154,7 @@ class ModelConfig(BaseModel):
         one that works either way runs causally unless the config says otherwise."""
         from archlab.archs.registry import OBJECTIVES
 
-        return self.causal if self.causal is not None else OBJECTIVES[self.objective].requires_causal is not False
+        return self.causal if self.causal is not None else OBJECTIVES[self.objective].causality(self) is not False
 
     @property
     def has_attention(self) -> bool:

@@ -7,6 +7,9 @@ Batches are LongTensors of byte ids, shape (B, seq_len + 1): each objective deci
 """
 from __future__ import annotations
 
+import zlib
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -37,13 +40,54 @@ class Objective(nn.Module):
     sample_options: tuple[str, ...] = ()
     #: whether prompt + sample must fit in the trained context (no sliding window, e.g. diffusion)
     samples_within_context: bool = False
+    #: the eval metric that states the model's quality (progress bar, eval lines); "bpb" unless there is none
+    quality_metric: str = "bpb"
+    #: further eval metrics the progress bar shows (e.g. JEPA's collapse monitors)
+    progress_metrics: tuple[str, ...] = ()
+
+    # -- questions about a config, asked before anything is built -----------------------------------
+    @classmethod
+    def causality(cls, cfg: ModelConfig) -> bool | None:
+        """Whether the backbone must run causally for this config (None: either works)."""
+        return cls.requires_causal
+
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        """Raises ValueError (one line) for settings of this objective that cannot work together."""
+
+    @classmethod
+    def check_seq_len(cls, cfg: ModelConfig, seq_len: int) -> None:
+        """Raises ValueError when training windows of seq_len bytes cannot work with this config."""
+
+    @classmethod
+    def can_sample(cls, cfg: ModelConfig) -> bool:
+        """Whether `sample` can generate text for this config."""
+        return True
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def attach(self, model: "Model", *, kernels: Mapping[str, str] | None) -> None:
+        """Called once by build_model: builds objective-owned modules that depend on the model (e.g. a
+        target encoder copied from it, a predictor on the same kernels). Default: nothing."""
+
+    def after_optimizer_step(self, model: "Model", step: int, max_steps: int) -> None:
+        """Called after optimizer step `step` (0-based) of `max_steps`, e.g. to update an EMA target encoder."""
+
+    def training_flops_per_token(self, model: "Model", seq_len: int) -> int:
+        """Training FLOPs per token: forward + backward (2x forward) of the model; objectives that run more
+        (a target encoder, a predictor) add theirs."""
+        return 3 * model.flops_per_token(seq_len)
+
+    def health_warnings(self, metrics: dict[str, float]) -> list[str]:
+        """One-line warnings about eval metrics (e.g. representation collapse); the trainer shows and logs them."""
+        return []
 
     def loss(self, model: "Model", batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
         """Scalar training loss and metrics as detached 0-dim tensors (read them only when logging)."""
         raise NotImplementedError
 
     def evaluate(self, model: "Model", batch: Tensor) -> dict[str, float]:  # pragma: no cover
-        """Metrics for one batch; must include `bpb` (bits per byte) and `n_bytes` (its weight)."""
+        """Metrics for one batch; must include `quality_metric` (`bpb`, bits per byte, unless the objective has
+        no next-byte figure) and `n_bytes` (its weight)."""
         raise NotImplementedError
 
     def sample(self, model: "Model", prompt: Tensor, n_tokens: int, **kwargs) -> Tensor:  # pragma: no cover
@@ -81,9 +125,6 @@ class Objective(nn.Module):
         probs = torch.softmax(logits / temperature, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=generator)
 
-    def after_optimizer_step(self, model: "Model", step: int) -> None:
-        """Hook for objective-owned state (e.g. an EMA target encoder). Default: nothing."""
-
 
 class Model(nn.Module):
     """Byte embedding -> backbone -> hidden states; the objective turns them into losses and samples."""
@@ -104,7 +145,25 @@ class Model(nn.Module):
         return (self.backbone.flops_per_token(seq_len, causal=self.causal)
                 + self.objective.head_flops_per_token(self.backbone.d_model))
 
+    def kernel_ops(self) -> set[str]:
+        """Every kernel op some backbone in the model runs (an objective's predictor included)."""
+        return {op for module in self.modules() if isinstance(module, Backbone) for op in module.kernel_ops}
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Distinct parameters (a tied head is counted once); optionally without the embedding table."""
-        total = sum(p.numel() for p in self.parameters())
+        """Distinct trained parameters (a tied head is counted once; a frozen EMA copy is not counted);
+        optionally without the embedding table."""
+        total = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return total - self.embedding.weight.numel() if exclude_embeddings else total
+
+
+def batch_seeded_generator(tokens: Tensor, salt: int) -> torch.Generator:
+    """A CPU generator seeded by a checksum of `tokens` and a salt: the same eval batch always gets the same
+    random draws (masks, noise levels), whatever the global RNG state or device; different batches differ."""
+    return torch.Generator().manual_seed(zlib.crc32(tokens.to(torch.uint8).cpu().numpy().tobytes()) ^ salt)
+
+
+def split_batch(batch: Tensor) -> tuple[Tensor, Tensor]:
+    """A batch (B, L + 1) of byte ids -> (inputs batch[:, :-1], next bytes batch[:, 1:]), each (B, L)."""
+    if batch.ndim != 2 or batch.shape[1] < 2:
+        raise ValueError(f"batch must be (B, L + 1) byte ids with L >= 1, got shape {tuple(batch.shape)}")
+    return batch[:, :-1], batch[:, 1:]

@@ -16,12 +16,14 @@ from archlab.archs.backbones.transformer import TransformerBackbone
 from archlab.archs.config import ModelConfig
 from archlab.archs.model import Model
 from archlab.archs.objectives.autoregressive import AutoregressiveObjective
+from archlab.archs.objectives.jepa import JepaObjective
 from archlab.archs.objectives.masked_diffusion import MaskedDiffusionObjective
 from archlab.kernels.backend import check_backend
 
 # Every backbone takes (cfg, *, causal, kernels): causal fixes the weights of those that differ by direction.
 BACKBONES: dict[str, type] = {"transformer": TransformerBackbone, "mamba": MambaBackbone, "hybrid": HybridBackbone}
-OBJECTIVES: dict[str, type] = {"autoregressive": AutoregressiveObjective, "masked_diffusion": MaskedDiffusionObjective}
+OBJECTIVES: dict[str, type] = {"autoregressive": AutoregressiveObjective, "masked_diffusion": MaskedDiffusionObjective,
+                               "jepa": JepaObjective}
 
 
 def closest(name: str, options: Iterable[str]) -> str:
@@ -43,4 +45,6 @@ def build_model(cfg: ModelConfig, *, kernels: Mapping[str, str] | None = None) -
     nn.init.normal_(embedding.weight, mean=0.0, std=cfg.init_std)
     backbone = BACKBONES[cfg.backbone](cfg, causal=cfg.runs_causally, kernels=kernels)
     objective = OBJECTIVES[cfg.objective](cfg)
-    return Model(cfg, embedding, backbone, objective)
+    model = Model(cfg, embedding, backbone, objective)
+    objective.attach(model, kernels=kernels)
+    return model

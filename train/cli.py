@@ -80,6 +80,8 @@ def cmd_sample(args) -> None:
                               "block_size": args.block_size}, source="archlab sample", section=SampleConfig)
     trainer = Trainer(_run_config(args.run_dir, args.device))
     objective = trainer.model.objective
+    if not objective.can_sample(trainer.cfg.model):
+        raise UserError(f"this {trainer.cfg.model.objective} run cannot generate text (see its model settings)")
     unused = sorted(set(wanted.options()) - set(objective.sample_options))
     if unused:
         raise UserError(f"--{unused[0].replace('_', '-')} does not apply to objective {trainer.cfg.model.objective}; "

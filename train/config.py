@@ -140,6 +140,10 @@ class Config(_Section):
         unused = sorted(set(self.sample.options()) - set(objective.sample_options))
         if unused:
             raise ValueError(f"sample.{unused[0]} does not apply to objective {self.model.objective}; remove it")
+        objective.check_seq_len(self.model, self.data.seq_len)
+        if self.sample.tokens and not objective.can_sample(self.model):
+            raise ValueError(f"objective {self.model.objective} cannot generate text with these model settings; "
+                             "set sample.tokens=0")
         sample_len = len(self.sample.prompt.encode()) + self.sample.tokens
         if objective.samples_within_context and self.sample.tokens and sample_len > self.data.seq_len:
             raise ValueError(f"{self.model.objective} generates prompt and sample in one window: sample.prompt "

@@ -11,4 +11,5 @@ __all__ = ["peak_flops", "training_flops_per_token"]
 
 
 def training_flops_per_token(model, seq_len: int) -> int:
-    return 3 * model.flops_per_token(seq_len)
+    """What one training token costs; the objective counts it (JEPA adds its target encoder and predictor)."""
+    return model.objective.training_flops_per_token(model, seq_len)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from archlab.archs.registry import BACKBONES, build_model
+from archlab.archs.registry import build_model
 from archlab.kernels.backend import resolve_backend
 from archlab.train import checkpoint as ckpt
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
@@ -83,12 +83,6 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.device = resolve_device(t.device)
-        kernels = cfg.kernels.model_dump()  # op name -> backend name
-        for op in BACKBONES[cfg.model.backbone].kernel_ops:  # a setting for an op the model never runs is moot
-            try:  # e.g. the GPU-only peer backend on a CPU machine
-                resolve_backend(op, kernels[op], self.device)
-            except ValueError as err:
-                raise ConfigError(f"kernels.{op}: {err}") from None
         self.run_dir = Path(cfg.run.dir)
         self.resume_from = self._resume_point()
         if checkpoint is not None:
@@ -101,7 +95,14 @@ class Trainer:
         check_wandb_mode(cfg.run.wandb)
 
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model, kernels=kernels).to(self.device)
+        kernels = cfg.kernels.model_dump()  # op name -> backend name
+        model = build_model(cfg.model, kernels=kernels)
+        for op in sorted(model.kernel_ops()):  # a setting for an op the model never runs is moot
+            try:  # e.g. the GPU-only peer backend on a CPU machine
+                resolve_backend(op, kernels[op], self.device)
+            except ValueError as err:
+                raise ConfigError(f"kernels.{op}: {err}") from None
+        self.model = model.to(self.device)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay, t.decay_embeddings),
                                            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
         self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
@@ -217,7 +218,7 @@ class Trainer:
             raise self._diverged("loss" if not torch.isfinite(total) else "gradient norm", total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.objective.after_optimizer_step(self.model, self.step)
+        self.model.objective.after_optimizer_step(self.model, self.step, t.max_steps)
         self.step += 1
         self.tokens += self.tokens_per_step
         self.flops += self.flops_per_step
@@ -288,16 +289,31 @@ class Trainer:
         if self.peak_flops:
             record["mfu"] = steps_per_s * self.flops_per_step / self.peak_flops
             postfix["mfu"] = f"{record['mfu']:.1%}"
-        if last_eval:
-            postfix["val_bpb"] = f"{last_eval['bpb']:.3f}"
+        postfix |= self._eval_postfix(last_eval)
         bar.set_postfix(postfix, refresh=False)
         log.write("train", self.step, **record)
 
+    def _eval_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        """The quality figure (marked when it comes from a probe), the objective's monitors, a collapse flag."""
+        if not metrics:
+            return {}
+        objective = self.model.objective
+        quality = objective.quality_metric
+        label = f"val_{quality}" + (" (probe)" if metrics.get("probe") and "probe" not in quality else "")
+        shown = {label: f"{metrics[quality]:.4f}"}
+        shown |= {key: f"{metrics[key]:.3g}" for key in objective.progress_metrics}
+        return shown | ({"WARNING": "collapse"} if objective.health_warnings(metrics) else {})
+
     def _eval_and_log(self, log: MetricsLog, bar: tqdm) -> dict[str, float]:
         metrics = self.evaluate()
+        warnings = self.model.objective.health_warnings(metrics)
         log.write("eval", self.step, tokens=self.tokens, flops=self.flops,
-                  **{f"val_{k}": v for k, v in metrics.items()})
-        bar.write(f"step {self.step}: val_bpb {metrics['bpb']:.4f}")
+                  **{f"val_{k}": v for k, v in metrics.items()}, **({"warnings": warnings} if warnings else {}))
+        shown = ", ".join(f"{key} {value}" for key, value in self._eval_postfix(metrics).items() if key != "WARNING")
+        bar.write(f"step {self.step}: {shown}")
+        for warning in warnings:
+            bar.write(f"warning: step {self.step}: {warning}")
+        bar.set_postfix(self._eval_postfix(metrics), refresh=False)
         return metrics
 
     def _prepare_run_dir(self) -> None:
@@ -324,6 +340,7 @@ class Trainer:
     def write_summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
         summary = {
             "run_dir": str(self.run_dir), "step": self.step, "val_bpb": final_eval.get("bpb"),
+            "val": final_eval,
             "tokens": self.tokens, "train_flops": self.flops, "train_seconds": round(self.train_seconds, 2),
             "tokens_per_s": round(self.tokens / self.train_seconds) if self.train_seconds else None,
             "params": self.model.num_parameters(), "backbone": self.cfg.model.backbone,

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
-from archlab.archs.model import Model, Objective
+from archlab.archs.model import Model, Objective, split_batch
 
 
 class AutoregressiveObjective(Objective):
@@ -28,15 +28,16 @@ class AutoregressiveObjective(Objective):
 
     def logits(self, model: Model, tokens: Tensor, cache=None) -> Tensor:
         """tokens (B, L) -> float32 logits (B, L, vocab) for the byte after each position."""
-        hidden = model(tokens, cache=cache)
+        return self.project(model, model(tokens, cache=cache))
+
+    def project(self, model: Model, hidden: Tensor) -> Tensor:
+        """hidden states (..., d) -> float32 next-byte logits (..., vocab)."""
         # float32 even under autocast: a bf16 softmax over the vocabulary loses too much precision
         with torch.autocast(hidden.device.type, enabled=False):
             return F.linear(hidden.float(), self.head_weight(model).float())
 
     def _cross_entropy(self, model: Model, batch: Tensor) -> tuple[Tensor, int]:
-        if batch.ndim != 2 or batch.shape[1] < 2:
-            raise ValueError(f"batch must be (B, L + 1) byte ids with L >= 1, got shape {tuple(batch.shape)}")
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs, targets = split_batch(batch)
         logits = self.logits(model, inputs)
         loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v"), rearrange(targets, "b l -> (b l)"))
         return loss, targets.numel()
@@ -58,30 +59,38 @@ class AutoregressiveObjective(Objective):
     def sample(self, model: Model, prompt: Tensor, n_tokens: int, *, temperature: float = 1.0,
                top_k: int | None = None, generator: torch.Generator | None = None,
                context_len: int | None = None) -> Tensor:
-        """Continues prompt (B, P) by n_tokens bytes; returns (B, P + n_tokens).
+        return sample_autoregressively(self, model, prompt, n_tokens, temperature=temperature, top_k=top_k,
+                                       generator=generator, context_len=context_len)
 
-        The prompt is run once into a KV cache, then each new byte costs one single-position step.
-        temperature 0 is greedy; top_k keeps only the k most likely bytes; a seeded generator makes it
-        reproducible. `context_len` (e.g. the training seq_len) bounds what the model attends to, since
-        positions beyond the trained length are out of distribution: when the cache is full it is rebuilt
-        from the last context_len // 2 bytes. Runs in eval mode and restores the previous mode afterwards.
-        """
-        self.check_sample_args(prompt, n_tokens, temperature, top_k, context_len)
-        window = context_len or prompt.shape[1] + n_tokens
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                tokens, cache = prompt, None
-                step_input = prompt[:, -window:]
-                for _ in range(n_tokens):
-                    if cache is None or cache[0].length + step_input.shape[1] > window:
-                        if cache is not None:
-                            step_input = tokens[:, -max(1, window // 2):]
-                        cache = model.backbone.new_cache(prompt.shape[0], window, device=prompt.device)
-                    next_logits = self.logits(model, step_input, cache=cache)[:, -1]
-                    step_input = self.draw_tokens(next_logits, temperature, top_k, generator)
-                    tokens = torch.cat([tokens, step_input], dim=1)
-                return tokens
-        finally:
-            model.train(was_training)
+
+def sample_autoregressively(objective: Objective, model: Model, prompt: Tensor, n_tokens: int, *,
+                            temperature: float = 1.0, top_k: int | None = None,
+                            generator: torch.Generator | None = None, context_len: int | None = None) -> Tensor:
+    """Continues prompt (B, P) by n_tokens bytes drawn from `objective.logits(model, tokens, cache)`;
+    returns (B, P + n_tokens).
+
+    The prompt is run once into a KV cache, then each new byte costs one single-position step.
+    temperature 0 is greedy; top_k keeps only the k most likely bytes; a seeded generator makes it
+    reproducible. `context_len` (e.g. the training seq_len) bounds what the model attends to, since
+    positions beyond the trained length are out of distribution: when the cache is full it is rebuilt
+    from the last context_len // 2 bytes. Runs in eval mode and restores the previous mode afterwards.
+    """
+    objective.check_sample_args(prompt, n_tokens, temperature, top_k, context_len)
+    window = context_len or prompt.shape[1] + n_tokens
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            tokens, cache = prompt, None
+            step_input = prompt[:, -window:]
+            for _ in range(n_tokens):
+                if cache is None or cache[0].length + step_input.shape[1] > window:
+                    if cache is not None:
+                        step_input = tokens[:, -max(1, window // 2):]
+                    cache = model.backbone.new_cache(prompt.shape[0], window, device=prompt.device)
+                next_logits = objective.logits(model, step_input, cache=cache)[:, -1]
+                step_input = objective.draw_tokens(next_logits, temperature, top_k, generator)
+                tokens = torch.cat([tokens, step_input], dim=1)
+            return tokens
+    finally:
+        model.train(was_training)

@@ -19,14 +19,12 @@ not fall as t grows still bounds the NLL from above (evaluate reports `bound: 1.
 from __future__ import annotations
 
 import math
-import zlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
-from archlab.archs.model import Model, Objective
+from archlab.archs.model import Model, Objective, batch_seeded_generator, split_batch
 
 EPS = 1e-3  # smallest diffusion time drawn
 EVAL_SEED = 20240607  # mixed with a checksum of the eval batch: the same batch always gets the same (t, mask) draws
@@ -103,9 +101,7 @@ class MaskedDiffusionObjective(Objective):
     # -- loss and evaluation ------------------------------------------------------------------------
     @staticmethod
     def _sequence(batch: Tensor) -> Tensor:
-        if batch.ndim != 2 or batch.shape[1] < 2:
-            raise ValueError(f"batch must be (B, L + 1) byte ids with L >= 1, got shape {tuple(batch.shape)}")
-        return batch[:, :-1]
+        return split_batch(batch)[0]
 
     def weighted_nll(self, model: Model, x: Tensor, t: Tensor, mask: Tensor) -> Tensor:
         """sum over rows b and masked positions i of w(t_b) * -log p(x_bi | z_t): the head runs on masked ones only."""
@@ -134,8 +130,7 @@ class MaskedDiffusionObjective(Objective):
         get independent draws. The times are stratified over all rows x draws.
         """
         x = self._sequence(batch)
-        seed = zlib.crc32(x.to(torch.uint8).cpu().numpy().tobytes()) ^ EVAL_SEED
-        generator = torch.Generator().manual_seed(seed)
+        generator = batch_seeded_generator(x, EVAL_SEED)
         draws = self.eval_draws
         times = self.draw_times(x.shape[0] * draws, generator=generator)
         total = 0.0
