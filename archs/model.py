@@ -77,6 +77,16 @@ class Objective(nn.Module):
         (a target encoder, a predictor) add theirs."""
         return 3 * model.flops_per_token(seq_len)
 
+    def separately_clipped_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained on their own loss whose gradient never meets the model's (e.g. a probe on
+        stop-gradient features): the trainer clips them apart, so they never scale the model's update."""
+        return []
+
+    def modules_to_compile(self) -> list[nn.Module]:
+        """Objective-owned networks run outside Model.forward (a target encoder, a predictor): train.compile
+        compiles them too."""
+        return []
+
     def health_warnings(self, metrics: dict[str, float]) -> list[str]:
         """One-line warnings about eval metrics (e.g. representation collapse); the trainer shows and logs them."""
         return []
@@ -137,8 +147,12 @@ class Model(nn.Module):
         self.objective = objective
 
     def forward(self, tokens: Tensor, cache=None) -> Tensor:
-        """tokens (B, L) byte ids -> hidden states (B, L, d). `cache` comes from backbone.new_cache."""
-        return self.backbone(self.embedding(tokens), causal=self.causal, cache=cache)
+        """tokens (B, L) byte ids -> hidden states (B, L, d). `cache` comes from backbone.new_cache.
+
+        Objectives that put their own vectors in place of some bytes (a mask embedding) pass the embedded
+        sequence (B, L, d) instead: they still go through forward, so torch.compile and wrappers see them."""
+        embedded = tokens if tokens.is_floating_point() else self.embedding(tokens)
+        return self.backbone(embedded, causal=self.causal, cache=cache)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token, backbone + output head (training costs about 3x this)."""

@@ -95,7 +95,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, 
     """Load weights into `model` and return the saved training state. Checks it is the same architecture."""
     meta = read_meta(path)
     # a key the checkpoint predates counts as its default: that is how the model was built then
-    defaults = {name: field.get_default() for name, field in ModelConfig.model_fields.items()}
+    defaults = ModelConfig().model_dump(mode="json")  # as JSON, like meta.json and model_config
     saved = defaults | meta.get("model", {})
     differing = sorted(k for k in saved.keys() | model_config.keys() if saved.get(k) != model_config.get(k))
     if differing:

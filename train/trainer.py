@@ -105,6 +105,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay, t.decay_embeddings),
                                            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
+        separate = {id(p) for p in self.model.objective.separately_clipped_parameters()}
+        self.clip_groups = [group for group in (
+            [p for p in self.model.parameters() if p.requires_grad and id(p) not in separate],
+            [p for p in self.model.parameters() if id(p) in separate]) if group]
         self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
         self.eval_set = eval_batches(self.corpus.val, seq_len=cfg.data.seq_len,
                                      batch_size=t.micro_batch_size or t.batch_size, max_tokens=t.eval_tokens)
@@ -119,7 +123,8 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
         if t.compile:
-            self.model.compile()
+            for module in (self.model, *self.model.objective.modules_to_compile()):
+                module.compile()
 
     # -- set-up -------------------------------------------------------------------------------------
     def _resume_point(self) -> Path | None:
@@ -206,14 +211,13 @@ class Trainer:
                 loss, _ = self.model.objective.loss(self.model, micro)
             (loss / t.grad_accum_steps).backward()
             total += loss.detach() / t.grad_accum_steps
-        if t.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([
-                p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
+        # Each group is clipped on its own; the first (the model) gives the grad_norm that is logged.
+        norms = torch.stack([torch.nn.utils.clip_grad_norm_(group, t.grad_clip if t.grad_clip > 0 else math.inf)
+                             for group in self.clip_groups])
+        grad_norm = norms[0]
         # Checked every step (one host sync on GPU, microseconds against a step) so that a bad step never
         # reaches the weights and the run stops at the step that failed.
-        if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+        if not (torch.isfinite(total) and torch.isfinite(norms).all()):
             self.optimizer.zero_grad(set_to_none=True)
             raise self._diverged("loss" if not torch.isfinite(total) else "gradient norm", total)
         self.optimizer.step()
@@ -340,7 +344,7 @@ class Trainer:
     def write_summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
         summary = {
             "run_dir": str(self.run_dir), "step": self.step, "val_bpb": final_eval.get("bpb"),
-            "val": final_eval,
+            "probe": bool(final_eval.get("probe")), "val": final_eval,
             "tokens": self.tokens, "train_flops": self.flops, "train_seconds": round(self.train_seconds, 2),
             "tokens_per_s": round(self.tokens / self.train_seconds) if self.train_seconds else None,
             "params": self.model.num_parameters(), "backbone": self.cfg.model.backbone,

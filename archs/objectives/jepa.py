@@ -88,14 +88,16 @@ class LatentPredictor(nn.Module):
 
     def forward_offsets(self, h: Tensor) -> Tensor:
         """h (B, L, d) -> predictions (K, B, L, d), one per offset query; the K runs share one backbone call."""
-        inputs = self.in_proj(h).unsqueeze(0) + self.queries[:, None, None, :].to(h.dtype)
+        projected = self.in_proj(h)  # the autocast dtype under autocast, whatever h's
+        inputs = projected.unsqueeze(0) + self.queries[:, None, None, :].to(projected.dtype)
         k, b = inputs.shape[:2]
         out = self.backbone(inputs.flatten(0, 1), causal=self.causal)
         return self.out_proj(out).unflatten(0, (k, b))
 
     def forward_masked(self, h: Tensor, mask: Tensor) -> Tensor:
         """h (B, L, d), mask (B, L) -> predictions (B, L, d); hidden positions get the mask query instead of h."""
-        inputs = torch.where(mask.unsqueeze(-1), self.queries[0].to(h.dtype), self.in_proj(h))
+        projected = self.in_proj(h)
+        inputs = torch.where(mask.unsqueeze(-1), self.queries[0].to(projected.dtype), projected)
         return self.out_proj(self.backbone(inputs, causal=self.causal))
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -141,8 +143,7 @@ class JepaObjective(Objective):
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> None:
-        if cfg.objective == "jepa":
-            predictor_config(cfg)
+        predictor_config(cfg)
 
     @classmethod
     def check_seq_len(cls, cfg: ModelConfig, seq_len: int) -> None:
@@ -169,6 +170,13 @@ class JepaObjective(Objective):
         if self.settings.target_encoder == "ema":  # starts equal to the context encoder, as in I-JEPA
             encoder = nn.ModuleDict({"embedding": model.embedding, "backbone": model.backbone})
             self.target = copy.deepcopy(encoder).requires_grad_(False)
+
+    def separately_clipped_parameters(self) -> list[nn.Parameter]:
+        return [] if self.probe is None else list(self.probe.parameters())
+
+    def modules_to_compile(self) -> list[nn.Module]:
+        target = [] if self.target is None else [self.target["backbone"]]
+        return [*target, self.predictor.backbone]
 
     def momentum(self, step: int, max_steps: int) -> float:
         """EMA momentum after optimizer step `step` (0-based): linear from start to end over max_steps."""
@@ -221,20 +229,18 @@ class JepaObjective(Objective):
         positions = torch.arange(length, device=where)
         return ((positions >= starts) & (positions < starts + lengths)).any(dim=1).to(device)
 
-    def _forward(self, model: Model, batch: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Every term of the loss for one batch, plus the target latents the monitors read."""
+    def _forward(self, model: Model, batch: Tensor, generator: torch.Generator | None = None, *,
+                 regularise: bool = True) -> dict[str, Tensor]:
+        """Every term of the loss for one batch (regularisers only if `regularise`), plus the target latents."""
         x, next_bytes = split_batch(batch)
-        s = self.settings
         terms: dict[str, Tensor] = {}
         if self.masked:
             mask = self.span_mask(x.shape, device=x.device, generator=generator)
             embedded = model.embedding(x)
-            embedded = torch.where(mask.unsqueeze(-1), self.context_mask.to(embedded.dtype), embedded)
-            h = model.backbone(embedded, causal=model.causal)
+            h = model(torch.where(mask.unsqueeze(-1), self.context_mask.to(embedded.dtype), embedded))
             z = self._targets(model, x, None)
             terms["latent"] = self._distance(self.predictor.forward_masked(h, mask)[mask], z[mask])
-            probe_logits = self.probe(h.detach()[mask].float())
-            terms["masked_probe"] = F.cross_entropy(probe_logits, x[mask])
+            terms["masked_probe"] = F.cross_entropy(self.probe_logits(h.detach()[mask]), x[mask])
         else:
             h = model(x)
             z = self._targets(model, x, h)
@@ -242,15 +248,22 @@ class JepaObjective(Objective):
             if self.hybrid:
                 terms["next_byte"] = F.cross_entropy(self.lm.project(model, h).flatten(0, 1), next_bytes.flatten())
             else:
-                terms["probe"] = F.cross_entropy(self.probe(h.detach().float()).flatten(0, 1), next_bytes.flatten())
-        flat = h.flatten(0, 1).float()
-        if s.vicreg_variance_weight:
-            terms["vicreg_variance"] = vicreg_variance(flat)
-        if s.vicreg_covariance_weight:
-            terms["vicreg_covariance"] = vicreg_covariance(flat)
-        if s.sigreg_weight:
-            terms["sigreg"] = sigreg(flat, num_directions=s.sigreg_directions)
+                terms["probe"] = F.cross_entropy(self.probe_logits(h.detach()).flatten(0, 1), next_bytes.flatten())
+        if regularise:
+            terms |= self._regularisers(h.flatten(0, 1))
         terms["targets"] = z.detach()
+        return terms
+
+    def _regularisers(self, h: Tensor) -> dict[str, Tensor]:
+        """The optional anti-collapse terms on context representations h (N, d), those whose weight is > 0."""
+        s = self.settings
+        terms = {}
+        if s.vicreg_variance_weight:
+            terms["vicreg_variance"] = vicreg_variance(h)
+        if s.vicreg_covariance_weight:
+            terms["vicreg_covariance"] = vicreg_covariance(h)
+        if s.sigreg_weight:
+            terms["sigreg"] = sigreg(h, num_directions=s.sigreg_directions)
         return terms
 
     def _total(self, terms: dict[str, Tensor]) -> Tensor:
@@ -280,7 +293,7 @@ class JepaObjective(Objective):
         seeded by the batch, so the same batch always gets the same figure.
         """
         generator = batch_seeded_generator(batch, EVAL_SEED) if self.masked else None
-        terms = self._forward(model, batch, generator)
+        terms = self._forward(model, batch, generator, regularise=False)
         targets = terms["targets"].flatten(0, 1)
         metrics = {"latent_loss": terms["latent"], **self._byte_metrics(terms),
                    "target_std": per_dim_std(targets).mean(), "effective_rank": effective_rank(targets),
@@ -291,6 +304,11 @@ class JepaObjective(Objective):
     def health_warnings(self, metrics: dict[str, float]) -> list[str]:
         return collapse_warnings(metrics["target_std"], metrics["effective_rank"], metrics["mean_cosine"],
                                  self.d_model, subject="target representations")
+
+    def probe_logits(self, hidden: Tensor) -> Tensor:
+        """float32 byte logits of the probe, autocast off (as the LM heads: bf16 would blur the bpb it reports)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.probe(hidden.float())
 
     # -- FLOPs --------------------------------------------------------------------------------------
     def head_flops_per_token(self, d_model: int) -> int:
@@ -322,10 +340,7 @@ class JepaObjective(Objective):
     def logits(self, model: Model, tokens: Tensor, cache=None) -> Tensor:
         """next_latent: float32 next-byte logits from the probe (hybrid: from the model's own head)."""
         hidden = model(tokens, cache=cache)
-        if self.hybrid:
-            return self.lm.project(model, hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return self.probe(hidden.float())
+        return self.lm.project(model, hidden) if self.hybrid else self.probe_logits(hidden)
 
     def sample(self, model: Model, prompt: Tensor, n_tokens: int, **kwargs) -> Tensor:
         """next_latent/hybrid: bytes drawn from the probe (or the model's head), KV-cached like the AR sampler."""

@@ -19,6 +19,7 @@ not fall as t grows still bounds the NLL from above (evaluate reports `bound: 1.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -87,7 +88,7 @@ class MaskedDiffusionObjective(Objective):
         return torch.where((z == self.mask_id).unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
 
     def hidden(self, model: Model, z: Tensor) -> Tensor:
-        return model.backbone(self.embed(model, z), causal=model.causal)
+        return model(self.embed(model, z))
 
     def head(self, model: Model, hidden: Tensor) -> Tensor:
         # float32 even under autocast: a bf16 softmax over the vocabulary loses too much precision

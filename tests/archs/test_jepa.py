@@ -225,7 +225,8 @@ def test_fresh_model_is_healthy_and_a_constant_target_is_flagged(backbone, mode)
 
 
 def test_masked_span_evaluate_is_reproducible_and_leaves_the_global_rng_alone():
-    model = jepa_model(jepa=MODES["masked_span"])
+    # SIGReg draws random directions in training; evaluation must not draw them (nor compute the penalty)
+    model = jepa_model(jepa=MODES["masked_span"] | {"sigreg_weight": 0.01})
     batch = torch.randint(0, 256, (4, 33))
     torch.manual_seed(1)
     state = torch.get_rng_state()
@@ -325,3 +326,31 @@ def test_exact_resume_equals_straight_run(tmp_path, mode):
     initial = jepa_model(jepa=MODES[mode])
     assert not torch.equal(straight.model.objective.target["embedding"].weight,
                            initial.objective.target["embedding"].weight)
+
+
+@pytest.mark.parametrize("mode", ["next_latent", "masked_span"])
+def test_probe_logits_stay_float32_under_autocast(mode):
+    """The probe's bpb is as precise as an LM head's: autocast would otherwise run its Linear in bf16."""
+    model = jepa_model(jepa=MODES[mode])
+    seen = []
+    model.objective.probe.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.objective.loss(model, torch.randint(0, 256, (2, 33)))
+    assert seen == [torch.float32]
+
+
+def test_probe_gradient_is_clipped_apart_from_the_model(tmp_path):
+    """A huge probe gradient must not shrink the encoder's clipped update: the probe is its own clip group."""
+    def encoder_update(probe_scale):
+        trainer = Trainer(load_config(TINY, jepa_overrides(tmp_path / f"run{probe_scale}", MODES["next_latent"],
+                                                           "train.grad_clip=0.5", "train.max_steps=2",
+                                                           "train.warmup_steps=1")))
+        probe = list(trainer.model.objective.probe.parameters())
+        assert [len(group) for group in trainer.clip_groups][1:] == [len(probe)]
+        assert all(a is b for a, b in zip(trainer.clip_groups[1], probe, strict=True))
+        probe[0].register_hook(lambda grad: grad * probe_scale)
+        before = trainer.model.embedding.weight.detach().clone()
+        trainer.train_step(trainer.sampler.batch(0))
+        return trainer.model.embedding.weight.detach() - before
+
+    assert torch.equal(encoder_update(1.0), encoder_update(1e6))

@@ -147,7 +147,7 @@ def test_checkpoint_from_before_newer_model_keys_loads(tiny_config, tmp_path):
     trainer.train(until_step=6)
     path = ckpt.latest_checkpoint(tmp_path / "run")
     meta = json.loads((path / "meta.json").read_text())
-    for newer_key in ("d_state", "d_conv", "attn_layers"):
+    for newer_key in ("d_state", "d_conv", "attn_layers", "jepa"):  # jepa: a nested section
         del meta["model"][newer_key]
     (path / "meta.json").write_text(json.dumps(meta))
     ckpt.load_checkpoint(path, trainer.model, trainer.cfg.model.model_dump(mode="json"))
