@@ -11,6 +11,7 @@ from archlab.train.run_log import read_metrics
 from archlab.train.trainer import Trainer
 
 from ..train.conftest import TINY
+from .eval_checks import assert_reproducible_eval
 
 from .jepa_helpers import MODES, MONITORS, encoder_parameters, evals, jepa_model, jepa_overrides
 
@@ -227,14 +228,7 @@ def test_fresh_model_is_healthy_and_a_constant_target_is_flagged(backbone, mode)
 def test_masked_span_evaluate_is_reproducible_and_leaves_the_global_rng_alone():
     # SIGReg draws random directions in training; evaluation must not draw them (nor compute the penalty)
     model = jepa_model(jepa=MODES["masked_span"] | {"sigreg_weight": 0.01})
-    batch = torch.randint(0, 256, (4, 33))
-    torch.manual_seed(1)
-    state = torch.get_rng_state()
-    first = model.objective.evaluate(model, batch)
-    assert torch.equal(torch.get_rng_state(), state)
-    torch.manual_seed(2)
-    assert model.objective.evaluate(model, batch) == first
-    assert model.objective.evaluate(model, torch.randint(0, 256, (4, 33)))["latent_loss"] != first["latent_loss"]
+    assert_reproducible_eval(model, torch.randint(0, 256, (4, 33)), "latent_loss")
 
 
 def test_identical_nonzero_target_vectors_are_flagged():

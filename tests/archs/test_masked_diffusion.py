@@ -14,6 +14,7 @@ from archlab.train.run_log import read_metrics
 from archlab.train.trainer import Trainer
 
 from ..train.conftest import TINY
+from .eval_checks import assert_reproducible_eval
 
 MASK = 256
 SMALL = dict(objective="masked_diffusion", d_model=32, n_layers=1, n_heads=2, d_state=4)
@@ -209,16 +210,8 @@ def test_sample_argument_errors(kwargs, message):
 
 
 def test_evaluate_is_reproducible_and_leaves_the_global_rng_alone():
-    model = tiny_model()
-    batch = torch.randint(0, 256, (4, 65))
-    torch.manual_seed(1)
-    state = torch.get_rng_state()
-    first = model.objective.evaluate(model, batch)
-    assert torch.equal(torch.get_rng_state(), state)
-    torch.manual_seed(2)
-    assert model.objective.evaluate(model, batch) == first
-    other = model.objective.evaluate(model, torch.randint(0, 256, (4, 65)))
-    assert other["bpb"] != first["bpb"] and first["n_bytes"] == 4 * 64
+    first = assert_reproducible_eval(tiny_model(), torch.randint(0, 256, (4, 65)), "bpb")
+    assert first["n_bytes"] == 4 * 64
 
 
 def test_config_needs_a_bidirectional_backbone_and_a_known_schedule():
