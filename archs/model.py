@@ -42,6 +42,9 @@ class Objective(nn.Module):
     samples_within_context: bool = False
     #: the eval metric that states the model's quality (progress bar, eval lines); "bpb" unless there is none
     quality_metric: str = "bpb"
+    #: whether quality_metric comes from a probe on frozen features (JEPA) / is an upper bound (diffusion's NELBO)
+    quality_is_probe: bool = False
+    quality_is_bound: bool = False
     #: further eval metrics the progress bar shows (e.g. JEPA's collapse monitors)
     progress_metrics: tuple[str, ...] = ()
 

@@ -1,4 +1,4 @@
-"""`archlab train | eval | sample | data fetch | bench` — the command line.
+"""`archlab train | eval | sample | compare | report | data fetch | bench` — the command line.
 
 User errors (bad config, data, checkpoint, arguments) print one line `error: ...` and exit with code 2;
 `--debug` shows the traceback instead.
@@ -101,6 +101,22 @@ def cmd_data_fetch(args) -> None:
     fetch_corpus(args.name, url=args.url, dest=Path(args.dest) if args.dest else None)
 
 
+def cmd_compare(args) -> None:
+    from archlab.compare.runner import describe_plan, run_study
+
+    if args.dry_run:
+        print(describe_plan(args.study), end="")
+        return
+    run_study(args.study, args.out, resume=args.resume)
+
+
+def cmd_report(args) -> None:
+    from archlab.compare.report import write_report
+
+    for kind, path in write_report(Path(args.out_dir)).items():
+        print(f"{kind}: {path}")
+
+
 KERNEL_BENCHMARKS = ("attention", "scan", "conv1d")
 
 
@@ -195,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--block-size", type=int, help="masked_diffusion, --strategy block: bytes per block")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"])
     sample.set_defaults(handler=cmd_sample)
+
+    compare = sub.add_parser("compare", help="run a head-to-head study (configs/studies/*.yaml) and write its report")
+    compare.add_argument("study", help="study YAML, e.g. configs/studies/quick.yaml")
+    compare.add_argument("--out", help="output directory (default runs/studies/<study name>)")
+    compare.add_argument("--resume", action="store_true", help="continue a study: finished runs are skipped, "
+                                                               "interrupted ones resume from their checkpoint")
+    compare.add_argument("--dry-run", action="store_true", help="print the planned runs (sizes, steps) and stop")
+    compare.set_defaults(handler=cmd_compare)
+
+    report = sub.add_parser("report", help="(re)write report.md, results.csv and plots of a study directory")
+    report.add_argument("out_dir", help="a study's output directory (holds study.json)")
+    report.set_defaults(handler=cmd_report)
 
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

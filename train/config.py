@@ -8,6 +8,7 @@ its model config. Composition needs only a deep merge, which is a few lines.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -48,6 +49,8 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, description="sequences per optimizer step")
     micro_batch_size: Optional[int] = Field(None, gt=0, description="sequences per forward; None = batch_size")
     max_steps: int = Field(1000, gt=0)
+    max_seconds: Optional[float] = Field(None, gt=0, description="also stop once this much training time has "
+                                         "passed (evals and checkpoints excluded); the lr schedule follows max_steps")
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -157,6 +160,7 @@ class Config(_Section):
 
 # Keys that may change when a run is resumed: they steer bookkeeping, not the math of the loss curve.
 RESUMABLE_CHANGES = {
+    "train.max_seconds",
     "run.dir", "run.resume", "run.wandb", "run.wandb_project", "run.progress", "train.device", "train.eval_every",
     "train.checkpoint_every", "train.keep_last", "train.log_every", "sample.prompt", "sample.tokens",
     "sample.temperature", "sample.top_k", "sample.steps", "sample.strategy", "sample.block_size",
@@ -228,21 +232,28 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise ConfigError(f"config {path} must be a mapping of sections (model:, data:, train:, ...)")
+    return resolve_includes(tree, path.parent, source=str(path), seen=seen + (resolved,))
+
+
+def resolve_includes(tree: dict[str, Any], folder: Path, *, source: str,
+                     seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config tree with its `include: [...]` files (relative to `folder`) merged in first, its own keys last."""
+    tree = dict(tree)
     includes = tree.pop("include", [])
     includes = [includes] if isinstance(includes, str) else includes
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-        raise ConfigError(f"config {path}: include must be a file name or a list of file names")
+        raise ConfigError(f"config {source}: include must be a file name or a list of file names")
     merged: dict[str, Any] = {}
     for include in includes:
-        _deep_merge(merged, _read_yaml_tree(path.parent / include, seen + (resolved,)))
-    _deep_merge(merged, tree)
+        deep_merge(merged, _read_yaml_tree(folder / include, seen))
+    deep_merge(merged, copy.deepcopy(tree))
     return merged
 
 
-def _deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+def deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
+            deep_merge(into[key], value)
         else:
             into[key] = value
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA memory allocated by tensors on a GPU; on CPU the process's peak resident set
+    (all of this process's work, so run one training per process for a per-run figure, as compare does)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def lr_at(step: int, cfg) -> float:
@@ -239,7 +248,8 @@ class Trainer:
         """Train to `train.max_steps` (or `until_step`), evaluating, logging and checkpointing on the way."""
         cfg, t = self.cfg, self.cfg.train
         stop = min(until_step or t.max_steps, t.max_steps)
-        if self.step >= stop:  # e.g. the quickstart run a second time: nothing to train, nothing rewritten
+        out_of_time = t.max_seconds is not None and self.train_seconds >= t.max_seconds
+        if self.step >= stop or out_of_time:  # e.g. the quickstart run a second time: nothing to train or rewrite
             return self.evaluate()
         if self.resume_from is not None and self.saved_precision != self.precision_name:
             raise ConfigError(f"{self.resume_from} was trained in {self.saved_precision} and would continue in "
@@ -261,9 +271,14 @@ class Trainer:
                 loss, grad_norm = self.train_step(next(self.sampler))
                 rate_steps += 1
                 bar.update(1)
-                do_log = self.step % t.log_every == 0 or self.step == t.max_steps
-                do_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
-                do_save = self.step % t.checkpoint_every == 0 or self.step == t.max_steps
+                out_of_time = t.max_seconds is not None and (
+                    self.train_seconds + time.perf_counter() - clock >= t.max_seconds)
+                last = self.step == t.max_steps or out_of_time
+                do_log = self.step % t.log_every == 0 or last
+                do_eval = self.step % t.eval_every == 0 or last
+                do_save = self.step % t.checkpoint_every == 0 or last
+                if out_of_time:
+                    stop = self.step
                 if not (do_log or do_eval or do_save):
                     continue
                 loss_value = loss.item()
@@ -349,6 +364,8 @@ class Trainer:
             "tokens_per_s": round(self.tokens / self.train_seconds) if self.train_seconds else None,
             "params": self.model.num_parameters(), "backbone": self.cfg.model.backbone,
             "objective": self.cfg.model.objective, "device": str(self.device),
+            "stopped_by": "max_steps" if self.step >= self.cfg.train.max_steps else "max_seconds",
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
         }
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary) + "\n")

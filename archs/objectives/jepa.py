@@ -115,6 +115,7 @@ class JepaObjective(Objective):
         self.masked = jepa.mode == "masked_span"
         self.hybrid = jepa.ar_weight > 0
         self.quality_metric = "masked_probe_bpb" if self.masked else "bpb"
+        self.quality_is_probe = not self.hybrid
         self._predictor_cfg = predictor_config(cfg)
         self.context_mask = nn.Parameter(torch.empty(cfg.d_model)) if self.masked else None
         if self.masked:
@@ -299,7 +300,7 @@ class JepaObjective(Objective):
                    "target_std": per_dim_std(targets).mean(), "effective_rank": effective_rank(targets),
                    "mean_cosine": mean_pairwise_cosine(targets)}
         metrics = {k: float(v) for k, v in metrics.items()}
-        return metrics | {"probe": 0.0 if self.hybrid else 1.0, "n_bytes": batch.shape[0] * (batch.shape[1] - 1)}
+        return metrics | {"probe": float(self.quality_is_probe), "n_bytes": batch.shape[0] * (batch.shape[1] - 1)}
 
     def health_warnings(self, metrics: dict[str, float]) -> list[str]:
         return collapse_warnings(metrics["target_std"], metrics["effective_rank"], metrics["mean_cosine"],

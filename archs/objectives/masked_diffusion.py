@@ -36,6 +36,7 @@ class MaskedDiffusionObjective(Objective):
     requires_causal = False
     sample_options = ("steps", "strategy", "block_size")
     samples_within_context = True  # the whole sequence is denoised at once
+    quality_is_bound = True  # val bpb is the NELBO
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -1,0 +1,148 @@
+"""The study report's figures: quality vs training FLOPs / wall-clock, the isoFLOP view and the scaling fits.
+
+Each function returns PNG bytes (the report writes all files only once everything has been computed).
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from archlab.compare.scaling import isoflop_groups, power_law
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8.5})
+    return plt
+
+
+def _png(fig, plt) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+def _style(group: dict, index: int) -> dict:
+    """Colour per arm; dashed and labelled lines for values that are not the model's own likelihood."""
+    flag = " (probe)" if group["probe"] else " (bound)" if group["bound"] else ""
+    return {"color": f"C{index % 10}", "linestyle": "--" if flag else "-", "label": group["label"] + flag}
+
+
+def curve_plot(groups: list[dict], axis: int, xlabel: str, study_name: str) -> bytes:
+    """Validation bpb vs cost (axis 0: FLOPs, 1: seconds): mean over seeds, min–max band when several seeds."""
+    plt = _pyplot()
+    many = 5 < len(groups) <= 10  # then the legend goes beside the axes instead of over the curves
+    per_arm_legend = len(groups) > 10  # scaling grids: colour = arm in the legend, one line per size/budget
+    fig, ax = plt.subplots(figsize=(9.5 if many else 7, 4.5))
+    arm_index = {arm: i for i, arm in enumerate(dict.fromkeys(g["arm"] for g in groups))}
+    for group in groups:
+        length = min(len(r["curve"]) for r in group["runs"])
+        if length == 0:
+            continue
+        curves = np.array([r["curve"][:length] for r in group["runs"]])  # seed, evaluation, (flops, seconds, value)
+        x, values = curves[:, :, axis].mean(axis=0), curves[:, :, 2]
+        keep = np.isfinite(x) & (x > 0)  # log axis: the step-0 evaluation (x = 0) cannot be drawn
+        style = _style(group, arm_index[group["arm"]])  # one colour per arm; sizes differ by marker
+        sizes_before = sum(1 for g in groups[:groups.index(group)] if g["arm"] == group["arm"])
+        if per_arm_legend:
+            style["label"] = style["label"].replace(group["label"], group["arm"]) if sizes_before == 0 else None
+        ax.plot(x[keep], values.mean(axis=0)[keep], marker="osD^vP"[sizes_before % 6], markersize=4, **style)
+        if len(group["runs"]) > 1:
+            ax.fill_between(x[keep], values.min(axis=0)[keep], values.max(axis=0)[keep], color=style["color"],
+                            alpha=0.18, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("val bits per byte (lower is better)")
+    ax.set_title(f"{study_name}: validation bpb vs {'training FLOPs' if axis == 0 else 'wall-clock'}\n"
+                 + ("lines: size × budget; " if per_arm_legend else "")
+                 + "mean over seeds, band = min–max; dashed = probe / bound", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(**({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {"loc": "best"}))
+    return _png(fig, plt)
+
+
+def isoflop_plot(groups: list[dict], study_name: str) -> bytes:
+    """Final bpb vs params: one panel per training budget that holds several sizes of one arm; when budgets
+    differ by size (token or time budgets) a single panel of all sizes."""
+    plt = _pyplot()
+    points = [{"arm": g["arm"], "size": g["size"], "params": g["params"], "flops": g["train_flops"],
+               "loss": g["mean"]} for g in groups if g["params"] and g["train_flops"]]
+    budgets = [b for b in isoflop_groups(points) if any(len(p) > 1 for p in b["arms"].values())][-4:]
+    panels = [(f"budget ≈ {b['flops']:.2g} FLOPs", b["arms"]) for b in budgets]
+    if not panels:  # every size has its own budget: one panel, all sizes (rel_tol=inf puts them in one group)
+        panels = [("each size at its own budget", isoflop_groups(points, rel_tol=math.inf)[0]["arms"])]
+    columns, rows = min(len(panels), 2), math.ceil(len(panels) / 2)
+    fig, axes = plt.subplots(rows, columns, figsize=(7 if columns == 1 else 10, 4.5 if rows == 1 else 7.5),
+                             squeeze=False, sharey=True)
+    arm_index = {arm: i for i, arm in enumerate(dict.fromkeys(g["arm"] for g in groups))}
+    arm_group = {g["arm"]: g for g in groups}
+    for ax, (title, arms) in zip(axes.flat, panels, strict=False):  # a 3-budget grid leaves one axis empty
+        for arm, pts in sorted(arms.items()):
+            style = _style({**arm_group[arm], "label": arm}, arm_index[arm])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", **style)
+            for params, loss, size in pts:
+                ax.annotate(str(size), (params, loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        # Ticks at the model sizes themselves: narrow panels spanning < 2 decades get unreadable log minor labels.
+        ticks = sorted({p[0] for pts in arms.values() for p in pts})
+        ax.set_xticks(ticks, [human_count(t) for t in ticks], fontsize=8)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("parameters (log scale)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("final val bits per byte")
+    axes[0][-1].legend()
+    fig.suptitle(f"{study_name}: isoFLOP view (final bpb vs model size, mean over seeds)", fontsize=11)
+    return _png(fig, plt)
+
+
+def scaling_plot(groups: list[dict], fits: dict, study_name: str) -> bytes:
+    """Final bpb vs training FLOPs per run, with each arm's fitted L(C) = E + A·C^-alpha (hollow: runs of a size
+    that was not the best at its budget, left out of the fit)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, arm in enumerate(dict.fromkeys(g["arm"] for g in groups)):
+        arm_groups = [g for g in groups if g["arm"] == arm and g["train_flops"]]
+        if not arm_groups:
+            continue
+        fit = fits.get(arm)
+        style = _style({**arm_groups[0], "label": arm}, index)
+        style["label"] += f": α = {fit['alpha']:.3f} ± {fit['alpha_se']:.3f}" if isinstance(fit, dict) else " (no fit)"
+        for group in arm_groups:
+            hollow = isinstance(fit, dict) and not group.get("fitted")
+            ax.plot([r["train_flops"] for r in group["runs"]], [r["final"] for r in group["runs"]], marker="o",
+                    linestyle="none", color=style["color"], markerfacecolor="none" if hollow else None)
+        if isinstance(fit, dict):
+            flops = [g["train_flops"] for g in arm_groups]
+            grid = np.logspace(np.log10(min(flops)), np.log10(max(flops)), 100)
+            ax.plot(grid, power_law(grid, fit), **style)
+        else:
+            ax.plot([], [], marker="o", linestyle="none", color=style["color"], label=style["label"])
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (log scale)")
+    ax.set_ylabel("final val bits per byte")
+    ax.set_title(f"{study_name}: power-law fits L(C) = E + A·C$^{{-α}}$\n"
+                 "points = runs; hollow = not the best size at its budget (not fitted)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _png(fig, plt)
+
+
+def human_count(count: float) -> str:
+    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= divisor:
+            return f"{count / divisor:.3g}{suffix}"
+    return f"{count:.3g}"

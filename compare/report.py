@@ -1,0 +1,285 @@
+"""Study report (`archlab report DIR`): report.md, results.csv and PNG plots from a study output directory.
+
+Reads OUT/study.json and each finished run's summary.json and metrics.jsonl (layout: notes in compare/runner.py).
+Everything is computed in memory first, so a bad study directory raises before any file is written; each file
+is then written to a temporary name and moved into place.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from archlab.compare import plots
+from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
+from archlab.train.errors import UserError
+from archlab.train.run_log import read_metrics
+
+CSV_COLUMNS = ["name", "arm", "seed", "size", "budget", "backbone", "objective", "params", "flops_per_token", "tokens",
+               "train_flops", "train_seconds", "tokens_per_s", "peak_memory_mb", "final", "quality_metric", "probe",
+               "bound"]
+SPREAD = "± half the range over seeds, (max − min) / 2"
+FLAG_NOTES = {"probe": "JEPA: bpb of a linear byte probe on frozen features, not a likelihood of the model",
+              "bound": "diffusion: the NELBO, an upper bound on the true bpb"}
+WALLCLOCK_NOTE = ("Wall-clock at each evaluation is approximated as train_seconds × flops_k / train_flops "
+                  "(constant cost per step); evaluation time is not counted.")
+FIT_NOTE = ("Fit of L(C) = E + A·C^−α per arm (C = training FLOPs) over the runs of its best size at each training "
+            "budget (every size, when each has its own budget); ± = standard error from the Jacobian at the optimum "
+            "(NaN with exactly 3 points).")
+SYNTHETIC_FIXED_KEYS = {"arm", "backbone", "d_model", "params", "seed", "accuracy", "train_steps", "train_seconds"}
+
+
+def write_report(out_dir: Path) -> dict[str, Path]:
+    """Write the report files into out_dir; returns {file name: path} of what was written."""
+    out_dir = Path(out_dir)
+    study = _read_study(out_dir)
+    if study.get("kind") == "synthetic":
+        return _write_synthetic(study, out_dir)
+    loaded = [(entry.get("name", "?"), *_load_run(out_dir, entry)) for entry in study["runs"]]
+    runs = [run for _, run, _ in loaded if run is not None]
+    skipped = [(name, reason) for name, run, reason in loaded if run is None]
+    if not runs:
+        raise UserError(f"no finished run in {out_dir} ({len(skipped)} pending/failed/incomplete); "
+                        "let `archlab compare` finish at least one run first")
+    groups = _aggregate(runs)
+    files: dict[str, bytes] = {}
+    bpb_groups = [g for g in groups if g["quality_metric"] == "bpb"]
+    if bpb_groups:
+        files["bpb_vs_flops.png"] = plots.curve_plot(bpb_groups, 0, "training FLOPs (log scale)", study["study"])
+        files["bpb_vs_wallclock.png"] = plots.curve_plot(bpb_groups, 1, "training wall-clock, s (log scale)",
+                                                    study["study"])
+    fits = None
+    if any(r["size"] is not None for r in runs) or len({r["budget"] for r in runs}) > 1:
+        fits = _fit_arms(groups)
+        if bpb_groups:
+            files["isoflop.png"] = plots.isoflop_plot(bpb_groups, study["study"])
+            files["scaling.png"] = plots.scaling_plot(bpb_groups, fits, study["study"])
+    files["results.csv"] = _csv(runs, CSV_COLUMNS)
+    files["report.md"] = _report_md(study, groups, skipped, fits, files).encode()
+    return _write_files(out_dir, files)
+
+
+def _read_study(out_dir: Path) -> dict:
+    path = out_dir / "study.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found; pass the output directory of `archlab compare`")
+    try:
+        study = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); rerun `archlab compare` to rewrite it") from None
+    if not isinstance(study, dict) or not isinstance(study.get("runs", []), list) or "study" not in study:
+        raise UserError(f"{path} lacks the study name or a runs list; rerun `archlab compare` to rewrite it")
+    study.setdefault("runs", [])
+    return study
+
+
+def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
+    """(run, "") for a usable finished run, else (None, why it is skipped)."""
+    if entry.get("status") != "finished":
+        return None, f"status {entry.get('status', 'unknown')}"
+    run_dir = out_dir / entry["run_dir"]
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None, f"finished but {entry['run_dir']}/summary.json is missing or unreadable"
+    metric = entry.get("quality_metric", "bpb")
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    evals = [(r["flops"], r[f"val_{metric}"]) for r in records
+             if r.get("kind") == "eval" and f"val_{metric}" in r and r.get("flops") is not None]
+    final = summary.get("val", {}).get(metric, summary.get(f"val_{metric}"))
+    final = evals[-1][1] if final is None and evals else final
+    if final is None:
+        return None, f"no val_{metric} in summary.json or metrics.jsonl"
+    train_flops, train_seconds = summary.get("train_flops"), summary.get("train_seconds")
+    seconds_per_flop = train_seconds / train_flops if train_flops and train_seconds else math.nan
+    run = {key: entry.get(key) for key in ("name", "arm", "seed", "size", "budget", "flops_per_token")}
+    run |= {key: summary.get(key, entry.get(key)) for key in ("backbone", "objective", "params")}
+    run |= {key: summary.get(key) for key in ("tokens", "train_flops", "train_seconds", "tokens_per_s",
+                                              "peak_memory_mb")}
+    return run | {"final": float(final), "quality_metric": metric, "bound": bool(entry.get("bound")),
+                  "probe": bool(entry.get("probe") or summary.get("probe")),
+                  "curve": [(f, f * seconds_per_flop, v) for f, v in evals]}, ""
+
+
+def _mean(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _aggregate(runs: list[dict]) -> list[dict]:
+    """One row per arm (per arm, size and budget in scaling studies): means over seeds, spread, Pareto marks."""
+    by_key: dict[tuple, list[dict]] = {}
+    for run in runs:
+        by_key.setdefault((run["arm"], run["size"], run["budget"]), []).append(run)
+    several_budgets = len({run["budget"] for run in runs}) > 1
+    groups = []
+    for (arm, size, budget), members in by_key.items():
+        finals = [m["final"] for m in members]
+        label = " @ ".join(str(part) for part in (arm, size, budget if several_budgets else None) if part is not None)
+        group = {"label": label, "arm": arm, "size": size, "runs": members, "n": len(members),
+                 "mean": float(np.mean(finals)), "spread": (max(finals) - min(finals)) / 2,
+                 "quality_metric": members[0]["quality_metric"], "probe": any(m["probe"] for m in members),
+                 "bound": any(m["bound"] for m in members), "pareto_flops": False, "pareto_time": False}
+        for key in ("params", "flops_per_token", "tokens", "train_flops", "train_seconds", "tokens_per_s",
+                    "peak_memory_mb"):
+            group[key] = _mean(m[key] for m in members)
+        groups.append(group)
+    comparable = [g for g in groups if g["quality_metric"] == "bpb"]
+    for cost, mark in (("train_flops", "pareto_flops"), ("train_seconds", "pareto_time")):
+        points = [(g[cost] if g[cost] is not None else math.nan, g["mean"]) for g in comparable]
+        for index in pareto_front(points):
+            comparable[index][mark] = True
+    return groups
+
+
+def _fit_arms(groups: list[dict]) -> dict[str, dict | str]:
+    """Per arm: the L(C) fit over the runs of its best size at each training budget (all of them when every size
+    has its own budget), or the reason there is none. Marks the groups used with "fitted"."""
+    fits: dict[str, dict | str] = {}
+    for arm in dict.fromkeys(g["arm"] for g in groups):
+        candidates = [g for g in groups if g["arm"] == arm and g["train_flops"]]
+        frontier = [candidates[i] for i in budget_frontier([g["train_flops"] for g in candidates],
+                                                           [g["mean"] for g in candidates])]
+        if len(frontier) < 3:
+            fits[arm] = f"not enough sizes ({len(frontier)} distinct training budgets, need 3)"
+            continue
+        for group in frontier:
+            group["fitted"] = True
+        members = [run for group in frontier for run in group["runs"]]
+        try:
+            fits[arm] = fit_power_law([r["train_flops"] for r in members], [r["final"] for r in members])
+        except ValueError as exc:
+            fits[arm] = str(exc)
+    return fits
+
+
+def _csv(rows: list[dict], columns: list[str]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def _fmt(value, kind: str = "g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.0f}" if kind == "int" else f"{value:.3g}"
+
+
+def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict) -> str:
+    lines = [f"# Study report: {study['study']}", "", *_metadata(study),
+             f"- finished runs: {sum(g['n'] for g in groups)}, skipped: {len(skipped)}", "", "## Results per arm", "",
+             "| arm | seeds | params | FLOPs/token | tokens | train FLOPs | train tokens/s | peak memory MB | "
+             "final metric | metric | flags | Pareto FLOPs | Pareto time |", "|" + "---|" * 13]
+    for g in groups:
+        flags = ", ".join(flag for flag in ("probe", "bound") if g[flag]) or "–"
+        lines.append(f"| {g['label']} | {g['n']} | {_fmt(g['params'], 'int')} | {_fmt(g['flops_per_token'])} | "
+                     f"{_fmt(g['tokens'], 'int')} | {_fmt(g['train_flops'])} | {_fmt(g['tokens_per_s'], 'int')} | "
+                     f"{_fmt(g['peak_memory_mb'], 'int')} | {g['mean']:.4f} ± {g['spread']:.4f} | "
+                     f"val_{g['quality_metric']} | {flags} | {'★' if g['pareto_flops'] else ''} | "
+                     f"{'★' if g['pareto_time'] else ''} |")
+    lines += ["", f"Final metric: mean over seeds {SPREAD}. Lower is better. Flags: "
+              + "; ".join(f"**{k}** = {v}" for k, v in FLAG_NOTES.items()) + ".",
+              "★ = on the Pareto front of final val bpb vs total training FLOPs (Pareto FLOPs) or vs training "
+              "wall-clock (Pareto time): no other arm is both cheaper and better."]
+    others = [g["label"] for g in groups if g["quality_metric"] != "bpb"]
+    if others:
+        lines.append(f"Not bpb, so kept out of the plots and the Pareto fronts: {', '.join(others)}.")
+    lines += ["", "## Reading", "", _reading(groups), ""]
+    if "bpb_vs_flops.png" in files:
+        lines += ["## Curves", "", "![val bpb vs training FLOPs](bpb_vs_flops.png)", "",
+                  "![val bpb vs wall-clock](bpb_vs_wallclock.png)", "", WALLCLOCK_NOTE, ""]
+    if fits is not None:
+        lines += ["## Scaling", "", FIT_NOTE, "",
+                  "| arm | E | A | α | points | rmse |", "|---|---|---|---|---|---|"]
+        for arm, fit in fits.items():
+            lines.append(f"| {arm} | " + (f"{fit['E']:.4g} ± {fit['E_se']:.2g} | {fit['A']:.4g} ± {fit['A_se']:.2g} | "
+                                          f"{fit['alpha']:.4f} ± {fit['alpha_se']:.2g} | {fit['n_points']} | "
+                                          f"{fit['rmse']:.3g} |" if isinstance(fit, dict) else f"{fit} | | | | |"))
+        if "scaling.png" in files:
+            lines += ["", "![isoFLOP view](isoflop.png)", "", "![scaling fits](scaling.png)"]
+        lines.append("")
+    if skipped:
+        lines += ["## Skipped runs", "", *(f"- {name}: {reason}" for name, reason in skipped), ""]
+    lines += ["Per-run numbers: [results.csv](results.csv)."]
+    return "\n".join(lines) + "\n"
+
+
+def _metadata(study: dict) -> list[str]:
+    budgets = study.get("budget") or []  # one {"flops": ...} dict, or a list of them for multi-budget studies
+    budget = "; ".join(", ".join(f"{key} {value:.3g}" for key, value in b.items())
+                       for b in (budgets if isinstance(budgets, list) else [budgets]))
+    return [f"- kind: {study.get('kind', 'lm')}; budget per run: {budget or '–'}",
+            f"- device: {study.get('device', '–')}; torch {study.get('torch', '–')}; commit {study.get('commit', '–')}",
+            f"- created: {study.get('created', '–')}"]
+
+
+def _reading(groups: list[dict]) -> str:
+    """Facts only: the ranking by final metric with the gaps, and the Pareto arms."""
+    ranked = sorted((g for g in groups if g["quality_metric"] == "bpb"), key=lambda g: g["mean"])
+    if not ranked:
+        return "No arm reports val bpb; see the table."
+    best = ranked[0]
+    text = [f"Lowest final val bpb: **{best['label']}** at {best['mean']:.4f} ({best['n']} seed(s)) after "
+            f"{_fmt(best['train_flops'])} training FLOPs and {_fmt(best['train_seconds'], 'int')} s of training."]
+    if len(ranked) > 1:
+        second, worst = ranked[1], ranked[-1]
+        gap = second["mean"] - best["mean"]
+        text.append(f"Next: **{second['label']}** at {second['mean']:.4f}, {gap:.4f} bpb "
+                    f"({gap / second['mean']:.1%}) higher, after {_fmt(second['train_flops'])} FLOPs.")
+        if gap <= best["spread"] + second["spread"]:
+            text.append("That gap is within the sum of their seed half-ranges.")
+        if len(ranked) > 2:
+            text.append(f"Highest: **{worst['label']}** at {worst['mean']:.4f}.")
+    mentioned = ranked[:2] + ranked[-1:] if len(ranked) > 2 else ranked
+    flagged = [g["label"] for g in mentioned if g["probe"] or g["bound"]]
+    if flagged:
+        text.append(f"{', '.join(flagged)}: value flagged probe/bound (see flags), not a like-for-like likelihood.")
+    text.append("Pareto front (FLOPs): " + (", ".join(g["label"] for g in ranked if g["pareto_flops"]) or "–")
+                + "; (wall-clock): " + (", ".join(g["label"] for g in ranked if g["pareto_time"]) or "–") + ".")
+    return " ".join(text)
+
+
+def _write_synthetic(study: dict, out_dir: Path) -> dict[str, Path]:
+    """Synthetic-task studies: accuracy by arm x width x setting (mean over seeds), the rows as CSV, a plot."""
+    rows = study.get("synthetic") or []
+    if not rows:
+        raise UserError(f"{out_dir / 'study.json'} has no synthetic rows yet; let `archlab compare` finish a task")
+    table: dict[tuple, list[dict]] = {}
+    for row in rows:
+        setting = ", ".join(f"{k}={row[k]}" for k in sorted(row) if k not in SYNTHETIC_FIXED_KEYS)
+        table.setdefault((row["arm"], row["d_model"], setting), []).append(row)
+    lines = [f"# Study report: {study['study']} (synthetic tasks)", "", *_metadata(study), "",
+             "| arm | d_model | params | setting | seeds | accuracy |", "|---|---|---|---|---|---|"]
+    for (arm, width, setting), members in table.items():
+        acc = [m["accuracy"] for m in members]
+        lines.append(f"| {arm} | {width} | {_fmt(_mean(m.get('params') for m in members), 'int')} | {setting} | "
+                     f"{len(members)} | {np.mean(acc):.3f} ± {(max(acc) - min(acc)) / 2:.3f} |")
+    lines += ["", f"Accuracy over the test set's answer positions: mean over seeds {SPREAD}.", "",
+              "![accuracy vs width](synthetic.png)", ""]
+    from archlab.compare.synthetic import plot_accuracy_vs_width  # lazy: only synthetic studies need it
+
+    tmp = out_dir / "synthetic.tmp.png"  # .png suffix: matplotlib picks the format from it
+    plot_accuracy_vs_width(rows, tmp)
+    written = _write_files(out_dir, {"results.csv": _csv(rows, list(dict.fromkeys(k for row in rows for k in row))),
+                                     "report.md": ("\n".join(lines) + "\n").encode()})
+    os.replace(tmp, out_dir / "synthetic.png")
+    return {**written, "synthetic.png": out_dir / "synthetic.png"}
+
+
+def _write_files(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:
+    """Each file to a temporary name, then os.replace: a reader never sees half a file."""
+    written = {}
+    for name, data in files.items():
+        target = out_dir / name
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        written[name] = target
+    return written

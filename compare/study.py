@@ -1,0 +1,249 @@
+"""Study files: arms x seeds (x sizes x budgets) of ordinary run configs, expanded and validated up front.
+
+A study YAML (configs/studies/*.yaml):
+
+    study: quick                  # name (default: the file name)
+    kind: lm                      # lm (train and compare on text) | synthetic (compare/synthetic.py tasks)
+    base: {include: [../quickstart.yaml], train: {...}}    # a partial run config shared by every run
+    budget: {flops: 2.5e12}       # exactly one of flops | tokens | seconds; a list = one run per budget
+    seeds: [0, 1]
+    arms:                         # name -> partial run config merged over base (include allowed)
+      transformer-ar: {}
+      mamba-ar: {model: {backbone: mamba}, match: {to: transformer-ar, by: params, solve: d_model}}
+    sizes:                        # optional (scaling studies): name -> partial model config, crossed with arms
+      s: {d_model: 64}
+
+Budgets become train.max_steps through the trainer's own FLOPs counter (training_flops_per_token x tokens per
+step), so every arm stops within one step of the budget; a seconds budget also sets train.max_seconds, which
+the trainer enforces. `match` solves model.d_model or model.n_layers so the arm's parameter count or training
+FLOPs per token is within `tolerance` (default 2%) of the reference arm's, or fails with the closest miss.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from archlab.archs.registry import build_model
+from archlab.train.config import Config, deep_merge, resolve_includes, validate_config
+from archlab.train.errors import ConfigError
+from archlab.train.flops import training_flops_per_token
+
+RUN_CONFIG_SECTIONS = ("include", "model", "data", "train", "kernels", "run", "sample")
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    flops: Optional[float] = Field(None, gt=0, description="training FLOPs (the trainer's analytic count)")
+    tokens: Optional[int] = Field(None, gt=0, description="training tokens (bytes)")
+    seconds: Optional[float] = Field(None, gt=0, description="training wall-clock seconds (evals excluded)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Budget":
+        given = [name for name in ("flops", "tokens", "seconds") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a budget names exactly one of flops, tokens, seconds (got {given or 'none'})")
+        return self
+
+    @property
+    def label(self) -> str:
+        kind = next(name for name in ("flops", "tokens", "seconds") if getattr(self, name) is not None)
+        return f"{kind}={getattr(self, kind):.3g}"
+
+
+class Match(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(description="the reference arm")
+    by: Literal["params", "flops_per_token"] = "params"
+    solve: Literal["d_model", "n_layers"] = "d_model"
+    tolerance: float = Field(0.02, gt=0, lt=1)
+
+
+class SyntheticSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[dict[str, Any]] = Field(min_length=1, description="compare.synthetic.SyntheticTask settings")
+    widths: list[int] = Field(min_length=1, description="model.d_model values tried per arm")
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    study: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["lm", "synthetic"] = "lm"
+    base: dict[str, Any] = {}
+    budget: Optional[Union[Budget, list[Budget]]] = None
+    seeds: list[int] = Field([0], min_length=1)
+    arms: dict[str, dict[str, Any]] = Field(min_length=1)
+    sizes: Optional[dict[str, dict[str, Any]]] = None
+    nproc_per_node: int = Field(1, gt=0, description="GPUs per run (torchrun)")
+    synthetic: Optional[SyntheticSettings] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Study":
+        if self.kind == "lm" and self.budget is None:
+            raise ValueError("an lm study needs a budget: {flops: ...}, {tokens: ...} or {seconds: ...}")
+        if self.kind == "synthetic" and self.synthetic is None:
+            raise ValueError("a synthetic study needs a synthetic: section (tasks, widths, steps, batch_size, lr)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a value")
+        for name, arm in self.arms.items():
+            unknown = sorted(set(arm) - set(RUN_CONFIG_SECTIONS) - {"match"})
+            if unknown:
+                raise ValueError(f"arm {name}: unknown section {unknown[0]!r}; an arm holds "
+                                 f"{', '.join(RUN_CONFIG_SECTIONS)} and match")
+            if "match" in arm:
+                match = Match.model_validate(arm["match"])
+                if match.to not in self.arms or match.to == name or "match" in self.arms[match.to]:
+                    raise ValueError(f"arm {name}: match.to={match.to!r} must name another arm without a match")
+                if self.sizes:
+                    raise ValueError(f"arm {name}: match and sizes do not go together; give sizes per arm instead")
+        if self.nproc_per_node > 1:
+            raise ValueError("nproc_per_node > 1 needs distributed training (torchrun), which archlab does not "
+                             "have yet; run with nproc_per_node: 1")
+        return self
+
+    @property
+    def budgets(self) -> list[Budget]:
+        return self.budget if isinstance(self.budget, list) else [self.budget]
+
+
+class RunSpec(BaseModel):
+    """One run of an lm study: its validated config and what the report needs to know about it."""
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    name: str
+    arm: str
+    seed: int
+    size: Optional[str]
+    budget: Budget
+    config: Config
+    params: int
+    flops_per_token: int
+    quality_metric: str
+    probe: bool
+    bound: bool
+    match: Optional[dict[str, Any]] = None  # the achieved mismatch when the size was solved
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} not found; pass a YAML file such as configs/studies/quick.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"study {path} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study {path} must be a mapping (study:, base:, budget:, arms:, ...)")
+    raw.setdefault("study", path.stem)
+    try:
+        study = Study.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "study"
+        raise ConfigError(f"study {path}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+    study.base = resolve_includes(study.base, path.parent, source=f"{path} base")
+    study.arms = {name: resolve_includes(arm, path.parent, source=f"{path} arm {name}")
+                  for name, arm in study.arms.items()}
+    return study
+
+
+def _run_tree(study: Study, arm: str, size: str | None, seed: int) -> dict[str, Any]:
+    tree = copy.deepcopy(study.base)
+    deep_merge(tree, {k: v for k, v in copy.deepcopy(study.arms[arm]).items() if k != "match"})
+    if size is not None:
+        deep_merge(tree, {"model": copy.deepcopy(study.sizes[size])})
+    deep_merge(tree, {"train": {"seed": seed}})
+    return tree
+
+
+def measure(cfg: Config) -> tuple[int, int]:
+    """(trained parameters, training FLOPs per token) of the model a config builds."""
+    model = build_model(cfg.model)
+    return model.num_parameters(), training_flops_per_token(model, cfg.data.seq_len)
+
+
+def solve_size(tree: dict[str, Any], match: Match, target: float, source: str) -> tuple[dict[str, Any], dict]:
+    """Sets model.<match.solve> in `tree` so that the measured quantity is nearest `target`.
+
+    The quantity grows with d_model and n_layers, so a doubling search then bisection finds the bracketing
+    values; with attention, d_model moves in steps that keep its constraints (a multiple of 2 * n_heads)."""
+    index = 0 if match.by == "params" else 1
+    base_cfg = validate_config(tree, source=source)
+    step = 2 * base_cfg.model.n_heads if match.solve == "d_model" and base_cfg.model.has_attention else 1
+
+    @functools.cache
+    def value_at(units: int) -> float:
+        trial = copy.deepcopy(tree)
+        deep_merge(trial, {"model": {match.solve: units * step}})
+        return measure(validate_config(trial, source=source))[index]
+
+    low, high = 1, 1
+    while value_at(high) < target:
+        low, high = high, high * 2
+        if high * step > 65536:
+            raise ConfigError(f"{source}: no model.{match.solve} up to {high * step} reaches {match.by}={target:.4g}")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if value_at(middle) < target else (low, middle)
+    best = min((low, high), key=lambda units: abs(value_at(units) - target))
+    achieved = value_at(best)
+    mismatch = achieved / target - 1
+    if abs(mismatch) > match.tolerance:
+        raise ConfigError(f"{source}: matching {match.by} to arm {match.to} ({target:.4g}) by model.{match.solve}: "
+                          f"the closest, {best * step}, gives {achieved:.4g} ({mismatch:+.1%}, over "
+                          f"{match.tolerance:.0%}); solve the other dimension or set the size by hand")
+    solved = copy.deepcopy(tree)
+    deep_merge(solved, {"model": {match.solve: best * step}})
+    return solved, {"to": match.to, "by": match.by, match.solve: best * step, "target": target,
+                    "achieved": achieved, "mismatch": round(mismatch, 5)}
+
+
+def steps_for_budget(budget: Budget, cfg: Config, flops_per_token: int, steps_per_second: float | None) -> int:
+    """train.max_steps that spends the budget: whole steps, at least one."""
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    if budget.flops is not None:
+        return max(1, round(budget.flops / (flops_per_token * tokens_per_step)))
+    if budget.tokens is not None:
+        return max(1, round(budget.tokens / tokens_per_step))
+    return max(1, round(budget.seconds * steps_per_second))
+
+
+def plan_runs(study: Study, *, steps_per_second=None) -> list[RunSpec]:
+    """Every run of an lm study, validated and sized, before anything is written.
+
+    `steps_per_second(cfg)` measures a config's training speed; only seconds budgets call it."""
+    specs = []
+    sizes = list(study.sizes) if study.sizes else [None]
+    for budget_index, budget in enumerate(study.budgets):
+        for arm, arm_tree in study.arms.items():
+            for size in sizes:
+                for seed in study.seeds:
+                    name = "-".join([arm, *([size] if size else []),
+                                     *([f"b{budget_index}"] if len(study.budgets) > 1 else []), f"s{seed}"])
+                    source = f"study {study.study}, run {name}"
+                    tree, matched = _run_tree(study, arm, size, seed), None
+                    if "match" in arm_tree:
+                        match = Match.model_validate(arm_tree["match"])
+                        reference = measure(validate_config(_run_tree(study, match.to, size, seed), source=source))
+                        tree, matched = solve_size(tree, match, reference[0 if match.by == "params" else 1], source)
+                    probe_cfg = validate_config(tree, source=source)
+                    params, flops_per_token = measure(probe_cfg)
+                    speed = steps_per_second(probe_cfg) if budget.seconds is not None else None
+                    train = {"max_steps": steps_for_budget(budget, probe_cfg, flops_per_token, speed)}
+                    if budget.seconds is not None:
+                        train["max_seconds"] = budget.seconds
+                    deep_merge(tree, {"train": train})
+                    cfg = validate_config(tree, source=source)
+                    objective = build_model(cfg.model).objective
+                    specs.append(RunSpec(
+                        name=name, arm=arm, seed=seed, size=size, budget=budget, config=cfg, params=params,
+                        flops_per_token=flops_per_token, quality_metric=objective.quality_metric,
+                        probe=objective.quality_is_probe, bound=objective.quality_is_bound,
+                        match=matched))
+    return specs

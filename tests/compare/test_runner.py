@@ -1,0 +1,77 @@
+"""`archlab compare` end to end on a tiny two-arm study: runs, skips finished arms on --resume, reports."""
+import json
+
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from archlab.compare.runner import run_study
+from archlab.train.cli import main
+from archlab.train.errors import UserError
+
+from ..train.conftest import TINY
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def tiny_study(tmp_path):
+    study = {"study": "tiny", "base": {"include": [str(TINY)], "train": {"eval_every": 5}, "sample": {"tokens": 0}},
+             "budget": {"tokens": 2560},  # 10 steps of 8 x 32 bytes
+             "arms": {"transformer": {}, "mamba": {"model": {"backbone": "mamba", "d_state": 4}}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_study_runs_every_arm_resumes_without_redoing_and_reports(tiny_study, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_study(tiny_study, out)
+    record = json.loads((out / "study.json").read_text())
+    assert [(r["name"], r["status"]) for r in record["runs"]] == [("transformer-s0", "finished"),
+                                                                   ("mamba-s0", "finished")]
+    for run in record["runs"]:
+        summary = json.loads((out / run["run_dir"] / "summary.json").read_text())
+        assert summary["step"] == 10 and summary["train_flops"] == 10 * 256 * run["flops_per_token"]
+        assert summary["peak_memory_mb"] > 0
+    report = (out / "report.md").read_text()
+    assert "transformer" in report and "mamba" in report
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_SIGNATURE and imread(png).shape[0] > 100
+    assert (out / "bpb_vs_flops.png").exists()
+
+    # a study interrupted before its second arm finished: --resume redoes only that arm
+    finished = out / "runs" / "transformer-s0" / "metrics.jsonl"
+    before = finished.stat().st_mtime_ns
+    (out / "runs" / "mamba-s0" / "summary.json").unlink()
+    with pytest.raises(UserError, match="already holds study results; pass --resume"):
+        run_study(tiny_study, out)
+    capsys.readouterr()
+    run_study(tiny_study, out, resume=True)
+    printed = capsys.readouterr().out
+    assert "transformer-s0: finished earlier, skipped" in printed and "mamba-s0: " in printed
+    assert finished.stat().st_mtime_ns == before
+    assert (out / "runs" / "mamba-s0" / "summary.json").exists()
+
+
+def test_cli_errors_are_one_line(tiny_study, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", str(tmp_path / "missing.yaml")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: study file")
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["compare", str(tiny_study), "--out", str(tmp_path / "occupied")])
+    assert "not empty and holds no study" in capsys.readouterr().err
+    assert (tmp_path / "occupied" / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "occupied")])
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_dry_run_prints_the_plan(tiny_study, capsys, tmp_path):
+    main(["compare", str(tiny_study), "--dry-run"])
+    plan = yaml.safe_load(capsys.readouterr().out)
+    assert [run["name"] for run in plan] == ["transformer-s0", "mamba-s0"]
+    assert all(run["max_steps"] == 10 for run in plan)
+    assert not (tmp_path / "runs").exists()
