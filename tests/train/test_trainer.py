@@ -289,3 +289,22 @@ def test_saving_the_same_step_twice_keeps_one_checkpoint(tiny_config, tmp_path):
     trainer._save()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000006"]
     assert Trainer(tiny_config("run.resume=true")).step == 6
+
+
+def test_time_budget_stops_the_run_and_it_stays_stopped(tiny_config, tmp_path, monkeypatch):
+    """train.max_seconds ends training at the step that crosses it: eval, checkpoint, summary say so."""
+    import archlab.train.trainer as trainer_module
+
+    clock = iter(range(0, 10_000))  # every perf_counter() call advances one second
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
+    trainer = Trainer(tiny_config("train.max_seconds=3", "train.max_steps=50", "train.warmup_steps=1"))
+    final = trainer.train()
+    assert 1 <= trainer.step < 50 and trainer.train_seconds >= 3
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["kind"] == "eval" and records[-1]["step"] == trainer.step and "bpb" in final
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == f"step_{trainer.step:08d}"
+    assert trainer.write_summary(final)["stopped_by"] == "max_seconds"
+    again = Trainer(tiny_config("train.max_seconds=3", "train.max_steps=50", "train.warmup_steps=1",
+                                "run.resume=true"))
+    again.train()
+    assert again.step == trainer.step  # over its time budget already: nothing more is trained
