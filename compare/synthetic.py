@@ -1,0 +1,297 @@
+"""Synthetic recall tasks (Zoology-style): MQAR, selective copying, induction heads; train, score, plot.
+
+Every token id is a byte (0..255). The ranges are disjoint, so a key can never be mistaken for filler:
+  0         COPY_MARKER  selective copy: "now write the data tokens back"
+  1         BLANK        selective copy: the noise token the data tokens are scattered among
+  2..15     TRIGGERS     induction heads: the tokens whose successor must be recalled
+  16..127   KEYS         MQAR keys
+  128..223  VALUES       MQAR values; selective-copy data tokens; induction-heads content and answers
+  224..255  FILLER       MQAR filler between the queries
+
+Targets follow the autoregressive objective's alignment: position t predicts token t + 1, so
+targets[b, t] = inputs[b, t + 1] at scored positions and -100 elsewhere. The answer itself is in the
+input (as text would have it), right after the position that must predict it.
+
+Layouts (L = seq_len, n = n_pairs):
+  mqar            [k1 v1 ... kn vn] then L - 2n positions of FILLER holding n queries, each a key followed by
+                  its value, at even offsets 2g from the end of the pairs (as Zoology's multiquery_ar). Keys
+                  and values are distinct within a sequence; every key is queried once; the offsets g are
+                  drawn without replacement with P(g) ~ (g + 1)^(power_a - 1) (power_a=1: uniform; small:
+                  queries crowd near the pairs, as repeated bigrams do in text). Scored: each query key.
+  selective_copy  L - n - 1 positions of BLANK with n data tokens (repeats allowed) at random places, then
+                  COPY_MARKER, then the n data tokens in order. Scored: the marker and the first n - 1 copies.
+  induction_heads random content tokens; n distinct triggers each placed once, followed by a random answer;
+                  the last 2n positions repeat the triggers in random order, each followed by its answer.
+                  n = 1 is the classic induction-heads task. Scored: each trigger in the final 2n positions.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from archlab.archs.config import ModelConfig
+from archlab.archs.registry import build_model
+from archlab.train.trainer import parameter_groups
+
+IGNORE = -100
+COPY_MARKER = 0
+BLANK = 1
+TRIGGERS = range(2, 16)
+KEYS = range(16, 128)
+VALUES = range(128, 224)
+FILLER = range(224, 256)
+
+# Train set and test set come from different streams of the same seed (Zoology keeps them apart too).
+TEST_SEED_OFFSET = 1_000_003
+
+
+class SyntheticTask(BaseModel):
+    """One synthetic setting; n_pairs means key-value pairs (mqar), data tokens (selective_copy) or triggers
+    (induction_heads)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["mqar", "selective_copy", "induction_heads"]
+    seq_len: int = Field(gt=1, le=65536)
+    n_pairs: int = Field(gt=0)
+    train_examples: int = Field(gt=0)
+    test_examples: int = Field(gt=0)
+    power_a: float = Field(0.01, gt=0, le=1, description="mqar: power law of the query offsets (1 = uniform)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SyntheticTask":
+        n, length = self.n_pairs, self.seq_len
+        if self.task == "mqar":
+            if n > min(len(KEYS), len(VALUES)):
+                raise ValueError(f"mqar n_pairs={n} exceeds the {min(len(KEYS), len(VALUES))} distinct values "
+                                 "available in the byte vocabulary; use fewer pairs")
+            if 4 * n > length:
+                raise ValueError(f"mqar needs seq_len >= 4 * n_pairs (pairs then one query + answer per pair), "
+                                 f"got seq_len={length}, n_pairs={n}")
+        elif self.task == "selective_copy":
+            if 2 * n + 1 > length:
+                raise ValueError(f"selective_copy needs seq_len >= 2 * n_pairs + 1 (noisy region, marker, copy), "
+                                 f"got seq_len={length}, n_pairs={n}")
+        else:
+            if n > len(TRIGGERS):
+                raise ValueError(f"induction_heads n_pairs={n} exceeds the {len(TRIGGERS)} trigger tokens; "
+                                 "use fewer triggers")
+            if 4 * n > length:
+                raise ValueError(f"induction_heads needs seq_len >= 4 * n_pairs (each trigger + answer twice), "
+                                 f"got seq_len={length}, n_pairs={n}")
+        return self
+
+
+def _distinct(id_range: range, n_rows: int, k: int, gen: torch.Generator) -> Tensor:
+    """(n_rows, k) ids from id_range, distinct within each row, uniformly drawn."""
+    order = torch.rand(n_rows, len(id_range), generator=gen).argsort(dim=1)[:, :k]
+    return order + id_range.start
+
+
+def _uniform(id_range: range, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    return torch.randint(id_range.start, id_range.stop, shape, generator=gen)
+
+
+def _weighted_without_replacement(log_weights: Tensor, n_rows: int, k: int, gen: torch.Generator) -> Tensor:
+    """(n_rows, k) distinct indices drawn one after another with probability ~ weight (Gumbel top-k)."""
+    uniform = torch.rand(n_rows, log_weights.numel(), generator=gen).clamp_min(1e-12)
+    return (log_weights - torch.log(-torch.log(uniform))).topk(k, dim=1).indices
+
+
+def _sorted_spaced_positions(n_rows: int, k: int, span: int, gen: torch.Generator) -> Tensor:
+    """(n_rows, k) increasing positions in 0..span-2, at least 2 apart (room for a token and its successor)."""
+    slots = _distinct(range(span - k), n_rows, k, gen).sort(dim=1).values
+    return slots + torch.arange(k)
+
+
+def _score(inputs: Tensor, answer_positions: Tensor) -> Tensor:
+    """Targets: the next token at each answer position (position t predicts t + 1), -100 elsewhere."""
+    targets = torch.full_like(inputs, IGNORE)
+    targets.scatter_(1, answer_positions, inputs.gather(1, answer_positions + 1))
+    return targets
+
+
+def mqar_batch(task: SyntheticTask, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    pairs, length = task.n_pairs, task.seq_len
+    keys = _distinct(KEYS, n, pairs, gen)
+    values = _distinct(VALUES, n, pairs, gen)
+    inputs = _uniform(FILLER, (n, length), gen)
+    inputs[:, 0:2 * pairs:2], inputs[:, 1:2 * pairs:2] = keys, values
+    offsets = (length - 2 * pairs) // 2
+    log_weights = (task.power_a - 1) * torch.log(torch.arange(1, offsets + 1, dtype=torch.float64)).float()
+    query_positions = 2 * pairs + 2 * _weighted_without_replacement(log_weights, n, pairs, gen)
+    inputs.scatter_(1, query_positions, keys)
+    inputs.scatter_(1, query_positions + 1, values)
+    return inputs, _score(inputs, query_positions)
+
+
+def selective_copy_batch(task: SyntheticTask, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    count, length = task.n_pairs, task.seq_len
+    region = length - count - 1
+    data = _uniform(VALUES, (n, count), gen)
+    inputs = torch.full((n, length), BLANK, dtype=torch.long)
+    data_positions = _distinct(range(region), n, count, gen).sort(dim=1).values
+    inputs.scatter_(1, data_positions, data)
+    inputs[:, region] = COPY_MARKER
+    inputs[:, region + 1:] = data
+    answer_positions = torch.arange(region, length - 1).expand(n, count)
+    return inputs, _score(inputs, answer_positions)
+
+
+def induction_heads_batch(task: SyntheticTask, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    count, length = task.n_pairs, task.seq_len
+    prefix = length - 2 * count
+    inputs = _uniform(VALUES, (n, length), gen)
+    triggers = _distinct(TRIGGERS, n, count, gen)
+    first_positions = _sorted_spaced_positions(n, count, prefix, gen)
+    inputs.scatter_(1, first_positions, triggers)
+    answers = inputs.gather(1, first_positions + 1)
+    recall_order = torch.rand(n, count, generator=gen).argsort(dim=1)
+    query_positions = prefix + 2 * torch.arange(count).expand(n, count)
+    inputs.scatter_(1, query_positions, triggers.gather(1, recall_order))
+    inputs.scatter_(1, query_positions + 1, answers.gather(1, recall_order))
+    return inputs, _score(inputs, query_positions)
+
+
+GENERATORS = {"mqar": mqar_batch, "selective_copy": selective_copy_batch, "induction_heads": induction_heads_batch}
+
+
+def generate(task: SyntheticTask, n: int, *, seed: int) -> tuple[Tensor, Tensor]:
+    """n examples: inputs (n, seq_len) byte ids and targets (n, seq_len), -100 where nothing is scored."""
+    if n <= 0:
+        raise ValueError(f"n={n} examples requested; ask for at least one")
+    gen = torch.Generator().manual_seed(seed)
+    return GENERATORS[task.task](task, n, gen)
+
+
+def _lr(step: int, steps: int, peak: float) -> float:
+    """Linear warmup over the first 10% of steps, then cosine to 10% of the peak."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _answer_loss(model, inputs: Tensor, targets: Tensor) -> Tensor:
+    logits = model.objective.logits(model, inputs)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def _accuracy(model, inputs: Tensor, targets: Tensor, batch_size: int) -> float:
+    correct = scored = 0
+    for start in range(0, inputs.shape[0], batch_size):
+        batch_inputs, batch_targets = inputs[start:start + batch_size], targets[start:start + batch_size]
+        predictions = model.objective.logits(model, batch_inputs).argmax(dim=-1)
+        mask = batch_targets != IGNORE
+        correct += (predictions[mask] == batch_targets[mask]).sum().item()
+        scored += mask.sum().item()
+    return correct / scored
+
+
+def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float,
+                    seed: int, device: str | torch.device = "cpu", kernels=None) -> dict:
+    """Trains a fresh model on a fixed train set (loss on answer positions only), scores exact-match
+    argmax accuracy on a held-out test set. Deterministic given the seed on the CPU."""
+    if model_cfg.objective != "autoregressive":
+        raise ValueError(f"synthetic recall scores next-token predictions; objective={model_cfg.objective} "
+                         "is not autoregressive, set model.objective=autoregressive")
+    if steps <= 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"steps={steps}, batch_size={batch_size} and lr={lr} must all be positive")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, kernels=kernels).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, decay_embeddings=False), lr=lr,
+                                  betas=(0.9, 0.98))
+    train_inputs, train_targets = generate(task, task.train_examples, seed=seed)
+    test_inputs, test_targets = generate(task, task.test_examples, seed=seed + TEST_SEED_OFFSET)
+    train_inputs, train_targets = train_inputs.to(device), train_targets.to(device)
+    shuffle = torch.Generator().manual_seed(seed)
+    order, cursor = torch.randperm(task.train_examples, generator=shuffle), 0
+    model.train()
+    started = time.perf_counter()
+    for step in range(steps):
+        if cursor + batch_size > task.train_examples:  # next epoch; a batch never mixes two epochs
+            order, cursor = torch.randperm(task.train_examples, generator=shuffle), 0
+        picked = order[cursor:cursor + batch_size].to(device)
+        cursor += batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        loss = _answer_loss(model, train_inputs[picked], train_targets[picked])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    final_loss = loss.item()
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    accuracy = _accuracy(model, test_inputs.to(device), test_targets.to(device), batch_size)
+    return {"accuracy": accuracy, "params": model.num_parameters(), "train_steps": steps,
+            "train_seconds": train_seconds, "final_train_loss": final_loss}
+
+
+SETTING_KEYS = ("task", "seq_len", "n_pairs")
+
+
+def plot_accuracy_vs_width(rows: list[dict], path) -> None:
+    """Zoology-style figure: a panel per (task, seq_len, n_pairs), accuracy against d_model (log2), a line
+    per arm (mean over seeds). Written atomically."""
+    if not rows:
+        raise ValueError("no synthetic rows to plot; run the synthetic study first")
+    missing = {key for row in rows for key in (*SETTING_KEYS, "arm", "d_model", "accuracy") if key not in row}
+    if missing:
+        raise ValueError(f"synthetic rows lack {sorted(missing)}; each row needs task, seq_len, n_pairs, arm, "
+                         "d_model and accuracy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({tuple(row[key] for key in SETTING_KEYS) for row in rows})
+    arms = sorted({row["arm"] for row in rows})
+    columns = min(4, len(settings))
+    n_rows = math.ceil(len(settings) / columns)
+    figure, axes = plt.subplots(n_rows, columns, figsize=(4 * columns, 3.4 * n_rows), squeeze=False)
+    for axis, setting in zip(axes.flat, settings, strict=False):
+        for arm in arms:
+            accuracy_by_width: dict[int, list[float]] = {}
+            for row in rows:
+                if row["arm"] == arm and tuple(row[key] for key in SETTING_KEYS) == setting:
+                    accuracy_by_width.setdefault(row["d_model"], []).append(row["accuracy"])
+            if accuracy_by_width:
+                widths = sorted(accuracy_by_width)
+                means = [sum(accuracy_by_width[w]) / len(accuracy_by_width[w]) for w in widths]
+                axis.plot(widths, means, marker="o", label=arm)
+        task, seq_len, n_pairs = setting
+        axis.set_title(f"{task}  seq_len={seq_len}  n_pairs={n_pairs}", fontsize=10)
+        axis.set_xscale("log", base=2)
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_xlabel("model width (d_model)")
+        axis.set_ylabel("accuracy")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(settings):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, format="png", dpi=120)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
