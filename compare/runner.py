@@ -73,7 +73,7 @@ def _run_record(spec: RunSpec, status: str) -> dict[str, Any]:
 
 def _header(study: Study, device: str) -> dict[str, Any]:
     budget = [b.model_dump(exclude_none=True) for b in study.budgets]
-    return {"study": study.study, "kind": study.kind, "budget": budget[0] if len(budget) == 1 else budget,
+    return {"study": study.study, "kind": study.kind, "budget": budget[0] if len(budget) == 1 else budget or None,
             "seeds": study.seeds, "created": datetime.date.today().isoformat(), "device": device,
             "torch": torch.__version__, "commit": git_commit()}
 

@@ -110,6 +110,8 @@ class Study(BaseModel):
 
     @property
     def budgets(self) -> list[Budget]:
+        if self.budget is None:  # synthetic studies train for a fixed number of steps instead
+            return []
         return self.budget if isinstance(self.budget, list) else [self.budget]
 
 

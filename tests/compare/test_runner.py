@@ -75,3 +75,25 @@ def test_dry_run_prints_the_plan(tiny_study, capsys, tmp_path):
     assert [run["name"] for run in plan] == ["transformer-s0", "mamba-s0"]
     assert all(run["max_steps"] == 10 for run in plan)
     assert not (tmp_path / "runs").exists()
+
+
+def test_synthetic_study_rows_resume_and_report(tmp_path, capsys):
+    study = {"study": "recall", "kind": "synthetic", "seeds": [0],
+             "arms": {"transformer": {"model": {"n_layers": 1, "n_heads": 2}},
+                      "mamba": {"model": {"backbone": "mamba", "n_layers": 1, "d_state": 4}}},
+             "synthetic": {"widths": [16, 32], "steps": 3, "batch_size": 4, "lr": 1e-3,
+                           "tasks": [{"task": "mqar", "seq_len": 16, "n_pairs": 2, "train_examples": 16,
+                                      "test_examples": 8}]}}
+    path, out = tmp_path / "recall.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    run_study(path, out)
+    rows = json.loads((out / "study.json").read_text())["synthetic"]
+    assert sorted((r["arm"], r["d_model"]) for r in rows) == [("mamba", 16), ("mamba", 32), ("transformer", 16),
+                                                              ("transformer", 32)]
+    assert all(0 <= r["accuracy"] <= 1 and r["task"] == "mqar" and r["n_pairs"] == 2 for r in rows)
+    assert (out / "synthetic.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "mamba" in (out / "report.md").read_text()
+    capsys.readouterr()
+    run_study(path, out, resume=True)  # everything finished: no row is trained again
+    assert "accuracy" not in capsys.readouterr().out
+    assert json.loads((out / "study.json").read_text())["synthetic"] == rows
