@@ -45,7 +45,8 @@ def ensure_environment() -> None:
 
 def main() -> None:
     commands = {
-        "quickstart": [str(PYTHON), "-m", "archlab.train.cli", "train", "configs/quickstart.yaml", "run.resume=auto"],
+        # the quick study (configs/studies/quick.yaml); --resume makes a second call finish or re-report it
+        "quickstart": [str(PYTHON), "-m", "archlab.train.cli", "compare", "configs/studies/quick.yaml", "--resume"],
         "test": [str(PYTHON), "-m", "pytest", "-q"],
     }
     if len(sys.argv) < 2 or sys.argv[1] not in commands:

@@ -31,6 +31,7 @@ WALLCLOCK_NOTE = ("Wall-clock at each evaluation is approximated as train_second
 FIT_NOTE = ("Fit of L(C) = E + A·C^−α per arm (C = training FLOPs) over the runs of its best size at each training "
             "budget (every size, when each has its own budget); ± = standard error from the Jacobian at the optimum "
             "(NaN with exactly 3 points).")
+PARETO_COST_TOLERANCE = 0.02  # runs matched to one budget land within a step of it: equal cost, not cheaper
 SYNTHETIC_FIXED_KEYS = {"arm", "backbone", "d_model", "params", "seed", "accuracy", "train_steps", "train_seconds"}
 
 
@@ -129,10 +130,11 @@ def _aggregate(runs: list[dict]) -> list[dict]:
                     "peak_memory_mb"):
             group[key] = _mean(m[key] for m in members)
         groups.append(group)
-    comparable = [g for g in groups if g["quality_metric"] == "bpb"]
+    # a probe's bpb is not the model's likelihood: it never competes on the front
+    comparable = [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]]
     for cost, mark in (("train_flops", "pareto_flops"), ("train_seconds", "pareto_time")):
         points = [(g[cost] if g[cost] is not None else math.nan, g["mean"]) for g in comparable]
-        for index in pareto_front(points):
+        for index in pareto_front(points, cost_tolerance=PARETO_COST_TOLERANCE):
             comparable[index][mark] = True
     return groups
 
@@ -172,6 +174,11 @@ def _fmt(value, kind: str = "g") -> str:
     return f"{value:,.0f}" if kind == "int" else f"{value:.3g}"
 
 
+def _final(group: dict) -> str:
+    """The final metric, with the seed spread when there are several seeds."""
+    return f"{group['mean']:.4f} ± {group['spread']:.4f}" if group["n"] > 1 else f"{group['mean']:.4f}"
+
+
 def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict) -> str:
     lines = [f"# Study report: {study['study']}", "", *_metadata(study),
              f"- finished runs: {sum(g['n'] for g in groups)}, skipped: {len(skipped)}", "", "## Results per arm", "",
@@ -181,13 +188,14 @@ def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None
         flags = ", ".join(flag for flag in ("probe", "bound") if g[flag]) or "–"
         lines.append(f"| {g['label']} | {g['n']} | {_fmt(g['params'], 'int')} | {_fmt(g['flops_per_token'])} | "
                      f"{_fmt(g['tokens'], 'int')} | {_fmt(g['train_flops'])} | {_fmt(g['tokens_per_s'], 'int')} | "
-                     f"{_fmt(g['peak_memory_mb'], 'int')} | {g['mean']:.4f} ± {g['spread']:.4f} | "
+                     f"{_fmt(g['peak_memory_mb'], 'int')} | {_final(g)} | "
                      f"val_{g['quality_metric']} | {flags} | {'★' if g['pareto_flops'] else ''} | "
                      f"{'★' if g['pareto_time'] else ''} |")
     lines += ["", f"Final metric: mean over seeds {SPREAD}. Lower is better. Flags: "
               + "; ".join(f"**{k}** = {v}" for k, v in FLAG_NOTES.items()) + ".",
               "★ = on the Pareto front of final val bpb vs total training FLOPs (Pareto FLOPs) or vs training "
-              "wall-clock (Pareto time): no other arm is both cheaper and better."]
+              f"wall-clock (Pareto time): no other arm is both cheaper and better (costs within "
+              f"{PARETO_COST_TOLERANCE:.0%} count as equal; probe arms are left out)."]
     others = [g["label"] for g in groups if g["quality_metric"] != "bpb"]
     if others:
         lines.append(f"Not bpb, so kept out of the plots and the Pareto fronts: {', '.join(others)}.")

@@ -99,19 +99,19 @@ def _golden_section(f, lo: float, hi: float, tol: float = 1e-10) -> float:
     return (a + b) / 2
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+def pareto_front(points: Sequence[tuple[float, float]], cost_tolerance: float = 0.0) -> list[int]:
     """Indices (ascending) of the non-dominated (cost, loss) points, lower being better on both. A point is
     dominated when another is no worse on both and strictly better on one; equal points keep each other.
-    Points with a NaN are never on the front."""
+    Costs within `cost_tolerance` (relative) count as equal: budgets are met only to within a step, and a run
+    that is 0.2% cheaper is not a better trade. Points with a NaN are never on the front."""
     valid = [i for i, (c, q) in enumerate(points) if not (math.isnan(c) or math.isnan(q))]
-    front = []
-    for i in valid:
-        ci, qi = points[i]
-        dominated = any(points[j][0] <= ci and points[j][1] <= qi and (points[j][0] < ci or points[j][1] < qi)
-                        for j in valid if j != i)
-        if not dominated:
-            front.append(i)
-    return front
+    return [i for i in valid if not any(_dominates(points[j], points[i], cost_tolerance) for j in valid if j != i)]
+
+
+def _dominates(a: tuple[float, float], b: tuple[float, float], cost_tolerance: float) -> bool:
+    """Whether (cost, loss) point a dominates b: no dearer (within tolerance), no worse, and better on one."""
+    no_dearer, clearly_cheaper = a[0] <= b[0] * (1 + cost_tolerance), a[0] * (1 + cost_tolerance) < b[0]
+    return no_dearer and a[1] <= b[1] and (a[1] < b[1] or clearly_cheaper)
 
 
 def budget_clusters(flops: Sequence[float], rel_tol: float = 0.1) -> list[list[int]]:

@@ -91,3 +91,10 @@ def test_budget_frontier_takes_the_best_size_per_budget():
     flops = [1e13, 1.05e13, 0.97e13, 1e14, 1.01e14, 5e14]
     loss = [3.0, 2.8, 2.9, 2.4, 2.5, 2.0]
     assert budget_frontier(flops, loss) == [1, 3, 5]
+
+
+def test_pareto_costs_within_tolerance_count_as_equal():
+    # equal-budget runs land within a step of the budget: 0.2% cheaper must not put a worse run on the front
+    points = [(6.01e12, 2.68), (6.0e12, 2.41), (5.99e12, 4.0)]
+    assert pareto_front(points) == [1, 2]
+    assert pareto_front(points, cost_tolerance=0.02) == [1]
