@@ -32,7 +32,9 @@ FIT_NOTE = ("Fit of L(C) = E + A·C^−α per arm (C = training FLOPs) over the 
             "budget (every size, when each has its own budget); ± = standard error from the Jacobian at the optimum "
             "(NaN with exactly 3 points).")
 PARETO_COST_TOLERANCE = 0.02  # runs matched to one budget land within a step of it: equal cost, not cheaper
-SYNTHETIC_FIXED_KEYS = {"arm", "backbone", "d_model", "params", "seed", "accuracy", "train_steps", "train_seconds"}
+# keys of a synthetic row that are not part of its task setting (what the table groups seeds under)
+SYNTHETIC_FIXED_KEYS = {"arm", "backbone", "d_model", "params", "seed", "accuracy", "train_steps", "train_seconds",
+                        "setting", "final_train_loss", "model", "steps", "lr", "batch_size"}
 
 
 def write_report(out_dir: Path) -> dict[str, Path]:
@@ -229,10 +231,13 @@ def _metadata(study: dict) -> list[str]:
 
 
 def _reading(groups: list[dict]) -> str:
-    """Facts only: the ranking by final metric with the gaps, and the Pareto arms."""
-    ranked = sorted((g for g in groups if g["quality_metric"] == "bpb"), key=lambda g: g["mean"])
+    """Facts only: the ranking by final metric with the gaps (probe arms apart: not likelihoods), the Pareto arms."""
+    ranked = sorted((g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]), key=lambda g: g["mean"])
+    probes = [g for g in groups if g["quality_metric"] == "bpb" and g["probe"]]
+    probe_note = ("Probe figures, left out of the ranking (a byte probe on frozen features, not the model's "
+                  "likelihood): " + ", ".join(f"{g['label']} {g['mean']:.4f}" for g in probes) + ".") if probes else ""
     if not ranked:
-        return "No arm reports val bpb; see the table."
+        return probe_note or "No arm reports val bpb; see the table."
     best = ranked[0]
     text = [f"Lowest final val bpb: **{best['label']}** at {best['mean']:.4f} ({best['n']} seed(s)) after "
             f"{_fmt(best['train_flops'])} training FLOPs and {_fmt(best['train_seconds'], 'int')} s of training."]
@@ -240,15 +245,17 @@ def _reading(groups: list[dict]) -> str:
         second, worst = ranked[1], ranked[-1]
         gap = second["mean"] - best["mean"]
         text.append(f"Next: **{second['label']}** at {second['mean']:.4f}, {gap:.4f} bpb "
-                    f"({gap / second['mean']:.1%}) higher, after {_fmt(second['train_flops'])} FLOPs.")
+                    f"({gap / best['mean']:.1%} above the lowest), after {_fmt(second['train_flops'])} FLOPs.")
         if gap <= best["spread"] + second["spread"]:
             text.append("That gap is within the sum of their seed half-ranges.")
         if len(ranked) > 2:
             text.append(f"Highest: **{worst['label']}** at {worst['mean']:.4f}.")
     mentioned = ranked[:2] + ranked[-1:] if len(ranked) > 2 else ranked
-    flagged = [g["label"] for g in mentioned if g["probe"] or g["bound"]]
+    flagged = [g["label"] for g in mentioned if g["bound"]]
     if flagged:
-        text.append(f"{', '.join(flagged)}: value flagged probe/bound (see flags), not a like-for-like likelihood.")
+        text.append(f"{', '.join(flagged)}: an upper bound on the likelihood (diffusion NELBO), not the likelihood.")
+    if probe_note:
+        text.append(probe_note)
     text.append("Pareto front (FLOPs): " + (", ".join(g["label"] for g in ranked if g["pareto_flops"]) or "–")
                 + "; (wall-clock): " + (", ".join(g["label"] for g in ranked if g["pareto_time"]) or "–") + ".")
     return " ".join(text)

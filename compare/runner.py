@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,8 +22,8 @@ import yaml
 
 from archlab.compare.study import RunSpec, Study, load_study, plan_runs
 from archlab.kernels.hardware import device_name
-from archlab.train.config import Config, dump_config
-from archlab.train.data import resolve_data_path
+from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
+from archlab.train.data import atomic_output, resolve_data_path
 from archlab.train.errors import UserError
 from archlab.train.trainer import Trainer, resolve_device
 
@@ -42,12 +41,11 @@ def git_commit() -> str | None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path) as file:
+        file.write((json.dumps(data, indent=1) + "\n").encode())
 
 
-def measure_steps_per_second(cfg: Config, steps: int = 3) -> float:
+def measure_steps_per_second(cfg: Config, steps: int = 10) -> float:
     """Training steps per second of a config on this machine (one warm-up step, then `steps` timed)."""
     with tempfile.TemporaryDirectory() as tmp:
         timing = cfg.model_copy(deep=True)
@@ -59,7 +57,11 @@ def measure_steps_per_second(cfg: Config, steps: int = 3) -> float:
             trainer.train_step(trainer.sampler.batch(index + 1))
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
-        return steps / (time.perf_counter() - start)
+        rate = steps / (time.perf_counter() - start)
+        del trainer
+        if torch.cuda.is_available():  # leave the GPU's memory to the runs, which are other processes
+            torch.cuda.empty_cache()
+        return rate
 
 
 def _run_record(spec: RunSpec, status: str) -> dict[str, Any]:
@@ -92,18 +94,55 @@ def _check_out_dir(out: Path, resume: bool, study: Study) -> None:
             raise UserError(f"{out} holds another study; choose a new --out")
 
 
+def _saved_configs(out: Path) -> dict[str, Config]:
+    """The configs earlier invocations gave each run (OUT/configs/<name>.yaml)."""
+    folder = out / "configs"
+    return {path.stem: load_config(path) for path in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def _check_unchanged(spec: RunSpec, saved: Config | None) -> None:
+    """A run started by an earlier invocation must get the same settings now: else results would mix."""
+    if saved is None:
+        return
+    changed = [k for k in config_differences(saved, spec.config) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise UserError(f"run {spec.name} was started with other settings ({', '.join(changed[:3])} changed): the "
+                        "study file changed since; use a new --out, or undo the change to resume")
+
+
+def _resumed_header(out: Path, study: Study, device: str) -> dict[str, Any]:
+    """The first invocation's header (date, device, commit), with later invocations listed under `resumed`."""
+    header = _header(study, device)
+    saved_path = out / STUDY_FILE
+    if not saved_path.exists():
+        return header
+    saved = json.loads(saved_path.read_text())
+    kept = {key: saved.get(key, header[key]) for key in ("created", "device", "torch", "commit")}
+    resumed = saved.get("resumed", []) + [{key: header[key] for key in ("created", "device", "torch", "commit")}]
+    return header | kept | {"resumed": resumed}
+
+
 def run_lm_study(study: Study, out: Path, *, resume: bool, python: str = sys.executable) -> dict[str, Any]:
-    """Plans (validating everything), then trains each unfinished run in its own process; returns study.json."""
-    cuda = torch.cuda.is_available()
-    device = device_name(torch.device("cuda" if cuda else "cpu"))
-    specs = plan_runs(study, steps_per_second=measure_steps_per_second)
+    """Plans (validating everything), then trains each unfinished run in its own process; returns study.json.
+
+    A run that fails is marked `failed` and the others still run; the caller reports and then raises."""
+    _check_out_dir(out, resume, study)
+    device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    saved = _saved_configs(out)
+    # a seconds budget was turned into steps by a speed measurement: resuming keeps that number of steps
+    specs = plan_runs(study, steps_per_second=measure_steps_per_second,
+                      known_steps={name: cfg.train.max_steps for name, cfg in saved.items()})
     for spec in specs:  # what the trainer would refuse at the start of a run, refused before the first one
         resolve_data_path(spec.config.data.path)
         resolve_device(spec.config.train.device)
-    _check_out_dir(out, resume, study)
+        _check_unchanged(spec, saved.get(spec.name))
+    unplanned = sorted(set(saved) - {spec.name for spec in specs})
+    if unplanned:
+        raise UserError(f"{out} holds run {unplanned[0]}, which the study no longer plans: the study file changed "
+                        "since; use a new --out")
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
-    record = _header(study, device)
+    record = _resumed_header(out, study, device)
     record["runs"] = [_run_record(spec, _status(out, spec)) for spec in specs]
     write_json_atomic(out / STUDY_FILE, record)
     for index, spec in enumerate(specs):
@@ -114,17 +153,14 @@ def run_lm_study(study: Study, out: Path, *, resume: bool, python: str = sys.exe
         config_path = out / "configs" / f"{spec.name}.yaml"
         cfg = spec.config.model_copy(deep=True)
         cfg.run.dir, cfg.run.resume, cfg.run.progress = str((out / entry["run_dir"]).resolve()), "auto", False
-        tmp = config_path.with_suffix(".tmp")
-        tmp.write_text(dump_config(cfg))
-        os.replace(tmp, config_path)
+        with atomic_output(config_path) as file:
+            file.write(dump_config(cfg).encode())
         print(f"[{index + 1}/{len(specs)}] {spec.name}: {spec.params / 1e6:.2f}M params, "
               f"{spec.flops_per_token / 1e6:.2f} MFLOP/token, {spec.config.train.max_steps} steps", flush=True)
         code = subprocess.run([python, "-m", "archlab.train.cli", "train", str(config_path)]).returncode
         entry["status"] = "finished" if code == 0 else "failed"
+        entry["exit_code"] = code
         write_json_atomic(out / STUDY_FILE, record)
-        if code != 0:
-            raise UserError(f"run {spec.name} failed (exit code {code}, output above); fix it and rerun with "
-                            f"--resume: finished runs are kept")
     return record
 
 
@@ -133,39 +169,54 @@ def _status(out: Path, spec: RunSpec) -> str:
 
 
 def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, Any]:
-    """Every arm x width x task x seed through compare.synthetic.train_and_score; rows saved as they finish."""
+    """Every arm x width x task x seed through compare.synthetic.train_and_score; rows saved as they finish.
+
+    Each row records everything that made it (the model settings, the task, steps, lr, batch size, seed): on
+    --resume a row is reused only when all of that is unchanged, and rows the study no longer plans are refused."""
     from archlab.archs.config import ModelConfig
     from archlab.compare.synthetic import SyntheticTask, train_and_score
-    from archlab.train.config import validate_config
+    from archlab.train.config import deep_merge, validate_config
 
     settings = study.synthetic
     tasks = [validate_config(task, source=f"study {study.study} task", section=SyntheticTask)
              for task in settings.tasks]
-    arms = {name: validate_config(arm.get("model", {}), source=f"study {study.study} arm {name}",
-                                  section=ModelConfig) for name, arm in study.arms.items()}
     _check_out_dir(out, resume, study)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = json.loads((out / STUDY_FILE).read_text()) if (out / STUDY_FILE).exists() else {}
-    record = _header(study, device_name(torch.device("cpu")))
-    record["runs"], record["synthetic"] = [], saved.get("synthetic", [])
-    done = {(row["arm"], row["d_model"], row["setting"], row["seed"]) for row in record["synthetic"]}
+    device = resolve_device("auto")
+    plan = []
     for task in tasks:
-        setting = task.model_dump_json()
-        for arm, model_cfg in arms.items():
+        for arm, arm_tree in study.arms.items():
             for width in settings.widths:
+                model = {**study.base.get("model", {})}
+                deep_merge(model, {**arm_tree.get("model", {}), "d_model": width})
+                model_cfg = validate_config(model, source=f"study {study.study} arm {arm} d_model={width}",
+                                            section=ModelConfig)
                 for seed in study.seeds:
-                    if (arm, width, setting, seed) in done:
-                        continue
-                    sized = model_cfg.model_copy(update={"d_model": width})
-                    sized = ModelConfig.model_validate(sized.model_dump())  # re-checks heads against the width
-                    result = train_and_score(sized, task, steps=settings.steps, batch_size=settings.batch_size,
-                                             lr=settings.lr, seed=seed)
-                    row = {"arm": arm, "backbone": sized.backbone, "d_model": width, "seed": seed,
-                           "setting": setting, **task.model_dump(), **result}
-                    record["synthetic"].append(row)
-                    print(f"{task.task} L={task.seq_len} pairs={task.n_pairs} {arm} d={width} seed={seed}: "
-                          f"accuracy {result['accuracy']:.3f}", flush=True)
-                    write_json_atomic(out / STUDY_FILE, record)
+                    plan.append((arm, model_cfg, task, seed))
+    training = {"steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size}
+
+    def key(arm: str, model: dict, setting: str, seed: int, steps: int, lr: float, batch_size: int) -> str:
+        return json.dumps([arm, model, setting, seed, steps, lr, batch_size], sort_keys=True)
+
+    planned = {key(arm, cfg.model_dump(mode="json"), task.model_dump_json(), seed, **training): (arm, cfg, task, seed)
+               for arm, cfg, task, seed in plan}
+    saved = json.loads((out / STUDY_FILE).read_text()).get("synthetic", []) if (out / STUDY_FILE).exists() else []
+    done = {key(r["arm"], r["model"], r["setting"], r["seed"], r["steps"], r["lr"], r["batch_size"]) for r in saved}
+    if done - set(planned):
+        raise UserError(f"{out} holds results the study no longer plans (its file changed since); use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    record = _resumed_header(out, study, device_name(device))
+    record["runs"], record["synthetic"] = [], saved
+    for row_key, (arm, model_cfg, task, seed) in planned.items():
+        if row_key in done:
+            continue
+        result = train_and_score(model_cfg, task, seed=seed, device=device, **training)
+        record["synthetic"].append({
+            "arm": arm, "backbone": model_cfg.backbone, "d_model": model_cfg.d_model, "seed": seed,
+            "setting": task.model_dump_json(), **task.model_dump(), **training,
+            "model": model_cfg.model_dump(mode="json"), **result})
+        print(f"{task.task} L={task.seq_len} n={task.n_pairs} {arm} d={model_cfg.d_model} seed={seed}: "
+              f"accuracy {result['accuracy']:.3f}", flush=True)
+        write_json_atomic(out / STUDY_FILE, record)
     write_json_atomic(out / STUDY_FILE, record)
     return record
 
@@ -175,14 +226,18 @@ def run_study(path: str | Path, out: str | Path | None = None, *, resume: bool =
     study = load_study(path)
     out = Path(out) if out is not None else Path("runs") / "studies" / study.study
     if study.kind == "synthetic":
-        run_synthetic_study(study, out, resume=resume)
+        record = run_synthetic_study(study, out, resume=resume)
     else:
-        run_lm_study(study, out, resume=resume)
-    if report:
+        record = run_lm_study(study, out, resume=resume)
+    failed = [run["name"] for run in record["runs"] if run["status"] == "failed"]
+    if report and (record.get("synthetic") or len(failed) < len(record["runs"])):
         from archlab.compare.report import write_report
 
         written = write_report(out)
-        print(f"report: {written.get('report', out / 'report.md')}")
+        print(f"report: {written.get('report.md', out / 'report.md')}")
+    if failed:
+        raise UserError(f"run {failed[0]} failed ({len(failed)} in all; output above); fix it and rerun with "
+                        "--resume: finished runs are kept")
     return out
 
 

@@ -14,14 +14,17 @@ A study YAML (configs/studies/*.yaml):
       s: {d_model: 64}
 
 Budgets become train.max_steps through the trainer's own FLOPs counter (training_flops_per_token x tokens per
-step), so every arm stops within one step of the budget; a seconds budget also sets train.max_seconds, which
-the trainer enforces. `match` solves model.d_model or model.n_layers so the arm's parameter count or training
-FLOPs per token is within `tolerance` (default 2%) of the reference arm's, or fails with the closest miss.
+step), so with a FLOPs or tokens budget every arm stops within one step of it; a seconds budget measures each
+config's speed (10 steps) for max_steps and also sets train.max_seconds, which the trainer enforces (a run ends
+by either; its summary.json says which). `match` solves model.d_model or model.n_layers so the arm's parameter
+count or training FLOPs per token is within `tolerance` (default 2%) of the reference arm's, or fails with the
+closest miss.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -34,6 +37,7 @@ from archlab.train.errors import ConfigError
 from archlab.train.flops import training_flops_per_token
 
 RUN_CONFIG_SECTIONS = ("include", "model", "data", "train", "kernels", "run", "sample")
+NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class Budget(BaseModel):
@@ -86,10 +90,15 @@ class Study(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Study":
-        if self.kind == "lm" and self.budget is None:
-            raise ValueError("an lm study needs a budget: {flops: ...}, {tokens: ...} or {seconds: ...}")
+        for name in [*self.arms, *(self.sizes or {})]:  # they become run directory names
+            if not NAME.match(name):
+                raise ValueError(f"name {name!r} may hold only letters, digits and _ . - (it names run directories)")
         if self.kind == "synthetic" and self.synthetic is None:
             raise ValueError("a synthetic study needs a synthetic: section (tasks, widths, steps, batch_size, lr)")
+        if self.kind == "synthetic":
+            self._check_synthetic()
+        if self.kind == "lm" and self.budget is None:
+            raise ValueError("an lm study needs a budget: {flops: ...}, {tokens: ...} or {seconds: ...}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a value")
         for name, arm in self.arms.items():
@@ -107,6 +116,18 @@ class Study(BaseModel):
             raise ValueError("nproc_per_node > 1 needs distributed training (torchrun), which archlab does not "
                              "have yet; run with nproc_per_node: 1")
         return self
+
+    def _check_synthetic(self) -> None:
+        """Synthetic studies train each arm's model for synthetic.steps: budgets, sizes, matching and run
+        settings other than model: would be ignored, so they are refused."""
+        for key in ("budget", "sizes"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"a synthetic study has no {key} (it trains synthetic.steps); remove it")
+        trees = {"base": self.base, **{f"arm {arm}": arm_tree for arm, arm_tree in self.arms.items()}}
+        for name, tree in trees.items():
+            extra = sorted(set(tree) - {"model", "include"})
+            if extra:
+                raise ValueError(f"{name}: a synthetic study uses only model settings, not {extra[0]!r}")
 
     @property
     def budgets(self) -> list[Budget]:
@@ -177,6 +198,9 @@ def solve_size(tree: dict[str, Any], match: Match, target: float, source: str) -
     values; with attention, d_model moves in steps that keep its constraints (a multiple of 2 * n_heads)."""
     index = 0 if match.by == "params" else 1
     base_cfg = validate_config(tree, source=source)
+    if match.solve == "n_layers" and base_cfg.model.attn_layers:
+        raise ConfigError(f"{source}: solve: n_layers cannot keep attn_layers {base_cfg.model.attn_layers} "
+                          "meaningful at other depths; solve d_model instead")
     step = 2 * base_cfg.model.n_heads if match.solve == "d_model" and base_cfg.model.has_attention else 1
 
     @functools.cache
@@ -216,10 +240,11 @@ def steps_for_budget(budget: Budget, cfg: Config, flops_per_token: int, steps_pe
     return max(1, round(budget.seconds * steps_per_second))
 
 
-def plan_runs(study: Study, *, steps_per_second=None) -> list[RunSpec]:
+def plan_runs(study: Study, *, steps_per_second=None, known_steps: dict[str, int] | None = None) -> list[RunSpec]:
     """Every run of an lm study, validated and sized, before anything is written.
 
-    `steps_per_second(cfg)` measures a config's training speed; only seconds budgets call it."""
+    `steps_per_second(cfg)` measures a config's training speed; only seconds budgets call it, and not for
+    runs in `known_steps` (name -> max_steps an earlier invocation measured: a resumed run keeps its steps)."""
     specs = []
     sizes = list(study.sizes) if study.sizes else [None]
     for budget_index, budget in enumerate(study.budgets):
@@ -236,8 +261,12 @@ def plan_runs(study: Study, *, steps_per_second=None) -> list[RunSpec]:
                         tree, matched = solve_size(tree, match, reference[0 if match.by == "params" else 1], source)
                     probe_cfg = validate_config(tree, source=source)
                     params, flops_per_token = measure(probe_cfg)
-                    speed = steps_per_second(probe_cfg) if budget.seconds is not None else None
-                    train = {"max_steps": steps_for_budget(budget, probe_cfg, flops_per_token, speed)}
+                    if budget.seconds is not None and name in (known_steps or {}):
+                        max_steps = known_steps[name]
+                    else:
+                        speed = steps_per_second(probe_cfg) if budget.seconds is not None else None
+                        max_steps = steps_for_budget(budget, probe_cfg, flops_per_token, speed)
+                    train = {"max_steps": max_steps}
                     if budget.seconds is not None:
                         train["max_seconds"] = budget.seconds
                     deep_merge(tree, {"train": train})
@@ -248,4 +277,8 @@ def plan_runs(study: Study, *, steps_per_second=None) -> list[RunSpec]:
                         flops_per_token=flops_per_token, quality_metric=objective.quality_metric,
                         probe=objective.quality_is_probe, bound=objective.quality_is_bound,
                         match=matched))
+    names = [spec.name for spec in specs]
+    clash = next((name for name in names if names.count(name) > 1), None)
+    if clash:
+        raise ConfigError(f"study {study.study}: two runs would both be named {clash}; rename an arm or a size")
     return specs

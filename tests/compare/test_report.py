@@ -106,8 +106,10 @@ def test_report_lists_every_arm_with_flags_pareto_and_skips(arms_study):
     assert "not a likelihood" in report and "upper bound" in report and "half the range" in report
     assert "kept out of the plots and the Pareto fronts: masked-jepa" in report
     assert "transformer-ar-s2: status pending" in report and "mamba-ar-s2: finished but" in report
-    assert "Lowest final val bpb: **transformer-ar** at 2.2550" in report and "0.0500 bpb (2.2%) higher" in report
-    assert "transformer-diffusion: value flagged probe/bound" in report
+    assert "Lowest final val bpb: **transformer-ar** at 2.2550" in report
+    assert "0.0500 bpb (2.2% above the lowest)" in report
+    assert "transformer-diffusion: an upper bound on the likelihood" in report
+    assert "Probe figures, left out of the ranking" in report and "transformer-jepa" in report.split("Reading")[1]
     assert "![val bpb vs training FLOPs](bpb_vs_flops.png)" in report and "approximated" in report
     for name in ("bpb_vs_flops.png", "bpb_vs_wallclock.png"):
         check_png(arms_study / name)

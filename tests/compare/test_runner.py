@@ -53,6 +53,13 @@ def test_study_runs_every_arm_resumes_without_redoing_and_reports(tiny_study, tm
     assert finished.stat().st_mtime_ns == before
     assert (out / "runs" / "mamba-s0" / "summary.json").exists()
 
+    # the study file changed since: resuming would mix results of two studies, so it is refused
+    changed = yaml.safe_load(tiny_study.read_text()) | {"budget": {"tokens": 5120}}
+    tiny_study.write_text(yaml.safe_dump(changed, sort_keys=False))
+    with pytest.raises(UserError, match="transformer-s0 was started with other settings .*train.max_steps"):
+        run_study(tiny_study, out, resume=True)
+    assert finished.stat().st_mtime_ns == before
+
 
 def test_cli_errors_are_one_line(tiny_study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -97,3 +104,7 @@ def test_synthetic_study_rows_resume_and_report(tmp_path, capsys):
     run_study(path, out, resume=True)  # everything finished: no row is trained again
     assert "accuracy" not in capsys.readouterr().out
     assert json.loads((out / "study.json").read_text())["synthetic"] == rows
+    study["synthetic"]["steps"] = 4  # a changed study: its old rows must not be mixed into the new results
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    with pytest.raises(UserError, match="no longer plans"):
+        run_study(path, out, resume=True)

@@ -85,7 +85,13 @@ def test_seconds_budget_measures_speed_and_sets_the_time_limit(tmp_path):
     ({"nproc_per_node": 2}, "distributed training"),
     ({"arms": {"a": {"model": {"d_model": 30}}}}, "run a-s0: model: head dim d_model/n_heads=15 must be even"),
     ({"budget": {"tokens": 256}}, "warmup_steps=3 must be below max_steps=1"),
-    ({"kind": "synthetic"}, "needs a synthetic: section"),
+    ({"kind": "synthetic", "synthetic": {"tasks": [{}], "widths": [8], "steps": 1, "batch_size": 1, "lr": 1.0}},
+     "a synthetic study has no budget"),
+    ({"kind": "synthetic", "budget": None}, "needs a synthetic: section"),
+    ({"arms": {"a/b": {}}}, "name 'a/b' may hold only letters"),
+    ({"arms": {"h": {"model": {"backbone": "hybrid", "attn_layers": [0]}},
+               "g": {"model": {"backbone": "hybrid", "attn_layers": [0]},
+                     "match": {"to": "h", "solve": "n_layers"}}}}, "solve: n_layers cannot keep attn_layers"),
 ])
 def test_bad_study_files_are_one_line_errors(tmp_path, fields, message):
     path = write_study(tmp_path, **fields)
