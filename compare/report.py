@@ -17,6 +17,7 @@ import numpy as np
 
 from archlab.compare import plots
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
+from archlab.train.data import atomic_output
 from archlab.train.errors import UserError
 from archlab.train.run_log import read_metrics
 
@@ -292,9 +293,7 @@ def _write_files(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:
     """Each file to a temporary name, then os.replace: a reader never sees half a file."""
     written = {}
     for name, data in files.items():
-        target = out_dir / name
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-        written[name] = target
+        with atomic_output(out_dir / name) as file:
+            file.write(data)
+        written[name] = out_dir / name
     return written
