@@ -79,6 +79,10 @@ def _read_study(out_dir: Path) -> dict:
     if not isinstance(study, dict) or not isinstance(study.get("runs", []), list) or "study" not in study:
         raise UserError(f"{path} lacks the study name or a runs list; rerun `archlab compare` to rewrite it")
     study.setdefault("runs", [])
+    if not all(isinstance(entry, dict) and (entry.get("status") != "finished" or isinstance(entry.get("run_dir"), str))
+               for entry in study["runs"]):
+        raise UserError(f"{path}: every runs[] entry must be a mapping, and a finished one needs its run_dir; rerun "
+                        "`archlab compare` to rewrite it")
     return study
 
 

@@ -168,7 +168,8 @@ def load_study(path: str | Path) -> Study:
         study = Study.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "study"
+        # pydantic adds validator names such as "function-after[...]" to the location: keep the keys only
+        where = ".".join(str(part) for part in first["loc"] if "[" not in str(part)) or "study"
         raise ConfigError(f"study {path}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
     study.base = resolve_includes(study.base, path.parent, source=f"{path} base")
     study.arms = {name: resolve_includes(arm, path.parent, source=f"{path} arm {name}")

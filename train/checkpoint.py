@@ -24,6 +24,8 @@ from archlab.archs.config import ModelConfig
 from archlab.train.errors import CheckpointError
 
 FORMAT_VERSION = 1
+# what state.pt must hold for a resume (the trainer's _save writes these)
+STATE_KEYS = {"optimizer", "sampler", "rng_torch", "step", "tokens", "flops", "train_seconds", "precision"}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -47,6 +49,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                     model_config: dict[str, Any], keep_last: int) -> Path:
+    """Writes the checkpoint of `step` atomically. A failure to write (disk full, read-only folder) is a
+    CheckpointError naming the last good checkpoint, which stays untouched."""
+    try:
+        return _save_checkpoint(run_dir, step, model, state, model_config, keep_last)
+    except OSError as err:
+        last = latest_checkpoint(run_dir)
+        raise CheckpointError(f"could not write the checkpoint of step {step} in {checkpoint_root(run_dir)} "
+                              f"({err.strerror or err}); free disk space or make it writable, then resume from "
+                              f"the last good checkpoint: {last or 'none saved yet'}") from None
+
+
+def _save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                     model_config: dict[str, Any], keep_last: int) -> Path:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         root.mkdir(parents=True)
@@ -113,6 +128,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, 
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupted, truncated or not archlab's ({reason}); "
                               "delete it to fall back to an earlier one") from None
+    absent = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["(not a mapping)"]
+    if absent:
+        raise CheckpointError(f"checkpoint {path} has no training state {absent[:3]} in state.pt; it is not archlab's "
+                              "or is damaged: delete it to fall back to an earlier one")
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}); load it with the config it was trained with")

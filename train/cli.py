@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,26 +34,35 @@ def _run_config(run_dir: str, device: str | None):
 
 
 def cmd_train(args) -> None:
+    if args.nproc > 1:  # the same command under torchrun, one process per device
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m",
+                  "archlab.train.cli", "train", args.config, *args.overrides, *(["--resume"] if args.resume else [])]
+        os.execv(sys.executable, launch)
+    from archlab.train import distributed
     from archlab.train.config import load_config
     from archlab.train.trainer import Trainer
 
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
+    main = trainer.world.is_main  # the other ranks train and stay quiet
     n_params = trainer.model.num_parameters()
-    print(f"{cfg.model.backbone} + {cfg.model.objective}: {n_params / 1e6:.2f}M parameters, "
-          f"{trainer.flops_per_step / trainer.tokens_per_step / 1e6:.1f} MFLOP/token (train), device {trainer.device}, "
-          f"run dir {cfg.run.dir}" + (f", resuming from {trainer.resume_from}" if trainer.resume_from else ""))
-    if trainer.step >= cfg.train.max_steps:
-        print(f"{cfg.run.dir} finished at step {trainer.step}: scoring and sampling its last checkpoint again")
+    if main:
+        print(f"{cfg.model.backbone} + {cfg.model.objective}: {n_params / 1e6:.2f}M parameters, "
+              f"{trainer.flops_per_step / trainer.tokens_per_step / 1e6:.1f} MFLOP/token (train), device "
+              f"{trainer.device}" + (f" x {trainer.world.size} processes" if trainer.world.distributed else "")
+              + f", run dir {cfg.run.dir}" + (f", resuming from {trainer.resume_from}" if trainer.resume_from else ""))
+        if trainer.step >= cfg.train.max_steps:
+            print(f"{cfg.run.dir} finished at step {trainer.step}: scoring and sampling its last checkpoint again")
     final = trainer.train()
-    if cfg.sample.tokens:
+    if main and cfg.sample.tokens:
         text = trainer.sample_text(cfg.sample.prompt, cfg.sample.tokens, temperature=cfg.sample.temperature,
                                    top_k=cfg.sample.top_k, seed=cfg.train.seed, **cfg.sample.options())
         (Path(cfg.run.dir) / "sample.txt").write_text(text)
         print(f"--- sample ({cfg.sample.tokens} bytes, temperature {cfg.sample.temperature}) ---\n{text}\n---")
-    summary = trainer.write_summary(final)
-    print(json.dumps(summary))
+    if main:
+        print(json.dumps(trainer.write_summary(final)))
+    distributed.stop(trainer.world)
 
 
 def cmd_eval(args) -> None:
@@ -189,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=200")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
+    train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine: runs the same command "
+                                                             "under torchrun (DDP); default 1")
     train.set_defaults(handler=cmd_train)
 
     evaluate = sub.add_parser("eval", help="score a run's checkpoint; prints JSON with val_bpb")

@@ -117,6 +117,17 @@ class SampleConfig(_Section):
                           "None = ancestral")
     block_size: Optional[int] = Field(None, gt=0, description="strategy=block: bytes per block")
 
+    @model_validator(mode="after")
+    def _block_settings(self) -> "SampleConfig":
+        if self.strategy == "block":
+            if self.block_size is None:
+                raise ValueError("strategy=block needs block_size (bytes per block, dividing tokens)")
+            if self.tokens % self.block_size:
+                raise ValueError(f"block_size={self.block_size} must divide tokens={self.tokens}")
+        elif self.block_size is not None:
+            raise ValueError(f"block_size is for strategy=block, not {self.strategy or 'ancestral'}; remove it")
+        return self
+
     def options(self) -> dict[str, Any]:
         """The objective-specific settings that are set, as keyword arguments for Objective.sample."""
         return {name: getattr(self, name) for name in ("steps", "strategy", "block_size")

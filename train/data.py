@@ -148,9 +148,21 @@ def _decompress(path: Path, out_path: Path) -> dict:
                 digest.update(chunk)
                 size += len(chunk)
     except (lzma.LZMAError, gzip.BadGzipFile, zipfile.BadZipFile, zlib.error, EOFError) as err:
+        _remove_empty_cache_folders(out_path.parent)
         raise DataError(f"{path} is not a valid {path.suffix} archive ({err}); re-download it or "
                         "decompress it yourself and point data.path at the result") from None
+    if size == 0:  # nothing to train on: keep no cache entry for it
+        out_path.unlink()
+        _remove_empty_cache_folders(out_path.parent)
+        raise DataError(f"{path} decompresses to nothing; point data.path at a file with text in it")
     return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _remove_empty_cache_folders(folder: Path) -> None:
+    """A failed first decompression leaves no empty cache folders (corpora/, then the cache root) behind."""
+    for empty in (folder, folder.parent):
+        with contextlib.suppress(OSError):
+            empty.rmdir()
 
 
 def _cached_decompression(path: Path) -> tuple[Path, str]:
@@ -182,8 +194,6 @@ def load_bytes(path: Path, expected_sha256: str | None = None) -> np.ndarray:
     _check_readable_file(path)
     if path.suffix in COMPRESSED_SUFFIXES:
         path, actual_sha256 = _cached_decompression(path)
-        if path.stat().st_size == 0:
-            raise DataError(f"{path} decompresses to nothing; point data.path at a file with text in it")
     else:
         actual_sha256 = sha256_of_file(path) if expected_sha256 else None
     if expected_sha256 and actual_sha256 != expected_sha256.strip().lower():

@@ -15,15 +15,16 @@ from archlab.train.errors import UserError
 
 
 class MetricsLog:
-    """Append-only JSON lines; each record has a `kind` ("train" | "eval") and a `step`."""
+    """Append-only JSON lines; each record has a `kind` ("train" | "eval") and a `step`. path None: writes
+    nothing (the other ranks of a distributed run)."""
 
-    def __init__(self, path: Path, wandb_run=None):
-        self.path = Path(path)
+    def __init__(self, path: Path | None, wandb_run=None):
+        self.path = Path(path) if path is not None else None
         self.wandb_run = wandb_run
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records newer than the checkpoint so the file tells one continuous story."""
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         kept = [line for line, record in _parse_lines(self.path) if record["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
@@ -31,6 +32,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, kind: str, step: int, **values: Any) -> None:
+        if self.path is None:
+            return
         record = {"kind": kind, "step": step, **values}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from archlab.archs.registry import build_model
 from archlab.kernels.backend import resolve_backend
 from archlab.train import checkpoint as ckpt
+from archlab.train import distributed
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
 from archlab.train.data import ByteCorpus, ByteTokenizer, WindowSampler, eval_batches, resolve_data_path
 from archlab.train.errors import CheckpointError, ConfigError, UserError
@@ -91,7 +92,9 @@ class Trainer:
         """
         self.cfg = cfg
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.world = distributed.world_from_env()  # rank 0 of 1 unless launched by torchrun
+        distributed.check_batch(self.world, t.batch_size, t.micro_batch_size)
+        self.device = distributed.device_for(self.world, resolve_device(t.device))
         self.run_dir = Path(cfg.run.dir)
         self.resume_from = self._resume_point()
         if checkpoint is not None:
@@ -112,6 +115,10 @@ class Trainer:
             except ValueError as err:
                 raise ConfigError(f"kernels.{op}: {err}") from None
         self.model = model.to(self.device)
+        distributed.start(self.world, self.device)
+        if self.world.distributed:  # same weights everywhere; each rank then draws its own masks and noise
+            torch.manual_seed(t.seed + self.world.rank)
+        self.loss_module = distributed.wrap(self.model, self.world, self.device)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay, t.decay_embeddings),
                                            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
         separate = {id(p) for p in self.model.objective.separately_clipped_parameters()}
@@ -126,7 +133,7 @@ class Trainer:
         self.precision_name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_step = training_flops_per_token(self.model, cfg.data.seq_len) * self.tokens_per_step
-        self.peak_flops = peak_flops(self.device)
+        self.peak_flops = peak_flops(self.device) and peak_flops(self.device) * self.world.size
         self.step = self.tokens = self.flops = 0
         self.train_seconds = 0.0
         if self.resume_from is not None:
@@ -169,22 +176,29 @@ class Trainer:
             group["fused"] = self.device.type == "cuda"
         self.saved_precision = state["precision"]
         self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng_torch"])
+        torch.set_rng_state(state["rng_torch"] if not self.world.distributed else state["rng_ranks"][self.world.rank])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step, self.tokens, self.flops = state["step"], state["tokens"], state["flops"]
         self.train_seconds = state["train_seconds"]
 
-    def _save(self) -> Path:
+    def _save(self) -> Path | None:
+        """Every rank takes part (their RNG states are gathered); rank 0 writes."""
+        rng_ranks = distributed.gather(torch.get_rng_state(), self.world)
+        if not self.world.is_main:
+            distributed.barrier(self.world)
+            return None
         state = {
             "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_seconds": self.train_seconds,
-            "precision": self.precision_name,
+            "precision": self.precision_name, **({"rng_ranks": rng_ranks} if self.world.distributed else {}),
         }
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, state,
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, state,
                                     self.cfg.model.model_dump(mode="json"), self.cfg.train.keep_last)
+        distributed.barrier(self.world)
+        return path
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -194,11 +208,12 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batches: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """Byte-weighted mean of the objective's metrics over the fixed held-out batches."""
+        """Byte-weighted mean of the objective's metrics over the fixed held-out batches (split over ranks)."""
         self.model.eval()
         totals: dict[str, float] = {}
         weight = 0
-        for batch in batches if batches is not None else self.eval_set:
+        batches = batches if batches is not None else self.eval_set
+        for batch in batches[self.world.rank::self.world.size]:
             with self._autocast():
                 metrics = self.model.objective.evaluate(self.model, batch.to(self.device))
             n = metrics.pop("n_bytes")
@@ -206,6 +221,8 @@ class Trainer:
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * n
         self.model.train()
+        if self.world.distributed:
+            totals, weight = distributed.sum_over_ranks(totals, weight, self.world)
         return {key: value / weight for key, value in totals.items()}
 
     def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,11 +232,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for micro in batch.to(self.device, non_blocking=True).split(t.micro_batch_size or t.batch_size):
-            with self._autocast():
-                loss, _ = self.model.objective.loss(self.model, micro)
-            (loss / t.grad_accum_steps).backward()
-            total += loss.detach() / t.grad_accum_steps
+        local = distributed.local_rows(batch, self.world).to(self.device, non_blocking=True)
+        micros = local.split(t.micro_batch_size or local.shape[0])
+        for index, micro in enumerate(micros):
+            with distributed.sync_gradients(self.loss_module, index == len(micros) - 1):
+                with self._autocast():
+                    loss, _ = self.loss_module(micro)
+                (loss / len(micros)).backward()
+            total += loss.detach() / len(micros)
+        total = distributed.mean_over_ranks(total, self.world)
         # Each group is clipped on its own; the first (the model) gives the grad_norm that is logged.
         norms = torch.stack([torch.nn.utils.clip_grad_norm_(group, t.grad_clip if t.grad_clip > 0 else math.inf)
                              for group in self.clip_groups])
@@ -255,12 +276,15 @@ class Trainer:
             raise ConfigError(f"{self.resume_from} was trained in {self.saved_precision} and would continue in "
                               f"{self.precision_name} on {self.device.type}; resume on the same kind of device "
                               "(train.device) so the run stays one run")
-        self._prepare_run_dir()
-        log = MetricsLog(self.run_dir / "metrics.jsonl",
-                         start_wandb(cfg.run.wandb, cfg.run.wandb_project, self.run_dir, cfg.to_dict()))
-        log.truncate_after(self.step if self.resume_from is not None else -1)
+        main = self.world.is_main  # only rank 0 writes records, wandb and the progress bar
+        if main:
+            self._prepare_run_dir()
+        wandb_run = start_wandb(cfg.run.wandb, cfg.run.wandb_project, self.run_dir, cfg.to_dict()) if main else None
+        log = MetricsLog(self.run_dir / "metrics.jsonl" if main else None, wandb_run)
+        # a resumed run (or a second train() call) keeps the records up to where it stands
+        log.truncate_after(self.step if self.resume_from is not None or self.step > 0 else -1)
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not cfg.run.progress, mininterval=1.0)
+                   disable=not (cfg.run.progress and main), mininterval=1.0)
         last_eval: dict[str, float] = {}
         try:
             if self.step == 0:
@@ -271,8 +295,8 @@ class Trainer:
                 loss, grad_norm = self.train_step(next(self.sampler))
                 rate_steps += 1
                 bar.update(1)
-                out_of_time = t.max_seconds is not None and (
-                    self.train_seconds + time.perf_counter() - clock >= t.max_seconds)
+                out_of_time = t.max_seconds is not None and distributed.any_rank(
+                    self.train_seconds + time.perf_counter() - clock >= t.max_seconds, self.world)
                 last = self.step == t.max_steps or out_of_time
                 do_log = self.step % t.log_every == 0 or last
                 do_eval = self.step % t.eval_every == 0 or last
@@ -329,9 +353,9 @@ class Trainer:
         log.write("eval", self.step, tokens=self.tokens, flops=self.flops,
                   **{f"val_{k}": v for k, v in metrics.items()}, **({"warnings": warnings} if warnings else {}))
         shown = ", ".join(f"{key} {value}" for key, value in self._eval_postfix(metrics).items() if key != "WARNING")
-        bar.write(f"step {self.step}: {shown}")
-        for warning in warnings:
-            bar.write(f"warning: step {self.step}: {warning}")
+        for line in [f"step {self.step}: {shown}", *(f"warning: step {self.step}: {w}" for w in warnings)]:
+            if self.world.is_main:  # tqdm.write prints even from a disabled bar
+                bar.write(line)
         bar.set_postfix(self._eval_postfix(metrics), refresh=False)
         return metrics
 
