@@ -157,7 +157,8 @@ def run_lm_study(study: Study, out: Path, *, resume: bool, python: str = sys.exe
             file.write(dump_config(cfg).encode())
         print(f"[{index + 1}/{len(specs)}] {spec.name}: {spec.params / 1e6:.2f}M params, "
               f"{spec.flops_per_token / 1e6:.2f} MFLOP/token, {spec.config.train.max_steps} steps", flush=True)
-        code = subprocess.run([python, "-m", "archlab.train.cli", "train", str(config_path)]).returncode
+        code = subprocess.run([python, "-m", "archlab.train.cli", "train", str(config_path),
+                               "--nproc", str(study.nproc_per_node)]).returncode
         entry["status"] = "finished" if code == 0 else "failed"
         entry["exit_code"] = code
         write_json_atomic(out / STUDY_FILE, record)

@@ -85,7 +85,7 @@ class Study(BaseModel):
     seeds: list[int] = Field([0], min_length=1)
     arms: dict[str, dict[str, Any]] = Field(min_length=1)
     sizes: Optional[dict[str, dict[str, Any]]] = None
-    nproc_per_node: int = Field(1, gt=0, description="GPUs per run (torchrun)")
+    nproc_per_node: int = Field(1, gt=0, description="processes (GPUs) per run: > 1 launches each run with torchrun")
     synthetic: Optional[SyntheticSettings] = None
 
     @model_validator(mode="after")
@@ -112,9 +112,6 @@ class Study(BaseModel):
                     raise ValueError(f"arm {name}: match.to={match.to!r} must name another arm without a match")
                 if self.sizes:
                     raise ValueError(f"arm {name}: match and sizes do not go together; give sizes per arm instead")
-        if self.nproc_per_node > 1:
-            raise ValueError("nproc_per_node > 1 needs distributed training (torchrun), which archlab does not "
-                             "have yet; run with nproc_per_node: 1")
         return self
 
     def _check_synthetic(self) -> None:

@@ -108,3 +108,16 @@ def test_synthetic_study_rows_resume_and_report(tmp_path, capsys):
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     with pytest.raises(UserError, match="no longer plans"):
         run_study(path, out, resume=True)
+
+
+def test_runs_launch_under_torchrun_when_asked(tmp_path, monkeypatch):
+    """nproc_per_node: 2 trains each run with 2 processes (gloo on CPU); the run matches its 1-process plan."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    study = {"study": "ddp", "nproc_per_node": 2, "budget": {"tokens": 1536},
+             "base": {"include": [str(TINY)], "train": {"eval_every": 3}, "sample": {"tokens": 0}},
+             "arms": {"transformer": {}}}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    out = run_study(path, tmp_path / "out")
+    summary = json.loads((out / "runs" / "transformer-s0" / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["tokens"] == 1536 and summary["processes"] == 2

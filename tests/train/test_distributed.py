@@ -52,6 +52,7 @@ def test_two_processes_follow_the_one_process_curve(tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=TOLERANCE, atol=TOLERANCE)
     summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")]
     assert summaries[0]["train_flops"] == summaries[1]["train_flops"]  # FLOPs are counted over the world
+    assert (summaries[0]["processes"], summaries[1]["processes"]) == (1, 2)
     assert summaries[1]["val_bpb"] == pytest.approx(summaries[0]["val_bpb"], rel=TOLERANCE)
 
 
