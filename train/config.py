@@ -78,10 +78,6 @@ class TrainConfig(_Section):
                              "lower train.warmup_steps")
         return self
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.batch_size // (self.micro_batch_size or self.batch_size)
-
 
 class KernelsConfig(_Section):
     """Backend per op (kernels/backend.py); the field names are the op names build_model takes."""
