@@ -30,13 +30,13 @@ from safetensors.torch import load_file
 
 from archlab.archs.objectives.autoregressive import AutoregressiveObjective
 from archlab.train import checkpoint as ckpt
-from archlab.train.cli import main
 from archlab.train.config import load_config
 from archlab.train.errors import UserError
 from archlab.train.run_log import read_metrics
 from archlab.train.trainer import Trainer
 
 from .conftest import ROOT, TINY
+from .test_cli import run_cli
 
 MAX_STEPS = 16
 CHECKPOINT_EVERY = 4
@@ -180,16 +180,6 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes | None, int]]:
     """Every file's bytes and every entry's mtime: a rewrite with equal bytes still counts as touched."""
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*"))}
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- kill -9 at a random step ------------------------------------------------------------------------------
