@@ -8,7 +8,9 @@ or a kill redoes nothing that was finished. Everything is validated and sized be
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from archlab.train.errors import UserError
 from archlab.train.trainer import Trainer, resolve_device
 
 STUDY_FILE = "study.json"
+LOCK_FILE = ".lock"  # held while an `archlab compare` works in OUT
 
 
 def git_commit() -> str | None:
@@ -80,10 +83,23 @@ def _header(study: Study, device: str) -> dict[str, Any]:
             "torch": torch.__version__, "commit": git_commit()}
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """One `archlab compare` per output directory at a time: two would train the same run into one run dir."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `archlab compare` is working in {out}; wait for it or choose another --out") \
+                from None
+        yield
+
+
 def _check_out_dir(out: Path, resume: bool, study: Study) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
-    contents = list(out.iterdir()) if out.is_dir() else []
+    contents = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
     saved = out / STUDY_FILE
     if contents and not saved.exists():
         raise UserError(f"--out {out} is not empty and holds no study; choose a new directory")
@@ -140,6 +156,11 @@ def run_lm_study(study: Study, out: Path, *, resume: bool, python: str = sys.exe
     if unplanned:
         raise UserError(f"{out} holds run {unplanned[0]}, which the study no longer plans: the study file changed "
                         "since; use a new --out")
+    with _exclusive(out):  # only now, when everything checked out: a refused study writes nothing
+        return _train_runs(study, out, specs, device, python)
+
+
+def _train_runs(study: Study, out: Path, specs: list[RunSpec], device: str, python: str) -> dict[str, Any]:
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
     record = _resumed_header(out, study, device)
@@ -175,7 +196,7 @@ def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, A
     Each row records everything that made it (the model settings, the task, steps, lr, batch size, seed): on
     --resume a row is reused only when all of that is unchanged, and rows the study no longer plans are refused."""
     from archlab.archs.config import ModelConfig
-    from archlab.compare.synthetic import SyntheticTask, train_and_score
+    from archlab.compare.synthetic import SyntheticTask
     from archlab.train.config import deep_merge, validate_config
 
     settings = study.synthetic
@@ -204,7 +225,13 @@ def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, A
     done = {key(r["arm"], r["model"], r["setting"], r["seed"], r["steps"], r["lr"], r["batch_size"]) for r in saved}
     if done - set(planned):
         raise UserError(f"{out} holds results the study no longer plans (its file changed since); use a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _score_rows(study, out, planned, done, saved, device, training)
+
+
+def _score_rows(study: Study, out: Path, planned: dict, done: set, saved: list, device, training: dict) -> dict:
+    from archlab.compare.synthetic import train_and_score
+
     record = _resumed_header(out, study, device_name(device))
     record["runs"], record["synthetic"] = [], saved
     for row_key, (arm, model_cfg, task, seed) in planned.items():

@@ -121,3 +121,17 @@ def test_runs_launch_under_torchrun_when_asked(tmp_path, monkeypatch):
     out = run_study(path, tmp_path / "out")
     summary = json.loads((out / "runs" / "transformer-s0" / "summary.json").read_text())
     assert summary["step"] == 6 and summary["tokens"] == 1536 and summary["processes"] == 2
+
+
+def test_one_compare_per_output_directory(tiny_study, tmp_path):
+    """A second `archlab compare` on an OUT that another one is working in is refused (they would train the same
+    run into one run directory)."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another `archlab compare` is working in"):
+            run_study(tiny_study, out, resume=True)
+    assert [p.name for p in out.iterdir()] == [".lock"]
