@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from archlab.archs.config import ModelConfig
 from archlab.train.errors import CheckpointError
@@ -48,11 +48,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    model_config: dict[str, Any], keep_last: int) -> Path:
-    """Writes the checkpoint of `step` atomically. A failure to write (disk full, read-only folder) is a
-    CheckpointError naming the last good checkpoint, which stays untouched."""
+                    model_config: dict[str, Any], keep_last: int, weights: dict | None = None) -> Path:
+    """Writes the checkpoint of `step` atomically: the model's weights (or `weights`, a full state dict gathered
+    from a sharded model). A failure to write (disk full, read-only folder) is a CheckpointError naming the last
+    good checkpoint, which stays untouched."""
     try:
-        return _save_checkpoint(run_dir, step, model, state, model_config, keep_last)
+        return _save_checkpoint(run_dir, step, model, state, model_config, keep_last, weights)
     except OSError as err:
         last = latest_checkpoint(run_dir)
         raise CheckpointError(f"could not write the checkpoint of step {step} in {checkpoint_root(run_dir)} "
@@ -61,7 +62,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
 
 
 def _save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                     model_config: dict[str, Any], keep_last: int) -> Path:
+                     model_config: dict[str, Any], keep_last: int, weights: dict | None) -> Path:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         root.mkdir(parents=True)
@@ -72,7 +73,10 @@ def _save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: di
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        if weights is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file(weights, str(tmp / "model.safetensors"))
         torch.save({**state, "format_version": FORMAT_VERSION}, tmp / "state.pt")
         meta = {"step": step, "format_version": FORMAT_VERSION, "model": model_config, "saved_at": time.time()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

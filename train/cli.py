@@ -55,7 +55,9 @@ def cmd_train(args) -> None:
         if trainer.step >= cfg.train.max_steps:
             print(f"{cfg.run.dir} finished at step {trainer.step}: scoring and sampling its last checkpoint again")
     final = trainer.train()
-    if main and cfg.sample.tokens:
+    if main and cfg.sample.tokens and trainer.sharded:  # sampling would need every rank's shards
+        print(f"(no end-of-run sample with train.parallel=fsdp: run `archlab sample {cfg.run.dir}`)")
+    elif main and cfg.sample.tokens:
         text = trainer.sample_text(cfg.sample.prompt, cfg.sample.tokens, temperature=cfg.sample.temperature,
                                    top_k=cfg.sample.top_k, seed=cfg.train.seed, **cfg.sample.options())
         (Path(cfg.run.dir) / "sample.txt").write_text(text)

@@ -63,6 +63,8 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (replicated weights) or fsdp "
+                                             "(FSDP2 fully_shard: weights, gradients and optimizer state sharded)")
     eval_every: int = Field(250, gt=0)
     eval_tokens: Optional[int] = Field(131072, gt=0, description="val bytes scored per eval; None = whole split")
     checkpoint_every: int = Field(500, gt=0)

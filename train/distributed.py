@@ -82,23 +82,69 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Tensor):
+    def forward(self, batch: Tensor, *, evaluate: bool = False):
+        """The objective's training loss, or (evaluate=True) its eval metrics: FSDP2 gathers the sharded
+        weights around this forward, so evaluation goes through it too."""
+        if evaluate:
+            return self.model.objective.evaluate(self.model, batch)
         return self.model.objective.loss(self.model, batch)
 
 
-def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
-    """The module whose forward computes the loss: DDP around LossModule when distributed, else LossModule."""
+def wrap(model: nn.Module, world: World, device: torch.device, parallel: str,
+         param_dtype: torch.dtype | None) -> nn.Module:
+    """The module whose forward computes the loss: LossModule, in DDP or sharded by FSDP2 when distributed.
+
+    FSDP2 shards each residual block and the rest (embedding, heads, an objective's own modules) as the root
+    unit; with bf16 autocast the mixed-precision policy computes in bf16 and reduces gradients in float32."""
     module = LossModule(model)
     if not world.distributed:
         return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    if parallel == "ddp":
+        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in model.backbone.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return hasattr(module, "set_requires_gradient_sync")  # what FSDP2 adds to the modules it shards
 
 
 def sync_gradients(module: nn.Module, sync: bool):
-    """Gradient accumulation: skip DDP's all-reduce for all but the last micro-batch."""
-    if sync or not isinstance(module, nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return module.no_sync()
+    """Gradient accumulation: skip the gradient reduction for all but the last micro-batch."""
+    if is_sharded(module):
+        module.set_requires_gradient_sync(sync)
+    elif not sync and isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model weights without the LossModule prefix, optimizer state) as full CPU tensors; every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(module, options=options)
+    return ({name.removeprefix("model."): tensor for name, tensor in weights.items()},
+            get_optimizer_state_dict(module, optimizer, options=options))
+
+
+def load_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads a full optimizer state (as full_state wrote it) into a sharded module's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_value(tensor: Tensor) -> Tensor:
+    """A plain tensor from a possibly distributed one (FSDP2's gradient norms are DTensors)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def mean_over_ranks(value: Tensor, world: World) -> Tensor:

@@ -115,10 +115,15 @@ class Trainer:
             except ValueError as err:
                 raise ConfigError(f"kernels.{op}: {err}") from None
         self.model = model.to(self.device)
+        # weights load into the plain model, before FSDP2 may shard it
+        saved_state = self._restore_weights(self.resume_from) if self.resume_from is not None else None
         distributed.start(self.world, self.device)
         if self.world.distributed:  # same weights everywhere; each rank then draws its own masks and noise
             torch.manual_seed(t.seed + self.world.rank)
-        self.loss_module = distributed.wrap(self.model, self.world, self.device)
+        self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" or (
+            t.precision == "auto" and self.device.type == "cuda") else None
+        self.loss_module = distributed.wrap(self.model, self.world, self.device, t.parallel, self.autocast_dtype)
+        self.sharded = distributed.is_sharded(self.loss_module)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay, t.decay_embeddings),
                                            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
         separate = {id(p) for p in self.model.objective.separately_clipped_parameters()}
@@ -128,16 +133,14 @@ class Trainer:
         self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
         self.eval_set = eval_batches(self.corpus.val, seq_len=cfg.data.seq_len,
                                      batch_size=t.micro_batch_size or t.batch_size, max_tokens=t.eval_tokens)
-        self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" or (
-            t.precision == "auto" and self.device.type == "cuda") else None
         self.precision_name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_step = training_flops_per_token(self.model, cfg.data.seq_len) * self.tokens_per_step
         self.peak_flops = peak_flops(self.device) and peak_flops(self.device) * self.world.size
         self.step = self.tokens = self.flops = 0
         self.train_seconds = 0.0
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
+        if saved_state is not None:
+            self._restore(saved_state)
         if t.compile:
             for module in (self.model, *self.model.objective.modules_to_compile()):
                 module.compile()
@@ -169,9 +172,14 @@ class Trainer:
             raise ConfigError(f"cannot resume {self.run_dir} with a different config ({', '.join(changed[:4])} "
                               "changed); resume with the same settings or start a new run.dir")
 
-    def _restore(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.model, self.cfg.model.model_dump(mode="json"))
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _restore_weights(self, path: Path) -> dict:
+        return ckpt.load_checkpoint(path, self.model, self.cfg.model.model_dump(mode="json"))
+
+    def _restore(self, state: dict) -> None:
+        if self.sharded:
+            distributed.load_optimizer(self.loss_module, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the saved groups carry the old device's `fused` flag
             group["fused"] = self.device.type == "cuda"
         self.saved_precision = state["precision"]
@@ -185,18 +193,20 @@ class Trainer:
     def _save(self) -> Path | None:
         """Every rank takes part (their RNG states are gathered); rank 0 writes."""
         rng_ranks = distributed.gather(torch.get_rng_state(), self.world)
+        weights, optimizer_state = (distributed.full_state(self.loss_module, self.optimizer) if self.sharded
+                                    else (None, self.optimizer.state_dict()))
         if not self.world.is_main:
             distributed.barrier(self.world)
             return None
         state = {
-            "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+            "optimizer": optimizer_state, "sampler": self.sampler.state_dict(),
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_seconds": self.train_seconds,
             "precision": self.precision_name, **({"rng_ranks": rng_ranks} if self.world.distributed else {}),
         }
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, state,
-                                    self.cfg.model.model_dump(mode="json"), self.cfg.train.keep_last)
+                                    self.cfg.model.model_dump(mode="json"), self.cfg.train.keep_last, weights)
         distributed.barrier(self.world)
         return path
 
@@ -213,15 +223,19 @@ class Trainer:
         totals: dict[str, float] = {}
         weight = 0
         batches = batches if batches is not None else self.eval_set
-        for batch in batches[self.world.rank::self.world.size]:
+        # sharded weights are gathered in collective forwards, which every rank must run alike: each rank
+        # scores every batch then (the same figures); replicated weights let ranks split the batches
+        mine = batches if self.sharded else batches[self.world.rank::self.world.size]
+        for batch in mine:
             with self._autocast():
-                metrics = self.model.objective.evaluate(self.model, batch.to(self.device))
+                metrics = self.loss_module(batch.to(self.device), evaluate=True) if self.sharded else \
+                    self.model.objective.evaluate(self.model, batch.to(self.device))
             n = metrics.pop("n_bytes")
             weight += n
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * n
         self.model.train()
-        if self.world.distributed:
+        if self.world.distributed and not self.sharded:
             totals, weight = distributed.sum_over_ranks(totals, weight, self.world)
         return {key: value / weight for key, value in totals.items()}
 
@@ -242,8 +256,8 @@ class Trainer:
             total += loss.detach() / len(micros)
         total = distributed.mean_over_ranks(total, self.world)
         # Each group is clipped on its own; the first (the model) gives the grad_norm that is logged.
-        norms = torch.stack([torch.nn.utils.clip_grad_norm_(group, t.grad_clip if t.grad_clip > 0 else math.inf)
-                             for group in self.clip_groups])
+        norms = torch.stack([distributed.local_value(torch.nn.utils.clip_grad_norm_(
+            group, t.grad_clip if t.grad_clip > 0 else math.inf)) for group in self.clip_groups])
         grad_norm = norms[0]
         # Checked every step (one host sync on GPU, microseconds against a step) so that a bad step never
         # reaches the weights and the run stops at the step that failed.

@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): the same loss curve as 1 process at the same global batch, exact resume."""
+"""torchrun with 2 CPU processes (gloo), DDP and FSDP2: the same loss curve as 1 process at the same global batch,
+exact resume, and an FSDP2 checkpoint that a single process loads."""
 import json
 import os
 import shutil
@@ -41,9 +42,10 @@ def final_weights(run_dir):
     return load_file(latest_checkpoint(run_dir) / "model.safetensors")
 
 
-def test_two_processes_follow_the_one_process_curve(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_follow_the_one_process_curve(tmp_path, parallel):
     train(tmp_path / "one")
-    result = train(tmp_path / "two", nproc=2)
+    result = train(tmp_path / "two", f"train.parallel={parallel}", nproc=2)
     assert result.stdout.count('"run_dir"') == 1  # one summary: only rank 0 prints and writes
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
@@ -56,11 +58,13 @@ def test_two_processes_follow_the_one_process_curve(tmp_path):
     assert summaries[1]["val_bpb"] == pytest.approx(summaries[0]["val_bpb"], rel=TOLERANCE)
 
 
-@pytest.mark.parametrize("objective", ["autoregressive", "masked_diffusion"])
-def test_two_process_run_resumes_exactly(tmp_path, objective):
+@pytest.mark.parametrize("objective,parallel", [("autoregressive", "ddp"), ("masked_diffusion", "ddp"),
+                                                ("autoregressive", "fsdp")])
+def test_two_process_run_resumes_exactly(tmp_path, objective, parallel):
     """A 2-process run cut after its step-6 checkpoint and resumed by 2 processes equals the straight run, bit for
-    bit (diffusion draws masks from each rank's own RNG stream, which the checkpoint keeps per rank)."""
-    settings = [f"model.objective={objective}"]
+    bit (diffusion draws masks from each rank's own RNG stream, which the checkpoint keeps per rank; FSDP2 saves
+    and reloads full weights and optimizer state gathered from the shards)."""
+    settings = [f"model.objective={objective}", f"train.parallel={parallel}"]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     train(straight, *settings, nproc=2)
     shutil.copytree(straight, cut)
@@ -80,3 +84,13 @@ def test_global_batch_must_split_evenly(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="micro_batch_size=4 must divide the per-process batch 6"):
         Trainer(load_config(TINY, [f"run.dir={tmp_path / 'run'}", "train.batch_size=12", "train.micro_batch_size=4"]))
+
+
+def test_fsdp_checkpoint_loads_in_one_process(tmp_path):
+    """The sharded run's checkpoint holds full weights: `archlab eval` in a single process scores it the same."""
+    train(tmp_path / "fsdp", "train.parallel=fsdp", nproc=2)
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "archlab.train.cli", "eval", str(tmp_path / "fsdp")],
+                            capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
