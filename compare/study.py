@@ -31,6 +31,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from archlab.archs.model import Objective
 from archlab.archs.registry import build_model
 from archlab.train.config import Config, deep_merge, resolve_includes, validate_config
 from archlab.train.errors import ConfigError
@@ -183,10 +184,10 @@ def _run_tree(study: Study, arm: str, size: str | None, seed: int) -> dict[str, 
     return tree
 
 
-def measure(cfg: Config) -> tuple[int, int]:
-    """(trained parameters, training FLOPs per token) of the model a config builds."""
+def measure(cfg: Config) -> tuple[int, int, Objective]:
+    """(trained parameters, training FLOPs per token, objective) of the model a config builds."""
     model = build_model(cfg.model)
-    return model.num_parameters(), training_flops_per_token(model, cfg.data.seq_len)
+    return model.num_parameters(), training_flops_per_token(model, cfg.data.seq_len), model.objective
 
 
 def solve_size(tree: dict[str, Any], match: Match, target: float, source: str) -> tuple[dict[str, Any], dict]:
@@ -258,7 +259,7 @@ def plan_runs(study: Study, *, steps_per_second=None, known_steps: dict[str, int
                         reference = measure(validate_config(_run_tree(study, match.to, size, seed), source=source))
                         tree, matched = solve_size(tree, match, reference[0 if match.by == "params" else 1], source)
                     probe_cfg = validate_config(tree, source=source)
-                    params, flops_per_token = measure(probe_cfg)
+                    params, flops_per_token, objective = measure(probe_cfg)
                     if budget.seconds is not None and name in (known_steps or {}):
                         max_steps = known_steps[name]
                     else:
@@ -268,8 +269,7 @@ def plan_runs(study: Study, *, steps_per_second=None, known_steps: dict[str, int
                     if budget.seconds is not None:
                         train["max_seconds"] = budget.seconds
                     deep_merge(tree, {"train": train})
-                    cfg = validate_config(tree, source=source)
-                    objective = build_model(cfg.model).objective
+                    cfg = validate_config(tree, source=source)  # only the step budget differs from probe_cfg
                     specs.append(RunSpec(
                         name=name, arm=arm, seed=seed, size=size, budget=budget, config=cfg, params=params,
                         flops_per_token=flops_per_token, quality_metric=objective.quality_metric,

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from archlab.train.data import atomic_output
 from archlab.train.errors import UserError
 
 
@@ -27,9 +28,8 @@ class MetricsLog:
         if self.path is None or not self.path.exists():
             return
         kept = [line for line, record in _parse_lines(self.path) if record["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        with atomic_output(self.path) as file:
+            file.write("".join(line + "\n" for line in kept).encode())
 
     def write(self, kind: str, step: int, **values: Any) -> None:
         if self.path is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from archlab.kernels.backend import resolve_backend
 from archlab.train import checkpoint as ckpt
 from archlab.train import distributed
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
-from archlab.train.data import ByteCorpus, ByteTokenizer, WindowSampler, eval_batches, resolve_data_path
+from archlab.train.data import (ByteCorpus, ByteTokenizer, WindowSampler, atomic_output, eval_batches,
+                                resolve_data_path)
 from archlab.train.errors import CheckpointError, ConfigError, UserError
 from archlab.train.flops import peak_flops, training_flops_per_token
 from archlab.train.run_log import MetricsLog, check_wandb_mode, start_wandb
@@ -136,7 +136,8 @@ class Trainer:
         self.precision_name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_step = training_flops_per_token(self.model, cfg.data.seq_len) * self.tokens_per_step
-        self.peak_flops = peak_flops(self.device) and peak_flops(self.device) * self.world.size
+        device_peak = peak_flops(self.device)  # None where unknown (CPU): no MFU then
+        self.peak_flops = device_peak * self.world.size if device_peak else None
         self.step = self.tokens = self.flops = 0
         self.train_seconds = 0.0
         if saved_state is not None:
@@ -377,9 +378,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         target = self.run_dir / "config.yaml"
         if self.resume_from is None or not target.exists():
-            tmp = target.with_suffix(".tmp")
-            tmp.write_text(dump_config(self.cfg))
-            os.replace(tmp, target)
+            with atomic_output(target) as file:
+                file.write(dump_config(self.cfg).encode())
 
     # -- after training -----------------------------------------------------------------------------
     def sample_text(self, prompt: str, n_tokens: int, *, temperature: float, top_k: int | None, seed: int,
@@ -405,7 +405,6 @@ class Trainer:
             "stopped_by": "max_steps" if self.step >= self.cfg.train.max_steps else "max_seconds",
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
         }
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary) + "\n")
-        os.replace(tmp, self.run_dir / "summary.json")
+        with atomic_output(self.run_dir / "summary.json") as file:
+            file.write((json.dumps(summary) + "\n").encode())
         return summary
