@@ -47,6 +47,9 @@ class Objective(nn.Module):
     quality_is_bound: bool = False
     #: further eval metrics the progress bar shows (e.g. JEPA's collapse monitors)
     progress_metrics: tuple[str, ...] = ()
+    #: what a fresh probe on this objective's frozen representations predicts (`probe_features`): "next byte",
+    #: "masked byte", or None where there is no fixed representation to probe
+    probe_task: str | None = None
 
     # -- questions about a config, asked before anything is built -----------------------------------
     @classmethod
@@ -90,9 +93,17 @@ class Objective(nn.Module):
         compiles them too."""
         return []
 
-    def health_warnings(self, metrics: dict[str, float]) -> list[str]:
-        """One-line warnings about eval metrics (e.g. representation collapse); the trainer shows and logs them."""
+    def health_warnings(self, metrics: dict[str, float], *, trained: bool = True) -> list[str]:
+        """One-line warnings about eval metrics (e.g. representation collapse); the trainer shows and logs them.
+        `trained` is False before the first optimizer step, when an untrained probe is no sign of anything. The
+        trainer adds `unigram_bpb` to the metrics: the eval bytes' cross-entropy under the train split's byte
+        frequencies."""
         return []
+
+    def probe_features(self, model: "Model", batch: Tensor) -> tuple[Tensor, Tensor]:
+        """(features (N, d), byte ids (N,)) for linear evaluation (train/linear_probe.py): the representations a
+        fresh probe reads, detached, and the bytes it must predict from them (the `probe_task`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no representation to probe")
 
     def loss(self, model: "Model", batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
         """Scalar training loss and metrics as detached 0-dim tensors (read them only when logging)."""
@@ -177,6 +188,12 @@ def batch_seeded_generator(tokens: Tensor, salt: int) -> torch.Generator:
     """A CPU generator seeded by a checksum of `tokens` and a salt: the same eval batch always gets the same
     random draws (masks, noise levels), whatever the global RNG state or device; different batches differ."""
     return torch.Generator().manual_seed(zlib.crc32(tokens.to(torch.uint8).cpu().numpy().tobytes()) ^ salt)
+
+
+def next_byte_features(model: Model, batch: Tensor) -> tuple[Tensor, Tensor]:
+    """A causal model's hidden state at every position (N = B * L, d) and the byte after each (N,)."""
+    inputs, next_bytes = split_batch(batch)
+    return model(inputs).detach().flatten(0, 1), next_bytes.flatten()
 
 
 def split_batch(batch: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_file, save_model
 
-from archlab.archs.config import ModelConfig
+from archlab.archs.config import complete_saved_model_config
 from archlab.train.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -113,9 +113,8 @@ def read_meta(path: Path) -> dict[str, Any]:
 def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, Any]) -> dict[str, Any]:
     """Load weights into `model` and return the saved training state. Checks it is the same architecture."""
     meta = read_meta(path)
-    # a key the checkpoint predates counts as its default: that is how the model was built then
-    defaults = ModelConfig().model_dump(mode="json")  # as JSON, like meta.json and model_config
-    saved = defaults | meta.get("model", {})
+    # a key the checkpoint predates counts as the value the model was built with then (as JSON, like model_config)
+    saved = complete_saved_model_config(meta.get("model", {}))
     differing = sorted(k for k in saved.keys() | model_config.keys() if saved.get(k) != model_config.get(k))
     if differing:
         shown = ", ".join(f"model.{k}: {saved.get(k)!r} in checkpoint vs {model_config.get(k)!r}"

@@ -16,10 +16,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig
+from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig, complete_saved_model_config
 from archlab.kernels.attention import TRITON_HEAD_DIMS
 from archlab.kernels.backend import check_backend
-from archlab.train.errors import ConfigError
+from archlab.train.errors import ConfigError, UserError
 
 BackendName = Literal["auto", "triton", "torch", "reference", "peer"]
 
@@ -185,12 +185,33 @@ COMMON_ALIASES = {
 }
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when path is None), apply `a.b=value` overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] = (), *, saved: bool = False) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply `a.b=value` overrides, validate.
+
+    `saved`: the file is one archlab wrote for a run (its config.yaml, a study's configs/NAME.yaml), which lists
+    every model key of its day: a key it lacks predates it and takes the value that run was built with."""
     raw = _read_yaml_tree(Path(path), ()) if path is not None else {}
+    if saved and isinstance(raw.get("model"), dict):
+        raw["model"] = complete_saved_model_config(raw["model"])
     for override in overrides:
         _apply_override(raw, override)
     return validate_config(raw, source=str(path) if path else "overrides")
+
+
+def run_config(run_dir: str | Path, device: str | None = None, *, need_checkpoint: str | None = None) -> Config:
+    """The config a finished or running run was trained with (its config.yaml), pointed at that run directory to
+    be resumed from its checkpoint, quietly. `need_checkpoint` (what the caller would do with it) refuses a run
+    without a checkpoint in one line."""
+    from archlab.train.checkpoint import latest_checkpoint  # lazy: checkpoint.py needs this module's neighbours
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the run.dir of a training run")
+    if need_checkpoint and latest_checkpoint(Path(run_dir)) is None:
+        raise UserError(f"{run_dir} has no checkpoint to {need_checkpoint}; let its training reach its first "
+                        "checkpoint (train.checkpoint_every) or finish")
+    overrides = [f"run.dir={run_dir}", "run.resume=true", "run.wandb=disabled", "run.progress=false"]
+    return load_config(path, overrides + ([f"train.device={device}"] if device else []), saved=True)
 
 
 def validate_config(raw: dict[str, Any], *, source: str, section: type[BaseModel] = Config):

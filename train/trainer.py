@@ -26,6 +26,7 @@ from archlab.train.data import (ByteCorpus, ByteTokenizer, WindowSampler, atomic
                                 resolve_data_path)
 from archlab.train.errors import CheckpointError, ConfigError, UserError
 from archlab.train.flops import peak_flops, training_flops_per_token
+from archlab.train.ngram import ByteNgrams
 from archlab.train.run_log import MetricsLog, check_wandb_mode, start_wandb
 
 
@@ -44,6 +45,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def initial_model(cfg: Config):
+    """The model a run starts from (its step-0 weights): built right after seeding the RNG with train.seed."""
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model, kernels=cfg.kernels.model_dump())
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -84,6 +91,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def split_batches(trainer: "Trainer", split: str, *, whole_split: bool = False) -> list[torch.Tensor]:
+    """The eval windows of a split (val, test) as the run's eval set is cut: train.eval_tokens bytes, or all."""
+    cfg = trainer.cfg
+    return eval_batches(trainer.corpus.split(split), seq_len=cfg.data.seq_len,
+                        batch_size=cfg.train.micro_batch_size or cfg.train.batch_size,
+                        max_tokens=None if whole_split else cfg.train.eval_tokens)
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, checkpoint: Path | None = None):
         """Validates everything (device, data, run directory, checkpoint) before anything is written.
@@ -106,9 +121,8 @@ class Trainer:
         self.corpus.check_seq_len(cfg.data.seq_len)
         check_wandb_mode(cfg.run.wandb)
 
-        torch.manual_seed(t.seed)
+        model = initial_model(cfg)
         kernels = cfg.kernels.model_dump()  # op name -> backend name
-        model = build_model(cfg.model, kernels=kernels)
         for op in sorted(model.kernel_ops()):  # a setting for an op the model never runs is moot
             try:  # e.g. the GPU-only peer backend on a CPU machine
                 resolve_backend(op, kernels[op], self.device)
@@ -133,6 +147,7 @@ class Trainer:
         self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
         self.eval_set = eval_batches(self.corpus.val, seq_len=cfg.data.seq_len,
                                      batch_size=t.micro_batch_size or t.batch_size, max_tokens=t.eval_tokens)
+        self.train_ngrams = ByteNgrams(self.corpus.train)  # the eval's reference entropies come from it
         self.precision_name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_step = training_flops_per_token(self.model, cfg.data.seq_len) * self.tokens_per_step
@@ -168,7 +183,7 @@ class Trainer:
         return latest
 
     def _check_same_config(self, saved: Path) -> None:
-        changed = [k for k in config_differences(load_config(saved), self.cfg) if k not in RESUMABLE_CHANGES]
+        changed = [k for k in config_differences(load_config(saved, saved=True), self.cfg) if k not in RESUMABLE_CHANGES]
         if changed:
             raise ConfigError(f"cannot resume {self.run_dir} with a different config ({', '.join(changed[:4])} "
                               "changed); resume with the same settings or start a new run.dir")
@@ -219,7 +234,9 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batches: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """Byte-weighted mean of the objective's metrics over the fixed held-out batches (split over ranks)."""
+        """Byte-weighted mean of the objective's metrics over the fixed held-out batches (split over ranks), plus
+        `unigram_bpb`: the batches' next bytes scored by the train split's byte frequencies, the figure a model
+        that knows nothing but those frequencies reaches."""
         self.model.eval()
         totals: dict[str, float] = {}
         weight = 0
@@ -238,7 +255,8 @@ class Trainer:
         self.model.train()
         if self.world.distributed and not self.sharded:
             totals, weight = distributed.sum_over_ranks(totals, weight, self.world)
-        return {key: value / weight for key, value in totals.items()}
+        return {key: value / weight for key, value in totals.items()} | {
+            "unigram_bpb": self.train_ngrams.unigram_bpb(batches)}
 
     def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a global batch; returns (mean loss, grad norm) as tensors."""
@@ -360,11 +378,12 @@ class Trainer:
         label = f"val_{quality}" + (" (probe)" if metrics.get("probe") and "probe" not in quality else "")
         shown = {label: f"{metrics[quality]:.4f}"}
         shown |= {key: f"{metrics[key]:.3g}" for key in objective.progress_metrics}
-        return shown | ({"WARNING": "collapse"} if objective.health_warnings(metrics) else {})
+        warnings = objective.health_warnings(metrics, trained=self.step > 0)
+        return shown | ({"WARNING": warnings[0].split(":")[0]} if warnings else {})
 
     def _eval_and_log(self, log: MetricsLog, bar: tqdm) -> dict[str, float]:
         metrics = self.evaluate()
-        warnings = self.model.objective.health_warnings(metrics)
+        warnings = self.model.objective.health_warnings(metrics, trained=self.step > 0)
         log.write("eval", self.step, tokens=self.tokens, flops=self.flops,
                   **{f"val_{k}": v for k, v in metrics.items()}, **({"warnings": warnings} if warnings else {}))
         shown = ", ".join(f"{key} {value}" for key, value in self._eval_postfix(metrics).items() if key != "WARNING")

@@ -9,11 +9,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
-from archlab.archs.model import Model, Objective, split_batch
+from archlab.archs.model import Model, Objective, next_byte_features, split_batch
 
 
 class AutoregressiveObjective(Objective):
     requires_causal = True
+    probe_task = "next byte"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -55,6 +56,10 @@ class AutoregressiveObjective(Objective):
 
     def head_flops_per_token(self, d_model: int) -> int:
         return 2 * d_model * self.vocab_size
+
+    def probe_features(self, model: Model, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """The hidden states the LM head reads, and the next bytes."""
+        return next_byte_features(model, batch)
 
     def sample(self, model: Model, prompt: Tensor, n_tokens: int, *, temperature: float = 1.0,
                top_k: int | None = None, generator: torch.Generator | None = None,

@@ -1,9 +1,15 @@
 """JEPA: predict representations instead of bytes (joint-embedding predictive architecture).
 
 The context encoder is the model (byte embedding + backbone), giving h. The target encoder is an EMA copy of
-it (I-JEPA: momentum 0.996 -> 1.0 over training, no gradient), giving z, layer-normalised without affine
-parameters before it is compared (I-JEPA's `F.layer_norm(h, (d,))`). A small predictor (its own backbone,
-narrower and shallower) maps context representations to predicted targets. Modes (model.jepa.mode):
+it (I-JEPA: momentum 0.996 -> 1.0 over training, no gradient), giving z. Before z is compared it is normalised
+(model.jepa.target_norm): by default each channel is standardised over the positions of its own sequence
+(data2vec's instance norm). I-JEPA's LayerNorm over channels (`layer`) lets a next_latent encoder win by
+collapsing onto slow features that are constant within a sequence (which part of the text this window comes
+from): such targets are perfectly predictable at every offset yet say nothing about the next byte, and a
+probe on them learns only byte frequencies. Instance norm removes every sequence-constant component from the
+targets, so the encoder can lower its loss only with features that follow the bytes. A small predictor (its
+own backbone, narrower and shallower) maps context representations to predicted targets. Modes
+(model.jepa.mode):
 
   next_latent  causal encoder. For each offset k in jepa.offsets the predictor maps (h_t, k) to a prediction
                of z_{t+k} (or, with jepa.pool = P > 1, of the mean of z_{t+k} .. z_{t+k+P-1}); the predictor
@@ -25,7 +31,9 @@ context representations, trained jointly with the same optimizer but never sendi
 encoder. next_latent reports its next-byte cross-entropy as `bpb` with `probe: 1.0`; masked_span reports a
 masked-byte probe as `masked_probe_bpb` (a bidirectional encoder sees the next byte, so it has no LM bpb);
 hybrid reports the model's own next-byte `bpb` with `probe: 0.0`. Each eval also measures the target
-representations' health (archs/objectives/representation.py) and warns on collapse.
+representations' health (archs/objectives/representation.py, on the target encoder's output before the
+target normalisation) and warns on collapse, on slow collapse, and when the probe knows no more than the byte
+frequencies (its bpb not below the eval text's unigram entropy, which the trainer passes as `unigram_bpb`).
 """
 from __future__ import annotations
 
@@ -39,14 +47,16 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
-from archlab.archs.model import Backbone, Model, Objective, batch_seeded_generator, split_batch
+from archlab.archs.model import Backbone, Model, Objective, batch_seeded_generator, next_byte_features, split_batch
 from archlab.archs.objectives.autoregressive import AutoregressiveObjective, sample_autoregressively
 from archlab.archs.objectives.representation import (
     SIGREG_KNOTS,
     collapse_warnings,
     effective_rank,
     mean_pairwise_cosine,
+    no_information_warning,
     per_dim_std,
+    sequence_share,
     sigreg,
     vicreg_covariance,
     vicreg_variance,
@@ -105,8 +115,17 @@ class LatentPredictor(nn.Module):
         return projections + self.backbone.flops_per_token(seq_len, causal=self.causal)
 
 
+def normalise_targets(z: Tensor, how: str) -> Tensor:
+    """(B, L, d) target-encoder outputs -> float32 targets: `instance` standardises each channel over the L
+    positions of its sequence (data2vec), `layer` each vector over its d channels (I-JEPA)."""
+    z = z.float()
+    if how == "layer":
+        return F.layer_norm(z, (z.shape[-1],))
+    return F.instance_norm(z.transpose(1, 2)).transpose(1, 2)
+
+
 class JepaObjective(Objective):
-    progress_metrics = ("effective_rank", "target_std")
+    progress_metrics = ("effective_rank", "target_std", "sequence_share")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -116,6 +135,7 @@ class JepaObjective(Objective):
         self.hybrid = jepa.ar_weight > 0
         self.quality_metric = "masked_probe_bpb" if self.masked else "bpb"
         self.quality_is_probe = not self.hybrid
+        self.probe_task = "masked byte" if self.masked else "next byte"
         self._predictor_cfg = predictor_config(cfg)
         self.context_mask = nn.Parameter(torch.empty(cfg.d_model)) if self.masked else None
         if self.masked:
@@ -195,14 +215,15 @@ class JepaObjective(Objective):
             target.lerp_(source, weight)
 
     # -- the losses ---------------------------------------------------------------------------------
-    def _targets(self, model: Model, x: Tensor, h_clean: Tensor | None) -> Tensor:
-        """Layer-normalised target latents (B, L, d) in float32; with an online target, h_clean (with gradient)."""
+    def _targets(self, model: Model, x: Tensor, h_clean: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(normalised targets (B, L, d) in float32, the raw target-encoder outputs the monitors read); with an
+        online target both come from the context encoder (h_clean when given), with gradient."""
         if self.target is None:
             z = h_clean if h_clean is not None else model(x)
         else:
             with torch.no_grad():
                 z = self.target["backbone"](self.target["embedding"](x), causal=model.causal)
-        return F.layer_norm(z.float(), (z.shape[-1],))
+        return normalise_targets(z, self.settings.target_norm), z
 
     def _distance(self, prediction: Tensor, target: Tensor) -> Tensor:
         if self.settings.loss == "mse":
@@ -230,21 +251,25 @@ class JepaObjective(Objective):
         positions = torch.arange(length, device=where)
         return ((positions >= starts) & (positions < starts + lengths)).any(dim=1).to(device)
 
+    def _masked_context(self, model: Model, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """masked_span: (context representations (B, L, d) with the spans hidden, the span mask (B, L))."""
+        mask = self.span_mask(x.shape, device=x.device, generator=generator)
+        embedded = model.embedding(x)
+        return model(torch.where(mask.unsqueeze(-1), self.context_mask.to(embedded.dtype), embedded)), mask
+
     def _forward(self, model: Model, batch: Tensor, generator: torch.Generator | None = None, *,
                  regularise: bool = True) -> dict[str, Tensor]:
         """Every term of the loss for one batch (regularisers only if `regularise`), plus the target latents."""
         x, next_bytes = split_batch(batch)
         terms: dict[str, Tensor] = {}
         if self.masked:
-            mask = self.span_mask(x.shape, device=x.device, generator=generator)
-            embedded = model.embedding(x)
-            h = model(torch.where(mask.unsqueeze(-1), self.context_mask.to(embedded.dtype), embedded))
-            z = self._targets(model, x, None)
+            h, mask = self._masked_context(model, x, generator)
+            z, raw = self._targets(model, x, None)
             terms["latent"] = self._distance(self.predictor.forward_masked(h, mask)[mask], z[mask])
             terms["masked_probe"] = F.cross_entropy(self.probe_logits(h.detach()[mask]), x[mask])
         else:
             h = model(x)
-            z = self._targets(model, x, h)
+            z, raw = self._targets(model, x, h)
             terms["latent"] = self._next_latent(h, z)
             if self.hybrid:
                 terms["next_byte"] = F.cross_entropy(self.lm.project(model, h).flatten(0, 1), next_bytes.flatten())
@@ -252,7 +277,7 @@ class JepaObjective(Objective):
                 terms["probe"] = F.cross_entropy(self.probe_logits(h.detach()).flatten(0, 1), next_bytes.flatten())
         if regularise:
             terms |= self._regularisers(h.flatten(0, 1))
-        terms["targets"] = z.detach()
+        terms["targets"] = raw.detach()
         return terms
 
     def _regularisers(self, h: Tensor) -> dict[str, Tensor]:
@@ -295,16 +320,33 @@ class JepaObjective(Objective):
         """
         generator = batch_seeded_generator(batch, EVAL_SEED) if self.masked else None
         terms = self._forward(model, batch, generator, regularise=False)
-        targets = terms["targets"].flatten(0, 1)
+        # monitors read target-encoder outputs layer-normalised (scale-free), whatever target_norm trains on
+        targets = F.layer_norm(terms["targets"].float(), (self.d_model,))
+        vectors = targets.flatten(0, 1)
         metrics = {"latent_loss": terms["latent"], **self._byte_metrics(terms),
-                   "target_std": per_dim_std(targets).mean(), "effective_rank": effective_rank(targets),
-                   "mean_cosine": mean_pairwise_cosine(targets)}
+                   "target_std": per_dim_std(vectors).mean(), "effective_rank": effective_rank(vectors),
+                   "mean_cosine": mean_pairwise_cosine(vectors), "sequence_share": sequence_share(targets)}
         metrics = {k: float(v) for k, v in metrics.items()}
         return metrics | {"probe": float(self.quality_is_probe), "n_bytes": batch.shape[0] * (batch.shape[1] - 1)}
 
-    def health_warnings(self, metrics: dict[str, float]) -> list[str]:
-        return collapse_warnings(metrics["target_std"], metrics["effective_rank"], metrics["mean_cosine"],
-                                 self.d_model, subject="target representations")
+    def health_warnings(self, metrics: dict[str, float], *, trained: bool = True) -> list[str]:
+        warnings = collapse_warnings(metrics["target_std"], metrics["effective_rank"], metrics["mean_cosine"],
+                                     self.d_model, subject="target representations",
+                                     sequence_share=metrics.get("sequence_share"))
+        if trained and self.quality_is_probe and "unigram_bpb" in metrics:
+            warnings += no_information_warning(metrics[self.quality_metric], metrics["unigram_bpb"],
+                                               subject=self.quality_metric.replace("_", " "))
+        return warnings
+
+    def probe_features(self, model: Model, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """next_latent / hybrid: the context encoder's output at every position and the next bytes. masked_span:
+        its output at the hidden positions of the eval spans (seeded by the batch, as in evaluate) and the bytes
+        hidden there."""
+        if not self.masked:
+            return next_byte_features(model, batch)
+        x, _ = split_batch(batch)
+        h, mask = self._masked_context(model, x, batch_seeded_generator(batch, EVAL_SEED))
+        return h.detach()[mask], x[mask]
 
     def probe_logits(self, hidden: Tensor) -> Tensor:
         """float32 byte logits of the probe, autocast off (as the LM heads: bf16 would blur the bpb it reports)."""

@@ -1,6 +1,7 @@
 """Representation-health monitors and anti-collapse regularisers for the JEPA objective.
 
-Every function takes z of shape (N, d): N representation vectors of d dims, computed in float32 whatever z's dtype.
+Every function takes z of shape (N, d): N representation vectors of d dims, computed in float32 whatever z's dtype
+(sequence_share takes (B, L, d): B sequences of L positions).
 
 Monitors (what a healthy vs collapsed batch looks like):
   per_dim_std          spread of each dimension over the batch. A collapsed encoder maps every input to (nearly) the
@@ -11,6 +12,12 @@ Monitors (what a healthy vs collapsed batch looks like):
                        look fine while the effective rank is tiny compared with d.
   mean_pairwise_cosine mean cosine similarity over all pairs of distinct vectors: ~0 for unrelated vectors, -> 1 when
                        all vectors point the same way (complete collapse).
+  sequence_share       the share of the variance that is constant within each sequence. Slow collapse keeps vectors
+                       distinct across sequences (std, rank and cosine all look healthy) but makes them (nearly)
+                       the same at every position of a sequence: they encode which text a window comes from, not
+                       its bytes. A fresh Transformer encoder gives ~0.15 on tinyshakespeare windows of 128 bytes.
+  no_information_warning  a byte probe whose bpb is not below the unigram entropy of the text it is scored on knows
+                       nothing beyond the byte frequencies.
 
 Regularisers (differentiable, to add to the loss):
   vicreg_variance / vicreg_covariance  VICReg's hinge on per-dim std and off-diagonal covariance (Bardes et al. 2022).
@@ -36,6 +43,12 @@ MAX_MEAN_COSINE = 0.9  # every pair of vectors is > 0.9 correlated: they all poi
 # minimum possible value 1: it then fires only when one direction clearly dominates.
 MIN_RANK_FRACTION = 0.02
 MIN_EFFECTIVE_RANK = 1.5
+# Over half the variance constant within sequences: the representation follows the sequence, not its bytes. A
+# next_latent JEPA with LayerNorm targets reached 0.80 on the quick study (probe at the unigram entropy), fresh
+# encoders and healthy runs stay below 0.2.
+MAX_SEQUENCE_SHARE = 0.5
+# A probe within this many bits of the unigram entropy has learned (almost) nothing but byte frequencies.
+NO_INFORMATION_MARGIN = 0.05
 
 # SIGReg quadrature, as in the LeJEPA reference code: 17 knots on [0, 3], trapezoid rule.
 SIGREG_T_MAX = 3.0
@@ -76,6 +89,18 @@ def mean_pairwise_cosine(z: Tensor, eps: float = 1e-8) -> Tensor:
     n = unit.shape[0]
     cross_terms = unit.sum(dim=0).square().sum() - unit.square().sum()
     return cross_terms / (n * (n - 1))
+
+
+def sequence_share(z: Tensor) -> Tensor:
+    """Scalar share of the variance of z (B, L, d) that its per-sequence means explain: between-sequence sum of
+    squares / total sum of squares, both about the mean over all B * L vectors. 0: every sequence has the same
+    mean vector; 1: each sequence is constant over its positions. All-equal vectors (no variance) give 0."""
+    if z.dim() != 3 or z.shape[0] * z.shape[1] < 2:
+        raise ValueError(f"expected representations of shape (B, L, d) with B * L >= 2, got shape {tuple(z.shape)}")
+    z = z.to(torch.float32)
+    centred = z - z.mean(dim=(0, 1))
+    between = centred.mean(dim=1).square().sum() * z.shape[1]
+    return between / centred.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def vicreg_variance(z: Tensor, target_std: float = 1.0, eps: float = 1e-4) -> Tensor:
@@ -140,13 +165,17 @@ def sigreg(
 
 
 def collapse_warnings(
-    std_mean: float, effective_rank: float, mean_cosine: float, dim: int, subject: str = "representations"
+    std_mean: float, effective_rank: float, mean_cosine: float, dim: int, subject: str = "representations",
+    sequence_share: float | None = None,
 ) -> list[str]:
     """One-line warnings for each collapse sign in the monitors' values (empty list: healthy).
 
-    `subject` names what was measured in the messages, e.g. "target representations".
+    `subject` names what was measured in the messages, e.g. "target representations"; `sequence_share` is checked
+    when given.
     """
     stats = {"mean per-dim std": std_mean, "effective rank": effective_rank, "mean pairwise cosine": mean_cosine}
+    if sequence_share is not None:
+        stats["sequence share"] = sequence_share
     non_finite = [name for name, value in stats.items() if not math.isfinite(value)]
     if non_finite:
         return [f"collapse check: non-finite {', '.join(non_finite)} of {subject}"]
@@ -160,4 +189,16 @@ def collapse_warnings(
         warnings.append(
             f"dimensional collapse: effective rank of {subject} {effective_rank:.2f} < {min_rank:.3g} (d = {dim})"
         )
+    if sequence_share is not None and sequence_share > MAX_SEQUENCE_SHARE:
+        warnings.append(f"slow collapse: {sequence_share:.0%} of the variance of {subject} is constant within each "
+                        f"sequence (> {MAX_SEQUENCE_SHARE:.0%}): they follow the sequence, not its bytes")
     return warnings
+
+
+def no_information_warning(probe_bpb: float, unigram_bpb: float, subject: str = "probe bpb") -> list[str]:
+    """A one-line warning when a byte probe's bpb is not below the unigram entropy minus NO_INFORMATION_MARGIN."""
+    if not math.isfinite(probe_bpb) or probe_bpb >= unigram_bpb - NO_INFORMATION_MARGIN:
+        return [f"no information: {subject} {probe_bpb:.4f} is not {NO_INFORMATION_MARGIN} bits below the unigram "
+                f"entropy of the eval text ({unigram_bpb:.4f}): the representations tell the probe nothing beyond "
+                "byte frequencies"]
+    return []

@@ -113,11 +113,13 @@ def test_hybrid_next_byte_term_trains_the_encoder():
 
 
 # -- the latent losses against a direct computation -------------------------------------------------------------
-def direct_latent_loss(model, x, offsets, pool, loss, z):
-    """Mean over offsets k of the distance between the prediction at t and the mean of the layer-normalised
-    z[t + k .. t + k + pool - 1], over every t where those all exist; float64 throughout."""
+def direct_latent_loss(model, x, offsets, pool, loss, z, target_norm):
+    """Mean over offsets k of the distance between the prediction at t and the mean of the normalised
+    z[t + k .. t + k + pool - 1], over every t where those all exist; float64 throughout. `instance` standardises
+    each channel over the positions of its sequence, `layer` each vector over its channels."""
     z = z.double()
-    z = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, correction=0, keepdim=True) + 1e-5)
+    over = 1 if target_norm == "instance" else -1
+    z = (z - z.mean(over, keepdim=True)) / torch.sqrt(z.var(over, correction=0, keepdim=True) + 1e-5)
     predictions = model.objective.predictor.forward_offsets(model(x)).double()
     distance = torch.nn.functional.smooth_l1_loss if loss == "smooth_l1" else torch.nn.functional.mse_loss
     per_offset = []
@@ -129,14 +131,16 @@ def direct_latent_loss(model, x, offsets, pool, loss, z):
 
 
 @pytest.mark.parametrize("pool,loss", [(1, "smooth_l1"), (3, "mse")])
-def test_next_latent_loss_matches_a_direct_computation(pool, loss):
+@pytest.mark.parametrize("target_norm", ["instance", "layer"])
+def test_next_latent_loss_matches_a_direct_computation(pool, loss, target_norm):
     offsets = [1, 2, 5]
-    model = jepa_model(jepa={"offsets": offsets, "pool": pool, "loss": loss}, init_std=0.1)
+    model = jepa_model(jepa={"offsets": offsets, "pool": pool, "loss": loss, "target_norm": target_norm},
+                       init_std=0.1)
     batch = torch.randint(0, 256, (2, 17))
     x, target = batch[:, :-1], model.objective.target
     with torch.no_grad():
         expected = direct_latent_loss(model, x, offsets, pool, loss, target["backbone"](target["embedding"](x),
-                                                                                       causal=True))
+                                                                                       causal=True), target_norm)
         _, metrics = model.objective.loss(model, batch)
     assert metrics["latent_loss"].item() == pytest.approx(expected.item(), rel=1e-4)
 
@@ -153,8 +157,8 @@ def test_online_target_carries_gradient():
         return grad.double()
 
     objective_grad = embedding_grad(model.objective._forward(model, batch)["latent"])
-    with_gradient = embedding_grad(direct_latent_loss(model, x, [1, 3], 1, "smooth_l1", model(x)))
-    stop_gradient = embedding_grad(direct_latent_loss(model, x, [1, 3], 1, "smooth_l1", model(x).detach()))
+    with_gradient = embedding_grad(direct_latent_loss(model, x, [1, 3], 1, "smooth_l1", model(x), "instance"))
+    stop_gradient = embedding_grad(direct_latent_loss(model, x, [1, 3], 1, "smooth_l1", model(x).detach(), "instance"))
     torch.testing.assert_close(objective_grad, with_gradient, rtol=1e-3, atol=1e-9)
     assert (objective_grad - stop_gradient).abs().max() > 0.1 * objective_grad.abs().max()
 
@@ -225,6 +229,19 @@ def test_fresh_model_is_healthy_and_a_constant_target_is_flagged(backbone, mode)
     assert any("dimensional collapse" in w for w in warnings)
 
 
+def test_no_information_is_flagged_once_trained_and_only_for_probes():
+    model = jepa_model()
+    metrics = model.objective.evaluate(model, torch.randint(0, 256, (4, 33)))
+    assert metrics["bpb"] > 7 and 0 <= metrics["sequence_share"] <= 1  # an untrained probe
+    referenced = metrics | {"unigram_bpb": 4.8}  # the trainer adds the eval bytes' unigram entropy
+    assert model.objective.health_warnings(referenced, trained=False) == []  # step 0: nothing to judge yet
+    assert [w.split(":")[0] for w in model.objective.health_warnings(referenced)] == ["no information"]
+    assert model.objective.health_warnings(metrics) == []  # no reference given: nothing compared
+    hybrid = jepa_model(jepa=MODES["hybrid"])  # its bpb is the model's own head, not a probe
+    hybrid_metrics = hybrid.objective.evaluate(hybrid, torch.randint(0, 256, (4, 33))) | {"unigram_bpb": 4.8}
+    assert hybrid.objective.health_warnings(hybrid_metrics) == []
+
+
 def test_masked_span_evaluate_is_reproducible_and_leaves_the_global_rng_alone():
     # SIGReg draws random directions in training; evaluation must not draw them (nor compute the penalty)
     model = jepa_model(jepa=MODES["masked_span"] | {"sigreg_weight": 0.01})
@@ -249,13 +266,16 @@ COLLAPSE_SETTINGS = ("train.lr=1e-2", "train.max_steps=24", "train.eval_every=24
 
 
 def test_online_target_collapses_in_training_and_ema_does_not(tmp_path):
-    """No EMA, no stop-gradient, no regulariser: the encoder maps everything to one vector within 24 steps at
-    lr 1e-2 (measured over 4 seeds and both backbones: mean cosine 0.997-0.999, target std 0.02-0.05, effective
-    rank 1.8-2.9 of 32). The same run with the EMA target stays healthy (cosine ~0.1, std ~0.94, rank ~24.5)."""
+    """No EMA, no stop-gradient, no regulariser, LayerNorm targets: the encoder maps everything to one vector
+    within 24 steps at lr 1e-2 (measured over 4 seeds and both backbones: mean cosine 0.997-0.999, target std
+    0.02-0.05, effective rank 1.8-2.9 of 32). The same run with the EMA target stays healthy (cosine ~0.1, std
+    ~0.94, rank ~24.5). (With instance-normalised targets the online run collapses onto ~3 directions instead.)
+    After 24 steps neither probe knows more than byte frequencies: the no-information warning is not at stake."""
     runs = {}
     for target in ("online", "ema"):
         run_dir = tmp_path / target
-        overrides = jepa_overrides(run_dir, {"target_encoder": target, "offsets": [1]}, *COLLAPSE_SETTINGS)
+        settings = {"target_encoder": target, "offsets": [1], "target_norm": "layer"}
+        overrides = jepa_overrides(run_dir, settings, *COLLAPSE_SETTINGS)
         Trainer(load_config(TINY, overrides)).train()
         runs[target] = evals(run_dir)
     first, last = runs["online"][0], runs["online"][-1]
@@ -263,7 +283,7 @@ def test_online_target_collapses_in_training_and_ema_does_not(tmp_path):
     assert any("collapse" in w for w in last["warnings"]), last
     assert last["val_mean_cosine"] > 0.9 and last["val_target_std"] < 0.2
     assert last["val_effective_rank"] < 0.25 * first["val_effective_rank"]
-    assert all("warnings" not in record for record in runs["ema"])
+    assert not any("collapse" in w for record in runs["ema"] for w in record.get("warnings", []))
     ema_last = runs["ema"][-1]
     assert ema_last["val_target_std"] > 0.5 and ema_last["val_mean_cosine"] < 0.5
     assert ema_last["val_effective_rank"] > 0.75 * runs["ema"][0]["val_effective_rank"]
@@ -281,12 +301,13 @@ def test_each_mode_trains_through_the_trainer(tmp_path, mode, backbone):
     quality = "val_masked_probe_bpb" if mode == "masked_span" else "val_bpb"
     figures = [r[quality] for r in records]
     assert [r["step"] for r in records] == [0, 12, 24]
-    # measured: ~8.0 at init, 4.7-5.1 after 24 steps for every mode and backbone
+    # measured: ~8.0 at init, 4.7-5.7 after 24 steps for every mode and backbone
     assert abs(figures[0] - 8) < 0.3 and figures[-1] < figures[0] - 1.5, figures
     for record in records:
         assert all(math.isfinite(record[key]) for key in MONITORS), record
         assert record["val_probe"] == (0.0 if mode == "hybrid" else 1.0)
-        assert "warnings" not in record
+        # 24 steps teach a probe little beyond byte frequencies (that warning may come), but nothing collapses
+        assert not any("collapse" in warning for warning in record.get("warnings", [])), record
     assert ("val_bpb" in records[0]) == (mode != "masked_span")
 
 

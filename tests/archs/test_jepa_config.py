@@ -5,7 +5,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from archlab.archs.config import ModelConfig
+from archlab.archs.config import MASKED_SPAN_SIGREG_WEIGHT, ModelConfig
 from archlab.train.cli import main
 from archlab.train.config import load_config
 from archlab.train.errors import ConfigError
@@ -53,6 +53,52 @@ def test_shipped_configs_validate(tmp_path, piece, mode, hybrid):
     assert cfg.model.runs_causally == (mode == "next_latent") and (cfg.sample.tokens > 0) == (mode == "next_latent")
     if piece == "jepa.yaml":
         assert load_config(configs / "quickstart-jepa.yaml").model == cfg.model
+
+
+def test_masked_span_gets_sigreg_unless_the_config_sets_it(tmp_path):
+    base = [f"run.dir={tmp_path}", "model.objective=jepa", "sample.tokens=0"]
+    masked = load_config(TINY, [*base, "model.jepa.mode=masked_span", "model.jepa.spans=2",
+                                "model.jepa.span_length=[2,6]"])
+    assert masked.model.jepa.sigreg_weight == MASKED_SPAN_SIGREG_WEIGHT > 0
+    assert load_config(TINY, base).model.jepa.sigreg_weight == 0.0  # next_latent keeps none
+    explicit = load_config(TINY, [*base, "model.jepa.mode=masked_span", "model.jepa.spans=2",
+                                  "model.jepa.span_length=[2,6]", "model.jepa.sigreg_weight=0"])
+    assert explicit.model.jepa.sigreg_weight == 0.0
+    # the shipped masked piece inherits it too (jepa.yaml no longer pins sigreg_weight to 0)
+    configs = TINY.parents[2] / "configs"
+    config = tmp_path / "masked.yaml"
+    config.write_text(f"include: [{configs / 'quickstart-jepa.yaml'}]\nmodel: {{jepa: {{mode: masked_span}}}}\n"
+                      "sample: {tokens: 0}\n")
+    assert load_config(config).model.jepa.sigreg_weight == MASKED_SPAN_SIGREG_WEIGHT
+
+
+def test_runs_saved_before_target_norm_load_as_layernorm_runs(tmp_path, capsys):
+    """A checkpoint or run config.yaml without model.jepa.target_norm predates it: it was built with LayerNorm
+    targets, not with today's default; eval works on such a run, and resuming it under instance targets is refused."""
+    run_dir = tmp_path / "old"
+    short = ("train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=2", "train.eval_tokens=256")
+    overrides = jepa_overrides(run_dir, {"offsets": [1, 4], "target_norm": "layer"}, "train.max_steps=2", *short)
+    Trainer(load_config(TINY, overrides)).train()
+    for path in [run_dir / "config.yaml", *run_dir.glob("checkpoints/*/meta.json")]:  # as an older archlab wrote them
+        text = path.read_text()
+        assert text.count("target_norm") == 1
+        path.write_text("\n".join(line for line in text.splitlines() if "target_norm" not in line) + "\n")
+    assert load_config(run_dir / "config.yaml", saved=True).model.jepa.target_norm == "layer"
+    assert load_config(run_dir / "config.yaml").model.jepa.target_norm == "instance"  # a user config: the default
+    assert main_code(capsys, "eval", run_dir) == 0
+    today = jepa_overrides(run_dir, {"offsets": [1, 4]}, "train.max_steps=4", "run.resume=true", *short)
+    with pytest.raises(ConfigError, match=r"different config \(model.jepa.target_norm"):
+        Trainer(load_config(TINY, today))
+
+
+def main_code(capsys, *argv):
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exit_:
+        capsys.readouterr()
+        return exit_.code
+    capsys.readouterr()
+    return 0
 
 
 def test_limits_that_just_fit_are_accepted():
@@ -105,7 +151,8 @@ def test_training_flops_count_every_pass(tmp_path, variant):
     runs = 1 if masked else 3
     target = {"ema": encoder, "online": 0, "hybrid": encoder, "mlp_probe": encoder, "masked_ema": encoder,
               "masked_online": 3 * encoder}[variant]  # masked_span's online target is a second, trained, pass
-    expected = 3 * encoder + 3 * head + target + 3 * runs * predictor
+    sigreg = 3 * (2 * 32 * 64 + 4 * 64 * 17) if masked else 0  # masked_span's default SIGReg, 64 directions
+    expected = 3 * encoder + 3 * head + target + 3 * runs * predictor + sigreg
     objective = trainer.model.objective
     assert objective.training_flops_per_token(trainer.model, 32) == expected
     assert trainer.flops_per_step == expected * 8 * 32

@@ -12,7 +12,9 @@ from archlab.archs.objectives.representation import (
     collapse_warnings,
     effective_rank,
     mean_pairwise_cosine,
+    no_information_warning,
     per_dim_std,
+    sequence_share,
     sigreg,
     vicreg_covariance,
     vicreg_variance,
@@ -178,6 +180,57 @@ def test_collapse_warnings_each_kind(stats, expected):
 def test_collapse_warnings_healthy_stats():
     assert collapse_warnings(0.9, 40.0, 0.02, 64) == []
     assert collapse_warnings(0.9, 1.6, 0.02, 8) == []  # small d: only the 1.5 floor applies
+
+
+# -- sequence_share and slow collapse ----------------------------------------------------------------------------
+def test_sequence_share_known_values():
+    gen = seeded(3)
+    per_sequence = torch.randn(6, 1, 16, generator=gen).expand(6, 20, 16)  # constant within each sequence
+    assert sequence_share(per_sequence).item() == pytest.approx(1.0, abs=1e-6)
+    same_sequences = torch.randn(1, 20, 16, generator=gen).expand(6, 20, 16)  # every sequence alike
+    assert sequence_share(same_sequences).item() == pytest.approx(0.0, abs=1e-6)
+    assert sequence_share(torch.zeros(3, 5, 4)).item() == 0.0  # no variance at all: defined, not NaN
+    # i.i.d. vectors: the per-sequence means keep ~1/L of the variance
+    assert sequence_share(torch.randn(64, 50, 32, generator=gen)).item() == pytest.approx(1 / 50, rel=0.15)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 6), length=st.integers(1, 12), d=st.integers(1, 8), seed=SEEDS)
+def test_sequence_share_is_a_variance_fraction(b, length, d, seed):
+    if b * length < 2:
+        return
+    z = torch.randn(b, length, d, generator=seeded(seed), dtype=torch.float64)
+    centred = z - z.mean(dim=(0, 1))
+    means = centred.mean(dim=1, keepdim=True)
+    within = (centred - means).square().sum()
+    between = means.square().sum() * length
+    torch.testing.assert_close(between + within, centred.square().sum())  # the split it rests on
+    share = sequence_share(z).item()
+    assert 0.0 <= share <= 1.0 + 1e-6
+    assert share == pytest.approx((between / centred.square().sum()).item(), abs=1e-5)
+    # invariant to a shift and a scale of all vectors
+    assert sequence_share(3 * z + 7).item() == pytest.approx(share, abs=1e-5)
+
+
+def test_slow_collapse_is_flagged_only_over_half():
+    assert collapse_warnings(0.9, 40.0, 0.02, 64, sequence_share=0.2) == []
+    warnings = collapse_warnings(0.9, 40.0, 0.02, 64, subject="target representations", sequence_share=0.8)
+    assert warnings == ["slow collapse: 80% of the variance of target representations is constant within each "
+                        "sequence (> 50%): they follow the sequence, not its bytes"]
+
+
+def test_no_information_warning_at_and_above_the_unigram_entropy():
+    assert no_information_warning(3.6, 4.83) == []
+    assert no_information_warning(4.77, 4.83) == []  # 0.06 bits below: past the 0.05 margin
+    for value in (4.79, 4.829, 5.1, float("nan")):  # within the margin, at, above, or no figure at all
+        warning = no_information_warning(value, 4.83)
+        assert len(warning) == 1 and warning[0].startswith("no information: probe bpb")
+
+
+def test_sequence_share_bad_shape_is_a_one_line_error():
+    for shape in [(8, 4), (1, 1, 4)]:
+        with pytest.raises(ValueError, match=r"^expected representations of shape \(B, L, d\)"):
+            sequence_share(torch.zeros(shape))
 
 
 # -- input errors ------------------------------------------------------------------------------------------------
