@@ -60,6 +60,10 @@ def curve_plot(groups: list[dict], axis: int, xlabel: str, study_name: str) -> b
         if len(group["runs"]) > 1:
             ax.fill_between(x[keep], values.min(axis=0)[keep], values.max(axis=0)[keep], color=style["color"],
                             alpha=0.18, linewidth=0)
+    unigram = {r["unigram_bpb"] for g in groups for r in g["runs"] if r.get("unigram_bpb") is not None}
+    if len(unigram) == 1:  # one eval text: its byte-frequency floor as a reference line
+        ax.axhline(unigram.pop(), color="grey", linestyle=":", linewidth=1.2,
+                   label="unigram entropy of the eval bytes")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("val bits per byte (lower is better)")
@@ -138,6 +142,44 @@ def scaling_plot(groups: list[dict], fits: dict, study_name: str) -> bytes:
                  "points = runs; hollow = not the best size at its budget (not fitted)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return _png(fig, plt)
+
+
+def linear_probe_plot(runs: list[dict], study_name: str) -> bytes:
+    """Linear evaluation: per probed run and probe kind, horizontal bars for the trained encoder, its step-0 encoder
+    and the baseline run, a marker for the run's own online figure, and the unigram / bigram floors as lines."""
+    plt = _pyplot()
+    rows = []  # (label, {encoder name: bpb}, online figure)
+    for run in runs:
+        result = run["linear_probe"]
+        for kind in result["kinds"]:
+            rows.append((f"{run['name']}\n({result['task']}, {kind})",
+                         {e["name"]: e[kind]["val_bpb"] for e in result["encoders"]}, run["final"]))
+    names = ["trained", "random init", "baseline"]
+    labels = {"trained": "trained encoder", "random init": "its step-0 encoder", "baseline": "baseline run"}
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 1.1 * len(rows)))
+    height = 0.8 / len(names)
+    for index, (label, values, online) in enumerate(rows):
+        for offset, name in enumerate(names):
+            if name in values:
+                ax.barh(index + (offset - 1) * height, values[name], height=height, color=f"C{offset}",
+                        label=labels[name] if index == 0 else None)
+                ax.annotate(f"{values[name]:.3f}", (values[name], index + (offset - 1) * height), fontsize=7,
+                            xytext=(3, -3), textcoords="offset points")
+        ax.plot([online], [index - height], marker="D", color="black", linestyle="none",
+                label="online figure (probe trained alongside)" if index == 0 else None)
+    entropies = runs[0]["linear_probe"]["entropies"]
+    ax.axvline(entropies["unigram_bpb"], color="grey", linestyle="--", label="unigram entropy")
+    if "bigram_bpb" in entropies:
+        ax.axvline(entropies["bigram_bpb"], color="grey", linestyle=":", label="bigram entropy")
+    ax.set_yticks(range(len(rows)), [row[0] for row in rows], fontsize=8)
+    ax.invert_yaxis()
+    low = min(min(v.values()) for _, v, _ in rows)
+    ax.set_xlim(max(0.0, low - 0.5), max(entropies["unigram_bpb"], *(o for *_, o in rows)) + 0.3)
+    ax.set_xlabel("val bits per byte of a fresh probe (lower = more in the features)")
+    ax.set_title(f"{study_name}: linear evaluation on frozen features", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _png(fig, plt)
 
 

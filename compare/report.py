@@ -19,6 +19,7 @@ from archlab.compare import plots
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
 from archlab.train.data import atomic_output
 from archlab.train.errors import UserError
+from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE
 from archlab.train.run_log import read_metrics
 
 CSV_COLUMNS = ["name", "arm", "seed", "size", "budget", "backbone", "objective", "params", "flops_per_token", "tokens",
@@ -32,10 +33,18 @@ WALLCLOCK_NOTE = ("Wall-clock at each evaluation is approximated as train_second
 FIT_NOTE = ("Fit of L(C) = E + A·C^−α per arm (C = training FLOPs) over the runs of its best size at each training "
             "budget (every size, when each has its own budget); ± = standard error from the Jacobian at the optimum "
             "(NaN with exactly 3 points).")
+LINEAR_PROBE_NOTE = (
+    "Fresh byte probes trained on frozen features once training is over (`archlab eval RUN --linear-probe`; "
+    "protocol in train/linear_probe.py: whitened features, AdamW over an lr grid, early stopping on held-out train "
+    "windows), scored in bits per byte on the run's eval windows. Beside each: the same protocol on the run's "
+    "step-0 encoder (rebuilt from its seed) and on the baseline arm's run at equal training FLOPs. Unigram / "
+    "bigram: the eval bytes' entropy under the train split's byte (pair) frequencies, what byte statistics alone "
+    "give. Training added = step-0 encoder's bpb − trained encoder's bpb. Online figure = the run's own probe "
+    "(trained alongside the encoder).")
 PARETO_COST_TOLERANCE = 0.02  # runs matched to one budget land within a step of it: equal cost, not cheaper
 # keys of a synthetic row that are not part of its task setting (what the table groups seeds under)
 SYNTHETIC_FIXED_KEYS = {"arm", "backbone", "d_model", "params", "seed", "accuracy", "train_steps", "train_seconds",
-                        "setting", "final_train_loss", "model", "steps", "lr", "batch_size"}
+                        "setting", "final_train_loss", "model", "steps", "lr", "batch_size", "prefix_losses"}
 
 
 def write_report(out_dir: Path) -> dict[str, Path]:
@@ -63,6 +72,9 @@ def write_report(out_dir: Path) -> dict[str, Path]:
         if bpb_groups:
             files["isoflop.png"] = plots.isoflop_plot(bpb_groups, study["study"])
             files["scaling.png"] = plots.scaling_plot(bpb_groups, fits, study["study"])
+    probed = [run for run in runs if run["linear_probe"] is not None]
+    if probed:
+        files["linear_probe.png"] = plots.linear_probe_plot(probed, study["study"])
     files["results.csv"] = _csv(runs, CSV_COLUMNS)
     files["report.md"] = _report_md(study, groups, skipped, fits, files).encode()
     return _write_files(out_dir, files)
@@ -103,6 +115,7 @@ def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
     final = evals[-1][1] if final is None and evals else final
     if final is None:
         return None, f"no val_{metric} in summary.json or metrics.jsonl"
+    unigram = next((r["val_unigram_bpb"] for r in reversed(records) if "val_unigram_bpb" in r), None)
     train_flops, train_seconds = summary.get("train_flops"), summary.get("train_seconds")
     seconds_per_flop = train_seconds / train_flops if train_flops and train_seconds else math.nan
     run = {key: entry.get(key) for key in ("name", "arm", "seed", "size", "budget", "flops_per_token")}
@@ -110,8 +123,21 @@ def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
     run |= {key: summary.get(key) for key in ("tokens", "train_flops", "train_seconds", "tokens_per_s",
                                               "peak_memory_mb")}
     return run | {"final": float(final), "quality_metric": metric, "bound": bool(entry.get("bound")),
-                  "probe": bool(entry.get("probe") or summary.get("probe")),
+                  "probe": bool(entry.get("probe") or summary.get("probe")), "unigram_bpb": unigram,
+                  "linear_probe": _read_probe(run_dir / PROBE_FILE),
                   "curve": [(f, f * seconds_per_flop, v) for f, v in evals]}, ""
+
+
+def _read_probe(path: Path) -> dict | None:
+    """A run's linear evaluation (train/linear_probe.py), None when it has none."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        return result if all(e["linear"]["val_bpb"] is not None for e in result["encoders"]) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is unreadable; delete it and rerun `archlab compare --resume` to redo the probe") \
+            from None
 
 
 def _mean(values) -> float | None:
@@ -207,6 +233,9 @@ def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None
     if others:
         lines.append(f"Not bpb, so kept out of the plots and the Pareto fronts: {', '.join(others)}.")
     lines += ["", "## Reading", "", _reading(groups), ""]
+    probed = [run for g in groups for run in g["runs"] if run["linear_probe"] is not None]
+    if probed:
+        lines += _linear_probe_md(probed)
     if "bpb_vs_flops.png" in files:
         lines += ["## Curves", "", "![val bpb vs training FLOPs](bpb_vs_flops.png)", "",
                   "![val bpb vs wall-clock](bpb_vs_wallclock.png)", "", WALLCLOCK_NOTE, ""]
@@ -224,6 +253,27 @@ def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None
         lines += ["## Skipped runs", "", *(f"- {name}: {reason}" for name, reason in skipped), ""]
     lines += ["Per-run numbers: [results.csv](results.csv)."]
     return "\n".join(lines) + "\n"
+
+
+def _linear_probe_md(runs: list[dict]) -> list[str]:
+    """The linear-evaluation table: each probed run's encoder beside its step-0 encoder, the baseline run and the
+    floor lines, and what training added over initialisation."""
+    lines = ["## Linear evaluation", "", LINEAR_PROBE_NOTE, "",
+             "| run | probe | trained encoder | its step-0 encoder | baseline run | online figure | unigram | bigram "
+             "| training added |", "|" + "---|" * 9]
+    for run in runs:
+        result = run["linear_probe"]
+        by_name = {e["name"]: e for e in result["encoders"]}
+        for kind in result["kinds"]:
+            trained, start = by_name["trained"][kind]["val_bpb"], by_name["random init"][kind]["val_bpb"]
+            baseline = by_name.get("baseline")
+            shown = f"{baseline[kind]['val_bpb']:.4f} ({Path(baseline['source'].split(' at ')[0]).name})" \
+                if baseline else "–"
+            entropies = result["entropies"]
+            lines.append(f"| {run['name']} | {result['task']}, {kind} | **{trained:.4f}** | {start:.4f} | {shown} | "
+                         f"{run['final']:.4f} | {entropies['unigram_bpb']:.4f} | "
+                         f"{_fmt(entropies.get('bigram_bpb'))} | {start - trained:+.4f} bits |")
+    return lines + ["", "![linear evaluation](linear_probe.png)", ""]
 
 
 def _metadata(study: dict) -> list[str]:
@@ -287,7 +337,8 @@ def _write_synthetic(study: dict, out_dir: Path) -> dict[str, Path]:
 
     tmp = out_dir / "synthetic.tmp.png"  # .png suffix: matplotlib picks the format from it
     plot_accuracy_vs_width(rows, tmp)
-    written = _write_files(out_dir, {"results.csv": _csv(rows, list(dict.fromkeys(k for row in rows for k in row))),
+    columns = [key for key in dict.fromkeys(k for row in rows for k in row) if key != "prefix_losses"]
+    written = _write_files(out_dir, {"results.csv": _csv(rows, columns),
                                      "report.md": ("\n".join(lines) + "\n").encode()})
     os.replace(tmp, out_dir / "synthetic.png")
     return {**written, "synthetic.png": out_dir / "synthetic.png"}

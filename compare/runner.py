@@ -22,11 +22,12 @@ from typing import Any
 import torch
 import yaml
 
-from archlab.compare.study import RunSpec, Study, load_study, plan_runs
+from archlab.compare.study import RunSpec, Study, load_study, plan_runs, probe_pairs
 from archlab.kernels.hardware import device_name
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
 from archlab.train.data import atomic_output, resolve_data_path
 from archlab.train.errors import UserError
+from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE, probe_run
 from archlab.train.trainer import Trainer, resolve_device
 
 STUDY_FILE = "study.json"
@@ -113,7 +114,7 @@ def _check_out_dir(out: Path, resume: bool, study: Study) -> None:
 def _saved_configs(out: Path) -> dict[str, Config]:
     """The configs earlier invocations gave each run (OUT/configs/<name>.yaml)."""
     folder = out / "configs"
-    return {path.stem: load_config(path) for path in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    return {path.stem: load_config(path, saved=True) for path in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
 def _check_unchanged(spec: RunSpec, saved: Config | None) -> None:
@@ -183,7 +184,32 @@ def _train_runs(study: Study, out: Path, specs: list[RunSpec], device: str, pyth
         entry["status"] = "finished" if code == 0 else "failed"
         entry["exit_code"] = code
         write_json_atomic(out / STUDY_FILE, record)
+    _probe_runs(study, out, specs, record)
     return record
+
+
+def _probe_runs(study: Study, out: Path, specs: list[RunSpec], record: dict[str, Any]) -> None:
+    """Linear evaluation (train/linear_probe.py, as `archlab eval RUN --linear-probe`) of the runs that
+    study.linear_probe names, once trained; a run whose linear_probe.json exists was probed earlier and is skipped."""
+    entries = {entry["name"]: entry for entry in record["runs"]}
+    for spec, baseline in probe_pairs(study, specs):
+        entry, run_dir = entries[spec.name], out / entries[spec.name]["run_dir"]
+        if entry["status"] != "finished":
+            continue
+        if (run_dir / PROBE_FILE).exists():
+            entry["linear_probe"] = "finished"
+            continue
+        baseline_dir = None
+        if baseline is not None and entries[baseline.name]["status"] == "finished":
+            baseline_dir = out / entries[baseline.name]["run_dir"]
+        print(f"linear evaluation of {spec.name}" + (f" beside {baseline.name}" if baseline_dir else ""), flush=True)
+        try:
+            probe_run(run_dir, baseline=baseline_dir, mlp=study.linear_probe.mlp)
+            entry["linear_probe"] = "finished"
+        except UserError as err:  # e.g. a damaged checkpoint: the other runs still get theirs
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            entry["linear_probe"] = "failed"
+        write_json_atomic(out / STUDY_FILE, record)
 
 
 def _status(out: Path, spec: RunSpec) -> str:
@@ -266,6 +292,9 @@ def run_study(path: str | Path, out: str | Path | None = None, *, resume: bool =
     if failed:
         raise UserError(f"run {failed[0]} failed ({len(failed)} in all; output above); fix it and rerun with "
                         "--resume: finished runs are kept")
+    unprobed = [run["name"] for run in record["runs"] if run.get("linear_probe") == "failed"]
+    if unprobed:
+        raise UserError(f"linear evaluation of {unprobed[0]} failed (output above); rerun with --resume to retry it")
     return out
 
 

@@ -12,6 +12,9 @@ A study YAML (configs/studies/*.yaml):
       mamba-ar: {model: {backbone: mamba}, match: {to: transformer-ar, by: params, solve: d_model}}
     sizes:                        # optional (scaling studies): name -> partial model config, crossed with arms
       s: {d_model: 64}
+    linear_probe:                 # optional: after training, fresh probes on frozen features (train/linear_probe.py)
+      arms: [transformer-jepa]    # these arms' runs, each beside its own step-0 encoder
+      baseline: transformer-ar    # and beside this arm's run of the same seed, size and budget
 
 Budgets become train.max_steps through the trainer's own FLOPs counter (training_flops_per_token x tokens per
 step), so with a FLOPs or tokens budget every arm stops within one step of it; a seconds budget measures each
@@ -68,6 +71,14 @@ class Match(BaseModel):
     tolerance: float = Field(0.02, gt=0, lt=1)
 
 
+class LinearProbeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    arms: list[str] = Field(min_length=1, description="arms whose runs get linear evaluation once trained")
+    baseline: Optional[str] = Field(None, description="an arm whose run of the same seed, size and budget is "
+                                                      "probed the same way beside each (e.g. the autoregressive arm)")
+    mlp: bool = Field(False, description="also an MLP probe")
+
+
 class SyntheticSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tasks: list[dict[str, Any]] = Field(min_length=1, description="compare.synthetic.SyntheticTask settings")
@@ -88,6 +99,7 @@ class Study(BaseModel):
     sizes: Optional[dict[str, dict[str, Any]]] = None
     nproc_per_node: int = Field(1, gt=0, description="processes (GPUs) per run: > 1 launches each run with torchrun")
     synthetic: Optional[SyntheticSettings] = None
+    linear_probe: Optional[LinearProbeSettings] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Study":
@@ -102,6 +114,8 @@ class Study(BaseModel):
             raise ValueError("an lm study needs a budget: {flops: ...}, {tokens: ...} or {seconds: ...}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a value")
+        if self.linear_probe is not None:
+            self._check_linear_probe()
         for name, arm in self.arms.items():
             unknown = sorted(set(arm) - set(RUN_CONFIG_SECTIONS) - {"match"})
             if unknown:
@@ -114,6 +128,14 @@ class Study(BaseModel):
                 if self.sizes:
                     raise ValueError(f"arm {name}: match and sizes do not go together; give sizes per arm instead")
         return self
+
+    def _check_linear_probe(self) -> None:
+        if self.kind != "lm":
+            raise ValueError("linear_probe is for lm studies (it probes trained runs' features); remove it")
+        settings = self.linear_probe
+        for name in [*settings.arms, *([settings.baseline] if settings.baseline else [])]:
+            if name not in self.arms:
+                raise ValueError(f"linear_probe names arm {name!r}, which the study does not have")
 
     def _check_synthetic(self) -> None:
         """Synthetic studies train each arm's model for synthetic.steps: budgets, sizes, matching and run
@@ -148,6 +170,7 @@ class RunSpec(BaseModel):
     quality_metric: str
     probe: bool
     bound: bool
+    probe_task: Optional[str]
     match: Optional[dict[str, Any]] = None  # the achieved mismatch when the size was solved
 
 
@@ -274,9 +297,33 @@ def plan_runs(study: Study, *, steps_per_second=None, known_steps: dict[str, int
                         name=name, arm=arm, seed=seed, size=size, budget=budget, config=cfg, params=params,
                         flops_per_token=flops_per_token, quality_metric=objective.quality_metric,
                         probe=objective.quality_is_probe, bound=objective.quality_is_bound,
-                        match=matched))
+                        probe_task=objective.probe_task, match=matched))
     names = [spec.name for spec in specs]
     clash = next((name for name in names if names.count(name) > 1), None)
     if clash:
         raise ConfigError(f"study {study.study}: two runs would both be named {clash}; rename an arm or a size")
+    if study.linear_probe is not None:
+        _check_probe_tasks(study, specs)
     return specs
+
+
+def probe_pairs(study: Study, specs: list[RunSpec]) -> list[tuple[RunSpec, RunSpec | None]]:
+    """(run to probe, its baseline run or None) for every run of the arms study.linear_probe names."""
+    settings = study.linear_probe
+    if settings is None:
+        return []
+    baselines = {(s.seed, s.size, s.budget.label): s for s in specs if s.arm == settings.baseline}
+    return [(spec, baselines.get((spec.seed, spec.size, spec.budget.label)))
+            for spec in specs if spec.arm in settings.arms]
+
+
+def _check_probe_tasks(study: Study, specs: list[RunSpec]) -> None:
+    for spec, baseline in probe_pairs(study, specs):
+        if spec.probe_task is None:
+            raise ConfigError(f"study {study.study}: linear_probe arm {spec.arm} trains objective "
+                              f"{spec.config.model.objective}, which has no fixed representation to probe; "
+                              "list autoregressive or jepa arms")
+        if baseline is not None and baseline.probe_task != spec.probe_task:
+            raise ConfigError(f"study {study.study}: linear_probe baseline {baseline.arm} probes the "
+                              f"{baseline.probe_task or 'nothing'}, arm {spec.arm} the {spec.probe_task}; choose a "
+                              "baseline arm whose objective probes the same thing")

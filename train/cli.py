@@ -22,17 +22,6 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _run_config(run_dir: str, device: str | None):
-    """The config a finished or running run was trained with, pointed at that run directory."""
-    from archlab.train.config import load_config
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the run.dir of a training run")
-    overrides = [f"run.dir={run_dir}", "run.resume=true", "run.wandb=disabled", "run.progress=false"]
-    return load_config(path, overrides + ([f"train.device={device}"] if device else []))
-
-
 def cmd_train(args) -> None:
     if args.nproc > 1:  # the same command under torchrun, one process per device
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m",
@@ -68,29 +57,34 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from archlab.train.data import eval_batches
-    from archlab.train.trainer import Trainer
+    from archlab.train.config import run_config
+    from archlab.train.trainer import Trainer, split_batches
 
-    cfg = _run_config(args.run_dir, args.device)
+    if (args.mlp or args.baseline) and not args.linear_probe:
+        raise UserError("--mlp and --baseline go with --linear-probe; add it")
+    if args.linear_probe:
+        from archlab.train.linear_probe import probe_run
+
+        result, path = probe_run(args.run_dir, baseline=args.baseline, mlp=args.mlp, device=args.device,
+                                 checkpoint=args.checkpoint, split=args.split, whole_split=args.all)
+        print(json.dumps(result))
+        print(f"wrote {path}", file=sys.stderr)
+        return
+    cfg = run_config(args.run_dir, args.device, need_checkpoint=None if args.checkpoint else "evaluate")
     trainer = Trainer(cfg, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
-    batches = trainer.eval_set
-    if args.split != "val" or args.all:
-        batches = eval_batches(trainer.corpus.split(args.split), seq_len=cfg.data.seq_len,
-                               batch_size=cfg.train.micro_batch_size or cfg.train.batch_size,
-                               max_tokens=None if args.all else cfg.train.eval_tokens)
-    metrics = trainer.evaluate(batches)
+    metrics = trainer.evaluate(split_batches(trainer, args.split, whole_split=args.all))
     print(json.dumps({"step": trainer.step, "checkpoint": str(trainer.resume_from),
                       **{f"{args.split}_{k}": v for k, v in metrics.items()}}))
 
 
 def cmd_sample(args) -> None:
-    from archlab.train.config import SampleConfig, validate_config
+    from archlab.train.config import SampleConfig, run_config, validate_config
     from archlab.train.trainer import Trainer
 
     wanted = validate_config({"prompt": args.prompt, "tokens": args.tokens, "temperature": args.temperature,
                               "top_k": args.top_k, "steps": args.steps, "strategy": args.strategy,
                               "block_size": args.block_size}, source="archlab sample", section=SampleConfig)
-    trainer = Trainer(_run_config(args.run_dir, args.device))
+    trainer = Trainer(run_config(args.run_dir, args.device))
     objective = trainer.model.objective
     if not objective.can_sample(trainer.cfg.model):
         raise UserError(f"this {trainer.cfg.model.objective} run cannot generate text (see its model settings)")
@@ -211,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--all", action="store_true", help="score the whole split, not train.eval_tokens")
     evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--linear-probe", action="store_true",
+                          help="train fresh byte probes on the frozen features (and on the run's step-0 encoder), "
+                               "early-stopped on held-out train windows; writes RUN/linear_probe.json "
+                               "(autoregressive and jepa runs)")
+    evaluate.add_argument("--mlp", action="store_true", help="--linear-probe: also an MLP probe")
+    evaluate.add_argument("--baseline", help="--linear-probe: another run whose features are probed the same way, "
+                                             "e.g. the autoregressive arm of a study")
     evaluate.set_defaults(handler=cmd_eval)
 
     sample = sub.add_parser("sample", help="generate text from a run's latest checkpoint")

@@ -190,7 +190,7 @@ def _sync(device: torch.device) -> None:
 # -- runs, report, plot -----------------------------------------------------------------------------
 
 def check_pair(diffusion_cfg, ar_cfg, n_tokens: int, prompt_len: int) -> None:
-    """One-line UserErrors for runs that cannot be compared; configs as `_run_config` returns them."""
+    """One-line UserErrors for runs that cannot be compared; configs as `run_config` returns them."""
     if diffusion_cfg.model.objective != DIFFUSION_OBJECTIVE:
         raise UserError(f"the first run must be a {DIFFUSION_OBJECTIVE} run, but {diffusion_cfg.run.dir} trained "
                         f"model.objective={diffusion_cfg.model.objective}")
@@ -245,10 +245,10 @@ def bench_decode(diffusion, ar, *, n_tokens: int, samples: int, prompt_len: int 
 
 def load_pair(diffusion_dir: str, ar_dir: str, device: str | None, *, n_tokens: int, prompt_len: int):
     """Both runs' latest checkpoints as Trainers (as `archlab sample` loads them), after the cheap checks."""
-    from archlab.train.cli import _run_config
+    from archlab.train.config import run_config
     from archlab.train.trainer import Trainer
 
-    diffusion_cfg, ar_cfg = _run_config(diffusion_dir, device), _run_config(ar_dir, device)
+    diffusion_cfg, ar_cfg = run_config(diffusion_dir, device), run_config(ar_dir, device)
     check_pair(diffusion_cfg, ar_cfg, n_tokens, prompt_len)
     return Trainer(diffusion_cfg), Trainer(ar_cfg)
 

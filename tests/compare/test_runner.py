@@ -10,6 +10,7 @@ from archlab.train.cli import main
 from archlab.train.errors import UserError
 
 from ..train.conftest import TINY
+from .test_report import table_row
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -108,6 +109,40 @@ def test_synthetic_study_rows_resume_and_report(tmp_path, capsys):
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     with pytest.raises(UserError, match="no longer plans"):
         run_study(path, out, resume=True)
+
+
+def test_linear_probe_study_option_probes_reports_and_resumes(tmp_path, monkeypatch, capsys):
+    """linear_probe: the JEPA run is probed beside its step-0 encoder and the AR run of its seed, once trained; the
+    report gets the table and the figure; --resume probes nothing twice."""
+    from archlab.train import linear_probe
+
+    monkeypatch.setattr(linear_probe, "PROTOCOL", linear_probe.Protocol(
+        pool_tokens=4096, held_out_tokens=1024, batch_tokens=256, check_every=20, patience=2, max_steps=200))
+    study = {"study": "probe", "budget": {"tokens": 2560},
+             "base": {"include": [str(TINY)], "train": {"eval_every": 5}, "sample": {"tokens": 0}},
+             "arms": {"ar": {}, "jepa": {"model": {"objective": "jepa", "jepa": {"offsets": [1, 4]}}}},
+             "linear_probe": {"arms": ["jepa"], "baseline": "ar"}}
+    path, out = tmp_path / "probe.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    run_study(path, out)
+    entries = {r["name"]: r for r in json.loads((out / "study.json").read_text())["runs"]}
+    assert entries["jepa-s0"]["linear_probe"] == "finished" and "linear_probe" not in entries["ar-s0"]
+    result_path = out / "runs" / "jepa-s0" / "linear_probe.json"
+    result = json.loads(result_path.read_text())
+    assert [e["name"] for e in result["encoders"]] == ["trained", "random init", "baseline"]
+    assert result["encoders"][2]["source"].startswith(str(out / "runs" / "ar-s0"))
+    report = (out / "report.md").read_text()
+    assert "## Linear evaluation" in report and "![linear evaluation](linear_probe.png)" in report
+    row = table_row(report, "jepa-s0")
+    assert row[1] == "next byte, linear" and float(row[2].strip("*")) == pytest.approx(
+        result["encoders"][0]["linear"]["val_bpb"], abs=1e-4)
+    assert float(row[6]) == pytest.approx(result["entropies"]["unigram_bpb"], abs=1e-4)
+    assert (out / "linear_probe.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert imread(out / "linear_probe.png").shape[0] > 100
+    before = result_path.stat().st_mtime_ns
+    capsys.readouterr()
+    run_study(path, out, resume=True)
+    assert "linear evaluation of" not in capsys.readouterr().out and result_path.stat().st_mtime_ns == before
 
 
 def test_runs_launch_under_torchrun_when_asked(tmp_path, monkeypatch):

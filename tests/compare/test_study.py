@@ -91,12 +91,33 @@ def test_seconds_budget_measures_speed_and_sets_the_time_limit(tmp_path):
     ({"arms": {"h": {"model": {"backbone": "hybrid", "attn_layers": [0]}},
                "g": {"model": {"backbone": "hybrid", "attn_layers": [0]},
                      "match": {"to": "h", "solve": "n_layers"}}}}, "solve: n_layers cannot keep attn_layers"),
+    ({"linear_probe": {"arms": ["nope"]}}, "linear_probe names arm 'nope', which the study does not have"),
+    ({"linear_probe": {"arms": ["jepa"], "baseline": "nope"}}, "linear_probe names arm 'nope'"),
+    ({"linear_probe": {"arms": ["diffusion"]}}, "linear_probe arm diffusion trains objective masked_diffusion, which "
+                                                "has no fixed representation to probe"),
+    ({"linear_probe": {"arms": ["jepa"], "baseline": "diffusion"}}, "baseline diffusion probes the nothing"),
+    ({"arms": ARMS | {"masked": {"model": {"objective": "jepa", "jepa": {"mode": "masked_span", "spans": 2,
+                                                                           "span_length": [2, 6]}},
+                                 "sample": {"tokens": 0}}},
+      "linear_probe": {"arms": ["masked"], "baseline": "transformer"}}, "probes the next byte, arm masked the masked"),
+    ({"kind": "synthetic", "budget": None, "arms": {"a": {}}, "linear_probe": {"arms": ["a"]},
+      "synthetic": {"tasks": [{}], "widths": [8], "steps": 1, "batch_size": 1, "lr": 1.0}}, "linear_probe is for lm"),
 ])
 def test_bad_study_files_are_one_line_errors(tmp_path, fields, message):
     path = write_study(tmp_path, **fields)
     with pytest.raises(ConfigError, match=message) as caught:
         plan_runs(load_study(path))
     assert "\n" not in str(caught.value)
+
+
+def test_linear_probe_pairs_each_run_with_the_baselines_run_of_its_seed(tmp_path):
+    from archlab.compare.study import probe_pairs
+
+    study = load_study(write_study(tmp_path, seeds=[0, 1], linear_probe={"arms": ["jepa"], "baseline": "transformer"}))
+    pairs = probe_pairs(study, plan_runs(study))
+    assert [(run.name, baseline.name) for run, baseline in pairs] == [("jepa-s0", "transformer-s0"),
+                                                                      ("jepa-s1", "transformer-s1")]
+    assert all(run.probe_task == baseline.probe_task == "next byte" for run, baseline in pairs)
 
 
 def test_missing_or_malformed_study_file(tmp_path):

@@ -50,9 +50,9 @@ def ar_run(tmp_path_factory, one_thread):
 
 
 def _load(run_dir):
-    from archlab.train.cli import _run_config
+    from archlab.train.config import run_config
 
-    return Trainer(_run_config(str(run_dir), "cpu"))
+    return Trainer(run_config(str(run_dir), "cpu"))
 
 
 class StandInDiffusion:

@@ -1,0 +1,254 @@
+"""Linear evaluation (`archlab eval RUN --linear-probe`): fresh byte probes on frozen features, beside baselines.
+
+An online probe trained alongside a moving encoder can lag it or be mis-trained; this measures what a run's
+representations hold once training is over, under one fixed protocol, next to the same protocol on baselines:
+
+- Features: the objective's `probe_features` (its `probe_task`: the next byte for causal encoders, the hidden
+  bytes for JEPA masked_span) of the encoder in eval mode, without gradient, float32 (computed under the run's
+  autocast on CUDA), then whitened with the mean and covariance of the probe's training features (ZCA, eigenvalues
+  floored at 1e-6 of their mean). The best linear probe is the same for any invertible linear map of the features,
+  so whitening changes nothing it can reach, only how fast Adam gets there: an encoder that keeps what the probe
+  needs in directions of tiny variance (a JEPA that collapsed onto slow features did, at ~1% of it) is not
+  under-rated for being badly conditioned. MAE standardises each dimension before its linear probe for the same
+  reason; whitening also undoes correlations between dimensions.
+- Data: the train split is cut in two. `pool_tokens` bytes of windows drawn (seeded) from its first 95% give the
+  probe's training features, computed once; consecutive windows from its last 5% (up to `held_out_tokens` bytes)
+  are held out for early stopping and the choice of lr. The score is on the run's own eval windows (val split,
+  train.eval_tokens bytes), the bytes its online figures were measured on.
+- Probe: linear (d -> 256, with bias) or, optionally, an MLP (d -> d -> 256, GELU); weights N(0, 0.02), bias 0.
+- Training: AdamW (betas 0.9/0.95, no weight decay), constant lr, `batch_tokens` feature rows per step, shuffled
+  each epoch of the pool. For each lr of the grid: stop once the held-out loss has not improved for `patience`
+  checks (one every `check_every` steps) or at `max_steps`, and keep the weights of the best check. The lr with the
+  lowest held-out loss gives the reported val bpb.
+
+Baselines, same protocol on the same bytes: the run's encoder at initialisation (its step-0 weights, rebuilt from
+train.seed: "what did training add?"), and optionally another run's encoder, e.g. the autoregressive arm of a study
+at equal training FLOPs. The unigram and bigram entropies of the scored bytes (train/ngram.py) are the floor lines.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archlab.archs.model import Model
+from archlab.train.config import run_config
+from archlab.train.data import WindowSampler, atomic_output, eval_batches
+from archlab.train.errors import UserError
+from archlab.train.ngram import ByteNgrams
+from archlab.train.trainer import Trainer, initial_model, split_batches
+
+RESULT_FILE = "linear_probe.json"
+PROBE_KINDS = ("linear", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    lrs: tuple[float, ...] = (3e-3, 1e-2)
+    pool_tokens: int = 2**18
+    held_out_fraction: float = 0.05
+    held_out_tokens: int = 32768
+    batch_tokens: int = 2048
+    check_every: int = 100
+    patience: int = 3
+    max_steps: int = 3000
+    whitening_floor: float = 1e-6
+    seed: int = 0
+
+
+PROTOCOL = Protocol()  # what `archlab eval --linear-probe` and studies run
+
+
+@dataclasses.dataclass
+class Encoder:
+    """A frozen encoder to probe: its model, where it came from, and how to run it."""
+    name: str
+    source: str
+    model: Model
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def check_probeable(model: Model, what: str) -> str:
+    """The model's probe task; a one-line UserError when its objective has no representation to probe."""
+    task = model.objective.probe_task
+    if task is None:
+        raise UserError(f"{what} is a {type(model.objective).__name__} run: it has no fixed representation to "
+                        "probe (--linear-probe works on autoregressive and jepa runs)")
+    return task
+
+
+@torch.no_grad()
+def encoder_features(encoder: Encoder, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+    """(features (N, d) float32, byte ids (N,)) of every batch, on the encoder's device."""
+    encoder.model.eval()
+    features, targets = [], []
+    for batch in batches:
+        with encoder.autocast():
+            x, y = encoder.model.objective.probe_features(encoder.model, batch.to(encoder.device))
+        features.append(x.float())
+        targets.append(y)
+    return torch.cat(features), torch.cat(targets)
+
+
+def whitening(features: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    """(mean (d,), W (d, d)) such that (features - mean) @ W has identity covariance: W = V diag((lambda + floor *
+    mean lambda)^-1/2) V^T from the eigendecomposition of the covariance (in float64: it may be ill-conditioned)."""
+    centred = (features - features.mean(dim=0)).double()
+    eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / len(features))
+    eigenvalues = eigenvalues.clamp_min(0)
+    scale = (eigenvalues + floor * eigenvalues.mean()).clamp_min(1e-30).rsqrt()  # all-zero features stay zero
+    return features.mean(dim=0), ((vectors * scale) @ vectors.T).float()
+
+
+def new_probe(kind: str, d: int, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(d, 256)] if kind == "linear" else [nn.Linear(d, d), nn.GELU(), nn.Linear(d, 256)]
+    probe = nn.Sequential(*layers)
+    for layer in probe:
+        if isinstance(layer, nn.Linear):
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.02)
+                layer.bias.zero_()
+    return probe
+
+
+@torch.no_grad()
+def probe_bpb(probe: nn.Module, features: Tensor, targets: Tensor, chunk: int = 65536) -> float:
+    """Mean cross-entropy of the probe on (features, targets), in bits."""
+    total = sum(F.cross_entropy(probe(features[i:i + chunk]), targets[i:i + chunk], reduction="sum").item()
+                for i in range(0, len(targets), chunk))
+    return total / len(targets) / math.log(2)
+
+
+def fit_probe(kind: str, pool: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], lr: float,
+              protocol: Protocol) -> dict[str, Any]:
+    """One lr of the grid: train with early stopping on the held-out features; the best check's probe."""
+    features, targets = pool
+    probe = new_probe(kind, features.shape[1], protocol.seed).to(features.device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    order = torch.Generator().manual_seed(protocol.seed)
+    best = {"held_out_bpb": probe_bpb(probe, *held_out), "step": 0, "state": copy.deepcopy(probe.state_dict())}
+    permutation, cursor, since_best = torch.randperm(len(targets), generator=order), 0, 0
+    for step in range(1, protocol.max_steps + 1):
+        if cursor + protocol.batch_tokens > len(targets):
+            permutation, cursor = torch.randperm(len(targets), generator=order), 0
+        rows = permutation[cursor:cursor + protocol.batch_tokens].to(features.device)
+        cursor += protocol.batch_tokens
+        loss = F.cross_entropy(probe(features[rows]), targets[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % protocol.check_every:
+            continue
+        held_out_bpb = probe_bpb(probe, *held_out)
+        if held_out_bpb < best["held_out_bpb"]:
+            best, since_best = {"held_out_bpb": held_out_bpb, "step": step,
+                                "state": copy.deepcopy(probe.state_dict())}, 0
+        else:
+            since_best += 1
+            if since_best >= protocol.patience:
+                break
+    probe.load_state_dict(best.pop("state"))
+    return best | {"lr": lr, "steps_run": step, "probe": probe}
+
+
+def evaluate_encoder(encoder: Encoder, windows: dict[str, list[Tensor]], kinds: tuple[str, ...],
+                     protocol: Protocol) -> tuple[dict[str, Any], Tensor]:
+    """Every probe kind on one encoder: the best lr by held-out loss and its score on the eval windows; and the
+    scored byte ids."""
+    data = {part: encoder_features(encoder, batches) for part, batches in windows.items()}
+    mean, whitener = whitening(data["pool"][0], protocol.whitening_floor)
+    data = {part: ((x - mean) @ whitener, y) for part, (x, y) in data.items()}
+    result: dict[str, Any] = {"name": encoder.name, "source": encoder.source, "feature_dim": data["pool"][0].shape[1],
+                              "scored_bytes": len(data["eval"][1])}
+    for kind in kinds:
+        fits = [fit_probe(kind, data["pool"], data["held_out"], lr, protocol) for lr in protocol.lrs]
+        chosen = min(fits, key=lambda fit: fit["held_out_bpb"])
+        result[kind] = {"val_bpb": probe_bpb(chosen["probe"], *data["eval"]), "lr": chosen["lr"],
+                        "best_step": chosen["step"], "held_out_bpb": chosen["held_out_bpb"],
+                        "grid": [{key: fit[key] for key in ("lr", "held_out_bpb", "step", "steps_run")}
+                                 for fit in fits]}
+    return result, data["eval"][1].cpu()
+
+
+def probe_windows(train: np.ndarray, eval_set: list[Tensor], seq_len: int, protocol: Protocol) -> dict[str, list]:
+    """The windows of the protocol: the probe's training pool, the held-out tail of train, and the eval windows."""
+    cut = int(len(train) * (1 - protocol.held_out_fraction))
+    if cut < seq_len + 1 or len(train) - cut < seq_len + 1:
+        raise UserError(f"the train split ({len(train)} bytes) is too small to hold out {protocol.held_out_fraction:.0%}"
+                        f" for the probe with windows of {seq_len + 1} bytes; use a larger corpus")
+    batch_size = max(1, protocol.batch_tokens // seq_len)
+    sampler = WindowSampler(train[:cut], seq_len=seq_len, batch_size=batch_size, seed=protocol.seed)
+    pool = [sampler.batch(i) for i in range(max(1, protocol.pool_tokens // (batch_size * seq_len)))]
+    held_out = eval_batches(train[cut:], seq_len=seq_len, batch_size=batch_size, max_tokens=protocol.held_out_tokens)
+    return {"pool": pool, "held_out": held_out, "eval": eval_set}
+
+
+def linear_evaluation(run: Encoder, baselines: list[Encoder], train: np.ndarray, eval_set: list[Tensor], *,
+                      seq_len: int, mlp: bool = False, protocol: Protocol | None = None) -> dict[str, Any]:
+    """The protocol (default PROTOCOL) on the run's encoder and each baseline; entropies of the scored bytes;
+    nothing written."""
+    protocol = protocol or PROTOCOL
+    task = check_probeable(run.model, run.source)
+    for baseline in baselines:
+        other = check_probeable(baseline.model, baseline.source)
+        if other != task:
+            raise UserError(f"baseline {baseline.source} probes the {other}, {run.source} the {task}: give a baseline "
+                            "whose objective probes the same thing")
+    windows = probe_windows(train, eval_set, seq_len, protocol)
+    kinds = PROBE_KINDS if mlp else PROBE_KINDS[:1]
+    results = [evaluate_encoder(encoder, windows, kinds, protocol) for encoder in (run, *baselines)]
+    ngrams = ByteNgrams(train)
+    entropies = {"unigram_bpb": ngrams.unigram_bits(results[0][1].numpy())}
+    if task == "next byte":  # a masked-byte probe may not see the byte before: no bigram floor for it
+        entropies["bigram_bpb"] = ngrams.bigram_bpb(eval_set)
+    return {"task": task, "protocol": dataclasses.asdict(protocol), "kinds": list(kinds), "entropies": entropies,
+            "encoders": [result for result, _ in results]}
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
+    path = Path(run_dir) / RESULT_FILE
+    with atomic_output(path) as file:
+        file.write((json.dumps(result, indent=1) + "\n").encode())
+    return path
+
+
+def probe_run(run_dir: str | Path, *, baseline: str | Path | None = None, mlp: bool = False,
+              device: str | None = None, checkpoint: str | Path | None = None, split: str = "val",
+              whole_split: bool = False) -> tuple[dict[str, Any], Path]:
+    """`archlab eval RUN --linear-probe`: the protocol on the run's latest (or given) checkpoint, its step-0
+    encoder and, if given, a baseline run's latest checkpoint, scored on the run's eval windows of `split`; the
+    result is also written to RUN/linear_probe.json. One-line UserErrors before anything is computed."""
+    run_dir = str(run_dir)
+    cfg = run_config(run_dir, device, need_checkpoint=None if checkpoint else "probe")
+    trainer = Trainer(cfg, checkpoint=Path(checkpoint) if checkpoint else None)
+    check_probeable(trainer.model, run_dir)
+    run = Encoder("trained", f"{run_dir} at step {trainer.step}", trainer.model, trainer.device,
+                  trainer.autocast_dtype)
+    start = Encoder("random init", f"{run_dir} at step 0 (rebuilt from train.seed={cfg.train.seed})",
+                    initial_model(cfg).to(trainer.device), trainer.device, trainer.autocast_dtype)
+    encoders = [start]
+    if baseline is not None:
+        other = Trainer(run_config(baseline, device, need_checkpoint="use as a probe baseline"))
+        encoders.append(Encoder("baseline", f"{baseline} at step {other.step}", other.model, other.device,
+                                other.autocast_dtype))
+    batches = split_batches(trainer, split, whole_split=whole_split)
+    result = linear_evaluation(run, encoders, trainer.corpus.train, batches, seq_len=cfg.data.seq_len, mlp=mlp)
+    result |= {"run": run_dir, "step": trainer.step, "split": split}
+    return result, write_result(Path(run_dir), result)
