@@ -199,27 +199,26 @@ def _accuracy(model, inputs: Tensor, targets: Tensor, batch_size: int) -> float:
     return correct / scored
 
 
-def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float,
-                    seed: int, device: str | torch.device = "cpu", kernels=None) -> dict:
-    """Trains a fresh model on a fixed train set (loss on answer positions only), scores exact-match
-    argmax accuracy on a held-out test set. Deterministic given the seed on the CPU."""
+PREFIX_STEPS = 20  # a row keeps its first training losses: a committed study's prefix check retrains only these
+
+
+def _training(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float, seed: int,
+              device: torch.device, kernels):
+    """Builds the seeded model and data, then yields (model, loss tensor) after each optimizer step."""
     if model_cfg.objective != "autoregressive":
         raise ValueError(f"synthetic recall scores next-token predictions; objective={model_cfg.objective} "
                          "is not autoregressive, set model.objective=autoregressive")
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(f"steps={steps}, batch_size={batch_size} and lr={lr} must all be positive")
-    device = torch.device(device)
     torch.manual_seed(seed)
     model = build_model(model_cfg, kernels=kernels).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, decay_embeddings=False), lr=lr,
                                   betas=(0.9, 0.98))
     train_inputs, train_targets = generate(task, task.train_examples, seed=seed)
-    test_inputs, test_targets = generate(task, task.test_examples, seed=seed + TEST_SEED_OFFSET)
     train_inputs, train_targets = train_inputs.to(device), train_targets.to(device)
     shuffle = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(task.train_examples, generator=shuffle), 0
     model.train()
-    started = time.perf_counter()
     for step in range(steps):
         if cursor + batch_size > task.train_examples:  # next epoch; a batch never mixes two epochs
             order, cursor = torch.randperm(task.train_examples, generator=shuffle), 0
@@ -232,12 +231,40 @@ def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        yield model, loss
+
+
+def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float,
+                    seed: int, device: str | torch.device = "cpu", kernels=None) -> dict:
+    """Trains a fresh model on a fixed train set (loss on answer positions only), scores exact-match
+    argmax accuracy on a held-out test set. Deterministic given the seed on the CPU. The result keeps the first
+    PREFIX_STEPS training losses (`prefix_losses`)."""
+    device = torch.device(device)
+    started = time.perf_counter()
+    prefix = []
+    for step, (model, loss) in enumerate(_training(model_cfg, task, steps=steps, batch_size=batch_size, lr=lr,
+                                                   seed=seed, device=device, kernels=kernels)):
+        if step < PREFIX_STEPS:
+            prefix.append(loss.item())
     final_loss = loss.item()
     train_seconds = time.perf_counter() - started
     model.eval()
+    test_inputs, test_targets = generate(task, task.test_examples, seed=seed + TEST_SEED_OFFSET)
     accuracy = _accuracy(model, test_inputs.to(device), test_targets.to(device), batch_size)
     return {"accuracy": accuracy, "params": model.num_parameters(), "train_steps": steps,
-            "train_seconds": train_seconds, "final_train_loss": final_loss}
+            "train_seconds": train_seconds, "final_train_loss": final_loss, "prefix_losses": prefix}
+
+
+def prefix_losses(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float, seed: int,
+                  device: str | torch.device = "cpu", kernels=None) -> list[float]:
+    """The first PREFIX_STEPS training losses of train_and_score with these settings, without the rest."""
+    losses = []
+    for _, loss in _training(model_cfg, task, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                             device=torch.device(device), kernels=kernels):
+        losses.append(loss.item())
+        if len(losses) == min(steps, PREFIX_STEPS):
+            break
+    return losses
 
 
 SETTING_KEYS = ("task", "seq_len", "n_pairs")
