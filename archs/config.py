@@ -83,20 +83,22 @@ class JepaConfig(BaseModel):
 
 
 # Settings added after runs had been saved, whose default for new runs is not how those runs were built: a saved
-# model config (a checkpoint's meta.json, a run's config.yaml) that lacks the key was built with this value.
+# model config (a checkpoint's meta.json, a run's config.yaml) of that objective that lacks the key was built with
+# this value. (objective, key in its section model.<objective>) -> value. Other objectives ignore the section.
 PREDATED_VALUES = {("jepa", "target_norm"): "layer"}
 
 
 def complete_saved_model_config(saved: dict) -> dict:
     """A model config as an older archlab saved it (JSON-like), completed: each key it predates gets the value it
-    was built with (PREDATED_VALUES), every other missing key today's default."""
+    was built with (PREDATED_VALUES, for runs of that objective), every other missing key today's default."""
     complete = ModelConfig().model_dump(mode="json")
     for key, value in saved.items():
         nested = isinstance(value, dict) and isinstance(complete.get(key), dict)
         complete[key] = complete[key] | value if nested else value
-    for (section, key), value in PREDATED_VALUES.items():
-        if isinstance(saved.get(section), dict) and key not in saved[section]:
-            complete[section][key] = value
+    for (objective, key), value in PREDATED_VALUES.items():
+        section = saved.get(objective)
+        if saved.get("objective") == objective and isinstance(section, dict) and key not in section:
+            complete[objective][key] = value
     return complete
 
 

@@ -95,8 +95,8 @@ class Objective(nn.Module):
 
     def health_warnings(self, metrics: dict[str, float], *, trained: bool = True) -> list[str]:
         """One-line warnings about eval metrics (e.g. representation collapse); the trainer shows and logs them.
-        `trained` is False before the first optimizer step, when an untrained probe is no sign of anything. The
-        trainer adds `unigram_bpb` to the metrics: the eval bytes' cross-entropy under the train split's byte
+        `trained` is False until warmup ends (the trainer's call), when an untrained probe is no sign of anything.
+        The trainer adds `unigram_bpb` to the metrics: the eval bytes' cross-entropy under the train split's byte
         frequencies."""
         return []
 

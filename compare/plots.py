@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -146,38 +147,45 @@ def scaling_plot(groups: list[dict], fits: dict, study_name: str) -> bytes:
 
 
 def linear_probe_plot(runs: list[dict], study_name: str) -> bytes:
-    """Linear evaluation: per probed run and probe kind, horizontal bars for the trained encoder, its step-0 encoder
-    and the baseline run, a marker for the run's own online figure, and the unigram / bigram floors as lines."""
+    """Linear evaluation: per probed run and probe kind, horizontal bars for the trained encoder, its step-0 encoder,
+    the baseline run and the run's own figure (a JEPA's online probe, an LM's own head), with the unigram / bigram
+    floors as vertical lines."""
     plt = _pyplot()
-    rows = []  # (label, {encoder name: bpb}, online figure)
+    rows = []  # (label, [(bar label, bpb, colour, hatch)])
     for run in runs:
         result = run["linear_probe"]
+        encoders = {e["name"]: e for e in result["encoders"]}
         for kind in result["kinds"]:
-            rows.append((f"{run['name']}\n({result['task']}, {kind})",
-                         {e["name"]: e[kind]["val_bpb"] for e in result["encoders"]}, run["final"]))
-    names = ["trained", "random init", "baseline"]
-    labels = {"trained": "trained encoder", "random init": "its step-0 encoder", "baseline": "baseline run"}
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 1.1 * len(rows)))
-    height = 0.8 / len(names)
-    for index, (label, values, online) in enumerate(rows):
-        for offset, name in enumerate(names):
-            if name in values:
-                ax.barh(index + (offset - 1) * height, values[name], height=height, color=f"C{offset}",
-                        label=labels[name] if index == 0 else None)
-                ax.annotate(f"{values[name]:.3f}", (values[name], index + (offset - 1) * height), fontsize=7,
-                            xytext=(3, -3), textcoords="offset points")
-        ax.plot([online], [index - height], marker="D", color="black", linestyle="none",
-                label="online figure (probe trained alongside)" if index == 0 else None)
+            bars = [("trained encoder", encoders["trained"][kind]["val_bpb"], "C0", None),
+                    ("its step-0 encoder", encoders["random init"][kind]["val_bpb"], "C1", None)]
+            if "baseline" in encoders:
+                name = Path(encoders["baseline"]["run_dir"]).name
+                bars.append((f"baseline run: {name}", encoders["baseline"][kind]["val_bpb"], "C2", None))
+            bars.append((f"the run's own val_{run['quality_metric']}", run["final"], "lightgrey", "//"))
+            rows.append((f"{run['name']}\n({result['task']}, {kind})", bars))
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 1.5 * len(rows)))
+    labelled = set()
+    for index, (_, bars) in enumerate(rows):
+        height = 0.8 / len(bars)
+        for offset, (label, value, colour, hatch) in enumerate(bars):
+            y = index - 0.4 + height * (offset + 0.5)
+            ax.barh(y, value, height=height * 0.9, color=colour, hatch=hatch, edgecolor="grey" if hatch else None,
+                    label=None if label in labelled else label)
+            labelled.add(label)
+            ax.annotate(f"{value:.3f}", (value, y), fontsize=7.5, va="center", xytext=(3, 0),
+                        textcoords="offset points")
     entropies = runs[0]["linear_probe"]["entropies"]
-    ax.axvline(entropies["unigram_bpb"], color="grey", linestyle="--", label="unigram entropy")
+    ax.axvline(entropies["unigram_bpb"], color="black", linestyle="--", linewidth=1,
+               label=f"unigram entropy {entropies['unigram_bpb']:.3f}")
     if "bigram_bpb" in entropies:
-        ax.axvline(entropies["bigram_bpb"], color="grey", linestyle=":", label="bigram entropy")
-    ax.set_yticks(range(len(rows)), [row[0] for row in rows], fontsize=8)
+        ax.axvline(entropies["bigram_bpb"], color="black", linestyle=":", linewidth=1,
+                   label=f"bigram entropy {entropies['bigram_bpb']:.3f}")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
     ax.invert_yaxis()
-    low = min(min(v.values()) for _, v, _ in rows)
-    ax.set_xlim(max(0.0, low - 0.5), max(entropies["unigram_bpb"], *(o for *_, o in rows)) + 0.3)
-    ax.set_xlabel("val bits per byte of a fresh probe (lower = more in the features)")
-    ax.set_title(f"{study_name}: linear evaluation on frozen features", fontsize=10)
+    values = [value for _, bars in rows for _, value, _, _ in bars]
+    ax.set_xlim(max(0.0, min(values) - 0.5), max(entropies["unigram_bpb"], *values) + 0.35)
+    ax.set_xlabel("val bits per byte of a fresh probe on frozen features (lower = more in the features)")
+    ax.set_title(f"{study_name}: linear evaluation", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _png(fig, plt)

@@ -39,8 +39,8 @@ LINEAR_PROBE_NOTE = (
     "windows), scored in bits per byte on the run's eval windows. Beside each: the same protocol on the run's "
     "step-0 encoder (rebuilt from its seed) and on the baseline arm's run at equal training FLOPs. Unigram / "
     "bigram: the eval bytes' entropy under the train split's byte (pair) frequencies, what byte statistics alone "
-    "give. Training added = step-0 encoder's bpb − trained encoder's bpb. Online figure = the run's own probe "
-    "(trained alongside the encoder).")
+    "give. Training added = step-0 encoder's bpb − trained encoder's bpb. Own figure = the run's final quality "
+    "metric (a JEPA's online probe, trained alongside the encoder; an LM's own head).")
 PARETO_COST_TOLERANCE = 0.02  # runs matched to one budget land within a step of it: equal cost, not cheaper
 # keys of a synthetic row that are not part of its task setting (what the table groups seeds under)
 SYNTHETIC_FIXED_KEYS = {"arm", "backbone", "d_model", "params", "seed", "accuracy", "train_steps", "train_seconds",
@@ -129,12 +129,19 @@ def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
 
 
 def _read_probe(path: Path) -> dict | None:
-    """A run's linear evaluation (train/linear_probe.py), None when it has none."""
+    """A run's linear evaluation (train/linear_probe.py), None when it has none; checked for every field the
+    report reads, so a damaged file fails here, before anything is written."""
     if not path.exists():
         return None
     try:
         result = json.loads(path.read_text())
-        return result if all(e["linear"]["val_bpb"] is not None for e in result["encoders"]) else None
+        encoders = {e["name"]: e for e in result["encoders"]}
+        figures = [float(e[kind]["val_bpb"]) for e in encoders.values() for kind in result["kinds"]]
+        float(result["entropies"]["unigram_bpb"])
+        if not ({"trained", "random init"} <= set(encoders) and figures and isinstance(result["task"], str)
+                and all(isinstance(e["run_dir"], str) for e in encoders.values())):
+            raise ValueError("incomplete")
+        return result
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path} is unreadable; delete it and rerun `archlab compare --resume` to redo the probe") \
             from None
@@ -259,20 +266,20 @@ def _linear_probe_md(runs: list[dict]) -> list[str]:
     """The linear-evaluation table: each probed run's encoder beside its step-0 encoder, the baseline run and the
     floor lines, and what training added over initialisation."""
     lines = ["## Linear evaluation", "", LINEAR_PROBE_NOTE, "",
-             "| run | probe | trained encoder | its step-0 encoder | baseline run | online figure | unigram | bigram "
+             "| run | probe | trained encoder | its step-0 encoder | baseline run | own figure | unigram | bigram "
              "| training added |", "|" + "---|" * 9]
     for run in runs:
         result = run["linear_probe"]
         by_name = {e["name"]: e for e in result["encoders"]}
+        entropies = result["entropies"]
+        bigram = f"{entropies['bigram_bpb']:.4f}" if "bigram_bpb" in entropies else "–"
         for kind in result["kinds"]:
             trained, start = by_name["trained"][kind]["val_bpb"], by_name["random init"][kind]["val_bpb"]
             baseline = by_name.get("baseline")
-            shown = f"{baseline[kind]['val_bpb']:.4f} ({Path(baseline['source'].split(' at ')[0]).name})" \
-                if baseline else "–"
-            entropies = result["entropies"]
+            shown = f"{baseline[kind]['val_bpb']:.4f} ({Path(baseline['run_dir']).name})" if baseline else "–"
             lines.append(f"| {run['name']} | {result['task']}, {kind} | **{trained:.4f}** | {start:.4f} | {shown} | "
-                         f"{run['final']:.4f} | {entropies['unigram_bpb']:.4f} | "
-                         f"{_fmt(entropies.get('bigram_bpb'))} | {start - trained:+.4f} bits |")
+                         f"{run['final']:.4f} | {entropies['unigram_bpb']:.4f} | {bigram} | "
+                         f"{start - trained:+.4f} bits |")
     return lines + ["", "![linear evaluation](linear_probe.png)", ""]
 
 

@@ -114,7 +114,9 @@ def _check_out_dir(out: Path, resume: bool, study: Study) -> None:
 def _saved_configs(out: Path) -> dict[str, Config]:
     """The configs earlier invocations gave each run (OUT/configs/<name>.yaml)."""
     folder = out / "configs"
-    return {path.stem: load_config(path, saved=True) for path in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    if not folder.is_dir():
+        return {}
+    return {path.stem: load_config(path, saved=True) for path in sorted(folder.glob("*.yaml"))}
 
 
 def _check_unchanged(spec: RunSpec, saved: Config | None) -> None:
@@ -190,18 +192,19 @@ def _train_runs(study: Study, out: Path, specs: list[RunSpec], device: str, pyth
 
 def _probe_runs(study: Study, out: Path, specs: list[RunSpec], record: dict[str, Any]) -> None:
     """Linear evaluation (train/linear_probe.py, as `archlab eval RUN --linear-probe`) of the runs that
-    study.linear_probe names, once trained; a run whose linear_probe.json exists was probed earlier and is skipped."""
+    study.linear_probe names, once trained. A run probed earlier is skipped, unless its baseline run has finished
+    since (a baseline that failed before and was retrained on --resume joins its probe then)."""
     entries = {entry["name"]: entry for entry in record["runs"]}
     for spec, baseline in probe_pairs(study, specs):
         entry, run_dir = entries[spec.name], out / entries[spec.name]["run_dir"]
         if entry["status"] != "finished":
             continue
-        if (run_dir / PROBE_FILE).exists():
-            entry["linear_probe"] = "finished"
-            continue
         baseline_dir = None
         if baseline is not None and entries[baseline.name]["status"] == "finished":
             baseline_dir = out / entries[baseline.name]["run_dir"]
+        if (run_dir / PROBE_FILE).exists() and (baseline_dir is None or _probed_beside_a_baseline(run_dir)):
+            entry["linear_probe"] = "finished"
+            continue
         print(f"linear evaluation of {spec.name}" + (f" beside {baseline.name}" if baseline_dir else ""), flush=True)
         try:
             probe_run(run_dir, baseline=baseline_dir, mlp=study.linear_probe.mlp)
@@ -210,6 +213,13 @@ def _probe_runs(study: Study, out: Path, specs: list[RunSpec], record: dict[str,
             print(f"error: {err}", file=sys.stderr, flush=True)
             entry["linear_probe"] = "failed"
         write_json_atomic(out / STUDY_FILE, record)
+
+
+def _probed_beside_a_baseline(run_dir: Path) -> bool:
+    try:
+        return any(e.get("name") == "baseline" for e in json.loads((run_dir / PROBE_FILE).read_text())["encoders"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # unreadable: probe it again
 
 
 def _status(out: Path, spec: RunSpec) -> str:

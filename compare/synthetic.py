@@ -202,9 +202,9 @@ def _accuracy(model, inputs: Tensor, targets: Tensor, batch_size: int) -> float:
 PREFIX_STEPS = 20  # a row keeps its first training losses: a committed study's prefix check retrains only these
 
 
-def _training(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float, seed: int,
-              device: torch.device, kernels):
-    """Builds the seeded model and data, then yields (model, loss tensor) after each optimizer step."""
+def _setup(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float, seed: int,
+           device: torch.device, kernels):
+    """The seeded model, its optimizer and the train set (on `device`)."""
     if model_cfg.objective != "autoregressive":
         raise ValueError(f"synthetic recall scores next-token predictions; objective={model_cfg.objective} "
                          "is not autoregressive, set model.objective=autoregressive")
@@ -214,24 +214,29 @@ def _training(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_
     model = build_model(model_cfg, kernels=kernels).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, decay_embeddings=False), lr=lr,
                                   betas=(0.9, 0.98))
-    train_inputs, train_targets = generate(task, task.train_examples, seed=seed)
-    train_inputs, train_targets = train_inputs.to(device), train_targets.to(device)
+    inputs, targets = generate(task, task.train_examples, seed=seed)
+    return model, optimizer, inputs.to(device), targets.to(device)
+
+
+def _training_losses(model, optimizer, inputs: Tensor, targets: Tensor, *, steps: int, batch_size: int, lr: float,
+                     seed: int):
+    """Trains for `steps` optimizer steps, yielding each step's loss (a tensor: no host sync unless read)."""
     shuffle = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(task.train_examples, generator=shuffle), 0
+    order, cursor = torch.randperm(len(inputs), generator=shuffle), 0
     model.train()
     for step in range(steps):
-        if cursor + batch_size > task.train_examples:  # next epoch; a batch never mixes two epochs
-            order, cursor = torch.randperm(task.train_examples, generator=shuffle), 0
-        picked = order[cursor:cursor + batch_size].to(device)
+        if cursor + batch_size > len(inputs):  # next epoch; a batch never mixes two epochs
+            order, cursor = torch.randperm(len(inputs), generator=shuffle), 0
+        picked = order[cursor:cursor + batch_size].to(inputs.device)
         cursor += batch_size
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, steps, lr)
-        loss = _answer_loss(model, train_inputs[picked], train_targets[picked])
+        loss = _answer_loss(model, inputs[picked], targets[picked])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        yield model, loss
+        yield loss
 
 
 def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float,
@@ -240,10 +245,12 @@ def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, 
     argmax accuracy on a held-out test set. Deterministic given the seed on the CPU. The result keeps the first
     PREFIX_STEPS training losses (`prefix_losses`)."""
     device = torch.device(device)
+    model, optimizer, inputs, targets = _setup(model_cfg, task, steps=steps, batch_size=batch_size, lr=lr,
+                                               seed=seed, device=device, kernels=kernels)
     started = time.perf_counter()
     prefix = []
-    for step, (model, loss) in enumerate(_training(model_cfg, task, steps=steps, batch_size=batch_size, lr=lr,
-                                                   seed=seed, device=device, kernels=kernels)):
+    for step, loss in enumerate(_training_losses(model, optimizer, inputs, targets, steps=steps,
+                                                 batch_size=batch_size, lr=lr, seed=seed)):
         if step < PREFIX_STEPS:
             prefix.append(loss.item())
     final_loss = loss.item()
@@ -258,13 +265,10 @@ def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, 
 def prefix_losses(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float, seed: int,
                   device: str | torch.device = "cpu", kernels=None) -> list[float]:
     """The first PREFIX_STEPS training losses of train_and_score with these settings, without the rest."""
-    losses = []
-    for _, loss in _training(model_cfg, task, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                             device=torch.device(device), kernels=kernels):
-        losses.append(loss.item())
-        if len(losses) == min(steps, PREFIX_STEPS):
-            break
-    return losses
+    model, optimizer, inputs, targets = _setup(model_cfg, task, steps=steps, batch_size=batch_size, lr=lr,
+                                               seed=seed, device=torch.device(device), kernels=kernels)
+    losses = _training_losses(model, optimizer, inputs, targets, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    return [loss.item() for _, loss in zip(range(PREFIX_STEPS), losses, strict=False)]  # stops the training early
 
 
 SETTING_KEYS = ("task", "seq_len", "n_pairs")

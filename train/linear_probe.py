@@ -4,30 +4,36 @@ An online probe trained alongside a moving encoder can lag it or be mis-trained;
 representations hold once training is over, under one fixed protocol, next to the same protocol on baselines:
 
 - Features: the objective's `probe_features` (its `probe_task`: the next byte for causal encoders, the hidden
-  bytes for JEPA masked_span) of the encoder in eval mode, without gradient, float32 (computed under the run's
-  autocast on CUDA), then whitened with the mean and covariance of the probe's training features (ZCA, eigenvalues
-  floored at 1e-6 of their mean). The best linear probe is the same for any invertible linear map of the features,
-  so whitening changes nothing it can reach, only how fast Adam gets there: an encoder that keeps what the probe
-  needs in directions of tiny variance (a JEPA that collapsed onto slow features did, at ~1% of it) is not
-  under-rated for being badly conditioned. MAE standardises each dimension before its linear probe for the same
-  reason; whitening also undoes correlations between dimensions.
+  bytes for JEPA masked_span) of the encoder in eval mode, without gradient, in float32 (autocast off, so a
+  bf16 GPU run and a CPU run probe the same features), then whitened with the mean and covariance of the probe's
+  training features (ZCA, eigenvalues floored at 1e-6 of their mean). The best linear probe is the same for any
+  invertible linear map of the features, so whitening changes nothing it can reach, only how fast Adam gets
+  there: an encoder that keeps what the probe needs in directions of tiny variance (a JEPA that collapsed onto
+  slow features did, at ~1% of it) is not under-rated for being badly conditioned. MAE standardises each
+  dimension before its linear probe for the same reason; whitening also undoes correlations between dimensions.
 - Data: the train split is cut in two. `pool_tokens` bytes of windows drawn (seeded) from its first 95% give the
   probe's training features, computed once; consecutive windows from its last 5% (up to `held_out_tokens` bytes)
-  are held out for early stopping and the choice of lr. The score is on the run's own eval windows (val split,
-  train.eval_tokens bytes), the bytes its online figures were measured on.
+  are held out for early stopping and the choice of lr. The score is on the run's own eval windows (by default
+  the val split's train.eval_tokens bytes, where its online figures were measured).
 - Probe: linear (d -> 256, with bias) or, optionally, an MLP (d -> d -> 256, GELU); weights N(0, 0.02), bias 0.
-- Training: AdamW (betas 0.9/0.95, no weight decay), constant lr, `batch_tokens` feature rows per step, shuffled
-  each epoch of the pool. For each lr of the grid: stop once the held-out loss has not improved for `patience`
-  checks (one every `check_every` steps) or at `max_steps`, and keep the weights of the best check. The lr with the
-  lowest held-out loss gives the reported val bpb.
+- Training: AdamW (betas 0.9/0.95, no weight decay), lr decaying to 0 on a cosine over `max_steps`,
+  `batch_tokens` feature rows per step, shuffled each epoch of the pool. For each lr of the grid: stop once the
+  held-out loss has not improved for `patience` checks (one every `check_every` steps) or at `max_steps`, and keep
+  the weights of the best check. The lr with the lowest held-out loss gives the reported bpb.
+
+What to expect of it: a fresh probe does not quite reach the read-out a model trained jointly with its encoder.
+On the 1000-step autoregressive quickstart (its own head: 2.2475 val bpb) the linear probe reaches 2.29. Part of
+that is the finite pool (a 33k-parameter probe fitted on 2^20 bytes: ~d/2N = 0.02 bits; with 2^18 bytes the
+probe reached 2.31); the head was fitted with its encoder on four times as many bytes. Compare encoders probed
+under this protocol with each other, not with a model's own bpb.
 
 Baselines, same protocol on the same bytes: the run's encoder at initialisation (its step-0 weights, rebuilt from
-train.seed: "what did training add?"), and optionally another run's encoder, e.g. the autoregressive arm of a study
-at equal training FLOPs. The unigram and bigram entropies of the scored bytes (train/ngram.py) are the floor lines.
+train.seed: "what did training add?"), and optionally another run's encoder trained on the same data, e.g. the
+autoregressive arm of a study at equal training FLOPs. The unigram and bigram entropies of the scored bytes
+(train/ngram.py) are the floor lines.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -50,12 +56,14 @@ from archlab.train.trainer import Trainer, initial_model, split_batches
 
 RESULT_FILE = "linear_probe.json"
 PROBE_KINDS = ("linear", "mlp")
+# A baseline must have been trained on the same bytes, split the same way, in windows as long
+SAME_DATA = ("path", "sha256", "val_fraction", "test_fraction", "seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     lrs: tuple[float, ...] = (3e-3, 1e-2)
-    pool_tokens: int = 2**18
+    pool_tokens: int = 2**20
     held_out_fraction: float = 0.05
     held_out_tokens: int = 32768
     batch_tokens: int = 2048
@@ -65,23 +73,31 @@ class Protocol:
     whitening_floor: float = 1e-6
     seed: int = 0
 
+    def __post_init__(self):
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ValueError(f"the probe protocol needs positive lrs, got {self.lrs}")
+        counts = {"pool_tokens": self.pool_tokens, "held_out_tokens": self.held_out_tokens,
+                  "batch_tokens": self.batch_tokens, "check_every": self.check_every, "patience": self.patience,
+                  "max_steps": self.max_steps}
+        if min(counts.values()) < 1 or not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"the probe protocol's counts must be >= 1 and held_out_fraction in (0, 1): {self}")
+
 
 PROTOCOL = Protocol()  # what `archlab eval --linear-probe` and studies run
 
 
 @dataclasses.dataclass
 class Encoder:
-    """A frozen encoder to probe: its model, where it came from, and how to run it."""
+    """A frozen encoder to probe: its model, the run and step it came from, and where it runs."""
     name: str
-    source: str
+    run_dir: str
+    step: int
     model: Model
     device: torch.device
-    autocast_dtype: torch.dtype | None = None
 
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    @property
+    def source(self) -> str:
+        return f"{self.run_dir} at step {self.step}"
 
 
 def check_probeable(model: Model, what: str) -> str:
@@ -95,11 +111,11 @@ def check_probeable(model: Model, what: str) -> str:
 
 @torch.no_grad()
 def encoder_features(encoder: Encoder, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
-    """(features (N, d) float32, byte ids (N,)) of every batch, on the encoder's device."""
+    """(features (N, d) float32, byte ids (N,)) of every batch, on the encoder's device, autocast off."""
     encoder.model.eval()
     features, targets = [], []
     for batch in batches:
-        with encoder.autocast():
+        with torch.autocast(encoder.device.type, enabled=False):
             x, y = encoder.model.objective.probe_features(encoder.model, batch.to(encoder.device))
         features.append(x.float())
         targets.append(y)
@@ -117,15 +133,15 @@ def whitening(features: Tensor, floor: float) -> tuple[Tensor, Tensor]:
 
 
 def new_probe(kind: str, d: int, seed: int) -> nn.Module:
+    """A fresh probe initialised from its own generator (the global RNG is left alone)."""
     generator = torch.Generator().manual_seed(seed)
-    layers = [nn.Linear(d, 256)] if kind == "linear" else [nn.Linear(d, d), nn.GELU(), nn.Linear(d, 256)]
-    probe = nn.Sequential(*layers)
-    for layer in probe:
-        if isinstance(layer, nn.Linear):
-            with torch.no_grad():
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.02)
-                layer.bias.zero_()
-    return probe
+    widths = [(d, 256)] if kind == "linear" else [(d, d), (d, 256)]
+    layers = [nn.utils.skip_init(nn.Linear, fan_in, fan_out) for fan_in, fan_out in widths]
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.02)
+            layer.bias.zero_()
+    return nn.Sequential(layers[0]) if kind == "linear" else nn.Sequential(layers[0], nn.GELU(), layers[1])
 
 
 @torch.no_grad()
@@ -146,6 +162,8 @@ def fit_probe(kind: str, pool: tuple[Tensor, Tensor], held_out: tuple[Tensor, Te
     best = {"held_out_bpb": probe_bpb(probe, *held_out), "step": 0, "state": copy.deepcopy(probe.state_dict())}
     permutation, cursor, since_best = torch.randperm(len(targets), generator=order), 0, 0
     for step in range(1, protocol.max_steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / protocol.max_steps))
         if cursor + protocol.batch_tokens > len(targets):
             permutation, cursor = torch.randperm(len(targets), generator=order), 0
         rows = permutation[cursor:cursor + protocol.batch_tokens].to(features.device)
@@ -175,8 +193,8 @@ def evaluate_encoder(encoder: Encoder, windows: dict[str, list[Tensor]], kinds: 
     data = {part: encoder_features(encoder, batches) for part, batches in windows.items()}
     mean, whitener = whitening(data["pool"][0], protocol.whitening_floor)
     data = {part: ((x - mean) @ whitener, y) for part, (x, y) in data.items()}
-    result: dict[str, Any] = {"name": encoder.name, "source": encoder.source, "feature_dim": data["pool"][0].shape[1],
-                              "scored_bytes": len(data["eval"][1])}
+    result: dict[str, Any] = {"name": encoder.name, "run_dir": encoder.run_dir, "step": encoder.step,
+                              "feature_dim": data["pool"][0].shape[1], "scored_bytes": len(data["eval"][1])}
     for kind in kinds:
         fits = [fit_probe(kind, data["pool"], data["held_out"], lr, protocol) for lr in protocol.lrs]
         chosen = min(fits, key=lambda fit: fit["held_out_bpb"])
@@ -191,8 +209,9 @@ def probe_windows(train: np.ndarray, eval_set: list[Tensor], seq_len: int, proto
     """The windows of the protocol: the probe's training pool, the held-out tail of train, and the eval windows."""
     cut = int(len(train) * (1 - protocol.held_out_fraction))
     if cut < seq_len + 1 or len(train) - cut < seq_len + 1:
-        raise UserError(f"the train split ({len(train)} bytes) is too small to hold out {protocol.held_out_fraction:.0%}"
-                        f" for the probe with windows of {seq_len + 1} bytes; use a larger corpus")
+        raise UserError(f"the train split ({len(train)} bytes) is too small to hold out "
+                        f"{protocol.held_out_fraction:.0%} for the probe with windows of {seq_len + 1} bytes; "
+                        "use a larger corpus")
     batch_size = max(1, protocol.batch_tokens // seq_len)
     sampler = WindowSampler(train[:cut], seq_len=seq_len, batch_size=batch_size, seed=protocol.seed)
     pool = [sampler.batch(i) for i in range(max(1, protocol.pool_tokens // (batch_size * seq_len)))]
@@ -205,12 +224,12 @@ def linear_evaluation(run: Encoder, baselines: list[Encoder], train: np.ndarray,
     """The protocol (default PROTOCOL) on the run's encoder and each baseline; entropies of the scored bytes;
     nothing written."""
     protocol = protocol or PROTOCOL
-    task = check_probeable(run.model, run.source)
+    task = check_probeable(run.model, run.run_dir)
     for baseline in baselines:
-        other = check_probeable(baseline.model, baseline.source)
+        other = check_probeable(baseline.model, baseline.run_dir)
         if other != task:
-            raise UserError(f"baseline {baseline.source} probes the {other}, {run.source} the {task}: give a baseline "
-                            "whose objective probes the same thing")
+            raise UserError(f"baseline {baseline.run_dir} probes the {other}, {run.run_dir} the {task}: give a "
+                            "baseline whose objective probes the same thing")
     windows = probe_windows(train, eval_set, seq_len, protocol)
     kinds = PROBE_KINDS if mlp else PROBE_KINDS[:1]
     results = [evaluate_encoder(encoder, windows, kinds, protocol) for encoder in (run, *baselines)]
@@ -234,20 +253,22 @@ def probe_run(run_dir: str | Path, *, baseline: str | Path | None = None, mlp: b
               whole_split: bool = False) -> tuple[dict[str, Any], Path]:
     """`archlab eval RUN --linear-probe`: the protocol on the run's latest (or given) checkpoint, its step-0
     encoder and, if given, a baseline run's latest checkpoint, scored on the run's eval windows of `split`; the
-    result is also written to RUN/linear_probe.json. One-line UserErrors before anything is computed."""
+    result is also written to RUN/linear_probe.json. Bad input is a one-line UserError before any probe trains."""
     run_dir = str(run_dir)
     cfg = run_config(run_dir, device, need_checkpoint=None if checkpoint else "probe")
     trainer = Trainer(cfg, checkpoint=Path(checkpoint) if checkpoint else None)
-    check_probeable(trainer.model, run_dir)
-    run = Encoder("trained", f"{run_dir} at step {trainer.step}", trainer.model, trainer.device,
-                  trainer.autocast_dtype)
-    start = Encoder("random init", f"{run_dir} at step 0 (rebuilt from train.seed={cfg.train.seed})",
-                    initial_model(cfg).to(trainer.device), trainer.device, trainer.autocast_dtype)
-    encoders = [start]
+    run = Encoder("trained", run_dir, trainer.step, trainer.model, trainer.device)
+    with torch.random.fork_rng(devices=[]):  # rebuilding the step-0 weights reseeds the RNG: not the caller's
+        start_model = initial_model(cfg)
+    encoders = [Encoder("random init", run_dir, 0, start_model.to(trainer.device), trainer.device)]
     if baseline is not None:
-        other = Trainer(run_config(baseline, device, need_checkpoint="use as a probe baseline"))
-        encoders.append(Encoder("baseline", f"{baseline} at step {other.step}", other.model, other.device,
-                                other.autocast_dtype))
+        other_cfg = run_config(baseline, device, need_checkpoint="use as a probe baseline")
+        differing = [key for key in SAME_DATA if getattr(other_cfg.data, key) != getattr(cfg.data, key)]
+        if differing:
+            raise UserError(f"baseline {baseline} was trained on other data than {run_dir} (data.{differing[0]} "
+                            "differs); give a baseline trained on the same corpus, splits and seq_len")
+        other = Trainer(other_cfg)
+        encoders.append(Encoder("baseline", str(baseline), other.step, other.model, other.device))
     batches = split_batches(trainer, split, whole_split=whole_split)
     result = linear_evaluation(run, encoders, trainer.corpus.train, batches, seq_len=cfg.data.seq_len, mlp=mlp)
     result |= {"run": run_dir, "step": trainer.step, "split": split}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 BYTE_VALUES = 256
+CHUNK = 1 << 24  # bytes counted at a time: counting converts to int64, 8x the chunk's size in memory
 
 
 class ByteNgrams:
@@ -26,15 +27,18 @@ class ByteNgrams:
         if len(train) < 2:
             raise ValueError("the train split needs at least 2 bytes for n-gram statistics")
         self.train = train
-        counts = np.bincount(np.asarray(train), minlength=BYTE_VALUES).astype(np.float64)
+        counts = sum(np.bincount(np.asarray(train[start:start + CHUNK]), minlength=BYTE_VALUES)
+                     for start in range(0, len(train), CHUNK)).astype(np.float64)
         self.unigram = (counts + 0.5) / (counts.sum() + 0.5 * BYTE_VALUES)
 
     @functools.cached_property
     def bigram(self) -> np.ndarray:
-        """(256, 256) p(next | previous); counted on first use (a pass over the train split)."""
-        data = np.asarray(self.train).astype(np.int64)
-        pairs = np.bincount(data[:-1] * BYTE_VALUES + data[1:], minlength=BYTE_VALUES ** 2).astype(np.float64)
-        pairs = pairs.reshape(BYTE_VALUES, BYTE_VALUES)
+        """(256, 256) p(next | previous); counted on first use (a pass over the train split, chunk by chunk)."""
+        pairs = np.zeros(BYTE_VALUES ** 2, dtype=np.int64)
+        for start in range(0, len(self.train) - 1, CHUNK):  # chunks overlap by one byte: every pair counted once
+            chunk = np.asarray(self.train[start:start + CHUNK + 1]).astype(np.int64)
+            pairs += np.bincount(chunk[:-1] * BYTE_VALUES + chunk[1:], minlength=BYTE_VALUES ** 2)
+        pairs = pairs.reshape(BYTE_VALUES, BYTE_VALUES).astype(np.float64)
         return (pairs + self.unigram) / (pairs.sum(axis=1, keepdims=True) + 1.0)
 
     def unigram_bits(self, ids: np.ndarray) -> float:

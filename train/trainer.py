@@ -147,7 +147,8 @@ class Trainer:
         self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
         self.eval_set = eval_batches(self.corpus.val, seq_len=cfg.data.seq_len,
                                      batch_size=t.micro_batch_size or t.batch_size, max_tokens=t.eval_tokens)
-        self.train_ngrams = ByteNgrams(self.corpus.train)  # the eval's reference entropies come from it
+        # the eval bytes' entropy under the train split's byte frequencies, every eval's reference figure
+        self.eval_unigram_bpb = ByteNgrams(self.corpus.train).unigram_bpb(self.eval_set)
         self.precision_name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_step = training_flops_per_token(self.model, cfg.data.seq_len) * self.tokens_per_step
@@ -155,6 +156,7 @@ class Trainer:
         self.peak_flops = device_peak * self.world.size if device_peak else None
         self.step = self.tokens = self.flops = 0
         self.train_seconds = 0.0
+        self.eval_warning: str | None = None
         if saved_state is not None:
             self._restore(saved_state)
         if t.compile:
@@ -183,7 +185,8 @@ class Trainer:
         return latest
 
     def _check_same_config(self, saved: Path) -> None:
-        changed = [k for k in config_differences(load_config(saved, saved=True), self.cfg) if k not in RESUMABLE_CHANGES]
+        differences = config_differences(load_config(saved, saved=True), self.cfg)
+        changed = [k for k in differences if k not in RESUMABLE_CHANGES]
         if changed:
             raise ConfigError(f"cannot resume {self.run_dir} with a different config ({', '.join(changed[:4])} "
                               "changed); resume with the same settings or start a new run.dir")
@@ -240,7 +243,7 @@ class Trainer:
         self.model.eval()
         totals: dict[str, float] = {}
         weight = 0
-        batches = batches if batches is not None else self.eval_set
+        batches = self.eval_set if batches is None else batches
         # sharded weights are gathered in collective forwards, which every rank must run alike: each rank
         # scores every batch then (the same figures); replicated weights let ranks split the batches
         mine = batches if self.sharded else batches[self.world.rank::self.world.size]
@@ -255,8 +258,9 @@ class Trainer:
         self.model.train()
         if self.world.distributed and not self.sharded:
             totals, weight = distributed.sum_over_ranks(totals, weight, self.world)
-        return {key: value / weight for key, value in totals.items()} | {
-            "unigram_bpb": self.train_ngrams.unigram_bpb(batches)}
+        unigram = self.eval_unigram_bpb if batches is self.eval_set else \
+            ByteNgrams(self.corpus.train).unigram_bpb(batches)
+        return {key: value / weight for key, value in totals.items()} | {"unigram_bpb": unigram}
 
     def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a global batch; returns (mean loss, grad norm) as tensors."""
@@ -378,12 +382,14 @@ class Trainer:
         label = f"val_{quality}" + (" (probe)" if metrics.get("probe") and "probe" not in quality else "")
         shown = {label: f"{metrics[quality]:.4f}"}
         shown |= {key: f"{metrics[key]:.3g}" for key in objective.progress_metrics}
-        warnings = objective.health_warnings(metrics, trained=self.step > 0)
-        return shown | ({"WARNING": warnings[0].split(":")[0]} if warnings else {})
+        return shown | ({"WARNING": self.eval_warning} if self.eval_warning else {})
 
     def _eval_and_log(self, log: MetricsLog, bar: tqdm) -> dict[str, float]:
         metrics = self.evaluate()
-        warnings = self.model.objective.health_warnings(metrics, trained=self.step > 0)
+        # before warmup ends a probe or head is still finding its feet: "no information" would be noise then
+        trained = self.step >= max(1, self.cfg.train.warmup_steps)
+        warnings = self.model.objective.health_warnings(metrics, trained=trained)
+        self.eval_warning = warnings[0].split(":")[0] if warnings else None  # the bar's flag until the next eval
         log.write("eval", self.step, tokens=self.tokens, flops=self.flops,
                   **{f"val_{k}": v for k, v in metrics.items()}, **({"warnings": warnings} if warnings else {}))
         shown = ", ".join(f"{key} {value}" for key, value in self._eval_postfix(metrics).items() if key != "WARNING")

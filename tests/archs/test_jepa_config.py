@@ -91,6 +91,21 @@ def test_runs_saved_before_target_norm_load_as_layernorm_runs(tmp_path, capsys):
         Trainer(load_config(TINY, today))
 
 
+def test_runs_of_other_objectives_saved_before_target_norm_still_resume(tmp_path):
+    """model.jepa only matters to JEPA runs: an autoregressive run saved before target_norm existed is the same
+    config today, and resumes."""
+    run_dir = tmp_path / "ar"
+    settings = [f"run.dir={run_dir}", "train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=2",
+                "train.eval_tokens=256", "sample.tokens=0", "train.max_steps=4"]
+    Trainer(load_config(TINY, settings)).train(until_step=2)
+    for path in [run_dir / "config.yaml", *run_dir.glob("checkpoints/*/meta.json")]:
+        text = path.read_text()
+        path.write_text("\n".join(line for line in text.splitlines() if "target_norm" not in line) + "\n")
+    assert load_config(run_dir / "config.yaml", saved=True).model == load_config(TINY, settings).model
+    resumed = Trainer(load_config(TINY, [*settings, "run.resume=true"]))
+    assert resumed.step == 2 and resumed.train()["bpb"] < 8
+
+
 def main_code(capsys, *argv):
     try:
         main([str(a) for a in argv])

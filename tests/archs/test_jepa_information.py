@@ -37,7 +37,7 @@ def train_jepa(tmp_path, target_norm):
 def test_jepa_probe_beats_the_unigram_entropy_like_a_random_encoder_and_layernorm_targets_do_not(tmp_path):
     trainer, final = train_jepa(tmp_path, "instance")
     unigram = final["unigram_bpb"]
-    start = linear_probe.Encoder("random init", "step 0", initial_model(trainer.cfg), torch.device("cpu"))
+    start = linear_probe.Encoder("random init", "step 0", 0, initial_model(trainer.cfg), torch.device("cpu"))
     windows = linear_probe.probe_windows(trainer.corpus.train, trainer.eval_set, trainer.cfg.data.seq_len,
                                          SHORT_PROTOCOL)
     random_encoder = linear_probe.evaluate_encoder(start, windows, ("linear",), SHORT_PROTOCOL)[0]["linear"]["val_bpb"]

@@ -65,7 +65,7 @@ def test_committed_run_prefix_reproduces(run_dir, tmp_path):
     committed = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= PREFIX_STEPS]
     fresh = prefix_of_run(run_dir, tmp_path)
     assert [(r["kind"], r["step"]) for r in fresh] == [(r["kind"], r["step"]) for r in committed]
-    for old, new in zip(committed, fresh):
+    for old, new in zip(committed, fresh, strict=True):
         assert set(new) == set(old), f"step {old['step']}: the record's keys changed"
         for key, value in old.items():
             if key in MACHINE_DEPENDENT:
@@ -88,6 +88,7 @@ def test_the_tolerance_catches_a_one_percent_lr_change(tmp_path):
 @pytest.mark.parametrize("row", synthetic_rows(), ids=lambda row: f"{row['arm']}-d{row['d_model']}-s{row['seed']}")
 def test_committed_synthetic_row_prefix_reproduces(row):
     task = SyntheticTask.model_validate(json.loads(row["setting"]))
-    losses = prefix_losses(ModelConfig.model_validate(complete_saved_model_config(row["model"])), task, steps=row["steps"],
-                           batch_size=row["batch_size"], lr=row["lr"], seed=row["seed"])
+    model = ModelConfig.model_validate(complete_saved_model_config(row["model"]))
+    losses = prefix_losses(model, task, steps=row["steps"], batch_size=row["batch_size"], lr=row["lr"],
+                           seed=row["seed"])
     assert losses == pytest.approx(row["prefix_losses"], abs=TOLERANCE, rel=TOLERANCE)
