@@ -1,10 +1,11 @@
-"""Golden loss curve: the tiny config's first 12 training losses on CPU, against a committed file.
+"""Golden loss curves: the first 12 training losses (and 3 evals) of a tiny config of every backbone x objective
+that trains today, on CPU, against a committed file.
 
 Any change to initialisation, data order, the model's math, the optimizer or the schedule moves these
 numbers by far more than the tolerance. Tolerance: with 1 and 2 threads the curves were identical here;
 another CPU's BLAS may sum in another order, an fp32 rounding effect (~1e-7 relative per op) that stays
 far below 1e-4 over 12 steps. The smallest meaningful change we tried (lr 3e-3 -> 3.03e-3, i.e. 1%) moves
-the curve by 1.8e-3 nats at step 3 and 7.7e-3 by step 12. 1e-4 sits between the two.
+each curve by more than 10x the tolerance within 12 steps (a test below checks it for every case).
 Regenerate after an intended change: ARCHLAB_UPDATE_GOLDEN=1 python -m pytest tests/train/test_golden.py
 """
 import json
@@ -19,6 +20,15 @@ from archlab.train.trainer import Trainer
 GOLDEN = Path(__file__).with_name("golden_tiny_losses.json")
 TOLERANCE = 1e-4
 
+# case -> overrides of tests/train/tiny.yaml (a 2-layer, d_model 32 Transformer LM)
+CASES = {
+    "transformer-autoregressive": [],
+    "mamba-autoregressive": ["model.backbone=mamba"],
+    "hybrid-autoregressive": ["model.backbone=hybrid", "model.attn_layers=[1]"],
+    "transformer-masked_diffusion": ["model.objective=masked_diffusion"],
+    "transformer-jepa": ["model.objective=jepa", "sample.tokens=0"],
+}
+
 
 def tiny_curve(tiny_config, tmp_path, *overrides):
     Trainer(tiny_config(*overrides, run_dir=tmp_path / "golden")).train()
@@ -27,18 +37,25 @@ def tiny_curve(tiny_config, tmp_path, *overrides):
             "val_bpb": [r["val_bpb"] for r in records if r["kind"] == "eval"]}
 
 
-def test_golden_loss_curve(tiny_config, tmp_path):
-    curve = tiny_curve(tiny_config, tmp_path)
+def golden_curves() -> dict:
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_loss_curve(case, tiny_config, tmp_path):
+    curve = tiny_curve(tiny_config, tmp_path, *CASES[case])
     if os.environ.get("ARCHLAB_UPDATE_GOLDEN"):
-        GOLDEN.write_text(json.dumps(curve, indent=1) + "\n")
-    golden = json.loads(GOLDEN.read_text())
+        curves = golden_curves() if GOLDEN.exists() else {}
+        GOLDEN.write_text(json.dumps(curves | {case: curve}, indent=1, sort_keys=True) + "\n")
+    golden = golden_curves()[case]
     assert len(curve["train_loss"]) == len(golden["train_loss"]) == 12
     assert curve["train_loss"] == pytest.approx(golden["train_loss"], abs=TOLERANCE, rel=0)
     assert curve["val_bpb"] == pytest.approx(golden["val_bpb"], abs=TOLERANCE, rel=0)
 
 
-def test_tolerance_catches_a_one_percent_lr_change(tiny_config, tmp_path):
+@pytest.mark.parametrize("case", CASES)
+def test_tolerance_catches_a_one_percent_lr_change(case, tiny_config, tmp_path):
     """The tolerance is not so loose that a small real change passes."""
-    golden = json.loads(GOLDEN.read_text())
-    changed = tiny_curve(tiny_config, tmp_path, "train.lr=3.03e-3")
+    golden = golden_curves()[case]
+    changed = tiny_curve(tiny_config, tmp_path, *CASES[case], "train.lr=3.03e-3")
     assert max(abs(a - b) for a, b in zip(changed["train_loss"], golden["train_loss"], strict=True)) > 10 * TOLERANCE
