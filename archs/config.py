@@ -4,17 +4,18 @@ Lives in archs/ so that model builders need nothing from train/; the trainer emb
 """
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from archlab.kernels.attention import MAX_HEAD_DIM
+import archlab.archs.layers  # noqa: F401 - registers the shipped mixers
+from archlab.archs.config_migration import merge_flat_keys, migrate_legacy_model, migrate_legacy_predictor
+from archlab.archs.layers.mixer import MIXERS, MixerSettings, closest
+from archlab.archs.pattern import expand_layers, is_bare_name, stack_name
 
 BYTE_VOCAB_SIZE = 256
-
-# Backbones built from attention layers: the head-shape checks apply to these only.
-ATTENTION_BACKBONES = ("transformer", "hybrid")
 
 
 # masked_span with EMA + stop-gradient alone collapses on bytes (quickstart, 638 steps: mean cosine 0.996, effective
@@ -43,11 +44,13 @@ class JepaConfig(BaseModel):
                            "collapse-prone ablation: no EMA, no stop-gradient)")
     ema_momentum_start: float = Field(0.996, ge=0, le=1, description="EMA momentum at step 0 (I-JEPA: 0.996)")
     ema_momentum_end: float = Field(1.0, ge=0, le=1, description="EMA momentum at train.max_steps (linear)")
-    predictor_backbone: Optional[Literal["transformer", "mamba"]] = Field(
-        None, description="None = mamba for a mamba encoder, else transformer")
+    predictor_mixer: Optional[str] = Field(
+        None, description="the predictor's mixer (any registered one); None = the encoder's mixer when its stack "
+                          "has one kind, else attention")
     predictor_depth: int = Field(1, gt=0, description="predictor layers")
     predictor_width: Optional[int] = Field(None, gt=0, description="None = d_model // 2")
-    predictor_heads: Optional[int] = Field(None, gt=0, description="None = max(1, n_heads // 2)")
+    predictor_heads: Optional[int] = Field(None, gt=0, description="a predictor with heads (attention): its "
+                                           "heads; None = max(1, the encoder's attention.n_heads // 2)")
     spans: int = Field(4, gt=0, description="masked_span: target spans hidden per sequence (they may overlap)")
     span_length: tuple[int, int] = Field((8, 16), description="masked_span: span lengths drawn uniformly in [min, max]")
     ar_weight: float = Field(0.0, ge=0, description="> 0: hybrid; add ar_weight x next-byte cross-entropy (LLM-JEPA)")
@@ -62,7 +65,9 @@ class JepaConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _mode_defaults(cls, data):
-        """masked_span needs a regulariser against collapse: SIGReg unless the config sets sigreg_weight."""
+        """masked_span needs a regulariser against collapse: SIGReg unless the config sets sigreg_weight.
+        The old key predictor_backbone is read as predictor_mixer."""
+        data = migrate_legacy_predictor(data)
         if isinstance(data, dict) and data.get("mode") == "masked_span" and "sigreg_weight" not in data:
             return data | {"sigreg_weight": MASKED_SPAN_SIGREG_WEIGHT}
         return data
@@ -79,7 +84,16 @@ class JepaConfig(BaseModel):
                              "sees the next byte")
         if self.ar_weight == 0 and self.latent_weight == 0:
             raise ValueError("jepa.latent_weight and jepa.ar_weight are both 0: nothing would train the encoder")
+        if self.predictor_mixer is not None and self.predictor_mixer not in MIXERS:
+            raise ValueError(f"jepa.predictor_mixer: unknown mixer {self.predictor_mixer!r}"
+                             f"{closest(self.predictor_mixer, MIXERS)}")
         return self
+
+    def predictor_mixer_for(self, encoder_mixers: list[str]) -> str:
+        """The predictor's mixer for an encoder stack of these mixers."""
+        if self.predictor_mixer is not None:
+            return self.predictor_mixer
+        return encoder_mixers[0] if len(set(encoder_mixers)) == 1 else "attention"
 
 
 # Settings added after runs had been saved, whose default for new runs is not how those runs were built: a saved
@@ -90,45 +104,40 @@ PREDATED_VALUES = {("jepa", "target_norm"): "layer"}
 
 def complete_saved_model_config(saved: dict) -> dict:
     """A model config as an older archlab saved it (JSON-like), completed: each key it predates gets the value it
-    was built with (PREDATED_VALUES, for runs of that objective), every other missing key today's default."""
-    complete = ModelConfig().model_dump(mode="json")
-    for key, value in saved.items():
-        nested = isinstance(value, dict) and isinstance(complete.get(key), dict)
-        complete[key] = complete[key] | value if nested else value
+    was built with (PREDATED_VALUES, for runs of that objective), the old flat format is read as today's, every
+    other missing key takes today's default. A config that does not validate comes back as it was (the caller's
+    comparison or validation then says what is wrong)."""
+    complete = dict(saved)
     for (objective, key), value in PREDATED_VALUES.items():
         section = saved.get(objective)
         if saved.get("objective") == objective and isinstance(section, dict) and key not in section:
-            complete[objective][key] = value
-    return complete
+            complete[objective] = section | {key: value}
+    try:
+        return ModelConfig.model_validate(complete).model_dump(mode="json")
+    except (ValidationError, ValueError):
+        return complete
 
 
 class ModelConfig(BaseModel):
+    """The model: byte embedding, the stack of model.layers (each mixer's settings under model.<mixer>), the
+    objective and its settings."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
-    backbone: str = "transformer"
     objective: str = "autoregressive"
+    layers: Union[str, list[str]] = Field(
+        "transformer", description="the stack, one block per entry: a mixer name repeated n_layers times "
+                                   "(transformer = attention), or a pattern such as 'mamba*3,attention' or "
+                                   "'(mamba*3,attention)*2' (archs/pattern.py)")
     d_model: int = Field(256, gt=0)
-    n_layers: int = Field(4, gt=0)
-    n_heads: int = Field(4, gt=0)
-    n_kv_heads: Optional[int] = Field(None, gt=0, description="grouped-query attention; None = n_heads")
-    mlp_hidden: Optional[int] = Field(None, gt=0, description="SwiGLU width; None = 8/3 d_model rounded up to 64")
-    rope_theta: float = Field(10000.0, gt=0)
+    n_layers: int = Field(4, gt=0, description="blocks; set by the pattern when it has a count or a comma")
+    mlp_hidden: Optional[int] = Field(None, gt=0, description="SwiGLU width of blocks with an MLP; None = 8/3 "
+                                      "d_model rounded up to 64")
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
     causal: Optional[bool] = Field(None, description="None = what the objective needs; a bidirectional Mamba "
                                    "also scans the reversed sequence and averages the two directions")
-    # Mamba-1 (mamba_ssm's defaults)
-    d_state: int = Field(16, gt=0, description="Mamba: SSM state size N per channel")
-    d_conv: int = Field(4, ge=2, le=4, description="Mamba: width of the depthwise causal conv (2..4)")
-    expand: int = Field(2, gt=0, description="Mamba: inner width E = expand * d_model")
-    dt_rank: Optional[int] = Field(None, gt=0, description="Mamba: rank of the dt projection; None = ceil(d_model/16)")
-    dt_min: float = Field(0.001, gt=0, description="Mamba: smallest initial step size dt")
-    dt_max: float = Field(0.1, gt=0, description="Mamba: largest initial step size dt")
-    dt_init_floor: float = Field(1e-4, gt=0, description="Mamba: initial dt is clamped at least to this")
-    conv_bias: bool = Field(True, description="Mamba: bias in the depthwise conv")
-    attn_layers: Optional[list[int]] = Field(None, description="hybrid: indices of the attention + SwiGLU "
-                                             "blocks (0-based); the other layers are Mamba blocks")
     # masked diffusion (objective=masked_diffusion; the other objectives ignore these)
     noise_schedule: Literal["log_linear", "cosine"] = Field(
         "log_linear", description="masked_diffusion: alpha_t (probability a byte is still unmasked at time t); "
@@ -136,51 +145,83 @@ class ModelConfig(BaseModel):
     diffusion_eval_draws: int = Field(4, gt=0, description="masked_diffusion: (t, mask) draws per eval batch "
                                       "averaged into val bpb (fixed seed: the same batch gives the same figure)")
     jepa: JepaConfig = Field(JepaConfig(), description="objective=jepa: its settings (other objectives ignore them)")
+    # model.<mixer> sections, one per mixer the model uses (filled with defaults); dumped as model.<mixer>
+    mixers: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_mixer_sections(cls, data: Any) -> Any:
+        """Old flat keys become today's; model.<mixer> sections are validated by their mixer's settings."""
+        if not isinstance(data, dict):
+            return data
+        data, flat, changes = migrate_legacy_model(data)
+        given = {name: data.pop(name) for name in list(data) if name in MIXERS}
+        layers, n_layers = data.get("layers", "transformer"), data.get("n_layers")
+        names = expand_layers(layers, n_layers if isinstance(n_layers, int) and n_layers > 0 else 1)
+        if not is_bare_name(layers):
+            if isinstance(n_layers, int) and n_layers != len(names):
+                raise ValueError(f"model.n_layers={n_layers} disagrees with model.layers {layers!r} ({len(names)} "
+                                 "blocks); leave n_layers out or make them agree")
+            data["n_layers"] = len(names)
+        used = used_mixers(names, data.get("objective", "autoregressive"), data.get("jepa"))
+        given = merge_flat_keys(given, flat, used, changes)
+        for name in given:
+            if name not in used:
+                raise ValueError(f"model.{name} sets {name} settings but no layer uses {name} (model.layers "
+                                 f"{layers!r}); remove model.{name}")
+        existing = data.get("mixers") or {}
+        data["mixers"] = {name: _mixer_settings(name, given.get(name, existing.get(name, {}))) for name in used}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump_mixer_sections(self, handler, info) -> dict[str, Any]:
+        dumped = handler(self)
+        sections = {name: settings.model_dump(mode=info.mode) for name, settings in self.mixers.items()}
+        at = list(dumped).index("n_layers") + 1  # after the stack's shape, before the rest
+        items = list(dumped.items())
+        return dict(items[:at] + list(sections.items()) + items[at:])
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
-        from archlab.archs.registry import BACKBONES, OBJECTIVES, closest
+        from archlab.archs.registry import OBJECTIVES
 
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}{closest(self.backbone, BACKBONES)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}{closest(self.objective, OBJECTIVES)}")
-        if self.has_attention:
-            self._check_attention_shapes()
-        self._check_mamba_settings()
+        for name, settings in self.mixers.items():
+            settings.check(self.d_model)
         OBJECTIVES[self.objective].check_config(self)
         needed = OBJECTIVES[self.objective].causality(self)
         if needed is not None and self.causal is not None and self.causal != needed:
             kind, setting = ("causal", "true") if needed else ("bidirectional", "false")
             raise ValueError(f"objective {self.objective} needs a {kind} backbone; "
                              f"set model.causal={setting} or leave it unset")
+        if not self.runs_causally:
+            one_way = [name for name in self.mixers if MIXERS[name].bidirectional == "no"]
+            if one_way:
+                raise ValueError(f"mixer {one_way[0]} runs causally only, and this model runs bidirectionally "
+                                 f"(objective {self.objective}, model.causal={self.causal}); use another mixer "
+                                 "or a causal objective")
         return self
 
-    def _check_attention_shapes(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
-        if self.head_dim > MAX_HEAD_DIM:
-            raise ValueError(f"head dim d_model/n_heads={self.head_dim} is above {MAX_HEAD_DIM}; raise n_heads")
-        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+    @property
+    def layer_mixers(self) -> list[str]:
+        """The mixer name of every block, in order."""
+        return expand_layers(self.layers, self.n_layers)
 
-    def _check_mamba_settings(self) -> None:
-        if self.dt_min > self.dt_max:
-            raise ValueError(f"dt_min={self.dt_min} must not exceed dt_max={self.dt_max}")
-        if self.backbone != "hybrid":
-            if self.attn_layers is not None:
-                raise ValueError(f"attn_layers is for backbone=hybrid, not {self.backbone}; remove model.attn_layers")
-            return
-        if not self.attn_layers:
-            raise ValueError("backbone=hybrid needs model.attn_layers, the indices of its attention blocks "
-                             "(e.g. [1]); use backbone=mamba for none")
-        outside = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
-        if outside:
-            raise ValueError(f"attn_layers {outside} outside 0..{self.n_layers - 1} (n_layers={self.n_layers})")
-        if len(set(self.attn_layers)) != len(self.attn_layers):
-            raise ValueError(f"attn_layers {self.attn_layers} repeats an index; list each attention layer once")
+    @property
+    def stack_name(self) -> str:
+        """What reports call this stack: transformer, mamba, hybrid, or its compact pattern."""
+        return stack_name(self.layer_mixers)
+
+    def mixer_settings(self, name: str) -> MixerSettings:
+        """model.<name>: the settings of a mixer the model uses."""
+        if name not in self.mixers:
+            raise ValueError(f"this model uses no {name} (model.layers {self.layers!r}); no settings for it")
+        return self.mixers[name]
+
+    def d_model_multiple(self) -> int:
+        """d_model must be a multiple of this for every mixer used (a study solving d_model steps by it)."""
+        return math.lcm(*(settings.d_model_multiple() for settings in self.mixers.values()))
 
     @property
     def vocab_size(self) -> int:
@@ -196,26 +237,56 @@ class ModelConfig(BaseModel):
         return self.causal if self.causal is not None else OBJECTIVES[self.objective].causality(self) is not False
 
     @property
-    def has_attention(self) -> bool:
-        return self.backbone in ATTENTION_BACKBONES
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
     def mlp_width(self) -> int:
         return self.mlp_hidden or 64 * -(-(8 * self.d_model // 3) // 64)
 
-    @property
-    def d_inner(self) -> int:
-        """Mamba: the expanded width E the conv and the scan run at."""
-        return self.expand * self.d_model
 
-    @property
-    def dt_rank_or_default(self) -> int:
-        return self.dt_rank or math.ceil(self.d_model / 16)
+def fit_to_new_stack(model: dict[str, Any], layer: dict[str, Any], *, depth_given: bool = False) -> dict[str, Any]:
+    """A model section merged from config layers (included files, the file, a study's base / arm / size, command-
+    line overrides), after `layer` (raw, the later one) set model.layers: that replaces the stack, so what earlier
+    layers said about the old one does not carry over: their n_layers where the new pattern fixes the depth (unless
+    `depth_given`: a study size sets it), and settings of mixers the new stack does not use. What `layer` sets
+    itself stays, so a real disagreement is still an error."""
+    if not isinstance(layer, dict) or "layers" not in layer:
+        return model
+    model = dict(model)
+    if not is_bare_name(layer["layers"]) and "n_layers" not in layer and not depth_given:
+        model.pop("n_layers", None)
+    try:
+        names = expand_layers(model["layers"], model.get("n_layers", 1))
+        used = used_mixers(names, model.get("objective", "autoregressive"), model.get("jepa"))
+    except ValueError:
+        return model  # validation then says what is wrong
+    return {key: value for key, value in model.items() if key not in MIXERS or key in used or key in layer}
+
+
+def used_mixers(names: list[str], objective: str, jepa: Any) -> list[str]:
+    """The mixers a model uses: its stack's, then a JEPA predictor's."""
+    used = list(dict.fromkeys(names))
+    if objective == "jepa":
+        settings = jepa if isinstance(jepa, JepaConfig) else JepaConfig.model_validate(jepa or {})
+        used = list(dict.fromkeys([*used, settings.predictor_mixer_for(names)]))
+    return used
+
+
+def _mixer_settings(name: str, section: Any) -> MixerSettings:
+    """A model.<name> section validated by that mixer's settings class, errors as one line naming the key."""
+    settings_class = MIXERS[name].settings
+    if isinstance(section, settings_class):
+        return section
+    if section is None:
+        section = {}
+    try:
+        return settings_class.model_validate(section)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(["model", name, *(str(part) for part in first["loc"])])
+        if first["type"] == "extra_forbidden":
+            field = str(first["loc"][-1])
+            match = difflib.get_close_matches(field, list(settings_class.model_fields), n=1)
+            hint = f"; did you mean model.{name}.{match[0]}?" if match else \
+                f"; valid here: {', '.join(settings_class.model_fields)}"
+            raise ValueError(f"unknown key {key}{hint}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        given = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
+        raise ValueError(f"{key}: {message[0].lower() + message[1:]}{given}") from None

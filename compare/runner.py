@@ -71,7 +71,7 @@ def measure_steps_per_second(cfg: Config, steps: int = 10) -> float:
 def _run_record(spec: RunSpec, status: str) -> dict[str, Any]:
     model = spec.config.model
     return {"name": spec.name, "arm": spec.arm, "seed": spec.seed, "size": spec.size, "budget": spec.budget.label,
-            "run_dir": f"runs/{spec.name}", "status": status, "backbone": model.backbone,
+            "run_dir": f"runs/{spec.name}", "status": status, "backbone": model.stack_name,
             "objective": model.objective, "d_model": model.d_model, "n_layers": model.n_layers,
             "params": spec.params, "flops_per_token": spec.flops_per_token, "max_steps": spec.config.train.max_steps,
             "quality_metric": spec.quality_metric, "probe": spec.probe, "bound": spec.bound, "match": spec.match}
@@ -231,7 +231,7 @@ def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, A
 
     Each row records everything that made it (the model settings, the task, steps, lr, batch size, seed): on
     --resume a row is reused only when all of that is unchanged, and rows the study no longer plans are refused."""
-    from archlab.archs.config import ModelConfig
+    from archlab.archs.config import ModelConfig, fit_to_new_stack
     from archlab.compare.synthetic import SyntheticTask
     from archlab.train.config import deep_merge, validate_config
 
@@ -246,6 +246,7 @@ def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, A
             for width in settings.widths:
                 model = {**study.base.get("model", {})}
                 deep_merge(model, {**arm_tree.get("model", {}), "d_model": width})
+                model = fit_to_new_stack(model, arm_tree.get("model", {}))
                 model_cfg = validate_config(model, source=f"study {study.study} arm {arm} d_model={width}",
                                             section=ModelConfig)
                 for seed in study.seeds:
@@ -275,7 +276,7 @@ def _score_rows(study: Study, out: Path, planned: dict, done: set, saved: list, 
             continue
         result = train_and_score(model_cfg, task, seed=seed, device=device, **training)
         record["synthetic"].append({
-            "arm": arm, "backbone": model_cfg.backbone, "d_model": model_cfg.d_model, "seed": seed,
+            "arm": arm, "backbone": model_cfg.stack_name, "d_model": model_cfg.d_model, "seed": seed,
             "setting": task.model_dump_json(), **task.model_dump(), **training,
             "model": model_cfg.model_dump(mode="json"), **result})
         print(f"{task.task} L={task.seq_len} n={task.n_pairs} {arm} d={model_cfg.d_model} seed={seed}: "

@@ -35,6 +35,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from archlab.archs.model import Objective
+from archlab.archs.config import fit_to_new_stack
+from archlab.archs.pattern import is_bare_name
 from archlab.archs.registry import build_model
 from archlab.train.config import Config, deep_merge, resolve_includes, validate_config
 from archlab.train.errors import ConfigError
@@ -204,6 +206,9 @@ def _run_tree(study: Study, arm: str, size: str | None, seed: int) -> dict[str, 
     if size is not None:
         deep_merge(tree, {"model": copy.deepcopy(study.sizes[size])})
     deep_merge(tree, {"train": {"seed": seed}})
+    if isinstance(tree.get("model"), dict):
+        tree["model"] = fit_to_new_stack(tree["model"], study.arms[arm].get("model", {}),
+                                         depth_given="n_layers" in (study.sizes[size] if size else {}))
     return tree
 
 
@@ -217,13 +222,13 @@ def solve_size(tree: dict[str, Any], match: Match, target: float, source: str) -
     """Sets model.<match.solve> in `tree` so that the measured quantity is nearest `target`.
 
     The quantity grows with d_model and n_layers, so a doubling search then bisection finds the bracketing
-    values; with attention, d_model moves in steps that keep its constraints (a multiple of 2 * n_heads)."""
+    values; d_model moves in steps that keep every mixer's constraints (attention: a multiple of 2 * n_heads)."""
     index = 0 if match.by == "params" else 1
     base_cfg = validate_config(tree, source=source)
-    if match.solve == "n_layers" and base_cfg.model.attn_layers:
-        raise ConfigError(f"{source}: solve: n_layers cannot keep attn_layers {base_cfg.model.attn_layers} "
-                          "meaningful at other depths; solve d_model instead")
-    step = 2 * base_cfg.model.n_heads if match.solve == "d_model" and base_cfg.model.has_attention else 1
+    if match.solve == "n_layers" and not is_bare_name(base_cfg.model.layers):
+        raise ConfigError(f"{source}: solve: n_layers needs model.layers to be one mixer repeated n_layers times, "
+                          f"not the pattern {base_cfg.model.layers!r}; solve d_model instead")
+    step = base_cfg.model.d_model_multiple() if match.solve == "d_model" else 1
 
     @functools.cache
     def value_at(units: int) -> float:

@@ -37,7 +37,7 @@ def cmd_train(args) -> None:
     main = trainer.world.is_main  # the other ranks train and stay quiet
     n_params = trainer.model.num_parameters()
     if main:
-        print(f"{cfg.model.backbone} + {cfg.model.objective}: {n_params / 1e6:.2f}M parameters, "
+        print(f"{cfg.model.stack_name} + {cfg.model.objective}: {n_params / 1e6:.2f}M parameters, "
               f"{trainer.flops_per_step / trainer.tokens_per_step / 1e6:.1f} MFLOP/token (train), device "
               f"{trainer.device}" + (f" x {trainer.world.size} processes" if trainer.world.distributed else "")
               + f", run dir {cfg.run.dir}" + (f", resuming from {trainer.resume_from}" if trainer.resume_from else ""))

@@ -16,8 +16,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig, complete_saved_model_config
-from archlab.kernels.attention import TRITON_HEAD_DIMS
+from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig, complete_saved_model_config, fit_to_new_stack
 from archlab.kernels.backend import check_backend
 from archlab.train.errors import ConfigError, UserError
 
@@ -142,10 +141,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _kernels_fit_the_model(self) -> "Config":
-        if (self.kernels.attention == "triton" and self.model.has_attention
-                and self.model.head_dim not in TRITON_HEAD_DIMS):
-            raise ValueError(f"kernels.attention=triton needs a head dim (d_model/n_heads) in {TRITON_HEAD_DIMS}, "
-                             f"got {self.model.head_dim}; change model.n_heads or use kernels.attention=auto")
+        for settings in self.model.mixers.values():
+            settings.check_kernels(self.model.d_model, self.kernels.model_dump())
         from archlab.archs.registry import OBJECTIVES
 
         objective = OBJECTIVES[self.model.objective]
@@ -193,8 +190,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, saved: bo
     raw = _read_yaml_tree(Path(path), ()) if path is not None else {}
     if saved and isinstance(raw.get("model"), dict):
         raw["model"] = complete_saved_model_config(raw["model"])
+    overridden: dict[str, Any] = {}
     for override in overrides:
         _apply_override(raw, override)
+        _apply_override(overridden, override)
+    _fit_model_to_new_stack(raw, overridden)
     return validate_config(raw, source=str(path) if path else "overrides")
 
 
@@ -275,9 +275,19 @@ def resolve_includes(tree: dict[str, Any], folder: Path, *, source: str,
         raise ConfigError(f"config {source}: include must be a file name or a list of file names")
     merged: dict[str, Any] = {}
     for include in includes:
-        deep_merge(merged, _read_yaml_tree(folder / include, seen))
+        layer = _read_yaml_tree(folder / include, seen)
+        deep_merge(merged, layer)
+        _fit_model_to_new_stack(merged, layer)
     deep_merge(merged, copy.deepcopy(tree))
+    _fit_model_to_new_stack(merged, tree)
     return merged
+
+
+def _fit_model_to_new_stack(merged: dict[str, Any], layer: dict[str, Any]) -> None:
+    """A config layer that sets model.layers replaces the stack of the layers before it (archs.config.
+    fit_to_new_stack): `archlab train configs/quickstart.yaml model.layers=mamba` drops the attention settings."""
+    if isinstance(merged.get("model"), dict) and isinstance(layer.get("model"), dict):
+        merged["model"] = fit_to_new_stack(merged["model"], layer["model"])
 
 
 def deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
@@ -320,6 +330,8 @@ def _describe(err: ValidationError) -> str:
     show_input = first["type"] != "value_error" and not isinstance(first["input"], dict)
     given = f" (got {first['input']!r})" if show_input else ""
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if key and f"{key}." in message:  # the message names the key itself (a model.<mixer> setting, model.layers)
+        return f"{message}{given}{more}"
     return f"{key or 'config'}: {message[0].lower() + message[1:]}{given}{more}"
 
 

@@ -425,7 +425,7 @@ class Trainer:
             "probe": bool(final_eval.get("probe")), "val": final_eval,
             "tokens": self.tokens, "train_flops": self.flops, "train_seconds": round(self.train_seconds, 2),
             "tokens_per_s": round(self.tokens / self.train_seconds) if self.train_seconds else None,
-            "params": self.model.num_parameters(), "backbone": self.cfg.model.backbone,
+            "params": self.model.num_parameters(), "backbone": self.cfg.model.stack_name,
             "objective": self.cfg.model.objective, "device": str(self.device), "processes": self.world.size,
             "stopped_by": "max_steps" if self.step >= self.cfg.train.max_steps else "max_seconds",
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),

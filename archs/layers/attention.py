@@ -1,13 +1,52 @@
-"""Multi-head self-attention with grouped-query heads, RoPE and an optional KV cache for decoding."""
+"""The attention mixer: multi-head self-attention with grouped-query heads, RoPE and a KV cache for decoding.
+Causal or bidirectional per call (the same weights); its blocks add a SwiGLU MLP by default (the LLaMA block)."""
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
 
 import torch
 from einops import rearrange
+from pydantic import Field
 from torch import Tensor, nn
 
+from archlab.archs.layers.mixer import Mixer, MixerSettings, backend_for, register_mixer, writes_residual
 from archlab.archs.layers.rope import RotaryEmbedding
-from archlab.kernels.attention import attention
-from archlab.kernels.backend import check_backend
+from archlab.kernels.attention import MAX_HEAD_DIM, TRITON_HEAD_DIMS, attention
+
+
+class AttentionSettings(MixerSettings):
+    """model.attention"""
+
+    mlp: bool = Field(True, description="a SwiGLU MLP after attention in each block (the Transformer block)")
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: Optional[int] = Field(None, gt=0, description="grouped-query attention; None = n_heads")
+    rope_theta: float = Field(10000.0, gt=0)
+
+    def check(self, d_model: int) -> None:
+        if d_model % self.n_heads:
+            raise ValueError(f"model.attention.n_heads={self.n_heads} does not divide model.d_model={d_model}")
+        head_dim = d_model // self.n_heads
+        if head_dim % 2:
+            raise ValueError(f"head dim model.d_model/model.attention.n_heads={head_dim} must be even for RoPE")
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head dim model.d_model/model.attention.n_heads={head_dim} is above {MAX_HEAD_DIM}; "
+                             "raise model.attention.n_heads")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.attention.n_kv_heads={self.n_kv_heads} must divide "
+                             f"model.attention.n_heads={self.n_heads}")
+
+    def check_kernels(self, d_model: int, kernels: Mapping[str, str]) -> None:
+        head_dim = d_model // self.n_heads
+        if kernels.get("attention") == "triton" and head_dim not in TRITON_HEAD_DIMS:
+            raise ValueError(f"kernels.attention=triton needs a head dim (d_model/n_heads) in {TRITON_HEAD_DIMS}, "
+                             f"got {head_dim}; change model.attention.n_heads or use kernels.attention=auto")
+
+    def d_model_multiple(self) -> int:
+        return 2 * self.n_heads  # whole heads of even size (RoPE rotates channel pairs)
+
+    def narrowed(self, heads: int | None = None) -> "AttentionSettings":
+        return self.model_copy(update={"n_heads": heads or max(1, self.n_heads // 2), "n_kv_heads": None})
 
 
 class KVCache:
@@ -38,27 +77,51 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, rope_theta: float,
-                 attention_backend: str = "auto"):
-        super().__init__()
-        check_backend("attention", attention_backend)
-        self.head_dim = d_model // n_heads
-        self.attention_backend = attention_backend
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+@register_mixer
+class Attention(Mixer):
+    name = "attention"
+    settings = AttentionSettings
+    kernel_ops = ("attention",)
+    bidirectional = "per_call"
+
+    def __init__(self, d_model: int, settings: AttentionSettings, *, causal: bool = True,
+                 kernels: Mapping[str, str] | None = None):
+        super().__init__(d_model, settings, causal=causal, kernels=kernels)
+        n_kv_heads = settings.n_kv_heads or settings.n_heads
+        self.head_dim = d_model // settings.n_heads
+        self.n_kv_heads = n_kv_heads
+        self.attention_backend = backend_for(kernels, "attention")
+        self.q_proj = nn.Linear(d_model, settings.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta)
+        self.o_proj = writes_residual(nn.Linear(settings.n_heads * self.head_dim, d_model, bias=False))
+        self.rope = RotaryEmbedding(self.head_dim, settings.rope_theta)
 
-    def forward(self, x: Tensor, *, causal: bool, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, causal: bool, state: KVCache | None = None) -> Tensor:
         """x: (B, L, d). With a cache, x holds the L positions after those already cached."""
         q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
-        offset = 0 if cache is None else cache.length
+        offset = 0 if state is None else state.length
         q, k = self.rope(q, k, offset)
-        if cache is not None:
-            k, v = cache.append(k, v)
+        if state is not None:
+            k, v = state.append(k, v)
         out = attention(q, k, v, causal=causal, backend=self.attention_backend)
         return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
+
+    def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> KVCache:
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype=dtype, device=device)
+
+    def flops_per_token(self, seq_len: int, *, causal: bool) -> int:
+        """q/k/v/o projections 2d(d + 2 d_kv) + 2d^2, and attention scores plus weighted values 2 * 2 * ctx * d.
+        ctx is seq_len when bidirectional; when causal it is the average attended length (seq_len + 1) / 2 —
+        the work a kernel that skips fully masked blocks actually does. Softmax and RoPE are O(d) and left out."""
+        d, d_kv = self.q_proj.in_features, self.k_proj.out_features
+        projections = 2 * d * (d + 2 * d_kv) + 2 * d * d
+        # 4 * d * ctx, written so the causal count stays an integer
+        scores_and_values = 2 * d * (seq_len + 1) if causal else 4 * d * seq_len
+        return projections + scores_and_values
+
+    def state_bytes(self, batch_size: int, seq_len: int, *, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Keys and values of every position: grows linearly with seq_len."""
+        return 2 * batch_size * self.n_kv_heads * seq_len * self.head_dim * dtype.itemsize

@@ -15,16 +15,46 @@ gated outputs are averaged before out_proj.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from pydantic import Field
 from torch import Tensor, nn
 
-from archlab.archs.config import ModelConfig
-from archlab.kernels.backend import check_backend
+from archlab.archs.layers.mixer import (
+    Mixer,
+    MixerSettings,
+    backend_for,
+    no_weight_decay,
+    register_mixer,
+    writes_residual,
+)
 from archlab.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from archlab.kernels.selective_scan import selective_scan, selective_state_update
+
+class MambaSettings(MixerSettings):
+    """model.mamba (mamba_ssm's defaults)"""
+
+    mlp: bool = Field(False, description="a SwiGLU MLP after the mixer in each block (mamba_ssm: none)")
+    d_state: int = Field(16, gt=0, description="SSM state size N per channel")
+    d_conv: int = Field(4, ge=2, le=4, description="width of the depthwise causal conv (2..4)")
+    expand: int = Field(2, gt=0, description="inner width E = expand * d_model")
+    dt_rank: Optional[int] = Field(None, gt=0, description="rank of the dt projection; None = ceil(d_model/16)")
+    dt_min: float = Field(0.001, gt=0, description="smallest initial step size dt")
+    dt_max: float = Field(0.1, gt=0, description="largest initial step size dt")
+    dt_init_floor: float = Field(1e-4, gt=0, description="initial dt is clamped at least to this")
+    conv_bias: bool = Field(True, description="bias in the depthwise conv")
+
+    def check(self, d_model: int) -> None:
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"model.mamba.dt_min={self.dt_min} must not exceed model.mamba.dt_max={self.dt_max}")
+
+    def narrowed(self, heads: int | None = None) -> "MambaSettings":
+        return self.model_copy(update={"dt_rank": None})  # the default rank of the narrower width
+
 
 BIDIRECTIONAL_DECODING = ("a bidirectional Mamba cannot decode (each output reads later positions); "
                           "sample from a causal model")
@@ -47,9 +77,10 @@ class MambaState:
 class SelectiveSSM(nn.Module):
     """One scan direction: causal conv + SiLU, the input-dependent dt/B/C projections, the gated scan."""
 
-    def __init__(self, cfg: ModelConfig, *, scan_backend: str, conv_backend: str):
+    def __init__(self, d_model: int, cfg: MambaSettings, *, scan_backend: str, conv_backend: str):
         super().__init__()
-        d_inner, self.d_state, self.dt_rank = cfg.d_inner, cfg.d_state, cfg.dt_rank_or_default
+        d_inner, self.d_state = cfg.expand * d_model, cfg.d_state
+        self.dt_rank = cfg.dt_rank or math.ceil(d_model / 16)
         self.scan_backend, self.conv_backend = scan_backend, conv_backend
         # depthwise conv weights initialised as mamba_ssm's nn.Conv1d is: uniform(+-1/sqrt(fan_in = width))
         bound = 1 / math.sqrt(cfg.d_conv)
@@ -57,19 +88,18 @@ class SelectiveSSM(nn.Module):
         self.conv_bias = nn.Parameter(torch.empty(d_inner).uniform_(-bound, bound)) if cfg.conv_bias else None
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
-        self._init_dt(cfg)
+        self._init_dt(cfg, d_inner)
         # S4D-real: A[e, n] = -(n + 1) for every channel, stored as log(-A) so that A stays negative
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
-        for param in (self.A_log, self.D, self.dt_proj.bias):
-            param._no_weight_decay = True  # mamba_ssm's marker; train.trainer.parameter_groups honours it
+        no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
 
-    def _init_dt(self, cfg: ModelConfig) -> None:
+    def _init_dt(self, cfg: MambaSettings, d_inner: int) -> None:
         """dt_proj.weight uniform(+-R^-0.5); the bias is softplus^-1 of dt drawn log-uniformly in
         [dt_min, dt_max] (floored at dt_init_floor), so every channel starts with its own time scale."""
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
         log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
-        dt = torch.exp(torch.rand(cfg.d_inner) * (log_max - log_min) + log_min).clamp(min=cfg.dt_init_floor)
+        dt = torch.exp(torch.rand(d_inner) * (log_max - log_min) + log_min).clamp(min=cfg.dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus, stable for small dt
         for param in (self.dt_proj.weight, self.dt_proj.bias):
@@ -113,27 +143,32 @@ class SelectiveSSM(nn.Module):
                 + 2 * self.dt_rank * d_inner + 9 * d_inner * self.d_state)
 
 
-class MambaMixer(nn.Module):
+@register_mixer
+class MambaMixer(Mixer):
     """u (B, L, d) -> (B, L, d). Built causal or bidirectional (their weights differ); decoding is causal only."""
 
-    def __init__(self, cfg: ModelConfig, *, bidirectional: bool = False, scan_backend: str = "auto",
-                 conv_backend: str = "auto"):
-        super().__init__()
-        check_backend("selective_scan", scan_backend)
-        check_backend("causal_conv1d", conv_backend)
-        self.bidirectional = bidirectional
-        self.d_inner, self.d_conv, self.d_state = cfg.d_inner, cfg.d_conv, cfg.d_state
-        self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner, bias=False)
-        self.ssm = SelectiveSSM(cfg, scan_backend=scan_backend, conv_backend=conv_backend)
-        self.ssm_reversed = (SelectiveSSM(cfg, scan_backend=scan_backend, conv_backend=conv_backend)
-                             if bidirectional else None)
-        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=False)
+    name = "mamba"
+    settings = MambaSettings
+    kernel_ops = ("selective_scan", "causal_conv1d")
+    bidirectional = "built"
+
+    def __init__(self, d_model: int, settings: MambaSettings, *, causal: bool = True,
+                 kernels: Mapping[str, str] | None = None):
+        super().__init__(d_model, settings, causal=causal, kernels=kernels)
+        scan_backend, conv_backend = backend_for(kernels, "selective_scan"), backend_for(kernels, "causal_conv1d")
+        self.two_directions = not causal  # built bidirectional
+        self.d_inner, self.d_conv, self.d_state = settings.expand * d_model, settings.d_conv, settings.d_state
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.ssm = SelectiveSSM(d_model, settings, scan_backend=scan_backend, conv_backend=conv_backend)
+        self.ssm_reversed = (SelectiveSSM(d_model, settings, scan_backend=scan_backend, conv_backend=conv_backend)
+                             if self.two_directions else None)
+        self.out_proj = writes_residual(nn.Linear(self.d_inner, d_model, bias=False))
 
     def forward(self, u: Tensor, *, causal: bool, state: MambaState | None = None) -> Tensor:
         """With a state, u holds the positions after the `state.length` already seen: an empty state is
         filled by one pass over u (prefill), a filled one is advanced position by position."""
-        if causal == self.bidirectional:
-            built = "bidirectional" if self.bidirectional else "causal"
+        if causal == self.two_directions:
+            built = "bidirectional" if self.two_directions else "causal"
             raise ValueError(f"this Mamba layer was built {built} but is called with causal={causal}; "
                              "build the model with the causal setting it runs with (build_model does)")
         if state is not None:
@@ -150,21 +185,29 @@ class MambaMixer(nn.Module):
         return self.out_proj(rearrange(y, "b e l -> b l e"))
 
     def _check_state(self, state: MambaState, batch_size: int) -> None:
-        if self.bidirectional:
+        if self.two_directions:
             raise ValueError(BIDIRECTIONAL_DECODING)
         if state.conv_state.shape[0] != batch_size:
             raise ValueError(f"Mamba state was made for batch {state.conv_state.shape[0]} but got {batch_size}; "
                              "make a new cache for this batch")
 
-    def new_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str) -> MambaState:
-        if self.bidirectional:
+    def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype,
+                  device: torch.device | str) -> MambaState:
+        """The state is fixed-size, so max_len bounds nothing here (the sampler watches `.length`)."""
+        if self.two_directions:
             raise ValueError(BIDIRECTIONAL_DECODING)
         return MambaState(batch_size, self.d_inner, self.d_conv, self.d_state, dtype=dtype, device=device)
 
-    def flops_per_token(self) -> int:
-        """Forward FLOPs per token (2 per multiply-add): in_proj 2 d 2E and out_proj 2 E d, plus each
-        direction's conv, x_proj, dt_proj and scan (SelectiveSSM.flops_per_token); gating, softplus and
-        the direction average are O(E) and left out."""
+    def flops_per_token(self, seq_len: int, *, causal: bool) -> int:
+        """Forward FLOPs per token (2 per multiply-add), the same at every seq_len (the scan is linear in it), and
+        its direction fixed at construction (a bidirectional mixer scans twice): in_proj 2 d 2E and out_proj 2 E d,
+        plus each direction's conv, x_proj, dt_proj and scan (SelectiveSSM.flops_per_token); gating, softplus
+        and the direction average are O(E) and left out."""
         d = self.in_proj.in_features
-        directions = 2 if self.bidirectional else 1
+        directions = 2 if self.two_directions else 1
         return 2 * d * 2 * self.d_inner + 2 * self.d_inner * d + directions * self.ssm.flops_per_token()
+
+    def state_bytes(self, batch_size: int, seq_len: int, *, dtype: torch.dtype = torch.bfloat16) -> int:
+        """The conv window (activation dtype) and the float32 SSM state: the same at every seq_len."""
+        conv = batch_size * self.d_inner * (self.d_conv - 1) * dtype.itemsize
+        return conv + batch_size * self.d_inner * self.d_state * torch.float32.itemsize

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+from archlab.archs.backbones.stack import ResidualStack
 from archlab.archs.config import ModelConfig
 from archlab.archs.model import Backbone, Model, Objective, batch_seeded_generator, next_byte_features, split_batch
 from archlab.archs.objectives.autoregressive import AutoregressiveObjective, sample_autoregressively
@@ -66,16 +67,21 @@ EVAL_SEED = 1_000_003  # salt of the per-batch eval generator (masked_span's spa
 
 
 def predictor_config(cfg: ModelConfig) -> ModelConfig:
-    """The predictor's backbone settings: the model's, narrowed and shortened as model.jepa says."""
+    """The predictor's backbone settings: model.jepa.predictor_depth blocks of its mixer, narrower than the encoder
+    (width d_model // 2, half the heads unless set), the encoder's other settings of that mixer kept."""
     jepa = cfg.jepa
-    fields = cfg.model_dump(exclude={"jepa", "attn_layers", "n_kv_heads", "mlp_hidden", "dt_rank", "causal"})
+    mixer = jepa.predictor_mixer_for(cfg.layer_mixers)
+    heads = jepa.predictor_heads
+    if heads is None and "attention" in cfg.mixers:
+        heads = max(1, cfg.mixer_settings("attention").n_heads // 2)
+    fields = cfg.model_dump(exclude={"jepa", "mlp_hidden", "causal", "layers", *cfg.mixers})
     try:
         return ModelConfig(**fields | {
             "objective": "autoregressive",  # any objective: the predictor's direction is passed explicitly
-            "backbone": jepa.predictor_backbone or ("mamba" if cfg.backbone == "mamba" else "transformer"),
+            "layers": f"{mixer}*{jepa.predictor_depth}",
             "d_model": jepa.predictor_width or max(1, cfg.d_model // 2),
             "n_layers": jepa.predictor_depth,
-            "n_heads": jepa.predictor_heads or max(1, cfg.n_heads // 2),
+            mixer: cfg.mixer_settings(mixer).narrowed(heads),
         })
     except ValidationError as err:
         reason = err.errors()[0]["msg"].removeprefix("Value error, ")
@@ -188,10 +194,8 @@ class JepaObjective(Objective):
 
     # -- objective-owned modules --------------------------------------------------------------------
     def attach(self, model: Model, *, kernels: Mapping[str, str] | None) -> None:
-        from archlab.archs.registry import BACKBONES  # lazy: the registry imports this module
-
         pcfg = self._predictor_cfg
-        backbone = BACKBONES[pcfg.backbone](pcfg, causal=model.causal, kernels=kernels)
+        backbone = ResidualStack(pcfg, causal=model.causal, kernels=kernels)
         queries = 1 if self.masked else len(self.settings.offsets)
         self.predictor = LatentPredictor(pcfg, backbone, d_out=self.d_model, n_queries=queries, causal=model.causal)
         if self.settings.target_encoder == "ema":  # starts equal to the context encoder, as in I-JEPA

@@ -16,7 +16,7 @@ MODES = {  # mode name -> model.jepa settings that fit the tiny config's 32-byte
 
 def jepa_model(backbone="transformer", jepa=None, **overrides):
     torch.manual_seed(0)
-    return build_model(ModelConfig(**(SMALL | {"backbone": backbone, "jepa": jepa or {}} | overrides)))
+    return build_model(ModelConfig(**(SMALL | {"layers": backbone, "jepa": jepa or {}} | overrides)))
 
 
 def encoder_parameters(model):
@@ -28,7 +28,7 @@ def encoder_parameters(model):
 def jepa_overrides(run_dir, jepa, *extra):
     """Dotted overrides for a tiny JEPA run: model.jepa.<key>=<value> for each setting, then `extra`."""
     settings = [f"model.jepa.{key}={value}" for key, value in jepa.items()]
-    return [f"run.dir={run_dir}", "model.objective=jepa", "model.n_layers=1", "model.d_state=4", "sample.tokens=0",
+    return [f"run.dir={run_dir}", "model.objective=jepa", "model.n_layers=1", "sample.tokens=0",
             *settings, *extra]
 
 

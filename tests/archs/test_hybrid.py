@@ -1,16 +1,15 @@
-"""Hybrid backbone: layer layout, mixed decoding state, FLOPs as the sum of its blocks, validation, training."""
+"""Hybrid stacks (Mamba blocks with attention blocks): layer layout, mixed decoding state, FLOPs as the sum of its
+blocks, validation, training."""
 import math
 
 import pytest
 import torch
 from pydantic import ValidationError
 
-from archlab.archs.backbones.hybrid import HybridBackbone
-from archlab.archs.backbones.mamba import MambaBlock
-from archlab.archs.backbones.transformer import Block
+from archlab.archs.backbones.stack import ResidualStack
 from archlab.archs.config import ModelConfig
-from archlab.archs.layers.attention import KVCache
-from archlab.archs.layers.mamba import MambaState
+from archlab.archs.layers.attention import Attention, KVCache
+from archlab.archs.layers.mamba import MambaMixer, MambaState
 from archlab.archs.registry import build_model
 from archlab.train.config import load_config
 from archlab.train.run_log import read_metrics
@@ -18,7 +17,7 @@ from archlab.train.trainer import Trainer
 
 from ..train.conftest import TINY
 
-SMALL = dict(backbone="hybrid", d_model=32, n_layers=3, n_heads=2, mlp_hidden=64, d_state=4, attn_layers=[1])
+SMALL = dict(layers="mamba,attention,mamba", d_model=32, mlp_hidden=64, attention=dict(n_heads=2), mamba=dict(d_state=4))
 
 
 def tiny_model(**overrides):
@@ -26,9 +25,10 @@ def tiny_model(**overrides):
     return build_model(ModelConfig(**(SMALL | overrides)))
 
 
-def test_layer_layout_and_cache_follow_attn_layers():
-    model = tiny_model(n_layers=4, attn_layers=[3, 0])
-    assert [type(b) for b in model.backbone.blocks] == [Block, MambaBlock, MambaBlock, Block]
+def test_layer_layout_and_cache_follow_the_pattern():
+    model = tiny_model(layers="attention,mamba*2,attention")
+    assert [type(b.mixer) for b in model.backbone.blocks] == [Attention, MambaMixer, MambaMixer, Attention]
+    assert [b.mlp is not None for b in model.backbone.blocks] == [True, False, False, True]
     cache = model.backbone.new_cache(2, 16)
     assert [type(c) for c in cache] == [KVCache, MambaState, MambaState, KVCache]
     model(torch.randint(0, 256, (2, 5)), cache=cache)
@@ -37,11 +37,11 @@ def test_layer_layout_and_cache_follow_attn_layers():
 
 def test_residual_writes_are_scaled_over_the_whole_stack():
     # 3 layers, one of them attention + SwiGLU: 2 + 1 + 1 = 4 residual writes, so 0.02 / 2
-    model = tiny_model(d_model=128, n_heads=4, mlp_hidden=None)
+    model = tiny_model(d_model=128, attention=dict(n_heads=4), mlp_hidden=None)
     attention, mamba = model.backbone.blocks[1], model.backbone.blocks[0]
-    for weight in (attention.attn.o_proj.weight, attention.mlp.w_down.weight, mamba.mixer.out_proj.weight):
+    for weight in (attention.mixer.o_proj.weight, attention.mlp.w_down.weight, mamba.mixer.out_proj.weight):
         assert weight.std().item() == pytest.approx(0.01, rel=0.05)
-    assert attention.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert attention.mixer.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
 def test_flops_are_the_sum_of_the_blocks():
@@ -54,7 +54,7 @@ def test_flops_are_the_sum_of_the_blocks():
 @pytest.mark.parametrize("causal", [True, False])
 def test_future_tokens_reach_earlier_outputs_only_when_bidirectional(causal):
     torch.manual_seed(0)
-    backbone = HybridBackbone(ModelConfig(**SMALL, init_std=0.2), causal=causal)
+    backbone = ResidualStack(ModelConfig(**SMALL, init_std=0.2), causal=causal)
     x = torch.randn(2, 8, 32)
     changed = x.clone()
     changed[:, 5] += 1.0
@@ -81,6 +81,9 @@ def test_cached_decoding_equals_full_recompute():
             assert torch.equal(out[:, q], model.objective.logits(model, out[:, start:q])[:, -1].argmax(-1)), q
 
 
+LEGACY = dict(backbone="hybrid", d_model=32, n_layers=3, n_heads=2, mlp_hidden=64, d_state=4)
+
+
 @pytest.mark.parametrize("attn_layers,message", [
     (None, "backbone=hybrid needs model.attn_layers"),
     ([], "backbone=hybrid needs model.attn_layers"),
@@ -88,18 +91,23 @@ def test_cached_decoding_equals_full_recompute():
     ([-1], r"attn_layers \[-1\] outside 0..2"),
     ([1, 1], "repeats an index"),
 ])
-def test_attn_layers_validation(attn_layers, message):
+def test_old_attn_layers_validation(attn_layers, message):
     with pytest.raises(ValidationError, match=message):
-        ModelConfig(**(SMALL | {"attn_layers": attn_layers}))
+        ModelConfig(**(LEGACY | {"attn_layers": attn_layers}))
+
+
+def test_old_hybrid_config_reads_as_a_pattern():
+    old = ModelConfig(**(LEGACY | {"attn_layers": [1]}))
+    assert old == ModelConfig(**SMALL) and old.layer_mixers == ["mamba", "attention", "mamba"]
 
 
 def test_attention_checks_apply_to_hybrid():
-    with pytest.raises(ValidationError, match="n_heads=3 does not divide d_model=32"):
-        ModelConfig(**(SMALL | {"n_heads": 3}))
+    with pytest.raises(ValidationError, match="n_heads=3 does not divide model.d_model=32"):
+        ModelConfig(**(SMALL | {"attention": {"n_heads": 3}}))
 
 
 def test_trainer_run_lowers_the_loss(tmp_path):
-    overrides = [f"run.dir={tmp_path}", "model.backbone=hybrid", "model.attn_layers=[1]", "model.d_state=4",
+    overrides = [f"run.dir={tmp_path}", "model.layers=mamba,attention", "model.mamba.d_state=4",
                  "train.max_steps=8", "train.warmup_steps=2", "train.lr=1e-2", "train.eval_tokens=256"]
     Trainer(load_config(TINY, overrides)).train()
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]

@@ -293,7 +293,7 @@ def test_online_target_collapses_in_training_and_ema_does_not(tmp_path):
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
 @pytest.mark.parametrize("mode", ["next_latent", "masked_span", "hybrid"])
 def test_each_mode_trains_through_the_trainer(tmp_path, mode, backbone):
-    overrides = jepa_overrides(tmp_path, MODES[mode], f"model.backbone={backbone}", "train.lr=1e-2",
+    overrides = jepa_overrides(tmp_path, MODES[mode], f"model.layers={backbone}", "train.lr=1e-2",
                                "train.max_steps=24", "train.eval_every=12", "train.checkpoint_every=24",
                                "train.eval_tokens=512")
     Trainer(load_config(TINY, overrides)).train()

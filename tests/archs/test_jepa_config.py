@@ -26,9 +26,10 @@ from .jepa_helpers import MODES, SMALL, jepa_model, jepa_overrides
     (["model.jepa.mode=masked_span", "model.jepa.spans=2", "model.jepa.span_length=[4,16]", "sample.tokens=0"],
      "2 spans of up to 16 bytes could hide all of data.seq_len=32"),
     (["model.jepa.predictor_width=10", "model.jepa.predictor_heads=2"],
-     "jepa predictor: head dim d_model/n_heads=5 must be even for RoPE; set model.jepa.predictor_width"),
+     "jepa predictor: head dim model.d_model/model.attention.n_heads=5 must be even for RoPE; set "
+         "model.jepa.predictor_width"),
     (["model.jepa.predictor_width=10", "model.jepa.predictor_heads=3"],
-     "jepa predictor: n_heads=3 does not divide d_model=10"),
+     "jepa predictor: model.attention.n_heads=3 does not divide model.d_model=10"),
     (["model.causal=false"], "objective jepa needs a causal backbone; set model.causal=true or leave it unset"),
     (["model.jepa.mode=masked_span", "model.causal=true", "sample.tokens=0"], "needs a bidirectional backbone"),
     (["model.jepa.mode=masked_span", "model.jepa.spans=2", "model.jepa.span_length=[2,6]"],

@@ -19,7 +19,7 @@ from ..train.conftest import ROOT
 
 MARGIN = 0.8  # bits below the unigram entropy
 SETTINGS = ["model.objective=jepa", "model.jepa.offsets=[1,4,16]", "model.d_model=64", "model.n_layers=2",
-            "model.n_heads=2", "data.seq_len=64", "train.batch_size=16", "train.max_steps=200",
+            "model.attention.n_heads=2", "data.seq_len=64", "train.batch_size=16", "train.max_steps=200",
             "train.warmup_steps=20", "train.eval_every=100", "train.eval_tokens=8192", "train.checkpoint_every=1000",
             "train.device=cpu", "sample.tokens=0", "run.wandb=disabled", "run.progress=false"]
 SHORT_PROTOCOL = linear_probe.Protocol(pool_tokens=2**15, held_out_tokens=4096, batch_tokens=512, check_every=50,

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from archlab.archs.backbones.mamba import MambaBackbone
+from archlab.archs.backbones.stack import ResidualStack
 from archlab.archs.config import ModelConfig
-from archlab.archs.layers.mamba import MambaMixer
+from archlab.archs.layers.mamba import MambaMixer, MambaSettings
 from archlab.archs.registry import build_model
 from archlab.train.config import load_config
 from archlab.train.errors import ConfigError
@@ -20,11 +20,17 @@ from archlab.train.trainer import Trainer, parameter_groups
 from ..train.conftest import TINY
 
 # d=32, E=64, N=4, R=ceil(32/16)=2, width 4: small enough for the float32 reference kernels
-SMALL = dict(backbone="mamba", d_model=32, n_layers=2, d_state=4)
+SMALL = dict(layers="mamba", d_model=32, n_layers=2)
 
 
 def mamba_config(**overrides) -> ModelConfig:
-    return ModelConfig(**(SMALL | overrides))
+    """SMALL with overrides; Mamba settings (d_state, dt_min, ...) go to model.mamba."""
+    mamba = {"d_state": 4} | {key: overrides.pop(key) for key in list(overrides) if key in MambaSettings.model_fields}
+    return ModelConfig(**(SMALL | {"mamba": mamba} | overrides))
+
+
+def mamba_mixer(*, causal: bool = True) -> MambaMixer:
+    return MambaMixer(32, mamba_config().mixer_settings("mamba"), causal=causal)
 
 
 def tiny_model(**overrides):
@@ -35,14 +41,14 @@ def tiny_model(**overrides):
 def test_published_init():
     cfg = mamba_config(d_model=64, n_layers=4, dt_min=0.002, dt_max=0.05)
     torch.manual_seed(0)
-    block = MambaBackbone(cfg).blocks[0]
+    block = ResidualStack(cfg).blocks[0]
     ssm = block.mixer.ssm
     torch.testing.assert_close(ssm.A(), -torch.arange(1.0, 5.0).expand(128, 4), rtol=1e-6, atol=0)  # S4D-real
     assert torch.equal(ssm.D, torch.ones(128))
     dt = F.softplus(ssm.dt_proj.bias)
     assert dt.min() >= 0.002 * (1 - 1e-5) and dt.max() <= 0.05 * (1 + 1e-5)
     assert dt.max() / dt.min() > 5  # log-uniform: spread over the range, not one value
-    bound = cfg.dt_rank_or_default ** -0.5  # R = 4
+    bound = 4 ** -0.5  # R = ceil(64 / 16)
     assert ssm.dt_proj.weight.abs().max() <= bound and ssm.dt_proj.weight.abs().max() > 0.9 * bound
     # residual-writing out_proj scaled by 1/sqrt(n_layers), the other projections normal(init_std)
     assert block.mixer.out_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.05)
@@ -52,7 +58,7 @@ def test_published_init():
 
 def test_dt_floor_applies():
     torch.manual_seed(0)
-    ssm = MambaBackbone(mamba_config(dt_min=1e-6, dt_max=1e-5, dt_init_floor=1e-3)).blocks[0].mixer.ssm
+    ssm = ResidualStack(mamba_config(dt_min=1e-6, dt_max=1e-5, dt_init_floor=1e-3)).blocks[0].mixer.ssm
     torch.testing.assert_close(F.softplus(ssm.dt_proj.bias), torch.full((64,), 1e-3), rtol=1e-4, atol=0)
 
 
@@ -72,7 +78,7 @@ def test_parameter_count_by_hand():
     per_layer = 32 + 4096 + 320 + 640 + 192 + 256 + 64 + 2048
     assert tiny_model().num_parameters() == 256 * 32 + 2 * per_layer + 32 == 23520
     torch.manual_seed(0)
-    bidirectional = MambaBackbone(mamba_config(), causal=False)
+    bidirectional = ResidualStack(mamba_config(), causal=False)
     direction = 320 + 640 + 192 + 256 + 64
     assert sum(p.numel() for p in bidirectional.parameters()) == 2 * (per_layer + direction) + 32
 
@@ -84,14 +90,14 @@ def test_flops_per_token_by_hand():
     assert model.backbone.flops_per_token(10, causal=True) == 2 * (in_proj + out_proj + direction) == 33280
     assert model.flops_per_token(10) == 33280 + 2 * 32 * 256  # + the head
     torch.manual_seed(0)
-    bidirectional = MambaBackbone(mamba_config(), causal=False)
+    bidirectional = ResidualStack(mamba_config(), causal=False)
     assert bidirectional.flops_per_token(10, causal=False) == 2 * (in_proj + out_proj + 2 * direction) == 41984
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_future_tokens_reach_earlier_outputs_only_when_bidirectional(causal):
     torch.manual_seed(0)
-    backbone = MambaBackbone(mamba_config(init_std=0.2), causal=causal)
+    backbone = ResidualStack(mamba_config(init_std=0.2), causal=causal)
     x = torch.randn(2, 9, 32)
     changed = x.clone()
     changed[:, 6] += 1.0
@@ -109,8 +115,8 @@ def test_bidirectional_is_the_average_of_two_causal_mixers_one_on_the_reversed_s
     and run on the flipped sequence (its output flipped back); out_proj is linear, so averaging after it is
     the same as before it."""
     torch.manual_seed(0)
-    mixer = MambaMixer(mamba_config(), bidirectional=True)
-    forward_only, backward_only = MambaMixer(mamba_config()), MambaMixer(mamba_config())
+    mixer = mamba_mixer(causal=False)
+    forward_only, backward_only = mamba_mixer(), mamba_mixer()
     for causal_mixer, ssm in ((forward_only, mixer.ssm), (backward_only, mixer.ssm_reversed)):
         causal_mixer.in_proj, causal_mixer.out_proj, causal_mixer.ssm = mixer.in_proj, mixer.out_proj, ssm
     u = torch.randn(2, 7, 32)
@@ -126,8 +132,8 @@ def test_bidirectional_is_the_average_of_two_causal_mixers_one_on_the_reversed_s
 def test_running_with_the_other_causal_flag_is_an_error():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="built causal but is called with causal=False"):
-        MambaBackbone(mamba_config())(torch.randn(1, 3, 32), causal=False)
-    bidirectional = MambaBackbone(mamba_config(), causal=False)
+        ResidualStack(mamba_config())(torch.randn(1, 3, 32), causal=False)
+    bidirectional = ResidualStack(mamba_config(), causal=False)
     with pytest.raises(ValueError, match="built bidirectional but is called with causal=True"):
         bidirectional(torch.randn(1, 3, 32), causal=True)
     with pytest.raises(ValueError, match="a bidirectional Mamba cannot decode"):
@@ -138,10 +144,10 @@ def test_running_with_the_other_causal_flag_is_an_error():
 def test_prefill_then_steps_equal_the_full_sequence(prefill):
     """A prompt shorter (2) and longer (5) than the conv window, then a chunk of 3 and single positions."""
     torch.manual_seed(0)
-    mixer = MambaMixer(mamba_config())  # PyTorch's default Linear init: outputs of order 1
+    mixer = mamba_mixer()  # PyTorch's default Linear init: outputs of order 1
     u = torch.randn(2, 12, 32)
     full = mixer(u, causal=True)
-    state = mixer.new_state(2, dtype=torch.float32, device="cpu")
+    state = mixer.new_state(2, 12, dtype=torch.float32, device="cpu")
     cuts = [0, prefill, prefill + 3, *range(prefill + 4, 13)]
     cached = torch.cat([mixer(u[:, a:b], causal=True, state=state) for a, b in itertools.pairwise(cuts)], dim=1)
     assert state.length == 12 and state.ssm_state.dtype == torch.float32
@@ -198,34 +204,52 @@ def test_build_model_kernel_choices():
 @pytest.mark.parametrize("overrides,message", [
     (dict(d_conv=5), "less than or equal to 4"),
     (dict(d_conv=1), "greater than or equal to 2"),
-    (dict(dt_min=0.2), "dt_min=0.2 must not exceed dt_max=0.1"),
-    (dict(attn_layers=[0]), "attn_layers is for backbone=hybrid, not mamba"),
-    (dict(backbone="transformer", n_heads=4, attn_layers=[]), "attn_layers is for backbone=hybrid"),
+    (dict(dt_min=0.2), "mamba.dt_min=0.2 must not exceed model.mamba.dt_max=0.1"),
+    (dict(mamba=dict(d_stat=8)), "unknown key model.mamba.d_stat; did you mean model.mamba.d_state"),
+    (dict(attention=dict(n_heads=4)), "no layer uses attention"),
+    (dict(layers="mamba*3"), "model.n_layers=2 disagrees with model.layers 'mamba\\*3'"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ValidationError, match=message):
         mamba_config(**overrides)
 
 
+@pytest.mark.parametrize("old,message", [
+    (dict(backbone="mamba", attn_layers=[0]), "attn_layers is for backbone=hybrid, not mamba"),
+    (dict(backbone="transformer", n_heads=4, attn_layers=[]), "attn_layers is for backbone=hybrid"),
+    (dict(backbone="mamba", layers="mamba"), "old form of model.layers; give model.layers alone"),
+])
+def test_old_format_errors(old, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelConfig(**old)
+
+
+def test_old_format_reads_as_today(capsys, monkeypatch):
+    monkeypatch.setattr("archlab.archs.config_migration._said", set())  # the note is said once per process
+    old = ModelConfig(backbone="mamba", d_model=32, n_layers=2, d_state=4, n_heads=2)
+    assert old == mamba_config()
+    assert "n_heads (settings of a mixer no layer uses)" in capsys.readouterr().err
+
+
 def test_attention_checks_do_not_apply_to_mamba():
-    assert mamba_config(d_model=30, n_heads=4).d_model == 30  # 4 heads do not divide 30: no attention here
-    config = load_config(TINY, ["model.backbone=mamba", "model.d_model=24", "kernels.attention=triton"])
+    assert mamba_config(d_model=30).d_model == 30  # the default 4 heads do not divide 30: no attention here
+    config = load_config(TINY, ["model.layers=mamba", "model.d_model=24", "kernels.attention=triton"])
     assert config.kernels.attention == "triton"  # head dim 12 would be refused for a Transformer
     with pytest.raises(ConfigError, match="kernels.selective_scan: input should be"):
-        load_config(TINY, ["model.backbone=mamba", "kernels.selective_scan=fast"])
+        load_config(TINY, ["model.layers=mamba", "kernels.selective_scan=fast"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="peer runs on CUDA")
 def test_trainer_names_the_kernel_key_that_cannot_run(tmp_path):
-    config = load_config(TINY, [f"run.dir={tmp_path}", "model.backbone=mamba", "kernels.causal_conv1d=peer"])
+    config = load_config(TINY, [f"run.dir={tmp_path}", "model.layers=mamba", "kernels.causal_conv1d=peer"])
     with pytest.raises(ConfigError, match="kernels.causal_conv1d: the 'peer' backend"):
         Trainer(config)
     # a backend for an op the model never runs is not checked against the device
-    Trainer(load_config(TINY, [f"run.dir={tmp_path / 'run'}", "model.backbone=mamba", "kernels.attention=peer"]))
+    Trainer(load_config(TINY, [f"run.dir={tmp_path / 'run'}", "model.layers=mamba", "kernels.attention=peer"]))
 
 
 def test_trainer_run_lowers_the_loss(tmp_path):
-    overrides = [f"run.dir={tmp_path}", "model.backbone=mamba", "model.n_layers=1", "model.d_state=4",
+    overrides = [f"run.dir={tmp_path}", "model.layers=mamba", "model.n_layers=1", "model.mamba.d_state=4",
                  "train.max_steps=8", "train.warmup_steps=2", "train.lr=1e-2", "train.eval_tokens=256"]
     trainer = Trainer(load_config(TINY, overrides))
     trainer.train()

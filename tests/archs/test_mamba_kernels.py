@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archlab.archs.backbones.mamba import MambaBackbone
+from archlab.archs.backbones.stack import ResidualStack
 from archlab.archs.config import ModelConfig
 from archlab.archs.registry import build_model
 
@@ -14,7 +14,7 @@ TORCH = {"selective_scan": "torch", "causal_conv1d": "torch"}
 
 def mamba(kernels, **overrides):
     torch.manual_seed(0)
-    cfg = ModelConfig(**(dict(backbone="mamba", d_model=16, n_layers=1, d_state=4, expand=2) | overrides))
+    cfg = ModelConfig(**(dict(layers="mamba", d_model=16, n_layers=1, mamba=dict(d_state=4, expand=2)) | overrides))
     return build_model(cfg, kernels=kernels)
 
 
@@ -51,7 +51,7 @@ def _fit_next_byte(causal: bool, steps: int) -> float:
     a causal model can only guess, a bidirectional one can read the answer. (The backbone is built directly:
     no objective in the registry asks for a bidirectional model yet.)"""
     torch.manual_seed(0)
-    backbone = MambaBackbone(ModelConfig(backbone="mamba", d_model=16, n_layers=1, d_state=4), causal=causal,
+    backbone = ResidualStack(ModelConfig(layers="mamba*1", d_model=16, mamba={"d_state": 4}), causal=causal,
                              kernels=TORCH)
     embedding = torch.nn.Embedding(16, 16)
     optimizer = torch.optim.AdamW([*backbone.parameters(), *embedding.parameters()], lr=1e-2)
@@ -77,8 +77,7 @@ def test_bidirectional_mamba_trains_and_reads_the_future():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backbone", ["mamba", "hybrid"])
 def test_gpu_bf16_triton_matches_torch_backends(backbone):
-    extra = dict(attn_layers=[1], n_heads=4) if backbone == "hybrid" else {}
-    cfg = ModelConfig(backbone=backbone, d_model=256, n_layers=2, **extra)
+    cfg = ModelConfig(layers={"mamba": "mamba", "hybrid": "mamba,attention"}[backbone], d_model=256, n_layers=2)
     tokens = torch.randint(0, 256, (4, 512), device="cuda")
     results = []
     for kernels in (TRITON, TORCH):

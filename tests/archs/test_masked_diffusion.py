@@ -22,7 +22,7 @@ SMALL = dict(objective="masked_diffusion", d_model=32, n_layers=1, n_heads=2, d_
 
 def tiny_model(backbone="transformer", **overrides):
     torch.manual_seed(0)
-    return build_model(ModelConfig(**(SMALL | {"backbone": backbone} | overrides)))
+    return build_model(ModelConfig(**(SMALL | {"layers": backbone} | overrides)))
 
 
 def seeded(seed):
@@ -229,8 +229,8 @@ def test_config_needs_a_bidirectional_backbone_and_a_known_schedule():
 
 @pytest.mark.parametrize("backbone,steps", [("transformer", 40), ("mamba", 30)])
 def test_trainer_run_lowers_the_bound(tmp_path, backbone, steps):
-    overrides = [f"run.dir={tmp_path}", "model.objective=masked_diffusion", f"model.backbone={backbone}",
-                 "model.n_layers=1", "model.d_state=4", f"train.max_steps={steps}", f"train.eval_every={steps}",
+    overrides = [f"run.dir={tmp_path}", "model.objective=masked_diffusion", f"model.layers={backbone}",
+                 "model.n_layers=1", f"train.max_steps={steps}", f"train.eval_every={steps}",
                  f"train.checkpoint_every={steps}", "train.lr=1e-2", "train.eval_tokens=512",
                  "model.diffusion_eval_draws=2"]
     trainer = Trainer(load_config(TINY, overrides))

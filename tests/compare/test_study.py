@@ -88,9 +88,9 @@ def test_seconds_budget_measures_speed_and_sets_the_time_limit(tmp_path):
      "a synthetic study has no budget"),
     ({"kind": "synthetic", "budget": None}, "needs a synthetic: section"),
     ({"arms": {"a/b": {}}}, "name 'a/b' may hold only letters"),
-    ({"arms": {"h": {"model": {"backbone": "hybrid", "attn_layers": [0]}},
-               "g": {"model": {"backbone": "hybrid", "attn_layers": [0]},
-                     "match": {"to": "h", "solve": "n_layers"}}}}, "solve: n_layers cannot keep attn_layers"),
+    ({"arms": {"h": {"model": {"layers": "attention,mamba"}},
+               "g": {"model": {"layers": "attention,mamba"},
+                     "match": {"to": "h", "solve": "n_layers"}}}}, "solve: n_layers needs model.layers to be one mixer"),
     ({"linear_probe": {"arms": ["nope"]}}, "linear_probe names arm 'nope', which the study does not have"),
     ({"linear_probe": {"arms": ["jepa"], "baseline": "nope"}}, "linear_probe names arm 'nope'"),
     ({"linear_probe": {"arms": ["diffusion"]}}, "linear_probe arm diffusion trains objective masked_diffusion, which "

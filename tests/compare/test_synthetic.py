@@ -140,7 +140,7 @@ def test_generate_refuses_no_examples():
         generate(task("mqar", 32, 4), 0, seed=0)
 
 
-TINY_TRANSFORMER = ModelConfig(backbone="transformer", d_model=32, n_layers=2, n_heads=2)
+TINY_TRANSFORMER = ModelConfig(layers="transformer", d_model=32, n_layers=2, attention={"n_heads": 2})
 
 
 def test_train_and_score_learns_recall_and_is_deterministic():
@@ -157,7 +157,7 @@ def test_train_and_score_learns_recall_and_is_deterministic():
 
 
 def test_train_and_score_needs_an_autoregressive_model():
-    diffusion = ModelConfig(backbone="transformer", objective="masked_diffusion", d_model=32, n_layers=1, n_heads=2)
+    diffusion = ModelConfig(objective="masked_diffusion", d_model=32, n_layers=1, attention={"n_heads": 2})
     with pytest.raises(ValueError, match="not autoregressive"):
         train_and_score(diffusion, task("mqar", 16, 2), steps=1, batch_size=2, lr=1e-3, seed=0)
 

@@ -12,7 +12,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 def test_quickstart_composes_its_pieces():
     cfg = load_config(QUICKSTART)
-    assert cfg.model.backbone == "transformer" and cfg.model.d_model == 128  # from configs/archs/
+    assert cfg.model.layers == "transformer" and cfg.model.d_model == 128  # from configs/archs/
     assert cfg.data.path == "tinyshakespeare.txt"                            # from configs/data/
     assert cfg.data.seq_len == 128                                            # the file's own key
 
@@ -30,7 +30,7 @@ def test_every_shipped_config_validates():
 
 
 def test_dumped_config_round_trips(tmp_path):
-    cfg = load_config(QUICKSTART, ["model.n_kv_heads=2"])
+    cfg = load_config(QUICKSTART, ["model.attention.n_kv_heads=2"])
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
@@ -45,9 +45,10 @@ def test_dumped_config_round_trips(tmp_path):
     ("train.batch_size=0", "train.batch_size: input should be greater than 0"),
     ("train.max_steps=-5", "train.max_steps: input should be greater than 0"),
     ("train.batch_size=2.5", "train.batch_size: input should be a valid integer"),
-    ("model.n_heads=3", "n_heads=3 does not divide d_model=128"),
-    ("model.n_kv_heads=3", "n_kv_heads=3 must divide n_heads=4"),
-    ("model.backbone=transfomer", "unknown backbone 'transfomer'; did you mean 'transformer'?"),
+    ("model.attention.n_heads=3", "model.attention.n_heads=3 does not divide model.d_model=128"),
+    ("model.attention.n_kv_heads=3", "n_kv_heads=3 must divide model.attention.n_heads=4"),
+    ("model.layers=transfomer", "unknown mixer 'transfomer'; did you mean 'transformer'?"),
+    ("model.n_heads=3", "model.attention.n_heads=3 does not divide model.d_model=128"),  # the old flat key
     ("model.objective=nope", "unknown objective 'nope'"),
     ("train.device=tpu", "train.device: input should be 'auto', 'cpu' or 'cuda'"),
     ("kernels.attention=fast", "kernels.attention: input should be"),
@@ -100,10 +101,10 @@ def test_later_includes_and_own_keys_win(tmp_path):
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 512), st.integers(1, 16))
 def test_heads_must_divide_d_model(d_model, n_heads):
-    overrides = [f"model.d_model={d_model}", f"model.n_heads={n_heads}"]
+    overrides = [f"model.d_model={d_model}", f"model.attention.n_heads={n_heads}"]
     valid = d_model % n_heads == 0 and (d_model // n_heads) % 2 == 0 and d_model // n_heads <= 256
     if valid:
-        assert load_config(None, overrides).model.head_dim == d_model // n_heads
+        assert load_config(None, overrides).model.mixer_settings("attention").n_heads == n_heads
     else:
         with pytest.raises(ConfigError):
             load_config(None, overrides)

@@ -23,8 +23,8 @@ TOLERANCE = 1e-4
 # case -> overrides of tests/train/tiny.yaml (a 2-layer, d_model 32 Transformer LM)
 CASES = {
     "transformer-autoregressive": [],
-    "mamba-autoregressive": ["model.backbone=mamba"],
-    "hybrid-autoregressive": ["model.backbone=hybrid", "model.attn_layers=[1]"],
+    "mamba-autoregressive": ["model.layers=mamba"],
+    "hybrid-autoregressive": ["model.layers=mamba,attention"],
     "transformer-masked_diffusion": ["model.objective=masked_diffusion"],
     "transformer-jepa": ["model.objective=jepa", "sample.tokens=0"],
 }

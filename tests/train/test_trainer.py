@@ -147,13 +147,14 @@ def test_checkpoint_from_before_newer_model_keys_loads(tiny_config, tmp_path):
     trainer.train(until_step=6)
     path = ckpt.latest_checkpoint(tmp_path / "run")
     meta = json.loads((path / "meta.json").read_text())
-    for newer_key in ("d_state", "d_conv", "attn_layers", "jepa"):  # jepa: a nested section
+    for newer_key in ("mlp_hidden", "jepa"):  # jepa: a nested section
         del meta["model"][newer_key]
+    del meta["model"]["attention"]["rope_theta"]  # a key inside a mixer's section
     (path / "meta.json").write_text(json.dumps(meta))
     ckpt.load_checkpoint(path, trainer.model, trainer.cfg.model.model_dump(mode="json"))
-    meta["model"]["d_state"] = 8  # a key that is there still has to match
+    meta["model"]["attention"]["n_kv_heads"] = 1  # a key that is there still has to match
     (path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="d_state"):
+    with pytest.raises(CheckpointError, match="attention"):
         ckpt.load_checkpoint(path, trainer.model, trainer.cfg.model.model_dump(mode="json"))
 
 

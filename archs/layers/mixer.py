@@ -1,0 +1,134 @@
+"""Sequence mixers: the one interface every mixer implements, and the registry that names them.
+
+A mixer is one file under archs/layers/ (or anywhere outside the package) that subclasses `Mixer` and
+decorates it with `@register_mixer`. It owns:
+  - `settings`: its typed settings, a `MixerSettings` subclass; they appear in a config as `model.<name>.*`
+    and hold `mlp`, whether its blocks add a SwiGLU after it;
+  - `kernel_ops`: the kernel ops (kernels/) it runs, whose backends `kernels.<op>` chooses;
+  - its decoding state (`new_state`; `forward(..., state=)` prefills an empty one, then advances it);
+  - `flops_per_token(seq_len, causal=)` and `state_bytes(batch_size, seq_len)`;
+  - which parameters take no weight decay (`no_weight_decay(param)`, mamba_ssm's `_no_weight_decay` marker)
+    and which linear layers write into the residual stream (`writes_residual(linear)`: scaled at init);
+  - `bidirectional`: "per_call" (the same weights run either way, e.g. attention), "built" (a bidirectional
+    layer has other weights, e.g. Mamba's reversed scan), or "no" (it can only run causally).
+Blocks, stacks, configs, FLOPs accounting and `archlab model` find everything through this interface.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from archlab.kernels.backend import check_backend
+
+
+class MixerSettings(BaseModel):
+    """model.<mixer>: a mixer's settings. Subclasses add fields and override the hooks they need."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mlp: bool = Field(False, description="whether each block of this mixer adds a SwiGLU MLP after it")
+
+    def check(self, d_model: int) -> None:
+        """Raises ValueError (one line) when these settings cannot work at width d_model."""
+
+    def check_kernels(self, d_model: int, kernels: Mapping[str, str]) -> None:
+        """Raises ValueError (one line) when a chosen kernel backend cannot run these settings."""
+
+    def d_model_multiple(self) -> int:
+        """d_model must be a multiple of this (a study solving d_model steps by it)."""
+        return 1
+
+    def narrowed(self, heads: int | None = None) -> "MixerSettings":
+        """Settings of a narrower copy of this mixer (a JEPA predictor); `heads` is the predictor's head count
+        for mixers that have heads. Default: the same settings."""
+        return self.model_copy()
+
+
+class Mixer(nn.Module):
+    """(B, L, d) -> (B, L, d), pre-normed by its block; the block adds the output to the residual stream."""
+
+    name: ClassVar[str]
+    settings: ClassVar[type[MixerSettings]]
+    kernel_ops: ClassVar[tuple[str, ...]] = ()
+    bidirectional: ClassVar[Literal["per_call", "built", "no"]] = "per_call"
+
+    def __init__(self, d_model: int, settings: MixerSettings, *, causal: bool, kernels: Mapping[str, str] | None):
+        """`causal` is how the model runs (a "built" mixer builds its direction's weights); `kernels` maps an op
+        to a backend name (missing = auto)."""
+        super().__init__()
+
+    def forward(self, x: Tensor, *, causal: bool, state=None) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device):
+        """Empty decoding state for up to max_len positions; it has a `.length` (positions seen)."""
+        raise NotImplementedError(f"mixer {self.name} has no decoding state")  # pragma: no cover - interface
+
+    def flops_per_token(self, seq_len: int, *, causal: bool) -> int:  # pragma: no cover - interface
+        """Forward FLOPs per token (2 per multiply-add) at this sequence length, analytic."""
+        raise NotImplementedError
+
+    def state_bytes(self, batch_size: int, seq_len: int, *, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of decoding state after seq_len positions (a KV cache grows with it, an SSM state does not);
+        `dtype` is the activations' (states kept in float32 count as such)."""
+        raise NotImplementedError(f"mixer {self.name} does not report its state size")  # pragma: no cover
+
+
+MIXERS: dict[str, type[Mixer]] = {}
+
+
+def register_mixer(cls: type[Mixer]) -> type[Mixer]:
+    """Class decorator: makes `cls` available under `cls.name` in model.layers patterns and configs."""
+    if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+        raise TypeError(f"register_mixer takes a Mixer subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"mixer {cls.__name__} needs a class attribute `name` that is an identifier, got {name!r}")
+    if not (isinstance(getattr(cls, "settings", None), type) and issubclass(cls.settings, MixerSettings)):
+        raise TypeError(f"mixer {name} needs a class attribute `settings`, a MixerSettings subclass")
+    if cls.bidirectional not in ("per_call", "built", "no"):
+        raise ValueError(f"mixer {name}: bidirectional must be per_call, built or no, got {cls.bidirectional!r}")
+    for op in cls.kernel_ops:
+        check_backend(op, "auto")
+    if MIXERS.get(name, cls) is not cls:
+        raise ValueError(f"a different mixer is already registered as {name!r}; choose another name")
+    MIXERS[name] = cls
+    return cls
+
+
+def closest(name: str, options: Iterable[str]) -> str:
+    """The tail of an 'unknown name' error: a close match if there is one, else every option."""
+    options = list(options)
+    match = difflib.get_close_matches(name, options, n=1)
+    return f"; did you mean {match[0]!r}?" if match else f"; choose from {', '.join(options)}"
+
+
+def mixer_class(name: str) -> type[Mixer]:
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}{closest(name, MIXERS)}")
+    return MIXERS[name]
+
+
+def writes_residual(linear: nn.Linear) -> nn.Linear:
+    """Marks a projection whose output is added to the residual stream: the stack scales its init down by
+    1/sqrt(writes in the stack), as GPT-2 and mamba_ssm do."""
+    linear.writes_residual = True
+    return linear
+
+
+def no_weight_decay(*params: nn.Parameter) -> None:
+    """Marks parameters the optimizer must not decay (mamba_ssm's `_no_weight_decay`, which the trainer honours)."""
+    for param in params:
+        param._no_weight_decay = True
+
+
+def backend_for(kernels: Mapping[str, str] | None, op: str) -> str:
+    """The backend name chosen for `op` (missing = auto), checked so a bad name fails at construction."""
+    name = (kernels or {}).get(op, "auto")
+    check_backend(op, name)
+    return name
