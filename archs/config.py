@@ -11,7 +11,12 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 import archlab.archs.layers  # noqa: F401 - registers the shipped mixers
-from archlab.archs.config_migration import merge_flat_keys, migrate_legacy_model, migrate_legacy_predictor
+from archlab.archs.config_migration import (
+    LEGACY_MIXER_KEYS,
+    merge_flat_keys,
+    migrate_legacy_model,
+    migrate_legacy_predictor,
+)
 from archlab.archs.layers.mixer import MIXERS, MixerSettings, closest
 from archlab.archs.pattern import expand_layers, is_bare_name, stack_name
 
@@ -91,9 +96,14 @@ class JepaConfig(BaseModel):
 
     def predictor_mixer_for(self, encoder_mixers: list[str]) -> str:
         """The predictor's mixer for an encoder stack of these mixers."""
-        if self.predictor_mixer is not None:
-            return self.predictor_mixer
-        return encoder_mixers[0] if len(set(encoder_mixers)) == 1 else "attention"
+        return predictor_mixer(self.predictor_mixer, encoder_mixers)
+
+
+def predictor_mixer(choice: str | None, encoder_mixers: list[str]) -> str:
+    """jepa.predictor_mixer, or its default: the encoder's mixer when its stack has one kind, else attention."""
+    if isinstance(choice, str):
+        return choice
+    return encoder_mixers[0] if len(set(encoder_mixers)) == 1 else "attention"
 
 
 # Settings added after runs had been saved, whose default for new runs is not how those runs were built: a saved
@@ -243,17 +253,33 @@ class ModelConfig(BaseModel):
 
 def fit_to_new_stack(model: dict[str, Any], layer: dict[str, Any], *, depth_given: bool = False) -> dict[str, Any]:
     """A model section merged from config layers (included files, the file, a study's base / arm / size, command-
-    line overrides), after `layer` (raw, the later one) set model.layers: that replaces the stack, so what earlier
-    layers said about the old one does not carry over: their n_layers where the new pattern fixes the depth (unless
-    `depth_given`: a study size sets it), and settings of mixers the new stack does not use. What `layer` sets
-    itself stays, so a real disagreement is still an error."""
-    if not isinstance(layer, dict) or "layers" not in layer:
+    line overrides), after `layer` (raw, the later one) was merged in.
+
+    A layer that sets the stack (model.layers, or the old backbone / attn_layers) replaces the one before it, so
+    what earlier layers said about the old stack does not carry over: their n_layers where a new pattern fixes the
+    depth (unless `depth_given`: a study size sets it), their stack in the other form, and settings of mixers the
+    new stack does not use. A later old-form flat key (n_heads) wins over the same key in an earlier model.<mixer>
+    section. What `layer` sets itself stays, so a real disagreement is still an error."""
+    if not isinstance(layer, dict):
         return model
     model = dict(model)
-    if not is_bare_name(layer["layers"]) and "n_layers" not in layer and not depth_given:
-        model.pop("n_layers", None)
+    for key in layer:
+        mixer = LEGACY_MIXER_KEYS.get(key)
+        if mixer in model and isinstance(model[mixer], dict) and mixer not in layer:
+            model[mixer] = {k: v for k, v in model[mixer].items() if k != key}
+    if "layers" in layer:
+        for old in ("backbone", "attn_layers"):
+            if old not in layer:
+                model.pop(old, None)
+        if not is_bare_name(layer["layers"]) and "n_layers" not in layer and not depth_given:
+            model.pop("n_layers", None)
+    elif "backbone" in layer or "attn_layers" in layer:
+        model.pop("layers", None)
+    else:
+        return model
     try:
-        names = expand_layers(model["layers"], model.get("n_layers", 1))
+        migrated = migrate_legacy_model(model)[0]
+        names = expand_layers(migrated.get("layers", "transformer"), migrated.get("n_layers", 1))
         used = used_mixers(names, model.get("objective", "autoregressive"), model.get("jepa"))
     except ValueError:
         return model  # validation then says what is wrong
@@ -264,8 +290,11 @@ def used_mixers(names: list[str], objective: str, jepa: Any) -> list[str]:
     """The mixers a model uses: its stack's, then a JEPA predictor's."""
     used = list(dict.fromkeys(names))
     if objective == "jepa":
-        settings = jepa if isinstance(jepa, JepaConfig) else JepaConfig.model_validate(jepa or {})
-        used = list(dict.fromkeys([*used, settings.predictor_mixer_for(names)]))
+        # read, not validated: the jepa section is validated as a field, with its own error locations
+        settings = jepa if isinstance(jepa, JepaConfig) else migrate_legacy_predictor(jepa or {})
+        choice = settings.predictor_mixer if isinstance(settings, JepaConfig) else (
+            settings.get("predictor_mixer") if isinstance(settings, dict) else None)
+        used = list(dict.fromkeys([*used, predictor_mixer(choice, names)]))
     return used
 
 

@@ -207,8 +207,10 @@ def _run_tree(study: Study, arm: str, size: str | None, seed: int) -> dict[str, 
         deep_merge(tree, {"model": copy.deepcopy(study.sizes[size])})
     deep_merge(tree, {"train": {"seed": seed}})
     if isinstance(tree.get("model"), dict):
+        size_tree = study.sizes[size] if size else {}
         tree["model"] = fit_to_new_stack(tree["model"], study.arms[arm].get("model", {}),
-                                         depth_given="n_layers" in (study.sizes[size] if size else {}))
+                                         depth_given="n_layers" in size_tree)
+        tree["model"] = fit_to_new_stack(tree["model"], size_tree)
     return tree
 
 

@@ -115,7 +115,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, 
     meta = read_meta(path)
     # a key the checkpoint predates counts as the value the model was built with then (as JSON, like model_config)
     saved = complete_saved_model_config(meta.get("model", {}))
-    differing = sorted(k for k in saved.keys() | model_config.keys() if saved.get(k) != model_config.get(k))
+    differing = sorted((k for k in saved.keys() | model_config.keys() if saved.get(k) != model_config.get(k)),
+                       key=lambda k: (k != "layers", k))  # a different stack first: it explains the rest
     if differing:
         shown = ", ".join(f"model.{k}: {saved.get(k)!r} in checkpoint vs {model_config.get(k)!r}"
                           for k in differing[:3])

@@ -1,4 +1,4 @@
-"""`archlab train | eval | sample | compare | report | data fetch | bench` — the command line.
+"""`archlab train | eval | sample | model | compare | report | data fetch | bench` — the command line.
 
 User errors (bad config, data, checkpoint, arguments) print one line `error: ...` and exit with code 2;
 `--debug` shows the traceback instead.
@@ -99,6 +99,23 @@ def cmd_sample(args) -> None:
                         "not fit; lower --tokens")
     print(trainer.sample_text(wanted.prompt, wanted.tokens, temperature=wanted.temperature, top_k=wanted.top_k,
                               seed=args.seed, **wanted.options()))
+
+
+def cmd_model(args) -> None:
+    from archlab.archs.registry import build_model
+    from archlab.archs.summary import describe_stack
+    from archlab.kernels.common.markdown import table
+    from archlab.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    rows = describe_stack(build_model(cfg.model), cfg.data.seq_len)
+    columns = {"layer": "layer", "mixer": "mixer", "params": "parameters",
+               "flops_per_token": f"forward FLOPs/token (L={cfg.data.seq_len})",
+               "state_bytes": f"decoding state bytes/sequence (L={cfg.data.seq_len}, bf16)"}
+    shown = [{key: f"{value:,}" if isinstance(value, int) else value for key, value in row.items()} for row in rows]
+    print(f"model.layers: {cfg.model.layers!r} ({cfg.model.stack_name}, {cfg.model.n_layers} blocks), "
+          f"d_model {cfg.model.d_model}, objective {cfg.model.objective}")
+    print("\n".join(table([columns[key] for key in columns], [[row[key] for key in columns] for row in shown])))
 
 
 def cmd_data_fetch(args) -> None:
@@ -213,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", help="--linear-probe: another run whose features are probed the same way, "
                                              "e.g. the autoregressive arm of a study")
     evaluate.set_defaults(handler=cmd_eval)
+
+    model = sub.add_parser("model", help="print the stack a config builds: per block its mixer, parameters, "
+                                         "FLOPs per token and decoding state bytes at data.seq_len; then totals")
+    model.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    model.add_argument("overrides", nargs="*", help="dotted overrides such as model.layers=mamba*3,attention")
+    model.set_defaults(handler=cmd_model)
 
     sample = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
     sample.add_argument("run_dir")

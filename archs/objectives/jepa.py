@@ -74,7 +74,8 @@ def predictor_config(cfg: ModelConfig) -> ModelConfig:
     heads = jepa.predictor_heads
     if heads is None and "attention" in cfg.mixers:
         heads = max(1, cfg.mixer_settings("attention").n_heads // 2)
-    fields = cfg.model_dump(exclude={"jepa", "mlp_hidden", "causal", "layers", *cfg.mixers})
+    left_out = {"jepa", "mlp_hidden", "causal", "layers", *cfg.mixers}
+    fields = {key: value for key, value in cfg.model_dump().items() if key not in left_out}
     try:
         return ModelConfig(**fields | {
             "objective": "autoregressive",  # any objective: the predictor's direction is passed explicitly

@@ -117,8 +117,8 @@ def test_tied_head_is_the_embedding_and_stored_once():
 def test_residual_output_projections_are_scaled_down():
     model = tiny_model(d_model=256, n_layers=8, n_heads=4, n_kv_heads=None, mlp_hidden=None)
     block = model.backbone.blocks[0]
-    for weight, std in [(block.attn.q_proj.weight, 0.02), (block.mlp.w_up.weight, 0.02),
-                        (block.attn.o_proj.weight, 0.02 / math.sqrt(16)), (block.mlp.w_down.weight, 0.02 / 4)]:
+    for weight, std in [(block.mixer.q_proj.weight, 0.02), (block.mlp.w_up.weight, 0.02),
+                        (block.mixer.o_proj.weight, 0.02 / math.sqrt(16)), (block.mlp.w_down.weight, 0.02 / 4)]:
         assert weight.std().item() == pytest.approx(std, rel=0.05)
 
 

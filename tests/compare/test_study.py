@@ -82,7 +82,7 @@ def test_seconds_budget_measures_speed_and_sets_the_time_limit(tmp_path):
     ({"arms": {"a": {"modle": {}}}}, "arm a: unknown section 'modle'"),
     ({"arms": {"a": {"match": {"to": "b"}}}}, "match.to='b' must name another arm"),
     ({"seeds": [1, 1]}, "repeat"),
-    ({"arms": {"a": {"model": {"d_model": 30}}}}, "run a-s0: model: head dim d_model/n_heads=15 must be even"),
+    ({"arms": {"a": {"model": {"d_model": 30}}}}, "run a-s0: head dim model.d_model/model.attention.n_heads=15 must be even"),
     ({"budget": {"tokens": 256}}, "warmup_steps=3 must be below max_steps=1"),
     ({"kind": "synthetic", "synthetic": {"tasks": [{}], "widths": [8], "steps": 1, "batch_size": 1, "lr": 1.0}},
      "a synthetic study has no budget"),
