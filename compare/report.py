@@ -1,8 +1,8 @@
 """Study report (`archlab report DIR`): report.md, results.csv and PNG plots from a study output directory.
 
 Reads OUT/study.json and each finished run's summary.json and metrics.jsonl (layout: notes in compare/runner.py).
-Everything is computed in memory first, so a bad study directory raises before any file is written; each file
-is then written to a temporary name and moved into place.
+Everything is computed in memory first, so a bad study directory raises before any file is written; the files
+are then all written to temporary names before any is moved into place.
 """
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from archlab.compare import plots
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
-from archlab.train.data import atomic_output
+from archlab.kernels.common.files import atomic_path, atomic_write_all
 from archlab.train.errors import UserError
 from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE
 from archlab.train.run_log import read_metrics
@@ -342,20 +341,15 @@ def _write_synthetic(study: dict, out_dir: Path) -> dict[str, Path]:
               "![accuracy vs width](synthetic.png)", ""]
     from archlab.compare.synthetic import plot_accuracy_vs_width  # lazy: only synthetic studies need it
 
-    tmp = out_dir / "synthetic.tmp.png"  # .png suffix: matplotlib picks the format from it
-    plot_accuracy_vs_width(rows, tmp)
     columns = [key for key in dict.fromkeys(k for row in rows for k in row) if key != "prefix_losses"]
-    written = _write_files(out_dir, {"results.csv": _csv(rows, columns),
-                                     "report.md": ("\n".join(lines) + "\n").encode()})
-    os.replace(tmp, out_dir / "synthetic.png")
+    # the plot is drawn before the other files are written: one that fails leaves the directory as it was
+    with atomic_path(out_dir / "synthetic.png") as plot:
+        plot_accuracy_vs_width(rows, plot)
+        written = _write_files(out_dir, {"results.csv": _csv(rows, columns),
+                                         "report.md": ("\n".join(lines) + "\n").encode()})
     return {**written, "synthetic.png": out_dir / "synthetic.png"}
 
 
 def _write_files(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:
-    """Each file to a temporary name, then os.replace: a reader never sees half a file."""
-    written = {}
-    for name, data in files.items():
-        with atomic_output(out_dir / name) as file:
-            file.write(data)
-        written[name] = out_dir / name
-    return written
+    atomic_write_all({out_dir / name: data for name, data in files.items()})
+    return {name: out_dir / name for name in files}

@@ -27,10 +27,7 @@ Layouts (L = seq_len, n = n_pairs):
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -40,6 +37,7 @@ from torch import Tensor
 
 from archlab.archs.config import ModelConfig
 from archlab.archs.registry import build_model
+from archlab.kernels.common.files import atomic_path
 from archlab.train.trainer import parameter_groups
 
 IGNORE = -100
@@ -314,15 +312,8 @@ def plot_accuracy_vs_width(rows: list[dict], path) -> None:
     for axis in list(axes.flat)[len(settings):]:
         axis.set_visible(False)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=120)
     finally:
         plt.close(figure)

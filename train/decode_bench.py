@@ -16,7 +16,6 @@ without the masked-diffusion objective; `load_pair` / `bench_decode` add the run
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from archlab.kernels.bench import markdown_table
+from archlab.kernels.common.files import atomic_path, atomic_write_all, json_text
 from archlab.train.errors import UserError
 
 DIFFUSION_OBJECTIVE = "masked_diffusion"
@@ -300,9 +300,8 @@ def plot(result: dict, path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = path.with_name(path.name + ".tmp")
-        fig.savefig(tmp, format="png", dpi=120)
-        tmp.replace(path)
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, format="png", dpi=120)
     finally:
         plt.close(fig)
     return path
@@ -315,8 +314,5 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
     plot(result, png_path)
-    for path, text in ((json_path, json.dumps(result, indent=1) + "\n"), (md_path, to_markdown(result, png_path.name))):
-        path.with_suffix(path.suffix + ".tmp").write_text(text)
-    for path in (json_path, md_path):
-        path.with_suffix(path.suffix + ".tmp").replace(path)
+    atomic_write_all({json_path: json_text(result), md_path: to_markdown(result, png_path.name)})
     return json_path, md_path, png_path

@@ -7,7 +7,6 @@ summary. Resume restores weights, optimizer, RNG and data position so the loss c
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import resource
 import time
@@ -19,11 +18,11 @@ from tqdm import tqdm
 
 from archlab.archs.registry import build_model
 from archlab.kernels.backend import resolve_backend
+from archlab.kernels.common.files import atomic_write, json_text
 from archlab.train import checkpoint as ckpt
 from archlab.train import distributed
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
-from archlab.train.data import (ByteCorpus, ByteTokenizer, WindowSampler, atomic_output, eval_batches,
-                                resolve_data_path)
+from archlab.train.data import ByteCorpus, ByteTokenizer, WindowSampler, eval_batches, resolve_data_path
 from archlab.train.errors import CheckpointError, ConfigError, UserError
 from archlab.train.flops import peak_flops, training_flops_per_token
 from archlab.train.ngram import ByteNgrams
@@ -403,8 +402,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         target = self.run_dir / "config.yaml"
         if self.resume_from is None or not target.exists():
-            with atomic_output(target) as file:
-                file.write(dump_config(self.cfg).encode())
+            atomic_write(target, dump_config(self.cfg))
 
     # -- after training -----------------------------------------------------------------------------
     def sample_text(self, prompt: str, n_tokens: int, *, temperature: float, top_k: int | None, seed: int,
@@ -430,6 +428,5 @@ class Trainer:
             "stopped_by": "max_steps" if self.step >= self.cfg.train.max_steps else "max_seconds",
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
         }
-        with atomic_output(self.run_dir / "summary.json") as file:
-            file.write((json.dumps(summary) + "\n").encode())
+        atomic_write(self.run_dir / "summary.json", json_text(summary, indent=None))
         return summary

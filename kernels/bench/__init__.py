@@ -7,13 +7,13 @@ its row with an `error`), plus the device, dtype, versions, commit and date the 
 from __future__ import annotations
 
 import datetime
-import json
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from archlab.kernels.common.files import atomic_write_all, json_text
 from archlab.kernels.hardware import device_name
 
 
@@ -104,11 +104,7 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
     stem = Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    # write both to temporary names first so an interrupted run never leaves half a report
-    for path, text in ((json_path, json.dumps(result, indent=1) + "\n"), (md_path, to_markdown(result))):
-        path.with_suffix(path.suffix + ".tmp").write_text(text)
-    for path in (json_path, md_path):
-        path.with_suffix(path.suffix + ".tmp").replace(path)
+    atomic_write_all({json_path: json_text(result), md_path: to_markdown(result)})
     return json_path, md_path
 
 

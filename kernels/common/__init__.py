@@ -1,0 +1,4 @@
+"""Small utilities every layer may use; kernels/ is the bottom layer, so kernels/, archs/, train/ and compare/ can.
+
+  files.py       atomic writes: a crash or a concurrent reader never sees half a file
+"""

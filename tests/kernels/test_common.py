@@ -1,0 +1,46 @@
+"""kernels/common: the small utilities every layer shares."""
+import json
+
+import pytest
+
+from archlab.kernels.common.files import atomic_output, atomic_path, atomic_write, atomic_write_all, json_text
+
+
+# -- files ------------------------------------------------------------------------------------------
+def test_atomic_write_replaces_the_file_readable_by_all_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "result.json"
+    assert atomic_write(path, "first") == path
+    atomic_write(path, b"second")
+    assert path.read_bytes() == b"second" and path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+def test_a_failing_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError, match="killed"), atomic_output(path) as file:
+        file.write(b"half of the new")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_atomic_path_hands_a_temporary_name_next_to_the_target(tmp_path):
+    path = tmp_path / "plot.png"
+    with atomic_path(path) as temporary:
+        assert temporary.parent == tmp_path and temporary != path and not path.exists()
+        temporary.write_bytes(b"png")
+    assert path.read_bytes() == b"png" and not temporary.exists()
+
+
+def test_atomic_write_all_moves_nothing_until_every_file_is_written(tmp_path):
+    first, second = tmp_path / "report.md", tmp_path / "results.csv"
+    atomic_write_all({first: "old report", second: "old csv"})
+    with pytest.raises(TypeError):
+        atomic_write_all({first: "new report", second: 3})  # the second file cannot be written
+    assert first.read_text() == "old report" and second.read_text() == "old csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.csv"]
+
+
+def test_json_text_is_indented_by_one_and_ends_with_a_newline():
+    assert json_text({"a": [1]}) == '{\n "a": [\n  1\n ]\n}\n'
+    assert json_text({"a": 1}, indent=None) == '{"a": 1}\n' and json.loads(json_text([2.5])) == [2.5]
