@@ -24,6 +24,7 @@ import yaml
 
 from archlab.compare.study import RunSpec, Study, load_study, plan_runs, probe_pairs
 from archlab.kernels.common.files import atomic_write, json_text
+from archlab.kernels.common.provenance import git_commit
 from archlab.kernels.hardware import device_name
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
 from archlab.train.data import resolve_data_path
@@ -33,16 +34,6 @@ from archlab.train.trainer import Trainer, resolve_device
 
 STUDY_FILE = "study.json"
 LOCK_FILE = ".lock"  # held while an `archlab compare` works in OUT
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (short hash), or None outside a git checkout."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() or None
 
 
 def measure_steps_per_second(cfg: Config, steps: int = 10) -> float:

@@ -7,13 +7,13 @@ its row with an `error`), plus the device, dtype, versions, commit and date the 
 from __future__ import annotations
 
 import datetime
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from archlab.kernels.common.files import atomic_write_all, json_text
+from archlab.kernels.common.provenance import git_commit
 from archlab.kernels.hardware import device_name
 
 
@@ -74,7 +74,7 @@ def measure(row: dict, timing: Callable[[], float]) -> dict:
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-            "triton": _triton_version(), "commit": _commit(), "date": datetime.date.today().isoformat()}
+            "triton": _triton_version(), "commit": git_commit() or "unknown", "date": datetime.date.today().isoformat()}
 
 
 def to_markdown(result: dict) -> str:
@@ -114,9 +114,3 @@ def _triton_version() -> str:
     except ImportError:
         return "not installed"
     return triton.__version__
-
-
-def _commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent)
-    return result.stdout.strip() or "unknown"

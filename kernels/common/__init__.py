@@ -1,4 +1,5 @@
 """Small utilities every layer may use; kernels/ is the bottom layer, so kernels/, archs/, train/ and compare/ can.
 
   files.py       atomic writes: a crash or a concurrent reader never sees half a file
+  provenance.py  the checkout's git commit, for results to name the code they came from
 """

@@ -1,9 +1,14 @@
 """kernels/common: the small utilities every layer shares."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 
+from archlab.kernels.common import provenance
 from archlab.kernels.common.files import atomic_output, atomic_path, atomic_write, atomic_write_all, json_text
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -44,3 +49,15 @@ def test_atomic_write_all_moves_nothing_until_every_file_is_written(tmp_path):
 def test_json_text_is_indented_by_one_and_ends_with_a_newline():
     assert json_text({"a": [1]}) == '{\n "a": [\n  1\n ]\n}\n'
     assert json_text({"a": 1}, indent=None) == '{"a": 1}\n' and json.loads(json_text([2.5])) == [2.5]
+
+
+# -- provenance -------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not run from a git checkout")
+def test_git_commit_is_this_checkouts_short_hash_or_none_without_git(monkeypatch):
+    assert re.fullmatch(r"[0-9a-f]{7,40}", provenance.git_commit())
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    assert provenance.git_commit() is None
