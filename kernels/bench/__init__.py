@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from archlab.kernels.common.files import atomic_write_all, json_text
+from archlab.kernels.common.markdown import table
 from archlab.kernels.common.provenance import git_commit
 from archlab.kernels.hardware import device_name
 
@@ -86,16 +87,14 @@ def to_markdown(result: dict) -> str:
 
 def markdown_table(columns, rows: list[dict], *, first_metric: str) -> list[str]:
     """Table lines; a row with an `error` shows it in place of its metrics, from column `first_metric` on."""
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    for row in rows:
-        if "error" in row:
-            first = list(columns).index(first_metric)
-            cells = [row.get(c) for c in columns[:first]] + [f"failed: {row['error']}"]
-            cells += [""] * (len(columns) - len(cells))
-        else:
-            cells = [row.get(c) for c in columns]
-        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
-    return lines
+    def cells(row: dict) -> list:
+        if "error" not in row:
+            return [row.get(c) for c in columns]
+        first = list(columns).index(first_metric)
+        shown = [row.get(c) for c in columns[:first]] + [f"failed: {row['error']}"]
+        return shown + [None] * (len(columns) - len(shown))
+
+    return table(columns, [cells(row) for row in rows])
 
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:

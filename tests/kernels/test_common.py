@@ -7,6 +7,7 @@ import pytest
 
 from archlab.kernels.common import provenance
 from archlab.kernels.common.files import atomic_output, atomic_path, atomic_write, atomic_write_all, json_text
+from archlab.kernels.common.markdown import table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,3 +62,9 @@ def test_git_commit_is_this_checkouts_short_hash_or_none_without_git(monkeypatch
 
     monkeypatch.setattr(provenance.subprocess, "run", no_git)
     assert provenance.git_commit() is None
+
+
+# -- markdown ---------------------------------------------------------------------------------------
+def test_table_lines_with_either_rule_and_none_as_an_empty_cell():
+    assert table(["a", "b"], [[1, None], ["x", 2.5]]) == ["| a | b |", "| --- | --- |", "| 1 |  |", "| x | 2.5 |"]
+    assert table(["a", "b"], [], compact_rule=True) == ["| a | b |", "|---|---|"]
