@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import yaml
 from archlab.compare.study import RunSpec, Study, load_study, plan_runs, probe_pairs
 from archlab.kernels.common.files import atomic_write, json_text
 from archlab.kernels.common.provenance import git_commit
+from archlab.kernels.common.timing import timed
 from archlab.kernels.hardware import device_name
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
 from archlab.train.data import resolve_data_path
@@ -43,16 +44,16 @@ def measure_steps_per_second(cfg: Config, steps: int = 10) -> float:
         timing.run.dir, timing.run.wandb, timing.run.progress = str(Path(tmp) / "run"), "disabled", False
         trainer = Trainer(timing)
         trainer.train_step(trainer.sampler.batch(0))
-        start = time.perf_counter()
-        for index in range(steps):
-            trainer.train_step(trainer.sampler.batch(index + 1))
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        rate = steps / (time.perf_counter() - start)
+        rate = steps / timed(functools.partial(_train_steps, trainer, first=1, count=steps), trainer.device)[1]
         del trainer
         if torch.cuda.is_available():  # leave the GPU's memory to the runs, which are other processes
             torch.cuda.empty_cache()
         return rate
+
+
+def _train_steps(trainer: Trainer, *, first: int, count: int) -> None:
+    for index in range(first, first + count):
+        trainer.train_step(trainer.sampler.batch(index))
 
 
 def _run_record(spec: RunSpec, status: str) -> dict[str, Any]:

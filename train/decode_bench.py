@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from archlab.kernels.bench import markdown_table
 from archlab.kernels.common.files import atomic_path, atomic_write_all, json_text
+from archlab.kernels.common.timing import timed
 from archlab.train.errors import UserError
 
 DIFFUSION_OBJECTIVE = "masked_diffusion"
@@ -149,11 +149,8 @@ def _measure(row: dict, sampler, ar, prompts: torch.Tensor, n_tokens: int, optio
             objective.last_sample_stats = None  # so that stale stats from an earlier setting are never read
         times = []
         for _ in range(max(1, repeats)):  # the same seed each time: the same samples, the median time
-            _sync(device)
-            start = time.perf_counter()
-            out = call()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+            out, seconds = timed(call, device)
+            times.append(seconds)
         seconds = sorted(times)[len(times) // 2]
     except Exception as err:  # noqa: BLE001 - a setting the sampler rejects must not lose the other rows
         return {**row, "error": str(err).splitlines()[0][:200] if str(err) else type(err).__name__}
@@ -180,11 +177,6 @@ def _device(obj) -> torch.device:
 def _autocast(obj):
     autocast = getattr(obj, "_autocast", None)
     return autocast() if callable(autocast) else contextlib.nullcontext()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- runs, report, plot -----------------------------------------------------------------------------

@@ -3,4 +3,5 @@
   files.py       atomic writes: a crash or a concurrent reader never sees half a file
   provenance.py  the checkout's git commit, for results to name the code they came from
   markdown.py    Markdown tables as every report here writes them
+  timing.py      wall-clock seconds that include the device's queued work
 """

@@ -4,10 +4,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from archlab.kernels.common import provenance
 from archlab.kernels.common.files import atomic_output, atomic_path, atomic_write, atomic_write_all, json_text
 from archlab.kernels.common.markdown import table
+from archlab.kernels.common.timing import timed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,3 +70,13 @@ def test_git_commit_is_this_checkouts_short_hash_or_none_without_git(monkeypatch
 def test_table_lines_with_either_rule_and_none_as_an_empty_cell():
     assert table(["a", "b"], [[1, None], ["x", 2.5]]) == ["| a | b |", "| --- | --- |", "| 1 |  |", "| x | 2.5 |"]
     assert table(["a", "b"], [], compact_rule=True) == ["| a | b |", "|---|---|"]
+
+
+# -- timing -----------------------------------------------------------------------------------------
+def test_timed_waits_for_the_gpu_before_and_after_the_run(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append(f"sync {device}"))
+    result, seconds = timed(lambda: events.append("run") or 7, torch.device("cuda:0"))
+    assert (result, events) == (7, ["sync cuda:0", "run", "sync cuda:0"]) and seconds >= 0
+    events.clear()
+    assert timed(lambda: 8, torch.device("cpu"))[0] == 8 and events == []  # nothing to wait for on the CPU
