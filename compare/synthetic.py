@@ -37,7 +37,8 @@ from torch import Tensor
 
 from archlab.archs.config import ModelConfig
 from archlab.archs.registry import build_model
-from archlab.kernels.common.files import atomic_path
+from archlab.kernels.common.files import atomic_write
+from archlab.kernels.common.plotting import png_bytes, pyplot
 from archlab.train.trainer import parameter_groups
 
 IGNORE = -100
@@ -281,16 +282,11 @@ def plot_accuracy_vs_width(rows: list[dict], path) -> None:
     if missing:
         raise ValueError(f"synthetic rows lack {sorted(missing)}; each row needs task, seq_len, n_pairs, arm, "
                          "d_model and accuracy")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings = sorted({tuple(row[key] for key in SETTING_KEYS) for row in rows})
     arms = sorted({row["arm"] for row in rows})
     columns = min(4, len(settings))
     n_rows = math.ceil(len(settings) / columns)
-    figure, axes = plt.subplots(n_rows, columns, figsize=(4 * columns, 3.4 * n_rows), squeeze=False)
+    figure, axes = pyplot().subplots(n_rows, columns, figsize=(4 * columns, 3.4 * n_rows), squeeze=False)
     for axis, setting in zip(axes.flat, settings, strict=False):
         for arm in arms:
             accuracy_by_width: dict[int, list[float]] = {}
@@ -311,9 +307,4 @@ def plot_accuracy_vs_width(rows: list[dict], path) -> None:
         axis.legend(fontsize=8)
     for axis in list(axes.flat)[len(settings):]:
         axis.set_visible(False)
-    figure.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, format="png", dpi=120)
-    finally:
-        plt.close(figure)
+    atomic_write(path, png_bytes(figure))

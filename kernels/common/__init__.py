@@ -4,4 +4,5 @@
   provenance.py  the checkout's git commit, for results to name the code they came from
   markdown.py    Markdown tables as every report here writes them
   timing.py      wall-clock seconds that include the device's queued work
+  plotting.py    pyplot on the Agg backend with the house style, figures as PNG bytes
 """

@@ -9,6 +9,7 @@ import torch
 from archlab.kernels.common import provenance
 from archlab.kernels.common.files import atomic_output, atomic_path, atomic_write, atomic_write_all, json_text
 from archlab.kernels.common.markdown import table
+from archlab.kernels.common.plotting import STYLE, png_bytes, pyplot
 from archlab.kernels.common.timing import timed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,3 +81,12 @@ def test_timed_waits_for_the_gpu_before_and_after_the_run(monkeypatch):
     assert (result, events) == (7, ["sync cuda:0", "run", "sync cuda:0"]) and seconds >= 0
     events.clear()
     assert timed(lambda: 8, torch.device("cpu"))[0] == 8 and events == []  # nothing to wait for on the CPU
+
+
+# -- plotting ---------------------------------------------------------------------------------------
+def test_pyplot_has_the_house_style_and_png_bytes_closes_the_figure():
+    plt = pyplot()
+    assert all(plt.rcParams[key] == value for key, value in STYLE.items())
+    figure, axis = plt.subplots()
+    axis.plot([0, 1], [1, 0])
+    assert png_bytes(figure)[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(figure.number)
