@@ -39,6 +39,7 @@ from archlab.archs.config import ModelConfig
 from archlab.archs.registry import build_model
 from archlab.kernels.common.files import atomic_write
 from archlab.kernels.common.plotting import png_bytes, pyplot
+from archlab.kernels.common.schedule import lr_at
 from archlab.train.trainer import parameter_groups
 
 IGNORE = -100
@@ -172,15 +173,6 @@ def generate(task: SyntheticTask, n: int, *, seed: int) -> tuple[Tensor, Tensor]
     return GENERATORS[task.task](task, n, gen)
 
 
-def _lr(step: int, steps: int, peak: float) -> float:
-    """Linear warmup over the first 10% of steps, then cosine to 10% of the peak."""
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - 1 - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _answer_loss(model, inputs: Tensor, targets: Tensor) -> Tensor:
     logits = model.objective.logits(model, inputs)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
@@ -228,8 +220,9 @@ def _training_losses(model, optimizer, inputs: Tensor, targets: Tensor, *, steps
             order, cursor = torch.randperm(len(inputs), generator=shuffle), 0
         picked = order[cursor:cursor + batch_size].to(inputs.device)
         cursor += batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, lr)
+        for group in optimizer.param_groups:  # warmup over the first 10% of the steps, then cosine to 10% of lr
+            group["lr"] = lr_at(step, lr=lr, warmup_steps=max(1, steps // 10), max_steps=steps, schedule="cosine",
+                                min_lr_ratio=0.1)
         loss = _answer_loss(model, inputs[picked], targets[picked])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from archlab.archs.registry import build_model
 from archlab.kernels.backend import resolve_backend
+from archlab.kernels.common import schedule
 from archlab.kernels.common.files import atomic_write, json_text
 from archlab.train import checkpoint as ckpt
 from archlab.train import distributed
@@ -61,20 +62,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def lr_at(step: int, cfg) -> float:
-    """Peak lr `cfg.lr` after linear warmup; then cosine to min_lr, or WSD (flat, then linear decay)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        # the last step that runs is max_steps - 1: it gets the floor, as in WSD
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps)
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps)
-    if step < decay_start:
-        return cfg.lr
-    return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / max(1, cfg.max_steps - decay_start)
+    """The lr of `step` under the train config `cfg` (the schedule itself: kernels/common/schedule.py)."""
+    return schedule.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                          schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:

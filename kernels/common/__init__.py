@@ -5,4 +5,5 @@
   markdown.py    Markdown tables as every report here writes them
   timing.py      wall-clock seconds that include the device's queued work
   plotting.py    pyplot on the Agg backend with the house style, figures as PNG bytes
+  schedule.py    the learning-rate schedule (warmup, then cosine, WSD or constant)
 """

@@ -1,5 +1,6 @@
 """kernels/common: the small utilities every layer shares."""
 import json
+import math
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from archlab.kernels.common import provenance
 from archlab.kernels.common.files import atomic_output, atomic_path, atomic_write, atomic_write_all, json_text
 from archlab.kernels.common.markdown import table
 from archlab.kernels.common.plotting import STYLE, png_bytes, pyplot
+from archlab.kernels.common.schedule import lr_at
 from archlab.kernels.common.timing import timed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,3 +92,16 @@ def test_pyplot_has_the_house_style_and_png_bytes_closes_the_figure():
     figure, axis = plt.subplots()
     axis.plot([0, 1], [1, 0])
     assert png_bytes(figure)[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(figure.number)
+
+
+# -- schedule ---------------------------------------------------------------------------------------
+def test_lr_schedules_warm_up_then_reach_the_floor_on_the_last_step():
+    common = {"lr": 2.0, "warmup_steps": 4, "max_steps": 20, "min_lr_ratio": 0.25}
+    cosine = [lr_at(step, schedule="cosine", **common) for step in range(20)]
+    assert cosine[:4] == [0.5, 1.0, 1.5, 2.0] and cosine[19] == 0.5
+    assert cosine[10] == 0.5 + 1.5 * 0.5 * (1 + math.cos(math.pi * 6 / 15))
+    wsd = [lr_at(step, schedule="wsd", decay_fraction=0.25, **common) for step in range(20)]
+    assert wsd[4:15] == [2.0] * 11 and wsd[15] == 2.0 - 1.5 / 5 and wsd[19] == 0.5
+    assert lr_at(19, schedule="constant", **common) == 2.0
+    with pytest.raises(ValueError, match="decay_fraction"):
+        lr_at(19, schedule="wsd", **common)
