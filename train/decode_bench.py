@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from archlab.kernels.bench import markdown_table
+from archlab.kernels.bench import error_note, markdown_table, result_stem
 from archlab.kernels.common.files import atomic_write_all, json_text
 from archlab.kernels.common.plotting import png_bytes, pyplot
 from archlab.kernels.common.timing import timed
@@ -154,7 +154,7 @@ def _measure(row: dict, sampler, ar, prompts: torch.Tensor, n_tokens: int, optio
             times.append(seconds)
         seconds = sorted(times)[len(times) // 2]
     except Exception as err:  # noqa: BLE001 - a setting the sampler rejects must not lose the other rows
-        return {**row, "error": str(err).splitlines()[0][:200] if str(err) else type(err).__name__}
+        return {**row, "error": error_note(err)}
     if out.shape != (prompts.shape[0], prompts.shape[1] + n_tokens):
         return {**row, "error": f"sample returned shape {tuple(out.shape)}, expected "
                                 f"{(prompts.shape[0], prompts.shape[1] + n_tokens)}"}
@@ -291,9 +291,7 @@ def plot(result: dict) -> bytes:
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path]:
     """decode-<device>-<date>-<commit>.json, .md and .png under out_dir, written atomically all three together."""
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
-    stem = Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(result, out_dir)
     json_path, md_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
     atomic_write_all({png_path: plot(result), json_path: json_text(result),
                       md_path: to_markdown(result, png_path.name)})

@@ -70,7 +70,12 @@ def measure(row: dict, timing: Callable[[], float]) -> dict:
         return {**row, "ms": round(timing(), 4)}
     # a peer that is not installed, a shape a kernel rejects, a config that fails to compile: keep the others
     except Exception as err:  # noqa: BLE001
-        return {**row, "error": str(err).splitlines()[0][:200] if str(err) else type(err).__name__}
+        return {**row, "error": error_note(err)}
+
+
+def error_note(err: Exception) -> str:
+    """What a failed row keeps of its error: the first line, at most 200 characters (the type's name if empty)."""
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -99,12 +104,16 @@ def markdown_table(columns, rows: list[dict], *, first_metric: str) -> list[str]
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """Writes <benchmark>-<device>-<date>-<commit>.json and .md under out_dir; returns both paths."""
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
-    stem = Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(result, out_dir)
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     atomic_write_all({json_path: json_text(result), md_path: to_markdown(result)})
     return json_path, md_path
+
+
+def result_stem(result: dict, out_dir: Path) -> Path:
+    """out_dir/<benchmark>-<device>-<date>-<commit>, what a result's files are named (device as a slug)."""
+    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
+    return Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
 
 
 def _triton_version() -> str:
