@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """One-command set-up and entry points: `python3 dev.py quickstart` and `python3 dev.py test`.
 
-Creates `.venv` next to this file when missing, installs archlab into it (editable) and runs the job.
-Needs only Python >= 3.10 with pip and venv. Re-running is cheap: the install is redone only when
-pyproject.toml changes. Set ARCHLAB_TORCH to choose the torch requirement (default `torch==2.13.0`,
-which is the CPU build on our machines; e.g. ARCHLAB_TORCH=torch on a CUDA box).
+Creates `.venv` next to this file when missing, installs archlab into it (editable, with the `test` extra, so
+one environment serves both commands) and runs the job. Needs only Python >= 3.10 with pip and venv.
+Re-running is cheap: the install is redone only when pyproject.toml, the torch requirement or the extras
+change. Set ARCHLAB_TORCH to choose the torch requirement (default `torch==2.13.0`, which is the CPU build on
+our machines; e.g. ARCHLAB_TORCH=torch on a CUDA box).
 """
 import hashlib
 import os
@@ -18,6 +19,7 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".archlab-install-stamp"
 TORCH_REQUIREMENT = os.environ.get("ARCHLAB_TORCH", "torch==2.13.0")
+ARCHLAB_REQUIREMENT = ".[test]"  # editable archlab with pytest and hypothesis
 
 
 def run(*cmd: str) -> None:
@@ -26,7 +28,8 @@ def run(*cmd: str) -> None:
 
 
 def install_fingerprint() -> str:
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH_REQUIREMENT.encode()).hexdigest()
+    installed = (ROOT / "pyproject.toml").read_bytes() + TORCH_REQUIREMENT.encode() + ARCHLAB_REQUIREMENT.encode()
+    return hashlib.sha256(installed).hexdigest()
 
 
 def ensure_environment() -> None:
@@ -39,7 +42,7 @@ def ensure_environment() -> None:
         return
     pip = (str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q")
     run(*pip, TORCH_REQUIREMENT)
-    run(*pip, "-e", ".")
+    run(*pip, "-e", ARCHLAB_REQUIREMENT)
     STAMP.write_text(install_fingerprint())
 
 

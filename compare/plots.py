@@ -4,33 +4,13 @@ Each function returns PNG bytes (the report writes all files only once everythin
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 
 from archlab.compare.scaling import isoflop_groups, power_law
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8.5})
-    return plt
-
-
-def _png(fig, plt) -> bytes:
-    buffer = io.BytesIO()
-    try:
-        fig.tight_layout()
-        fig.savefig(buffer, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    return buffer.getvalue()
+from archlab.kernels.common.plotting import png_bytes, pyplot
 
 
 def _style(group: dict, index: int) -> dict:
@@ -41,7 +21,7 @@ def _style(group: dict, index: int) -> dict:
 
 def curve_plot(groups: list[dict], axis: int, xlabel: str, study_name: str) -> bytes:
     """Validation bpb vs cost (axis 0: FLOPs, 1: seconds): mean over seeds, min–max band when several seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     many = 5 < len(groups) <= 10  # then the legend goes beside the axes instead of over the curves
     per_arm_legend = len(groups) > 10  # scaling grids: colour = arm in the legend, one line per size/budget
     fig, ax = plt.subplots(figsize=(9.5 if many else 7, 4.5))
@@ -73,13 +53,13 @@ def curve_plot(groups: list[dict], axis: int, xlabel: str, study_name: str) -> b
                  + "mean over seeds, band = min–max; dashed = probe / bound", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(**({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {"loc": "best"}))
-    return _png(fig, plt)
+    return png_bytes(fig)
 
 
 def isoflop_plot(groups: list[dict], study_name: str) -> bytes:
     """Final bpb vs params: one panel per training budget that holds several sizes of one arm; when budgets
     differ by size (token or time budgets) a single panel of all sizes."""
-    plt = _pyplot()
+    plt = pyplot()
     points = [{"arm": g["arm"], "size": g["size"], "params": g["params"], "flops": g["train_flops"],
                "loss": g["mean"]} for g in groups if g["params"] and g["train_flops"]]
     budgets = [b for b in isoflop_groups(points) if any(len(p) > 1 for p in b["arms"].values())][-4:]
@@ -111,13 +91,13 @@ def isoflop_plot(groups: list[dict], study_name: str) -> bytes:
         ax.set_ylabel("final val bits per byte")
     axes[0][-1].legend()
     fig.suptitle(f"{study_name}: isoFLOP view (final bpb vs model size, mean over seeds)", fontsize=11)
-    return _png(fig, plt)
+    return png_bytes(fig)
 
 
 def scaling_plot(groups: list[dict], fits: dict, study_name: str) -> bytes:
     """Final bpb vs training FLOPs per run, with each arm's fitted L(C) = E + A·C^-alpha (hollow: runs of a size
     that was not the best at its budget, left out of the fit)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for index, arm in enumerate(dict.fromkeys(g["arm"] for g in groups)):
         arm_groups = [g for g in groups if g["arm"] == arm and g["train_flops"]]
@@ -143,14 +123,14 @@ def scaling_plot(groups: list[dict], fits: dict, study_name: str) -> bytes:
                  "points = runs; hollow = not the best size at its budget (not fitted)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    return _png(fig, plt)
+    return png_bytes(fig)
 
 
 def linear_probe_plot(runs: list[dict], study_name: str) -> bytes:
     """Linear evaluation: per probed run and probe kind, horizontal bars for the trained encoder, its step-0 encoder,
     the baseline run and the run's own figure (a JEPA's online probe, an LM's own head), with the unigram / bigram
     floors as vertical lines."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = []  # (label, [(bar label, bpb, colour, hatch)])
     for run in runs:
         result = run["linear_probe"]
@@ -188,7 +168,7 @@ def linear_probe_plot(runs: list[dict], study_name: str) -> bytes:
     ax.set_title(f"{study_name}: linear evaluation", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    return _png(fig, plt)
+    return png_bytes(fig)
 
 
 def human_count(count: float) -> str:

@@ -1,8 +1,8 @@
 """Study report (`archlab report DIR`): report.md, results.csv and PNG plots from a study output directory.
 
 Reads OUT/study.json and each finished run's summary.json and metrics.jsonl (layout: notes in compare/runner.py).
-Everything is computed in memory first, so a bad study directory raises before any file is written; each file
-is then written to a temporary name and moved into place.
+Everything is computed in memory first, so a bad study directory raises before any file is written; the files
+are then all written to temporary names before any is moved into place.
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from archlab.compare import plots
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
-from archlab.train.data import atomic_output
+from archlab.kernels.common.files import atomic_path, atomic_write_all
+from archlab.kernels.common.markdown import table, table_row
 from archlab.train.errors import UserError
 from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE
 from archlab.train.run_log import read_metrics
@@ -25,6 +25,12 @@ from archlab.train.run_log import read_metrics
 CSV_COLUMNS = ["name", "arm", "seed", "size", "budget", "backbone", "objective", "params", "flops_per_token", "tokens",
                "train_flops", "train_seconds", "tokens_per_s", "peak_memory_mb", "final", "quality_metric", "probe",
                "bound"]
+ARM_COLUMNS = ["arm", "seeds", "params", "FLOPs/token", "tokens", "train FLOPs", "train tokens/s", "peak memory MB",
+               "final metric", "metric", "flags", "Pareto FLOPs", "Pareto time"]
+FIT_COLUMNS = ["arm", "E", "A", "α", "points", "rmse"]
+PROBE_COLUMNS = ["run", "probe", "trained encoder", "its step-0 encoder", "baseline run", "own figure", "unigram",
+                 "bigram", "training added"]
+SYNTHETIC_COLUMNS = ["arm", "d_model", "params", "setting", "seeds", "accuracy"]
 SPREAD = "± half the range over seeds, (max − min) / 2"
 FLAG_NOTES = {"probe": "JEPA: bpb of a linear byte probe on frozen features, not a likelihood of the model",
               "bound": "diffusion: the NELBO, an upper bound on the true bpb"}
@@ -222,15 +228,7 @@ def _final(group: dict) -> str:
 def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict) -> str:
     lines = [f"# Study report: {study['study']}", "", *_metadata(study),
              f"- finished runs: {sum(g['n'] for g in groups)}, skipped: {len(skipped)}", "", "## Results per arm", "",
-             "| arm | seeds | params | FLOPs/token | tokens | train FLOPs | train tokens/s | peak memory MB | "
-             "final metric | metric | flags | Pareto FLOPs | Pareto time |", "|" + "---|" * 13]
-    for g in groups:
-        flags = ", ".join(flag for flag in ("probe", "bound") if g[flag]) or "–"
-        lines.append(f"| {g['label']} | {g['n']} | {_fmt(g['params'], 'int')} | {_fmt(g['flops_per_token'])} | "
-                     f"{_fmt(g['tokens'], 'int')} | {_fmt(g['train_flops'])} | {_fmt(g['tokens_per_s'], 'int')} | "
-                     f"{_fmt(g['peak_memory_mb'], 'int')} | {_final(g)} | "
-                     f"val_{g['quality_metric']} | {flags} | {'★' if g['pareto_flops'] else ''} | "
-                     f"{'★' if g['pareto_time'] else ''} |")
+             *table(ARM_COLUMNS, [_arm_cells(g) for g in groups], compact_rule=True)]
     lines += ["", f"Final metric: mean over seeds {SPREAD}. Lower is better. Flags: "
               + "; ".join(f"**{k}** = {v}" for k, v in FLAG_NOTES.items()) + ".",
               "★ = on the Pareto front of final val bpb vs total training FLOPs (Pareto FLOPs) or vs training "
@@ -247,12 +245,8 @@ def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None
         lines += ["## Curves", "", "![val bpb vs training FLOPs](bpb_vs_flops.png)", "",
                   "![val bpb vs wall-clock](bpb_vs_wallclock.png)", "", WALLCLOCK_NOTE, ""]
     if fits is not None:
-        lines += ["## Scaling", "", FIT_NOTE, "",
-                  "| arm | E | A | α | points | rmse |", "|---|---|---|---|---|---|"]
-        for arm, fit in fits.items():
-            lines.append(f"| {arm} | " + (f"{fit['E']:.4g} ± {fit['E_se']:.2g} | {fit['A']:.4g} ± {fit['A_se']:.2g} | "
-                                          f"{fit['alpha']:.4f} ± {fit['alpha_se']:.2g} | {fit['n_points']} | "
-                                          f"{fit['rmse']:.3g} |" if isinstance(fit, dict) else f"{fit} | | | | |"))
+        lines += ["## Scaling", "", FIT_NOTE, "", *table(FIT_COLUMNS, [], compact_rule=True),
+                  *(_fit_row(arm, fit) for arm, fit in fits.items())]
         if "scaling.png" in files:
             lines += ["", "![isoFLOP view](isoflop.png)", "", "![scaling fits](scaling.png)"]
         lines.append("")
@@ -262,12 +256,24 @@ def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None
     return "\n".join(lines) + "\n"
 
 
+def _fit_row(arm: str, fit: dict | str) -> str:
+    if isinstance(fit, str):  # why there is no fit, with the row's other cells left empty
+        return f"| {arm} | {fit} | | | | |"
+    return table_row([arm, f"{fit['E']:.4g} ± {fit['E_se']:.2g}", f"{fit['A']:.4g} ± {fit['A_se']:.2g}",
+                      f"{fit['alpha']:.4f} ± {fit['alpha_se']:.2g}", fit["n_points"], f"{fit['rmse']:.3g}"])
+
+
+def _arm_cells(g: dict) -> list:
+    flags = ", ".join(flag for flag in ("probe", "bound") if g[flag]) or "–"
+    return [g["label"], g["n"], _fmt(g["params"], "int"), _fmt(g["flops_per_token"]), _fmt(g["tokens"], "int"),
+            _fmt(g["train_flops"]), _fmt(g["tokens_per_s"], "int"), _fmt(g["peak_memory_mb"], "int"), _final(g),
+            f"val_{g['quality_metric']}", flags, "★" if g["pareto_flops"] else "", "★" if g["pareto_time"] else ""]
+
+
 def _linear_probe_md(runs: list[dict]) -> list[str]:
     """The linear-evaluation table: each probed run's encoder beside its step-0 encoder, the baseline run and the
     floor lines, and what training added over initialisation."""
-    lines = ["## Linear evaluation", "", LINEAR_PROBE_NOTE, "",
-             "| run | probe | trained encoder | its step-0 encoder | baseline run | own figure | unigram | bigram "
-             "| training added |", "|" + "---|" * 9]
+    rows = []
     for run in runs:
         result = run["linear_probe"]
         by_name = {e["name"]: e for e in result["encoders"]}
@@ -277,10 +283,11 @@ def _linear_probe_md(runs: list[dict]) -> list[str]:
             trained, start = by_name["trained"][kind]["val_bpb"], by_name["random init"][kind]["val_bpb"]
             baseline = by_name.get("baseline")
             shown = f"{baseline[kind]['val_bpb']:.4f} ({Path(baseline['run_dir']).name})" if baseline else "–"
-            lines.append(f"| {run['name']} | {result['task']}, {kind} | **{trained:.4f}** | {start:.4f} | {shown} | "
-                         f"{run['final']:.4f} | {entropies['unigram_bpb']:.4f} | {bigram} | "
-                         f"{start - trained:+.4f} bits |")
-    return lines + ["", "![linear evaluation](linear_probe.png)", ""]
+            rows.append([run["name"], f"{result['task']}, {kind}", f"**{trained:.4f}**", f"{start:.4f}", shown,
+                         f"{run['final']:.4f}", f"{entropies['unigram_bpb']:.4f}", bigram,
+                         f"{start - trained:+.4f} bits"])
+    return ["## Linear evaluation", "", LINEAR_PROBE_NOTE, "", *table(PROBE_COLUMNS, rows, compact_rule=True), "",
+            "![linear evaluation](linear_probe.png)", ""]
 
 
 def _metadata(study: dict) -> list[str]:
@@ -328,34 +335,30 @@ def _write_synthetic(study: dict, out_dir: Path) -> dict[str, Path]:
     rows = study.get("synthetic") or []
     if not rows:
         raise UserError(f"{out_dir / 'study.json'} has no synthetic rows yet; let `archlab compare` finish a task")
-    table: dict[tuple, list[dict]] = {}
+    by_setting: dict[tuple, list[dict]] = {}
     for row in rows:
         setting = ", ".join(f"{k}={row[k]}" for k in sorted(row) if k not in SYNTHETIC_FIXED_KEYS)
-        table.setdefault((row["arm"], row["d_model"], setting), []).append(row)
-    lines = [f"# Study report: {study['study']} (synthetic tasks)", "", *_metadata(study), "",
-             "| arm | d_model | params | setting | seeds | accuracy |", "|---|---|---|---|---|---|"]
-    for (arm, width, setting), members in table.items():
+        by_setting.setdefault((row["arm"], row["d_model"], setting), []).append(row)
+    table_rows = []
+    for (arm, width, setting), members in by_setting.items():
         acc = [m["accuracy"] for m in members]
-        lines.append(f"| {arm} | {width} | {_fmt(_mean(m.get('params') for m in members), 'int')} | {setting} | "
-                     f"{len(members)} | {np.mean(acc):.3f} ± {(max(acc) - min(acc)) / 2:.3f} |")
+        table_rows.append([arm, width, _fmt(_mean(m.get("params") for m in members), "int"), setting, len(members),
+                      f"{np.mean(acc):.3f} ± {(max(acc) - min(acc)) / 2:.3f}"])
+    lines = [f"# Study report: {study['study']} (synthetic tasks)", "", *_metadata(study), "",
+             *table(SYNTHETIC_COLUMNS, table_rows, compact_rule=True)]
     lines += ["", f"Accuracy over the test set's answer positions: mean over seeds {SPREAD}.", "",
               "![accuracy vs width](synthetic.png)", ""]
     from archlab.compare.synthetic import plot_accuracy_vs_width  # lazy: only synthetic studies need it
 
-    tmp = out_dir / "synthetic.tmp.png"  # .png suffix: matplotlib picks the format from it
-    plot_accuracy_vs_width(rows, tmp)
     columns = [key for key in dict.fromkeys(k for row in rows for k in row) if key != "prefix_losses"]
-    written = _write_files(out_dir, {"results.csv": _csv(rows, columns),
-                                     "report.md": ("\n".join(lines) + "\n").encode()})
-    os.replace(tmp, out_dir / "synthetic.png")
+    # the plot is drawn before the other files are written: one that fails leaves the directory as it was
+    with atomic_path(out_dir / "synthetic.png") as plot:
+        plot_accuracy_vs_width(rows, plot)
+        written = _write_files(out_dir, {"results.csv": _csv(rows, columns),
+                                         "report.md": ("\n".join(lines) + "\n").encode()})
     return {**written, "synthetic.png": out_dir / "synthetic.png"}
 
 
 def _write_files(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:
-    """Each file to a temporary name, then os.replace: a reader never sees half a file."""
-    written = {}
-    for name, data in files.items():
-        with atomic_output(out_dir / name) as file:
-            file.write(data)
-        written[name] = out_dir / name
-    return written
+    atomic_write_all({out_dir / name: data for name, data in files.items()})
+    return {name: out_dir / name for name in files}

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +23,18 @@ import torch
 import yaml
 
 from archlab.compare.study import RunSpec, Study, load_study, plan_runs, probe_pairs
+from archlab.kernels.common.files import atomic_write, json_text
+from archlab.kernels.common.provenance import git_commit
+from archlab.kernels.common.timing import timed
 from archlab.kernels.hardware import device_name
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
-from archlab.train.data import atomic_output, resolve_data_path
+from archlab.train.data import resolve_data_path
 from archlab.train.errors import UserError
 from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE, probe_run
 from archlab.train.trainer import Trainer, resolve_device
 
 STUDY_FILE = "study.json"
 LOCK_FILE = ".lock"  # held while an `archlab compare` works in OUT
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (short hash), or None outside a git checkout."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() or None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    with atomic_output(path) as file:
-        file.write((json.dumps(data, indent=1) + "\n").encode())
 
 
 def measure_steps_per_second(cfg: Config, steps: int = 10) -> float:
@@ -56,16 +44,16 @@ def measure_steps_per_second(cfg: Config, steps: int = 10) -> float:
         timing.run.dir, timing.run.wandb, timing.run.progress = str(Path(tmp) / "run"), "disabled", False
         trainer = Trainer(timing)
         trainer.train_step(trainer.sampler.batch(0))
-        start = time.perf_counter()
-        for index in range(steps):
-            trainer.train_step(trainer.sampler.batch(index + 1))
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        rate = steps / (time.perf_counter() - start)
+        rate = steps / timed(functools.partial(_train_steps, trainer, first=1, count=steps), trainer.device)[1]
         del trainer
         if torch.cuda.is_available():  # leave the GPU's memory to the runs, which are other processes
             torch.cuda.empty_cache()
         return rate
+
+
+def _train_steps(trainer: Trainer, *, first: int, count: int) -> None:
+    for index in range(first, first + count):
+        trainer.train_step(trainer.sampler.batch(index))
 
 
 def _run_record(spec: RunSpec, status: str) -> dict[str, Any]:
@@ -168,7 +156,7 @@ def _train_runs(study: Study, out: Path, specs: list[RunSpec], device: str, pyth
     (out / "runs").mkdir(exist_ok=True)
     record = _resumed_header(out, study, device)
     record["runs"] = [_run_record(spec, _status(out, spec)) for spec in specs]
-    write_json_atomic(out / STUDY_FILE, record)
+    atomic_write(out / STUDY_FILE, json_text(record))
     for index, spec in enumerate(specs):
         entry = record["runs"][index]
         if entry["status"] == "finished":
@@ -177,15 +165,14 @@ def _train_runs(study: Study, out: Path, specs: list[RunSpec], device: str, pyth
         config_path = out / "configs" / f"{spec.name}.yaml"
         cfg = spec.config.model_copy(deep=True)
         cfg.run.dir, cfg.run.resume, cfg.run.progress = str((out / entry["run_dir"]).resolve()), "auto", False
-        with atomic_output(config_path) as file:
-            file.write(dump_config(cfg).encode())
+        atomic_write(config_path, dump_config(cfg))
         print(f"[{index + 1}/{len(specs)}] {spec.name}: {spec.params / 1e6:.2f}M params, "
               f"{spec.flops_per_token / 1e6:.2f} MFLOP/token, {spec.config.train.max_steps} steps", flush=True)
         code = subprocess.run([python, "-m", "archlab.train.cli", "train", str(config_path),
                                "--nproc", str(study.nproc_per_node)]).returncode
         entry["status"] = "finished" if code == 0 else "failed"
         entry["exit_code"] = code
-        write_json_atomic(out / STUDY_FILE, record)
+        atomic_write(out / STUDY_FILE, json_text(record))
     _probe_runs(study, out, specs, record)
     return record
 
@@ -212,7 +199,7 @@ def _probe_runs(study: Study, out: Path, specs: list[RunSpec], record: dict[str,
         except UserError as err:  # e.g. a damaged checkpoint: the other runs still get theirs
             print(f"error: {err}", file=sys.stderr, flush=True)
             entry["linear_probe"] = "failed"
-        write_json_atomic(out / STUDY_FILE, record)
+        atomic_write(out / STUDY_FILE, json_text(record))
 
 
 def _probed_beside_a_baseline(run_dir: Path) -> bool:
@@ -281,8 +268,8 @@ def _score_rows(study: Study, out: Path, planned: dict, done: set, saved: list, 
             "model": model_cfg.model_dump(mode="json"), **result})
         print(f"{task.task} L={task.seq_len} n={task.n_pairs} {arm} d={model_cfg.d_model} seed={seed}: "
               f"accuracy {result['accuracy']:.3f}", flush=True)
-        write_json_atomic(out / STUDY_FILE, record)
-    write_json_atomic(out / STUDY_FILE, record)
+        atomic_write(out / STUDY_FILE, json_text(record))
+    atomic_write(out / STUDY_FILE, json_text(record))
     return record
 
 

@@ -27,10 +27,7 @@ Layouts (L = seq_len, n = n_pairs):
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -40,6 +37,9 @@ from torch import Tensor
 
 from archlab.archs.config import ModelConfig
 from archlab.archs.registry import build_model
+from archlab.kernels.common.files import atomic_write
+from archlab.kernels.common.plotting import png_bytes, pyplot
+from archlab.kernels.common.schedule import lr_at
 from archlab.train.trainer import parameter_groups
 
 IGNORE = -100
@@ -173,15 +173,6 @@ def generate(task: SyntheticTask, n: int, *, seed: int) -> tuple[Tensor, Tensor]
     return GENERATORS[task.task](task, n, gen)
 
 
-def _lr(step: int, steps: int, peak: float) -> float:
-    """Linear warmup over the first 10% of steps, then cosine to 10% of the peak."""
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - 1 - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _answer_loss(model, inputs: Tensor, targets: Tensor) -> Tensor:
     logits = model.objective.logits(model, inputs)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
@@ -229,8 +220,9 @@ def _training_losses(model, optimizer, inputs: Tensor, targets: Tensor, *, steps
             order, cursor = torch.randperm(len(inputs), generator=shuffle), 0
         picked = order[cursor:cursor + batch_size].to(inputs.device)
         cursor += batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, lr)
+        for group in optimizer.param_groups:  # warmup over the first 10% of the steps, then cosine to 10% of lr
+            group["lr"] = lr_at(step, lr=lr, warmup_steps=max(1, steps // 10), max_steps=steps, schedule="cosine",
+                                min_lr_ratio=0.1)
         loss = _answer_loss(model, inputs[picked], targets[picked])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,16 +275,11 @@ def plot_accuracy_vs_width(rows: list[dict], path) -> None:
     if missing:
         raise ValueError(f"synthetic rows lack {sorted(missing)}; each row needs task, seq_len, n_pairs, arm, "
                          "d_model and accuracy")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings = sorted({tuple(row[key] for key in SETTING_KEYS) for row in rows})
     arms = sorted({row["arm"] for row in rows})
     columns = min(4, len(settings))
     n_rows = math.ceil(len(settings) / columns)
-    figure, axes = plt.subplots(n_rows, columns, figsize=(4 * columns, 3.4 * n_rows), squeeze=False)
+    figure, axes = pyplot().subplots(n_rows, columns, figsize=(4 * columns, 3.4 * n_rows), squeeze=False)
     for axis, setting in zip(axes.flat, settings, strict=False):
         for arm in arms:
             accuracy_by_width: dict[int, list[float]] = {}
@@ -313,16 +300,4 @@ def plot_accuracy_vs_width(rows: list[dict], path) -> None:
         axis.legend(fontsize=8)
     for axis in list(axes.flat)[len(settings):]:
         axis.set_visible(False)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(figure)
+    atomic_write(path, png_bytes(figure))

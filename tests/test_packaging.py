@@ -1,6 +1,7 @@
-"""The archlab.* namespace maps the fixed top-level folders; every subpackage must be listed."""
+"""The archlab.* namespace maps the fixed top-level folders (every subpackage listed); test tools are an extra."""
 import ast
 import importlib
+import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -56,3 +57,19 @@ def test_imports_flow_one_way(top):
         if path == ENTRY_POINT:
             bad = (bad - {"compare"}) | (_archlab_imports(path, top_level_only=True) & {"compare"})
         assert not bad, f"{path.relative_to(ROOT)} imports archlab.{bad.pop()}"
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+def test_test_tools_are_an_extra_that_dev_py_installs():
+    """pytest and hypothesis are not what archlab needs to run, only what its tests need: the `test` extra, which
+    the README's `python3 dev.py test` installs."""
+    project = _pyproject()["project"]
+    assert not _names(project["dependencies"]) & {"pytest", "hypothesis"}
+    assert {"pytest", "hypothesis"} <= _names(project["optional-dependencies"]["test"])
+    spec = importlib.util.spec_from_file_location("dev", ROOT / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    assert dev.ARCHLAB_REQUIREMENT == ".[test]"

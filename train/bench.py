@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from archlab.train.config import load_config
+from archlab.kernels.common.timing import timed
 from archlab.kernels.hardware import device_name, peak_flops
+from archlab.train.config import load_config
 from archlab.train.trainer import Trainer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_trainer(config: str, overrides: list[str], *, steps: int, repeats: int) -> dict:
@@ -36,24 +31,19 @@ def bench_trainer(config: str, overrides: list[str], *, steps: int, repeats: int
         bare_optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=device.type == "cuda")
         batch = trainer.sampler.batch(0).to(device)
 
-        def bare_chunk() -> float:
-            _sync(device)
-            start = time.perf_counter()
+        def bare_steps() -> None:
             for _ in range(steps):
                 with trainer._autocast():
                     loss, _ = model.objective.loss(model, batch)
                 loss.backward()
                 bare_optimizer.step()
                 bare_optimizer.zero_grad(set_to_none=True)
-            _sync(device)
-            return steps / (time.perf_counter() - start)
+
+        def bare_chunk() -> float:
+            return steps / timed(bare_steps, device)[1]
 
         def trainer_chunk() -> float:
-            _sync(device)
-            start = time.perf_counter()
-            trainer.train(until_step=trainer.step + steps)
-            _sync(device)
-            return steps / (time.perf_counter() - start)
+            return steps / timed(lambda: trainer.train(until_step=trainer.step + steps), device)[1]
 
         trainer_chunk(), bare_chunk()  # warm-up (and the trainer's step-0 eval)
         trainer_rates, bare_rates = [], []

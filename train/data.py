@@ -15,17 +15,16 @@ import hashlib
 import json
 import lzma
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 
+from archlab.kernels.common.files import atomic_output
 from archlab.train.errors import DataError
 
 REPO_CORPORA = Path(__file__).parent / "corpora"
@@ -100,23 +99,6 @@ def _check_readable_file(path: Path) -> None:
                         "or point data.path at a readable copy") from None
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty; point data.path at a file with text in it")
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[IO[bytes]]:
-    """A temp file next to `path` that replaces `path` only once fully written and synced, so a crash or
-    a concurrent reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            os.fchmod(fd, 0o644)  # not mkstemp's private 0600: data files are meant to be readable by all
-            yield tmp
-            tmp.flush()
-            os.fsync(fd)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ from typing import IO
 
 from tqdm import tqdm
 
-from archlab.train.data import CHUNK, atomic_output, cache_dir, data_roots
+from archlab.kernels.common.files import atomic_output
+from archlab.train.data import CHUNK, cache_dir, data_roots
 from archlab.train.errors import DataError
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,8 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.archs.model import Model
+from archlab.kernels.common.files import atomic_write, json_text
 from archlab.train.config import run_config
-from archlab.train.data import WindowSampler, atomic_output, eval_batches
+from archlab.train.data import WindowSampler, eval_batches
 from archlab.train.errors import UserError
 from archlab.train.ngram import ByteNgrams
 from archlab.train.trainer import Trainer, initial_model, split_batches
@@ -242,10 +242,7 @@ def linear_evaluation(run: Encoder, baselines: list[Encoder], train: np.ndarray,
 
 
 def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
-    path = Path(run_dir) / RESULT_FILE
-    with atomic_output(path) as file:
-        file.write((json.dumps(result, indent=1) + "\n").encode())
-    return path
+    return atomic_write(Path(run_dir) / RESULT_FILE, json_text(result))
 
 
 def probe_run(run_dir: str | Path, *, baseline: str | Path | None = None, mlp: bool = False,

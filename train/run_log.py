@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from archlab.train.data import atomic_output
+from archlab.kernels.common.files import atomic_write
 from archlab.train.errors import UserError
 
 
@@ -28,8 +28,7 @@ class MetricsLog:
         if self.path is None or not self.path.exists():
             return
         kept = [line for line, record in _parse_lines(self.path) if record["step"] <= step]
-        with atomic_output(self.path) as file:
-            file.write("".join(line + "\n" for line in kept).encode())
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, kind: str, step: int, **values: Any) -> None:
         if self.path is None:

@@ -7,7 +7,6 @@ summary. Resume restores weights, optimizer, RNG and data position so the loss c
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import resource
 import time
@@ -19,11 +18,12 @@ from tqdm import tqdm
 
 from archlab.archs.registry import build_model
 from archlab.kernels.backend import resolve_backend
+from archlab.kernels.common import schedule
+from archlab.kernels.common.files import atomic_write, json_text
 from archlab.train import checkpoint as ckpt
 from archlab.train import distributed
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
-from archlab.train.data import (ByteCorpus, ByteTokenizer, WindowSampler, atomic_output, eval_batches,
-                                resolve_data_path)
+from archlab.train.data import ByteCorpus, ByteTokenizer, WindowSampler, eval_batches, resolve_data_path
 from archlab.train.errors import CheckpointError, ConfigError, UserError
 from archlab.train.flops import peak_flops, training_flops_per_token
 from archlab.train.ngram import ByteNgrams
@@ -62,20 +62,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def lr_at(step: int, cfg) -> float:
-    """Peak lr `cfg.lr` after linear warmup; then cosine to min_lr, or WSD (flat, then linear decay)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        # the last step that runs is max_steps - 1: it gets the floor, as in WSD
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps)
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps)
-    if step < decay_start:
-        return cfg.lr
-    return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / max(1, cfg.max_steps - decay_start)
+    """The lr of `step` under the train config `cfg` (the schedule itself: kernels/common/schedule.py)."""
+    return schedule.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                          schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
@@ -403,8 +392,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         target = self.run_dir / "config.yaml"
         if self.resume_from is None or not target.exists():
-            with atomic_output(target) as file:
-                file.write(dump_config(self.cfg).encode())
+            atomic_write(target, dump_config(self.cfg))
 
     # -- after training -----------------------------------------------------------------------------
     def sample_text(self, prompt: str, n_tokens: int, *, temperature: float, top_k: int | None, seed: int,
@@ -430,6 +418,5 @@ class Trainer:
             "stopped_by": "max_steps" if self.step >= self.cfg.train.max_steps else "max_seconds",
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
         }
-        with atomic_output(self.run_dir / "summary.json") as file:
-            file.write((json.dumps(summary) + "\n").encode())
+        atomic_write(self.run_dir / "summary.json", json_text(summary, indent=None))
         return summary

@@ -7,13 +7,14 @@ its row with an `error`), plus the device, dtype, versions, commit and date the 
 from __future__ import annotations
 
 import datetime
-import json
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from archlab.kernels.common.files import atomic_write_all, json_text
+from archlab.kernels.common.markdown import table
+from archlab.kernels.common.provenance import git_commit
 from archlab.kernels.hardware import device_name
 
 
@@ -69,12 +70,17 @@ def measure(row: dict, timing: Callable[[], float]) -> dict:
         return {**row, "ms": round(timing(), 4)}
     # a peer that is not installed, a shape a kernel rejects, a config that fails to compile: keep the others
     except Exception as err:  # noqa: BLE001
-        return {**row, "error": str(err).splitlines()[0][:200] if str(err) else type(err).__name__}
+        return {**row, "error": error_note(err)}
+
+
+def error_note(err: Exception) -> str:
+    """What a failed row keeps of its error: the first line, at most 200 characters (the type's name if empty)."""
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-            "triton": _triton_version(), "commit": _commit(), "date": datetime.date.today().isoformat()}
+            "triton": _triton_version(), "commit": git_commit() or "unknown", "date": datetime.date.today().isoformat()}
 
 
 def to_markdown(result: dict) -> str:
@@ -86,30 +92,28 @@ def to_markdown(result: dict) -> str:
 
 def markdown_table(columns, rows: list[dict], *, first_metric: str) -> list[str]:
     """Table lines; a row with an `error` shows it in place of its metrics, from column `first_metric` on."""
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    for row in rows:
-        if "error" in row:
-            first = list(columns).index(first_metric)
-            cells = [row.get(c) for c in columns[:first]] + [f"failed: {row['error']}"]
-            cells += [""] * (len(columns) - len(cells))
-        else:
-            cells = [row.get(c) for c in columns]
-        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
-    return lines
+    def cells(row: dict) -> list:
+        if "error" not in row:
+            return [row.get(c) for c in columns]
+        first = list(columns).index(first_metric)
+        shown = [row.get(c) for c in columns[:first]] + [f"failed: {row['error']}"]
+        return shown + [None] * (len(columns) - len(shown))
+
+    return table(columns, [cells(row) for row in rows])
 
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """Writes <benchmark>-<device>-<date>-<commit>.json and .md under out_dir; returns both paths."""
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
-    stem = Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(result, out_dir)
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    # write both to temporary names first so an interrupted run never leaves half a report
-    for path, text in ((json_path, json.dumps(result, indent=1) + "\n"), (md_path, to_markdown(result))):
-        path.with_suffix(path.suffix + ".tmp").write_text(text)
-    for path in (json_path, md_path):
-        path.with_suffix(path.suffix + ".tmp").replace(path)
+    atomic_write_all({json_path: json_text(result), md_path: to_markdown(result)})
     return json_path, md_path
+
+
+def result_stem(result: dict, out_dir: Path) -> Path:
+    """out_dir/<benchmark>-<device>-<date>-<commit>, what a result's files are named (device as a slug)."""
+    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
+    return Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
 
 
 def _triton_version() -> str:
@@ -118,9 +122,3 @@ def _triton_version() -> str:
     except ImportError:
         return "not installed"
     return triton.__version__
-
-
-def _commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent)
-    return result.stdout.strip() or "unknown"

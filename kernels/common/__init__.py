@@ -1,0 +1,9 @@
+"""Small utilities every layer may use; kernels/ is the bottom layer, so kernels/, archs/, train/ and compare/ can.
+
+  files.py       atomic writes: a crash or a concurrent reader never sees half a file
+  provenance.py  the checkout's git commit, for results to name the code they came from
+  markdown.py    Markdown tables as every report here writes them
+  timing.py      wall-clock seconds that include the device's queued work
+  plotting.py    pyplot on the Agg backend with the house style, figures as PNG bytes
+  schedule.py    the learning-rate schedule (warmup, then cosine, WSD or constant)
+"""

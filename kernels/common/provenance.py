@@ -1,0 +1,15 @@
+"""Which code produced a result: the checkout's git commit."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def git_commit() -> str | None:
+    """The short hash of the checkout archlab runs from, or None outside a git checkout (an installed wheel)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
