@@ -1,4 +1,5 @@
-"""The one place that decides which implementation of an op runs.
+"""The one place that decides which implementation of an op runs; the ops and their backends are the registry's
+(kernels/registry.py).
 
 Backends:
   auto       the fastest one available on the tensors' device
@@ -14,21 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "reference", "peer")
-
-# op -> the concrete backends it has today; adding a kernel means adding its name here.
-IMPLEMENTED: dict[str, tuple[str, ...]] = {
-    "attention": ("triton", "torch", "reference", "peer"),
-    "selective_scan": ("triton", "torch", "reference", "peer"),
-    "causal_conv1d": ("triton", "torch", "reference", "peer"),
-}
-
-# op -> what `auto` picks on CUDA; on CPU `auto` is always `torch`.
-AUTO_ON_CUDA: dict[str, str] = {
-    "attention": "triton",
-    "selective_scan": "triton",
-    "causal_conv1d": "triton",
-}
+from archlab.kernels.registry import BACKENDS, kernel_ops
 
 
 def _choices(names) -> str:
@@ -42,19 +29,20 @@ PEER_INSTALL_HINT = ("install the peers on a CUDA machine with scripts/build_pee
 
 def check_backend(op: str, requested: str) -> None:
     """Device-independent validation, so a bad name fails when the model is built, not at the first step."""
-    if op not in IMPLEMENTED:
-        raise ValueError(f"unknown op {op!r}; choose from {', '.join(IMPLEMENTED)}")
+    ops = kernel_ops()
+    if op not in ops:
+        raise ValueError(f"unknown op {op!r}; choose from {', '.join(ops)}")
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
-    if requested != "auto" and requested not in IMPLEMENTED[op]:
-        raise ValueError(f"{op} has no {requested!r} backend yet; use {_choices(('auto', *IMPLEMENTED[op]))}")
+    if requested != "auto" and requested not in ops[op].backends:
+        raise ValueError(f"{op} has no {requested!r} backend yet; use {_choices(('auto', *ops[op].backends))}")
 
 
 def resolve_backend(op: str, requested: str, device: torch.device) -> str:
     """Maps a requested backend name to the concrete backend that runs `op` on `device`."""
     check_backend(op, requested)
     if requested == "auto":
-        return AUTO_ON_CUDA[op] if device.type == "cuda" else "torch"
+        return kernel_ops()[op].auto_on_cuda if device.type == "cuda" else "torch"
     if requested == "peer" and device.type != "cuda":
         raise ValueError(f"the 'peer' backend for {op} runs third-party CUDA kernels and the tensors are on "
                          f"{device.type}; use auto, torch or reference off the GPU")

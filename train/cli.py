@@ -140,19 +140,13 @@ def cmd_report(args) -> None:
         print(f"{kind}: {path}")
 
 
-KERNEL_BENCHMARKS = ("attention", "scan", "conv1d")
-
-
 def cmd_bench(args) -> None:
     if args.what == "trainer":
         _bench_trainer(args)
     elif args.what == "decode":
         _bench_decode(args)
-    elif args.what in KERNEL_BENCHMARKS:
-        _bench_kernel(args)
     else:
-        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, decode, "
-                        f"{', '.join(KERNEL_BENCHMARKS)}")
+        _bench_kernel(args)
 
 
 def _bench_trainer(args) -> None:
@@ -184,23 +178,39 @@ def _bench_decode(args) -> None:
 def _bench_kernel(args) -> None:
     import torch
 
+    from archlab.kernels.registry import kernel_benches
+
+    bench = kernel_benches().get(args.what)
+    if bench is None:
+        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, decode, {', '.join(kernel_benches())}")
     if args.config or args.overrides:
         raise UserError(f"archlab bench {args.what} takes no config or overrides")
-    if not torch.cuda.is_available() and args.what != "scan":
+    if bench.needs_cuda and not torch.cuda.is_available():
         print(f"archlab bench {args.what} needs a CUDA GPU and this machine has none: nothing measured")
         return
     from archlab.kernels.bench import to_markdown, write_results
 
-    if args.what == "attention":
-        from archlab.kernels.bench.attention import bench_attention as run
-    elif args.what == "scan":  # on CPU: the torch backend vs the sequential reference
-        from archlab.kernels.bench.scan import bench_scan as run
-    else:
-        from archlab.kernels.bench.conv1d import bench_conv1d as run
-    result = run()
+    result = bench.load()()
     json_path, md_path = write_results(result, Path(args.out or "compare/results"))
     print(to_markdown(result))
     print(f"wrote {json_path} and {md_path}")
+
+
+class _BenchHelp(argparse.Action):
+    """`archlab bench --help`, listing the kernel ops' benchmarks from their registry (kernels/registry.py). It is
+    read only when asked for: importing the kernels (torch) would slow every other command down by seconds."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show this help message and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from archlab.kernels.registry import kernel_benches
+
+        parser.epilog = "kernel benchmarks: " + "; ".join(f"`{bench.name}` ({bench.summary})"
+                                                          for bench in kernel_benches().values())
+        parser.print_help()
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,13 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dest", help="folder to write into (default: $ARCHLAB_DATA or ~/.cache/archlab/data)")
     fetch.set_defaults(handler=cmd_data_fetch)
 
-    bench = sub.add_parser("bench", help="benchmarks: `trainer` (trainer overhead vs a bare loop), "
-                                         "`decode RUN_DIFFUSION RUN_AR` (masked-diffusion vs autoregressive "
-                                         "sampling: tokens/s vs generative bpb), "
-                                         "`attention` (Triton kernel vs SDPA; CUDA), `scan` (Triton vs mamba_ssm "
-                                         "on CUDA; torch backend vs reference on CPU), `conv1d` (Triton vs "
-                                         "causal-conv1d and cuDNN; CUDA)")
-    bench.add_argument("what", help="trainer, decode, attention, scan or conv1d")
+    bench = sub.add_parser("bench", add_help=False,
+                           help="benchmarks: `trainer` (trainer overhead vs a bare loop), "
+                                "`decode RUN_DIFFUSION RUN_AR` (masked-diffusion vs autoregressive "
+                                "sampling: tokens/s vs generative bpb), and one per kernel op (listed by "
+                                "`archlab bench --help`)")
+    bench.add_argument("-h", "--help", action=_BenchHelp)
+    bench.add_argument("what", help="trainer, decode, or a kernel benchmark listed below")
     bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG}); "
                                                  "decode: the masked_diffusion run directory")
     bench.add_argument("overrides", nargs="*", help="trainer: dotted overrides; decode: the autoregressive run "

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_serializer, model_validator
+from pydantic_core import InitErrorDetails
 
 from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig, complete_saved_model_config, fit_to_new_stack
 from archlab.kernels.backend import check_backend
+from archlab.kernels.registry import kernel_ops
 from archlab.train.errors import ConfigError, UserError
 
 BackendName = Literal["auto", "triton", "torch", "reference", "peer"]
@@ -80,18 +82,50 @@ class TrainConfig(_Section):
         return self
 
 
-class KernelsConfig(_Section):
-    """Backend per op (kernels/backend.py); the field names are the op names build_model takes."""
+class _RegisteredKernelOps(_Section):
+    """The keys of `kernels:` are the kernel registry's ops (kernels/registry.py), each `auto` when left out.
 
-    attention: BackendName = "auto"
-    selective_scan: BackendName = Field("auto", description="Mamba's scan")
-    causal_conv1d: BackendName = Field("auto", description="Mamba's depthwise causal conv")
+    KernelsConfig below has a field per op registered by the time this module is imported (every shipped op). An op
+    registered later (a researcher's module imported afterwards, a test's toy op) is read from the registry at each
+    validation instead: it arrives as an extra key, checked and dumped like the fields, because a built pydantic
+    model keeps the fields it was built with. Typo suggestions name the fields only."""
 
-    @field_validator("attention", "selective_scan", "causal_conv1d")
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, BackendName]
+
+    @model_validator(mode="before")
     @classmethod
-    def _implemented(cls, name: str, info: ValidationInfo) -> str:
-        check_backend(info.field_name, name)
-        return name
+    def _registered_ops_only(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unknown = next((key for key in data if key not in kernel_ops()), None)
+        if unknown is not None:  # the error an unknown field gets, so that it names the nearest op the same way
+            raise ValidationError.from_exception_data(cls.__name__, [
+                InitErrorDetails(type="extra_forbidden", loc=(unknown,), input=data[unknown])])
+        registered_later = {name: "auto" for name in kernel_ops() if name not in cls.model_fields}
+        return {**registered_later, **data}
+
+    @model_validator(mode="after")
+    def _implemented(self) -> "_RegisteredKernelOps":
+        for name in kernel_ops():
+            backend = getattr(self, name, "auto")  # an instance made before the op was registered runs it on auto
+            try:
+                check_backend(name, backend)
+            except ValueError as err:
+                raise ValidationError.from_exception_data(type(self).__name__, [
+                    InitErrorDetails(type="value_error", loc=(name,), input=backend, ctx={"error": err})]) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _every_registered_op(self, handler) -> dict[str, Any]:
+        dumped = handler(self)  # lacks the ops registered after this instance was made (a field default): auto
+        return {name: dumped.get(name, "auto") for name in kernel_ops()}
+
+
+KernelsConfig = create_model(
+    "KernelsConfig", __base__=_RegisteredKernelOps, __doc__="Backend per kernel op (kernels/backend.py resolves "
+    "it); the field names are the op names build_model takes.",
+    **{name: (BackendName, "auto") for name in kernel_ops()})
 
 
 class RunConfig(_Section):

@@ -6,14 +6,18 @@ at absolute position Lk - Lq + i), which is what decoding with a KV cache needs.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from archlab.kernels.attention.conformance import CONFORMANCE
 from archlab.kernels.attention.reference import attention_reference
 from archlab.kernels.backend import refuse_double_backward, resolve_backend
+from archlab.kernels.registry import KernelBench, KernelOp, register
 
 __all__ = ["attention", "attention_reference"]
 
@@ -147,3 +151,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
                          f"got len_q={len_q} > len_k={len_k}")
     if head_dim > MAX_HEAD_DIM or head_dim % 2:
         raise ValueError(f"attention: head_dim must be even and at most {MAX_HEAD_DIM}, got {head_dim}")
+
+
+register(KernelOp(
+    name="attention", backends=("triton", "torch", "reference", "peer"), auto_on_cuda="triton",
+    layout="q (batch, heads, len_q, head_dim); k, v (batch, kv_heads, len_k, head_dim); out like q",
+    dispatch=attention, reference=partial(attention, backend="reference"), conformance=CONFORMANCE,
+    bench=KernelBench("attention", "archlab.kernels.bench.attention:bench_attention", "Triton kernel vs SDPA; CUDA")))

@@ -11,12 +11,16 @@ conv_state (batch, dim, width - 1) holding the previous inputs, oldest first, sh
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from archlab.kernels.backend import PEER_INSTALL_HINT, refuse_double_backward, resolve_backend
+from archlab.kernels.causal_conv1d.conformance import CONFORMANCE
 from archlab.kernels.causal_conv1d.reference import causal_conv1d_reference, causal_conv1d_update_reference
+from archlab.kernels.registry import KernelBench, KernelOp, register
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_reference", "causal_conv1d_update_reference"]
 
@@ -181,3 +185,11 @@ def _check_update_inputs(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     if conv_state.device != x.device:
         raise ValueError(f"causal_conv1d_update: conv_state is on {conv_state.device} but x is on {x.device}")
     return activation
+
+
+register(KernelOp(
+    name="causal_conv1d", backends=("triton", "torch", "reference", "peer"), auto_on_cuda="triton",
+    layout="x (batch, dim, L), channel-last allowed; weight (dim, width); bias (dim,); out like x",
+    dispatch=causal_conv1d, reference=partial(causal_conv1d, backend="reference"), conformance=CONFORMANCE,
+    bench=KernelBench("conv1d", "archlab.kernels.bench.conv1d:bench_conv1d",
+                      "Triton vs causal-conv1d and cuDNN; CUDA")))

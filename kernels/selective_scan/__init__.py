@@ -11,10 +11,14 @@ kernels (op.py; `auto` on CUDA), reference = the sequential definition, peer = m
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
+from archlab.kernels.registry import KernelBench, KernelOp, register
+from archlab.kernels.selective_scan.conformance import CONFORMANCE
 from archlab.kernels.selective_scan.chunked import selective_scan_chunked, selective_state_update_torch
 from archlab.kernels.selective_scan.op import selective_scan_triton  # registers the custom ops; no triton import
 from archlab.kernels.selective_scan.reference import selective_scan_reference, selective_state_update_reference
@@ -153,3 +157,11 @@ def _check_dtypes(op: str, named: dict, streams: tuple, params: tuple) -> None:
         t = named[name]
         if t is not None and t.dtype not in (torch.float32, lead.dtype):
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; use float32 or {streams[0]}'s dtype {lead.dtype}")
+
+
+register(KernelOp(
+    name="selective_scan", backends=("triton", "torch", "reference", "peer"), auto_on_cuda="triton",
+    layout="u, delta, z (batch, dim, L); A (dim, N); B, C (batch, [groups,] N, L); out (batch, dim, L)",
+    dispatch=selective_scan, reference=partial(selective_scan, backend="reference"), conformance=CONFORMANCE,
+    bench=KernelBench("scan", "archlab.kernels.bench.scan:bench_scan",
+                      "Triton vs mamba_ssm on CUDA; torch backend vs reference on CPU", needs_cuda=False)))

@@ -1,0 +1,37 @@
+"""Attention's conformance spec (kernels/registry.py): small grouped-query cases the Triton interpreter runs fast."""
+from __future__ import annotations
+
+import torch
+
+from archlab.kernels.registry import Conformance, ConformanceCase, Tolerance
+
+LENGTHS = (1, 2, 3, 5, 8, 13, 16, 17, 31, 33)  # 1, primes, and both sides of the interpreter's 16 x 32 blocks
+HEAD_DIMS = (16, 32, 64)  # the Triton kernel's but 128, which the interpreter runs slowly
+
+
+def draw_case(draw, dtype: torch.dtype) -> ConformanceCase:
+    from hypothesis import strategies as st  # a test dependency: imported only when a case is drawn
+
+    causal = draw(st.booleans())
+    len_k = draw(st.sampled_from(LENGTHS))
+    len_q = draw(st.sampled_from([n for n in LENGTHS if n <= len_k] if causal else LENGTHS))
+    n_kv_heads = draw(st.integers(1, 2))
+    n_heads = n_kv_heads * draw(st.integers(1, 2))
+    batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(HEAD_DIMS))
+    transposed = draw(st.booleans())  # (batch, length, heads, dim) memory seen as (batch, heads, length, dim)
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+
+    def make(heads: int, length: int) -> torch.Tensor:
+        shape = (batch, length, heads, head_dim) if transposed else (batch, heads, length, head_dim)
+        t = torch.randn(shape, generator=generator).to(dtype)
+        return (t.transpose(1, 2) if transposed else t).requires_grad_()
+
+    q, k, v = make(n_heads, len_q), make(n_kv_heads, len_k), make(n_kv_heads, len_k)
+    return ConformanceCase((q, k, v), {"causal": causal, "scale": draw(st.sampled_from([None, 0.3]))})
+
+
+CONFORMANCE = Conformance(draw_case, tolerances={
+    torch.float32: Tolerance(rtol=1e-5, atol=3e-5),
+    torch.bfloat16: Tolerance(rtol=2e-2, atol=4e-2),
+    torch.float16: Tolerance(rtol=4e-3, atol=4e-3),
+})

@@ -1,0 +1,43 @@
+"""The selective scan's conformance spec (kernels/registry.py): Mamba-like inputs at sizes the Triton interpreter
+scans in about a second."""
+from __future__ import annotations
+
+import torch
+
+from archlab.kernels.registry import Conformance, ConformanceCase, Tolerance
+
+LENGTHS = (1, 2, 3, 5, 7, 13, 16, 17, 31, 33)  # 1, primes, and both sides of the interpreter's 16-position chunks
+# batch * dim * N * L per case: the interpreter pays ~50 us per scanned element (see test_selective_scan_triton.py)
+ELEMENT_BUDGET = 2000
+
+
+def draw_case(draw, dtype: torch.dtype) -> ConformanceCase:
+    from hypothesis import strategies as st  # a test dependency: imported only when a case is drawn
+
+    batch, n_state, groups = draw(st.integers(1, 2)), draw(st.sampled_from([1, 4, 8])), draw(st.sampled_from([0, 1, 2]))
+    dim = max(groups, 1) * draw(st.integers(1, 3))  # groups 0: B and C are (batch, N, L), shared by every channel
+    length = draw(st.sampled_from([n for n in LENGTHS if batch * dim * n_state * n <= ELEMENT_BUDGET]))
+    softplus = draw(st.booleans())
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+
+    def randn(*shape, dtype=dtype):
+        return torch.randn(shape, generator=generator).to(dtype)
+
+    bc_shape = (batch, n_state, length) if groups == 0 else (batch, groups, n_state, length)
+    delta = randn(batch, dim, length)
+    # Mamba's delta is positive (a softplus); without the softplus here, draw it positive directly
+    delta = delta if softplus else (delta.float().abs() * 0.5).to(dtype)
+    A = -(torch.rand(dim, n_state, generator=generator) * 2 + 0.1)  # -exp(A_log): the state decays
+    D = randn(dim, dtype=torch.float32) if draw(st.booleans()) else None  # A, D, delta_bias stay float32, as in Mamba
+    z = randn(batch, dim, length) if draw(st.booleans()) else None
+    delta_bias = torch.rand(dim, generator=generator) * 0.5 if draw(st.booleans()) else None
+    tensors = (randn(batch, dim, length), delta, A, randn(*bc_shape), randn(*bc_shape), D, z, delta_bias)
+    return ConformanceCase(tuple(None if t is None else t.requires_grad_() for t in tensors),
+                           {"delta_softplus": softplus, "return_last_state": True})
+
+
+CONFORMANCE = Conformance(draw_case, tolerances={
+    torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
+    torch.bfloat16: Tolerance(rtol=1e-2, atol=1e-4),
+    torch.float16: Tolerance(rtol=1.5e-3, atol=1e-4),
+})
