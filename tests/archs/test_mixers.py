@@ -1,6 +1,5 @@
 """Every registered mixer passes the shared mixer checks; the layer pattern grammar; the stack's accounting."""
 import pytest
-import torch
 
 from archlab.archs.config import ModelConfig
 from archlab.archs.layers.mixer import MIXERS
