@@ -197,7 +197,7 @@ class ModelConfig(BaseModel):
 
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}{closest(self.objective, OBJECTIVES)}")
-        for name, settings in self.mixers.items():
+        for settings in self.mixers.values():
             settings.check(self.d_model)
         OBJECTIVES[self.objective].check_config(self)
         needed = OBJECTIVES[self.objective].causality(self)
