@@ -7,8 +7,9 @@ Batches are LongTensors of byte ids, shape (B, seq_len + 1): each objective deci
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -182,6 +183,18 @@ class Model(nn.Module):
         optionally without the embedding table."""
         total = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return total - self.embedding.weight.numel() if exclude_embeddings else total
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode without autograd for the block (sampling, scoring); the module's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def batch_seeded_generator(tokens: Tensor, salt: int) -> torch.Generator:

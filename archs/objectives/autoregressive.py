@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
-from archlab.archs.model import Model, Objective, next_byte_features, split_batch
+from archlab.archs.model import Model, Objective, inference, next_byte_features, split_batch
 
 
 class AutoregressiveObjective(Objective):
@@ -82,20 +82,15 @@ def sample_autoregressively(objective: Objective, model: Model, prompt: Tensor, 
     """
     objective.check_sample_args(prompt, n_tokens, temperature, top_k, context_len)
     window = context_len or prompt.shape[1] + n_tokens
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            tokens, cache = prompt, None
-            step_input = prompt[:, -window:]
-            for _ in range(n_tokens):
-                if cache is None or cache[0].length + step_input.shape[1] > window:
-                    if cache is not None:
-                        step_input = tokens[:, -max(1, window // 2):]
-                    cache = model.backbone.new_cache(prompt.shape[0], window, device=prompt.device)
-                next_logits = objective.logits(model, step_input, cache=cache)[:, -1]
-                step_input = objective.draw_tokens(next_logits, temperature, top_k, generator)
-                tokens = torch.cat([tokens, step_input], dim=1)
-            return tokens
-    finally:
-        model.train(was_training)
+    with inference(model):
+        tokens, cache = prompt, None
+        step_input = prompt[:, -window:]
+        for _ in range(n_tokens):
+            if cache is None or cache[0].length + step_input.shape[1] > window:
+                if cache is not None:
+                    step_input = tokens[:, -max(1, window // 2):]
+                cache = model.backbone.new_cache(prompt.shape[0], window, device=prompt.device)
+            next_logits = objective.logits(model, step_input, cache=cache)[:, -1]
+            step_input = objective.draw_tokens(next_logits, temperature, top_k, generator)
+            tokens = torch.cat([tokens, step_input], dim=1)
+        return tokens

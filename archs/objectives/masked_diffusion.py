@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
-from archlab.archs.model import Model, Objective, batch_seeded_generator, split_batch
+from archlab.archs.model import Model, Objective, batch_seeded_generator, inference, split_batch
 
 EPS = 1e-3  # smallest diffusion time drawn
 EVAL_SEED = 20240607  # mixed with a checksum of the eval batch: the same batch always gets the same (t, mask) draws
@@ -171,23 +171,18 @@ class MaskedDiffusionObjective(Objective):
         self.last_sample_stats = {"strategy": strategy, "steps": 0, "network_evals": 0}
         if n_tokens == 0:
             return prompt.clone()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                z = torch.cat([prompt, prompt.new_full((batch, n_tokens), self.mask_id)], dim=1)
-                draw = dict(temperature=temperature, top_k=top_k, generator=generator)
-                if strategy == "ancestral":
-                    self._ancestral(model, z, steps, **draw)
-                elif strategy == "confidence":
-                    self._confidence(model, z, prompt_len, z.shape[1], steps, **draw)
-                else:
-                    per_block = max(1, steps * block_size // n_tokens)
-                    for start in range(prompt_len, z.shape[1], block_size):
-                        self._confidence(model, z, start, start + block_size, per_block, **draw)
-                return z
-        finally:
-            model.train(was_training)
+        with inference(model):
+            z = torch.cat([prompt, prompt.new_full((batch, n_tokens), self.mask_id)], dim=1)
+            draw = dict(temperature=temperature, top_k=top_k, generator=generator)
+            if strategy == "ancestral":
+                self._ancestral(model, z, steps, **draw)
+            elif strategy == "confidence":
+                self._confidence(model, z, prompt_len, z.shape[1], steps, **draw)
+            else:
+                per_block = max(1, steps * block_size // n_tokens)
+                for start in range(prompt_len, z.shape[1], block_size):
+                    self._confidence(model, z, start, start + block_size, per_block, **draw)
+            return z
 
     def _ancestral(self, model: Model, z: Tensor, steps: int, **draw) -> None:
         logits = None
