@@ -49,7 +49,7 @@ def ensure_environment() -> None:
 def main() -> None:
     commands = {
         # the quick study (configs/studies/quick.yaml); --resume makes a second call finish or re-report it
-        "quickstart": [str(PYTHON), "-m", "archlab.train.cli", "compare", "configs/studies/quick.yaml", "--resume"],
+        "quickstart": [str(PYTHON), "-m", "archlab.compare.cli", "compare", "configs/studies/quick.yaml", "--resume"],
         "test": [str(PYTHON), "-m", "pytest", "-q"],
     }
     if len(sys.argv) < 2 or sys.argv[1] not in commands:

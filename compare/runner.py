@@ -31,7 +31,8 @@ from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, 
 from archlab.train.data import resolve_data_path
 from archlab.train.errors import UserError
 from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE, probe_run
-from archlab.train.trainer import Trainer, resolve_device
+from archlab.train.loading import resolve_device
+from archlab.train.trainer import Trainer
 
 STUDY_FILE = "study.json"
 LOCK_FILE = ".lock"  # held while an `archlab compare` works in OUT
@@ -168,7 +169,7 @@ def _train_runs(study: Study, out: Path, specs: list[RunSpec], device: str, pyth
         atomic_write(config_path, dump_config(cfg))
         print(f"[{index + 1}/{len(specs)}] {spec.name}: {spec.params / 1e6:.2f}M params, "
               f"{spec.flops_per_token / 1e6:.2f} MFLOP/token, {spec.config.train.max_steps} steps", flush=True)
-        code = subprocess.run([python, "-m", "archlab.train.cli", "train", str(config_path),
+        code = subprocess.run([python, "-m", "archlab.compare.cli", "train", str(config_path),
                                "--nproc", str(study.nproc_per_node)]).returncode
         entry["status"] = "finished" if code == 0 else "failed"
         entry["exit_code"] = code

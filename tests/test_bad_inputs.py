@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 import torch
 
-from archlab.train.cli import main
+from archlab.compare.cli import main
 
 from .train.conftest import ROOT, TINY
 from .train.test_cli import run_cli, snapshot
@@ -230,7 +230,8 @@ CASES = [
     ("arch: old hybrid without attention layers", train("model.backbone=hybrid"), "needs model.attn_layers"),
     ("arch: old hybrid attention layer out of range", train("model.backbone=hybrid", "model.attn_layers=[5]"),
      "attn_layers [5] outside 0..1"),
-    ("arch: old attention layers on a transformer", train("model.attn_layers=[0]"), "attn_layers is for backbone=hybrid"),
+    ("arch: old attention layers on a transformer", train("model.attn_layers=[0]"),
+     "attn_layers is for backbone=hybrid"),
     ("arch: old and new stack keys together", train("model.layers=mamba", "model.backbone=mamba"),
      "old form of model.layers"),
     ("arch: diffusion steps on an autoregressive run", train("sample.steps=4"),
@@ -264,7 +265,6 @@ CASES = [
      "corrupted, truncated"),
     ("ckpt: truncated state", resume_with(truncate("state.pt")), "corrupted, truncated"),
     ("ckpt: empty state", resume_with(overwrite("state.pt", b"")), "corrupted, truncated"),
-    ("ckpt: code-running pickle, eval", lambda ctx: ["eval", pickle_payload(ctx)], "corrupted, truncated"),
     ("ckpt: code-running pickle, resume", lambda ctx: ["train", TINY, f"run.dir={pickle_payload(ctx)}", "--resume"],
      "corrupted, truncated"),
     ("ckpt: another format version", resume_with(lambda ctx, run, ck: ctx.edit_meta(ck, format_version=999)),

@@ -33,7 +33,7 @@ def bench_trainer(config: str, overrides: list[str], *, steps: int, repeats: int
 
         def bare_steps() -> None:
             for _ in range(steps):
-                with trainer._autocast():
+                with trainer.autocast():
                     loss, _ = model.objective.loss(model, batch)
                 loss.backward()
                 bare_optimizer.step()

@@ -110,8 +110,8 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, Any]) -> dict[str, Any]:
-    """Load weights into `model` and return the saved training state. Checks it is the same architecture."""
+def load_weights(path: Path, model: torch.nn.Module, model_config: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint's weights into `model` after checking it is the same architecture; returns meta.json."""
     meta = read_meta(path)
     # a key the checkpoint predates counts as the value the model was built with then (as JSON, like model_config)
     saved = complete_saved_model_config(meta.get("model", {}))
@@ -125,21 +125,34 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, 
     try:
         device = str(next(model.parameters()).device)
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=device)
-        # weights_only: tensors and plain containers only; anything else (a pickle that would run code)
-        # is refused with an UnpicklingError, reported below like any other damage.
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever the damage, the user needs the same one-line answer
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupted, truncated or not archlab's ({reason}); "
-                              "delete it to fall back to an earlier one") from None
+        raise _damaged(path, err) from None
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}); load it with the config it was trained with")
+    return meta
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict[str, Any]) -> dict[str, Any]:
+    """Load weights into `model` and return the saved training state (to resume: optimizer, RNG, sampler...)."""
+    load_weights(path, model, model_config)
+    try:
+        # weights_only: tensors and plain containers only; anything else (a pickle that would run code)
+        # is refused with an UnpicklingError, reported like any other damage.
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise _damaged(path, err) from None
     absent = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["(not a mapping)"]
     if absent:
         raise CheckpointError(f"checkpoint {path} has no training state {absent[:3]} in state.pt; it is not archlab's "
                               "or is damaged: delete it to fall back to an earlier one")
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}); load it with the config it was trained with")
     return state
+
+
+def _damaged(path: Path, err: Exception) -> CheckpointError:
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"checkpoint {path} is corrupted, truncated or not archlab's ({reason}); "
+                           "delete it to fall back to an earlier one")
 
 
 def _fsync(path: Path) -> None:

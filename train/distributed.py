@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun: PyTorch's DistributedDataParallel over NCCL (CUDA) or gloo (CPU).
 
-`torchrun --nproc_per_node=N -m archlab.train.cli train CONFIG` (or `archlab train CONFIG --nproc N`, which
+`torchrun --nproc_per_node=N -m archlab.compare.cli train CONFIG` (or `archlab train CONFIG --nproc N`, which
 execs exactly that) starts N processes; each sees RANK / WORLD_SIZE / LOCAL_RANK in its environment. Every rank
 builds the same model from the same seed and draws the same global batch from the deterministic sampler, then
 trains on its own contiguous slice of rows (train.batch_size stays the global batch). DDP averages the

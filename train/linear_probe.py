@@ -48,11 +48,11 @@ from torch import Tensor, nn
 
 from archlab.archs.model import Model
 from archlab.kernels.common.files import atomic_write, json_text
-from archlab.train.config import run_config
 from archlab.train.data import WindowSampler, eval_batches
 from archlab.train.errors import UserError
+from archlab.train.loading import load_run
 from archlab.train.ngram import ByteNgrams
-from archlab.train.trainer import Trainer, initial_model, split_batches
+from archlab.train.trainer import initial_model
 
 RESULT_FILE = "linear_probe.json"
 PROBE_KINDS = ("linear", "mlp")
@@ -252,21 +252,20 @@ def probe_run(run_dir: str | Path, *, baseline: str | Path | None = None, mlp: b
     encoder and, if given, a baseline run's latest checkpoint, scored on the run's eval windows of `split`; the
     result is also written to RUN/linear_probe.json. Bad input is a one-line UserError before any probe trains."""
     run_dir = str(run_dir)
-    cfg = run_config(run_dir, device, need_checkpoint=None if checkpoint else "probe")
-    trainer = Trainer(cfg, checkpoint=Path(checkpoint) if checkpoint else None)
-    run = Encoder("trained", run_dir, trainer.step, trainer.model, trainer.device)
+    loaded = load_run(run_dir, device, checkpoint=checkpoint, purpose="probe")
+    cfg = loaded.cfg
+    run = Encoder("trained", run_dir, loaded.step, loaded.model, loaded.device)
     with torch.random.fork_rng(devices=[]):  # rebuilding the step-0 weights reseeds the RNG: not the caller's
         start_model = initial_model(cfg)
-    encoders = [Encoder("random init", run_dir, 0, start_model.to(trainer.device), trainer.device)]
+    encoders = [Encoder("random init", run_dir, 0, start_model.to(loaded.device), loaded.device)]
     if baseline is not None:
-        other_cfg = run_config(baseline, device, need_checkpoint="use as a probe baseline")
-        differing = [key for key in SAME_DATA if getattr(other_cfg.data, key) != getattr(cfg.data, key)]
+        other = load_run(baseline, device, purpose="use as a probe baseline")
+        differing = [key for key in SAME_DATA if getattr(other.cfg.data, key) != getattr(cfg.data, key)]
         if differing:
             raise UserError(f"baseline {baseline} was trained on other data than {run_dir} (data.{differing[0]} "
                             "differs); give a baseline trained on the same corpus, splits and seq_len")
-        other = Trainer(other_cfg)
         encoders.append(Encoder("baseline", str(baseline), other.step, other.model, other.device))
-    batches = split_batches(trainer, split, whole_split=whole_split)
-    result = linear_evaluation(run, encoders, trainer.corpus.train, batches, seq_len=cfg.data.seq_len, mlp=mlp)
-    result |= {"run": run_dir, "step": trainer.step, "split": split}
+    batches = loaded.eval_windows(split, whole_split=whole_split)
+    result = linear_evaluation(run, encoders, loaded.corpus.train, batches, seq_len=cfg.data.seq_len, mlp=mlp)
+    result |= {"run": run_dir, "step": loaded.step, "split": split}
     return result, write_result(Path(run_dir), result)

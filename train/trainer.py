@@ -6,7 +6,6 @@ summary. Resume restores weights, optimizer, RNG and data position so the loss c
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import time
@@ -17,15 +16,16 @@ import torch
 from tqdm import tqdm
 
 from archlab.archs.registry import build_model
-from archlab.kernels.backend import resolve_backend
 from archlab.kernels.common import schedule
 from archlab.kernels.common.files import atomic_write, json_text
 from archlab.train import checkpoint as ckpt
 from archlab.train import distributed
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
-from archlab.train.data import ByteCorpus, ByteTokenizer, WindowSampler, eval_batches, resolve_data_path
+from archlab.train.data import WindowSampler
 from archlab.train.errors import CheckpointError, ConfigError, UserError
 from archlab.train.flops import peak_flops, training_flops_per_token
+from archlab.train.loading import (autocast, autocast_dtype, byte_weighted_sums, check_kernel_backends, eval_windows,
+                                   open_corpus, resolve_device, sample_text)
 from archlab.train.ngram import ByteNgrams
 from archlab.train.run_log import MetricsLog, check_wandb_mode, start_wandb
 
@@ -37,14 +37,6 @@ class TrainingDiverged(UserError):
 # What a run writes into its directory; a directory holding only these (and no checkpoint) is a run that
 # died before its first checkpoint, which run.resume=auto may start over.
 RUN_ARTIFACTS = {"config.yaml", "metrics.jsonl", "checkpoints", "wandb", "sample.txt", "summary.json"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def initial_model(cfg: Config):
@@ -80,14 +72,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def split_batches(trainer: "Trainer", split: str, *, whole_split: bool = False) -> list[torch.Tensor]:
-    """The eval windows of a split (val, test) as the run's eval set is cut: train.eval_tokens bytes, or all."""
-    cfg = trainer.cfg
-    return eval_batches(trainer.corpus.split(split), seq_len=cfg.data.seq_len,
-                        batch_size=cfg.train.micro_batch_size or cfg.train.batch_size,
-                        max_tokens=None if whole_split else cfg.train.eval_tokens)
-
-
 class Trainer:
     def __init__(self, cfg: Config, *, checkpoint: Path | None = None):
         """Validates everything (device, data, run directory, checkpoint) before anything is written.
@@ -105,26 +89,18 @@ class Trainer:
             if not (Path(checkpoint) / "meta.json").exists():
                 raise CheckpointError(f"{checkpoint} is not a checkpoint directory (no meta.json)")
             self.resume_from = Path(checkpoint)
-        self.corpus = ByteCorpus.open(resolve_data_path(cfg.data.path), val_fraction=cfg.data.val_fraction,
-                                      test_fraction=cfg.data.test_fraction, sha256=cfg.data.sha256)
-        self.corpus.check_seq_len(cfg.data.seq_len)
+        self.corpus = open_corpus(cfg)
         check_wandb_mode(cfg.run.wandb)
 
         model = initial_model(cfg)
-        kernels = cfg.kernels.model_dump()  # op name -> backend name
-        for op in sorted(model.kernel_ops()):  # a setting for an op the model never runs is moot
-            try:  # e.g. the GPU-only peer backend on a CPU machine
-                resolve_backend(op, kernels[op], self.device)
-            except ValueError as err:
-                raise ConfigError(f"kernels.{op}: {err}") from None
+        check_kernel_backends(model, cfg, self.device)
         self.model = model.to(self.device)
         # weights load into the plain model, before FSDP2 may shard it
         saved_state = self._restore_weights(self.resume_from) if self.resume_from is not None else None
         distributed.start(self.world, self.device)
         if self.world.distributed:  # same weights everywhere; each rank then draws its own masks and noise
             torch.manual_seed(t.seed + self.world.rank)
-        self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" or (
-            t.precision == "auto" and self.device.type == "cuda") else None
+        self.autocast_dtype = autocast_dtype(cfg, self.device)
         self.loss_module = distributed.wrap(self.model, self.world, self.device, t.parallel, self.autocast_dtype)
         self.sharded = distributed.is_sharded(self.loss_module)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay, t.decay_embeddings),
@@ -134,8 +110,7 @@ class Trainer:
             [p for p in self.model.parameters() if p.requires_grad and id(p) not in separate],
             [p for p in self.model.parameters() if id(p) in separate]) if group]
         self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
-        self.eval_set = eval_batches(self.corpus.val, seq_len=cfg.data.seq_len,
-                                     batch_size=t.micro_batch_size or t.batch_size, max_tokens=t.eval_tokens)
+        self.eval_set = eval_windows(self.corpus, cfg)
         # the eval bytes' entropy under the train split's byte frequencies, every eval's reference figure
         self.eval_unigram_bpb = ByteNgrams(self.corpus.train).unigram_bpb(self.eval_set)
         self.precision_name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
@@ -218,10 +193,8 @@ class Trainer:
         distributed.barrier(self.world)
         return path
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def autocast(self):
+        return autocast(self.autocast_dtype, self.device)
 
     # -- the loop -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,20 +203,17 @@ class Trainer:
         `unigram_bpb`: the batches' next bytes scored by the train split's byte frequencies, the figure a model
         that knows nothing but those frequencies reaches."""
         self.model.eval()
-        totals: dict[str, float] = {}
-        weight = 0
         batches = self.eval_set if batches is None else batches
+
+        def score(batch: torch.Tensor) -> dict:
+            with self.autocast():
+                return self.loss_module(batch.to(self.device), evaluate=True) if self.sharded else \
+                    self.model.objective.evaluate(self.model, batch.to(self.device))
+
         # sharded weights are gathered in collective forwards, which every rank must run alike: each rank
         # scores every batch then (the same figures); replicated weights let ranks split the batches
         mine = batches if self.sharded else batches[self.world.rank::self.world.size]
-        for batch in mine:
-            with self._autocast():
-                metrics = self.loss_module(batch.to(self.device), evaluate=True) if self.sharded else \
-                    self.model.objective.evaluate(self.model, batch.to(self.device))
-            n = metrics.pop("n_bytes")
-            weight += n
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * n
+        totals, weight = byte_weighted_sums(score, mine)
         self.model.train()
         if self.world.distributed and not self.sharded:
             totals, weight = distributed.sum_over_ranks(totals, weight, self.world)
@@ -262,7 +232,7 @@ class Trainer:
         micros = local.split(t.micro_batch_size or local.shape[0])
         for index, micro in enumerate(micros):
             with distributed.sync_gradients(self.loss_module, index == len(micros) - 1):
-                with self._autocast():
+                with self.autocast():
                     loss, _ = self.loss_module(micro)
                 (loss / len(micros)).backward()
             total += loss.detach() / len(micros)
@@ -398,14 +368,8 @@ class Trainer:
     def sample_text(self, prompt: str, n_tokens: int, *, temperature: float, top_k: int | None, seed: int,
                     **options) -> str:
         """`options`: the objective's own sampler settings (Objective.sample_options), e.g. diffusion steps."""
-        tokenizer = ByteTokenizer()
-        prompt_ids = tokenizer.encode(prompt)[None].to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        with self._autocast():
-            out = self.model.objective.sample(self.model, prompt_ids, n_tokens, temperature=temperature,
-                                              top_k=top_k, generator=generator, context_len=self.cfg.data.seq_len,
-                                              **options)
-        return tokenizer.decode(out[0].tolist())
+        return sample_text(self.model, self.cfg, self.device, self.autocast_dtype, prompt, n_tokens,
+                           temperature=temperature, top_k=top_k, seed=seed, **options)
 
     def write_summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
         summary = {

@@ -17,7 +17,8 @@ from archlab.train.trainer import Trainer
 
 from ..train.conftest import TINY
 
-SMALL = dict(layers="mamba,attention,mamba", d_model=32, mlp_hidden=64, attention=dict(n_heads=2), mamba=dict(d_state=4))
+SMALL = dict(layers="mamba,attention,mamba", d_model=32, mlp_hidden=64, attention=dict(n_heads=2),
+             mamba=dict(d_state=4))
 
 
 def tiny_model(**overrides):

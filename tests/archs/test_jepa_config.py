@@ -6,7 +6,7 @@ import torch
 from pydantic import ValidationError
 
 from archlab.archs.config import MASKED_SPAN_SIGREG_WEIGHT, ModelConfig
-from archlab.train.cli import main
+from archlab.compare.cli import main
 from archlab.train.config import load_config
 from archlab.train.errors import ConfigError
 from archlab.train.trainer import Trainer

@@ -5,8 +5,8 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
+from archlab.compare.cli import main
 from archlab.compare.runner import run_study
-from archlab.train.cli import main
 from archlab.train.errors import UserError
 
 from ..train.conftest import TINY

@@ -9,7 +9,7 @@ from archlab.kernels.bench.attention import COLUMNS as ATTENTION_COLUMNS
 from archlab.kernels.bench.attention import attention_flops, bench_attention
 from archlab.kernels.bench.conv1d import bench_conv1d, conv1d_bytes
 from archlab.kernels.bench.scan import bench_scan, scan_bytes
-from archlab.train.cli import main
+from archlab.compare.cli import main
 
 
 def test_attention_flops_convention():

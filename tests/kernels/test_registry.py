@@ -12,7 +12,7 @@ from archlab.kernels.backend import check_backend, resolve_backend
 from archlab.kernels.bench import environment
 from archlab.kernels.registry import (Conformance, ConformanceCase, KernelBench, KernelOp, Tolerance, kernel_benches,
                                       kernel_ops, register, unregister)
-from archlab.train.cli import main
+from archlab.compare.cli import main
 from archlab.train.config import dump_config, load_config
 from archlab.train.errors import ConfigError
 from tests.kernels.test_conformance import check_conformance

@@ -1,6 +1,7 @@
 """The command line end to end, and every bad input: exit code 2, one `error:` line, nothing written or lost."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from archlab.train.cli import main
+from archlab.compare.cli import main
+from archlab.train.loading import load_run
 
 from .conftest import ROOT, TINY
 
@@ -34,7 +36,7 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 def trained_run(tmp_path_factory):
     """One finished tiny run shared by the read-only CLI tests (run in a subprocess: the real entry point)."""
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    result = subprocess.run([sys.executable, "-m", "archlab.train.cli", "train", str(TINY), f"run.dir={run_dir}"],
+    result = subprocess.run([sys.executable, "-m", "archlab.compare.cli", "train", str(TINY), f"run.dir={run_dir}"],
                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -51,6 +53,23 @@ def test_eval_prints_val_bpb(capsys, trained_run):
     assert result["step"] == 12 and result["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
     code, out, _ = run_cli(capsys, "eval", trained_run, "--all")
     assert code == 0 and 0 < json.loads(out)["val_bpb"] < 8.0
+
+
+def test_load_run_reads_weights_only_and_scores_as_the_trainer(capsys, trained_run, tmp_path):
+    """The README's load_run snippet: no optimizer state is read (state.pt removed), nothing is written, the
+    model is in eval mode, val bpb is the trainer's final figure, and sampling matches `archlab sample`."""
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    for state in run_dir.rglob("state.pt"):
+        state.unlink()
+    before = snapshot(run_dir)
+    run = load_run(run_dir, "cpu")
+    assert run.step == 12 and not run.model.training and run.device.type == "cpu"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert run.evaluate(run.eval_windows("val"))["bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
+    text = run.sample_text("ROMEO:", 30, temperature=0.8, top_k=None, seed=1)  # the CLI defaults
+    code, out, _ = run_cli(capsys, "sample", run_dir, "--prompt", "ROMEO:", "--tokens", "30", "--seed", "1")
+    assert code == 0 and out.rstrip("\n") == text and len(text.encode()) >= 36
+    assert snapshot(run_dir) == before
 
 
 def test_sample_prints_text(capsys, trained_run):
@@ -153,12 +172,18 @@ def test_damaged_checkpoint_and_other_architecture(capsys, tmp_path, trained_run
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     latest = sorted((run / "checkpoints").iterdir())[-1]
-    for damaged, data in [("model.safetensors", None), ("state.pt", b"\x80\x04garbage, not a zip")]:
-        original = (latest / damaged).read_bytes()
-        (latest / damaged).write_bytes(original[:1000] if data is None else data)
-        code, _, err = run_cli(capsys, "eval", run)
-        assert code == 2 and err.startswith("error: ") and "corrupted, truncated" in err and err.count("\n") == 1
-        (latest / damaged).write_bytes(original)
+    code, intact, _ = run_cli(capsys, "eval", run)
+    assert code == 0
+    weights = (latest / "model.safetensors").read_bytes()
+    (latest / "model.safetensors").write_bytes(weights[:1000])
+    code, _, err = run_cli(capsys, "eval", run)
+    assert code == 2 and err.startswith("error: ") and "corrupted, truncated" in err and err.count("\n") == 1
+    (latest / "model.safetensors").write_bytes(weights)
+    # scoring reads the weights and meta.json only: a damaged training state matters to a resume, not to eval
+    (latest / "state.pt").write_bytes(b"\x80\x04garbage, not a zip")
+    assert run_cli(capsys, "eval", run)[:2] == (0, intact)
+    code, _, err = run_cli(capsys, "train", TINY, f"run.dir={run}", "--resume")
+    assert code == 2 and "corrupted, truncated" in err and err.count("\n") == 1
 
     other = tmp_path / "other"
     assert run_cli(capsys, "train", TINY, f"run.dir={other}", "model.d_model=64", "train.max_steps=1",

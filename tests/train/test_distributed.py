@@ -27,7 +27,7 @@ TOLERANCE = 1e-4
 
 def train(run_dir, *overrides, nproc=1):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "archlab.train.cli", "train", str(TINY), f"run.dir={run_dir}", "sample.tokens=0",
+    argv = [sys.executable, "-m", "archlab.compare.cli", "train", str(TINY), f"run.dir={run_dir}", "sample.tokens=0",
             *overrides, "--nproc", str(nproc)]
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -90,7 +90,7 @@ def test_fsdp_checkpoint_loads_in_one_process(tmp_path):
     """The sharded run's checkpoint holds full weights: `archlab eval` in a single process scores it the same."""
     train(tmp_path / "fsdp", "train.parallel=fsdp", nproc=2)
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
-    result = subprocess.run([sys.executable, "-m", "archlab.train.cli", "eval", str(tmp_path / "fsdp")],
+    result = subprocess.run([sys.executable, "-m", "archlab.compare.cli", "eval", str(tmp_path / "fsdp")],
                             capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)

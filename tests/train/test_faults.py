@@ -118,10 +118,10 @@ def fault_env(tmp_path_factory):
 
 
 def kill_when(argv: list[str], env: dict[str, str], ready, log: Path, timeout: float = 120.0) -> None:
-    """Starts `python -m archlab.train.cli ARGV`, polls `ready()` and SIGKILLs the process group the moment
+    """Starts `python -m archlab.compare.cli ARGV`, polls `ready()` and SIGKILLs the process group the moment
     it holds: the process and any children, wherever they are (a kill -9 of the whole job)."""
     with log.open("w") as output:
-        proc = subprocess.Popen([sys.executable, "-m", "archlab.train.cli", *argv], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "archlab.compare.cli", *argv], cwd=ROOT, env=env,
                                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:

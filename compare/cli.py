@@ -1,7 +1,8 @@
 """`archlab train | eval | sample | model | compare | report | data fetch | bench` — the command line.
 
 User errors (bad config, data, checkpoint, arguments) print one line `error: ...` and exit with code 2;
-`--debug` shows the traceback instead.
+`--debug` shows the traceback instead. It lives in compare/, the top layer, because it dispatches to every
+layer below; the handlers import what they run, so `archlab --help` starts without torch.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 def cmd_train(args) -> None:
     if args.nproc > 1:  # the same command under torchrun, one process per device
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m",
-                  "archlab.train.cli", "train", args.config, *args.overrides, *(["--resume"] if args.resume else [])]
+                  "archlab.compare.cli", "train", args.config, *args.overrides, *(["--resume"] if args.resume else [])]
         os.execv(sys.executable, launch)
     from archlab.train import distributed
     from archlab.train.config import load_config
@@ -57,8 +58,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from archlab.train.config import run_config
-    from archlab.train.trainer import Trainer, split_batches
+    from archlab.train.loading import load_run
 
     if (args.mlp or args.baseline) and not args.linear_probe:
         raise UserError("--mlp and --baseline go with --linear-probe; add it")
@@ -70,35 +70,33 @@ def cmd_eval(args) -> None:
         print(json.dumps(result))
         print(f"wrote {path}", file=sys.stderr)
         return
-    cfg = run_config(args.run_dir, args.device, need_checkpoint=None if args.checkpoint else "evaluate")
-    trainer = Trainer(cfg, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
-    metrics = trainer.evaluate(split_batches(trainer, args.split, whole_split=args.all))
-    print(json.dumps({"step": trainer.step, "checkpoint": str(trainer.resume_from),
+    run = load_run(args.run_dir, args.device, checkpoint=args.checkpoint)
+    metrics = run.evaluate(run.eval_windows(args.split, whole_split=args.all))
+    print(json.dumps({"step": run.step, "checkpoint": str(run.checkpoint),
                       **{f"{args.split}_{k}": v for k, v in metrics.items()}}))
 
 
 def cmd_sample(args) -> None:
-    from archlab.train.config import SampleConfig, run_config, validate_config
-    from archlab.train.trainer import Trainer
+    from archlab.train.config import SampleConfig, validate_config
+    from archlab.train.loading import load_run
 
     wanted = validate_config({"prompt": args.prompt, "tokens": args.tokens, "temperature": args.temperature,
                               "top_k": args.top_k, "steps": args.steps, "strategy": args.strategy,
                               "block_size": args.block_size}, source="archlab sample", section=SampleConfig)
-    trainer = Trainer(run_config(args.run_dir, args.device))
-    objective = trainer.model.objective
-    if not objective.can_sample(trainer.cfg.model):
-        raise UserError(f"this {trainer.cfg.model.objective} run cannot generate text (see its model settings)")
+    run = load_run(args.run_dir, args.device, purpose="sample from")
+    objective, trained = run.model.objective, run.cfg.model.objective
+    if not objective.can_sample(run.cfg.model):
+        raise UserError(f"this {trained} run cannot generate text (see its model settings)")
     unused = sorted(set(wanted.options()) - set(objective.sample_options))
     if unused:
-        raise UserError(f"--{unused[0].replace('_', '-')} does not apply to objective {trainer.cfg.model.objective}; "
-                        "leave it out")
-    seq_len, prompt_len = trainer.cfg.data.seq_len, len(wanted.prompt.encode())
+        raise UserError(f"--{unused[0].replace('_', '-')} does not apply to objective {trained}; leave it out")
+    seq_len, prompt_len = run.cfg.data.seq_len, len(wanted.prompt.encode())
     if objective.samples_within_context and prompt_len + wanted.tokens > seq_len:
-        raise UserError(f"a {trainer.cfg.model.objective} run samples prompt and continuation in one window of "
+        raise UserError(f"a {trained} run samples prompt and continuation in one window of "
                         f"data.seq_len={seq_len} bytes: the prompt ({prompt_len}) + --tokens ({wanted.tokens}) does "
                         "not fit; lower --tokens")
-    print(trainer.sample_text(wanted.prompt, wanted.tokens, temperature=wanted.temperature, top_k=wanted.top_k,
-                              seed=args.seed, **wanted.options()))
+    print(run.sample_text(wanted.prompt, wanted.tokens, temperature=wanted.temperature, top_k=wanted.top_k,
+                          seed=args.seed, **wanted.options()))
 
 
 def cmd_model(args) -> None:
@@ -150,6 +148,7 @@ def cmd_bench(args) -> None:
 
 
 def _bench_trainer(args) -> None:
+    from archlab.kernels.common.files import atomic_write, json_text
     from archlab.train.bench import bench_trainer
 
     config, overrides = args.config or DEFAULT_BENCH_CONFIG, list(args.overrides)
@@ -157,12 +156,12 @@ def _bench_trainer(args) -> None:
         config, overrides = DEFAULT_BENCH_CONFIG, [config, *overrides]
     result = bench_trainer(config, overrides, steps=args.steps, repeats=args.repeats)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write(Path(args.out), json_text(result))
     print(json.dumps(result))
 
 
 def _bench_decode(args) -> None:
-    from archlab.train.decode_bench import bench_decode, load_pair, to_markdown, write_results
+    from archlab.compare.decode_bench import bench_decode, load_pair, to_markdown, write_results
 
     if not args.config or len(args.overrides) != 1:
         raise UserError("archlab bench decode takes two run directories: a masked_diffusion run, then an "

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from archlab.archs.registry import OBJECTIVES
-from archlab.train.config import load_config
-from archlab.train.decode_bench import (
+from archlab.compare.decode_bench import (
     bench_decode,
     check_pair,
     default_block_size,
@@ -21,10 +20,12 @@ from archlab.train.decode_bench import (
     val_prompts,
     write_results,
 )
+from archlab.train.config import load_config
+from archlab.train.loading import load_run
 from archlab.train.trainer import Trainer
 
-from .conftest import TINY
-from .test_cli import run_cli
+from ..train.conftest import TINY
+from ..train.test_cli import run_cli
 
 N_TOKENS, PROMPT_LEN, SAMPLES = 16, 8, 3  # tiny.yaml: data.seq_len = 32
 
@@ -50,9 +51,7 @@ def ar_run(tmp_path_factory, one_thread):
 
 
 def _load(run_dir):
-    from archlab.train.config import run_config
-
-    return Trainer(run_config(str(run_dir), "cpu"))
+    return load_run(run_dir, "cpu")
 
 
 class StandInDiffusion:
@@ -143,7 +142,7 @@ def test_decode_study_report_and_plot(ar_run, tmp_path):
 
 def test_cli_writes_the_report(capsys, ar_run, tmp_path, monkeypatch):
     """`archlab bench decode` end to end, with the stand-in as the diffusion run (load_pair is checked below)."""
-    import archlab.train.decode_bench as decode_bench
+    import archlab.compare.decode_bench as decode_bench
 
     def stand_in_pair(diffusion_dir, ar_dir, device, *, n_tokens, prompt_len):
         assert (diffusion_dir, device, n_tokens, prompt_len) == (str(ar_run), "cpu", N_TOKENS, PROMPT_LEN)

@@ -1,0 +1,150 @@
+"""Loading a run is not training it: `load_run(run_dir)` gives a run's config, weights and data for scoring,
+sampling, probing and comparing, with no optimizer, data sampler, process group or DDP/FSDP wrapper.
+
+The pieces a loaded run and the Trainer share live here too (device, corpus, kernel backends, autocast, eval
+windows, the byte-weighted eval mean, sampling), so `archlab eval` scores a checkpoint exactly as training did.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from archlab.archs.model import Model
+from archlab.archs.registry import build_model
+from archlab.kernels.backend import resolve_backend
+from archlab.train import checkpoint as ckpt
+from archlab.train.config import Config, run_config
+from archlab.train.data import ByteCorpus, ByteTokenizer, eval_batches, resolve_data_path
+from archlab.train.errors import CheckpointError, ConfigError
+from archlab.train.ngram import ByteNgrams
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def open_corpus(cfg: Config) -> ByteCorpus:
+    """The run's corpus, its checksum and its splits' room for one window checked."""
+    corpus = ByteCorpus.open(resolve_data_path(cfg.data.path), val_fraction=cfg.data.val_fraction,
+                             test_fraction=cfg.data.test_fraction, sha256=cfg.data.sha256)
+    corpus.check_seq_len(cfg.data.seq_len)
+    return corpus
+
+
+def check_kernel_backends(model: Model, cfg: Config, device: torch.device) -> None:
+    """Every kernel op the model runs has a backend on `device` (e.g. no GPU-only peer on a CPU machine); a
+    setting for an op the model never runs is moot."""
+    kernels = cfg.kernels.model_dump()  # op name -> backend name
+    for op in sorted(model.kernel_ops()):
+        try:
+            resolve_backend(op, kernels[op], device)
+        except ValueError as err:
+            raise ConfigError(f"kernels.{op}: {err}") from None
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 when train.precision says so, or on CUDA under `auto`; None means fp32 (no autocast)."""
+    precision = cfg.train.precision
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def eval_windows(corpus: ByteCorpus, cfg: Config, split: str = "val", *,
+                 whole_split: bool = False) -> list[torch.Tensor]:
+    """The eval windows of a split (val, test) as the run's eval set is cut: train.eval_tokens bytes, or all."""
+    return eval_batches(corpus.split(split), seq_len=cfg.data.seq_len,
+                        batch_size=cfg.train.micro_batch_size or cfg.train.batch_size,
+                        max_tokens=None if whole_split else cfg.train.eval_tokens)
+
+
+def byte_weighted_sums(score: Callable[[torch.Tensor], dict], batches: Iterable[torch.Tensor]) -> tuple[dict, int]:
+    """Sums over batches of each metric times the batch's scored bytes (`n_bytes`), and the bytes in all."""
+    totals: dict[str, float] = {}
+    weight = 0
+    for batch in batches:
+        metrics = score(batch)
+        n = metrics.pop("n_bytes")
+        weight += n
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * n
+    return totals, weight
+
+
+def sample_text(model: Model, cfg: Config, device: torch.device, dtype: torch.dtype | None, prompt: str,
+                n_tokens: int, *, temperature: float, top_k: int | None, seed: int, **options) -> str:
+    """`prompt` continued by `n_tokens` bytes; `options`: the objective's own sampler settings
+    (Objective.sample_options), e.g. diffusion steps."""
+    tokenizer = ByteTokenizer()
+    prompt_ids = tokenizer.encode(prompt)[None].to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with autocast(dtype, device):
+        out = model.objective.sample(model, prompt_ids, n_tokens, temperature=temperature, top_k=top_k,
+                                     generator=generator, context_len=cfg.data.seq_len, **options)
+    return tokenizer.decode(out[0].tolist())
+
+
+@dataclass
+class LoadedRun:
+    """A run's model with the weights of one checkpoint, on one device, in eval mode, with its corpus."""
+
+    cfg: Config
+    model: Model
+    corpus: ByteCorpus
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    checkpoint: Path
+    step: int
+
+    def autocast(self):
+        return autocast(self.autocast_dtype, self.device)
+
+    def eval_windows(self, split: str = "val", *, whole_split: bool = False) -> list[torch.Tensor]:
+        return eval_windows(self.corpus, self.cfg, split, whole_split=whole_split)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """The objective's metrics over `batches` (default: the run's val eval set), byte-weighted as the
+        Trainer reports them, plus `unigram_bpb` (the train split's byte frequencies on the same bytes)."""
+        batches = self.eval_windows() if batches is None else batches
+
+        def score(batch: torch.Tensor) -> dict:
+            with self.autocast():
+                return self.model.objective.evaluate(self.model, batch.to(self.device))
+
+        totals, weight = byte_weighted_sums(score, batches)
+        return {key: value / weight for key, value in totals.items()} | {
+            "unigram_bpb": ByteNgrams(self.corpus.train).unigram_bpb(batches)}
+
+    def sample_text(self, prompt: str, n_tokens: int, **settings) -> str:
+        return sample_text(self.model, self.cfg, self.device, self.autocast_dtype, prompt, n_tokens, **settings)
+
+
+def load_run(run_dir: str | Path, device: str | None = None, *, checkpoint: str | Path | None = None,
+             purpose: str = "evaluate") -> LoadedRun:
+    """The run in `run_dir` at its latest checkpoint (or `checkpoint`, a checkpoint directory), on `device`
+    (default: the run's train.device). `purpose` (what the caller will do) words the error for a run with no
+    checkpoint yet. Bad input is a one-line UserError; nothing is written."""
+    cfg = run_config(run_dir, device, need_checkpoint=None if checkpoint else purpose)
+    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(Path(run_dir))
+    if not (path / "meta.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no meta.json)")
+    where = resolve_device(cfg.train.device)
+    corpus = open_corpus(cfg)
+    model = build_model(cfg.model, kernels=cfg.kernels.model_dump())
+    check_kernel_backends(model, cfg, where)
+    model = model.to(where)
+    meta = ckpt.load_weights(path, model, cfg.model.model_dump(mode="json"))
+    model.eval()
+    return LoadedRun(cfg=cfg, model=model, corpus=corpus, device=where, autocast_dtype=autocast_dtype(cfg, where),
+                     checkpoint=path, step=meta["step"])
