@@ -263,8 +263,9 @@ CASES = [
     ("ckpt: truncated weights, resume", resume_with(truncate("model.safetensors"), "train"), "corrupted, truncated"),
     ("ckpt: random bytes as weights", resume_with(overwrite("model.safetensors", os.urandom(4096))),
      "corrupted, truncated"),
-    ("ckpt: truncated state", resume_with(truncate("state.pt")), "corrupted, truncated"),
-    ("ckpt: empty state", resume_with(overwrite("state.pt", b"")), "corrupted, truncated"),
+    # eval reads the weights only; a damaged state.pt matters to a resume
+    ("ckpt: truncated state, resume", resume_with(truncate("state.pt"), "train"), "corrupted, truncated"),
+    ("ckpt: empty state, resume", resume_with(overwrite("state.pt", b""), "train"), "corrupted, truncated"),
     ("ckpt: code-running pickle, resume", lambda ctx: ["train", TINY, f"run.dir={pickle_payload(ctx)}", "--resume"],
      "corrupted, truncated"),
     ("ckpt: another format version", resume_with(lambda ctx, run, ck: ctx.edit_meta(ck, format_version=999)),

@@ -136,9 +136,9 @@ def load_run(run_dir: str | Path, device: str | None = None, *, checkpoint: str 
     (default: the run's train.device). `purpose` (what the caller will do) words the error for a run with no
     checkpoint yet. Bad input is a one-line UserError; nothing is written."""
     cfg = run_config(run_dir, device, need_checkpoint=None if checkpoint else purpose)
+    if checkpoint and not (Path(checkpoint) / "meta.json").exists():
+        raise CheckpointError(f"{checkpoint} is not a checkpoint directory (no meta.json)")
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(Path(run_dir))
-    if not (path / "meta.json").exists():
-        raise CheckpointError(f"{path} is not a checkpoint directory (no meta.json)")
     where = resolve_device(cfg.train.device)
     corpus = open_corpus(cfg)
     model = build_model(cfg.model, kernels=cfg.kernels.model_dump())
