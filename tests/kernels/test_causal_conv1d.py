@@ -374,7 +374,7 @@ def test_peer_off_the_gpu_and_without_the_package_says_what_to_do(monkeypatch):
         causal_conv1d(*_args(), backend="peer")
     import archlab.kernels.causal_conv1d as conv_module
 
-    monkeypatch.setattr(conv_module, "resolve_backend", lambda op, requested, device: requested)  # as on CUDA
+    monkeypatch.setattr(conv_module, "resolve_backend", lambda op, requested, device, dtype: requested)  # as on CUDA
     monkeypatch.setitem(sys.modules, "causal_conv1d", None)  # makes the import fail as if it were missing
     with pytest.raises(ImportError, match=r"needs causal-conv1d .*pip install -e \.\[peers\]"):
         causal_conv1d(*_args(), backend="peer")
