@@ -1,4 +1,4 @@
-"""`archlab train | eval | sample | model | compare | report | data fetch | bench` — the command line.
+"""`archlab train | eval | sample | model | compare | report | data fetch | bench | doctor` — the command line.
 
 User errors (bad config, data, checkpoint, arguments) print one line `error: ...` and exit with code 2;
 `--debug` shows the traceback instead. It lives in compare/, the top layer, because it dispatches to every
@@ -195,6 +195,16 @@ def _bench_kernel(args) -> None:
     print(f"wrote {json_path} and {md_path}")
 
 
+def cmd_doctor(args) -> None:
+    from archlab.kernels.doctor import report
+
+    try:
+        text = report(run_checks=not args.no_checks)
+    except ValueError as err:  # e.g. a bad ARCHLAB_SELF_CHECK
+        raise UserError(str(err)) from None
+    print(text, end="")
+
+
 class _BenchHelp(argparse.Action):
     """`archlab bench --help`, listing the kernel ops' benchmarks from their registry (kernels/registry.py). It is
     read only when asked for: importing the kernels (torch) would slow every other command down by seconds."""
@@ -299,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="trainer: also write the JSON here; kernels: folder for JSON + Markdown; "
                                      "decode: folder for JSON + Markdown + PNG (default compare/results)")
     bench.set_defaults(handler=cmd_bench)
+
+    doctor = sub.add_parser("doctor", help="what runs here: versions, GPU, per kernel op the usable backends, "
+                                           "self-check verdicts and what `auto` picks and why")
+    doctor.add_argument("--no-checks", action="store_true", help="report cached self-check verdicts only; run none")
+    doctor.set_defaults(handler=cmd_doctor)
     return parser
 
 

@@ -2,7 +2,7 @@
 (kernels/registry.py).
 
 Backends:
-  auto       the fastest one available on the tensors' device
+  auto       what is known good and fast on the tensors' device (auto_choice says which, and why)
   triton     our own Triton kernels (kernels/<op>/triton.py)
   torch      fast pure-PyTorch path; what CPU training uses
   reference  plain float32 PyTorch, the definition of correct (slow)
@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
+from archlab.kernels import self_check
+from archlab.kernels.measured import triton_measured_fast
 from archlab.kernels.registry import BACKENDS, kernel_ops
 
 
@@ -38,17 +41,89 @@ def check_backend(op: str, requested: str) -> None:
         raise ValueError(f"{op} has no {requested!r} backend yet; use {_choices(('auto', *ops[op].backends))}")
 
 
-def resolve_backend(op: str, requested: str, device: torch.device) -> str:
-    """Maps a requested backend name to the concrete backend that runs `op` on `device`."""
+def resolve_backend(op: str, requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Maps a requested backend name to the concrete backend that runs `op` on `device`. With `dtype` (what the
+    dispatchers pass) a Triton kernel passes its self-check there first (kernels/self_check.py): `auto` then
+    falls back with one warning line, an explicit `triton` fails with a one-line ValueError."""
     check_backend(op, requested)
     if requested == "auto":
-        return kernel_ops()[op].auto_on_cuda if device.type == "cuda" else "torch"
+        return auto_choice(op, device, dtype)[0]
     if requested == "peer" and device.type != "cuda":
         raise ValueError(f"the 'peer' backend for {op} runs third-party CUDA kernels and the tensors are on "
                          f"{device.type}; use auto, torch or reference off the GPU")
     if requested == "triton":
         _check_triton(op, device)
+        failed = _failed_self_check(op, device, dtype)
+        if failed:
+            raise ValueError(f"our Triton kernel for {op} failed its self-check on {failed}; use "
+                             f"kernels.{op}=auto (it falls back) or torch")
     return requested
+
+
+def auto_choice(op: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """(the backend `auto` runs `op` on `device` with, why). Off CUDA: torch. On CUDA: the op's auto_on_cuda order
+    (our Triton kernel first where a committed benchmark shows it at least as fast on this GPU family), each
+    taken if usable here: a peer whose package is installed, a Triton kernel that passed its self-check."""
+    spec = kernel_ops()[op]
+    if device.type != "cuda":
+        return "torch", f"on {device.type} the PyTorch path; Triton kernels and peers need CUDA"
+    order, why_first = list(spec.auto_on_cuda), "the op's default order on CUDA"
+    if "triton" in spec.backends and dtype is not None:
+        fast = triton_measured_fast(spec, torch.cuda.get_device_name(device), str(dtype).removeprefix("torch."))
+        if fast:
+            order, why_first = ["triton", *(b for b in order if b != "triton")], fast
+    passed_over = []
+    for backend in order:
+        if backend == "peer" and not peer_installed(op):
+            passed_over.append(f"peer skipped: {spec.peer_package} is not installed")
+            continue
+        if backend == "triton":
+            if importlib.util.find_spec("triton") is None:
+                passed_over.append("triton skipped: the triton package is not installed")
+                continue
+            failed = _failed_self_check(op, device, dtype)
+            if failed:
+                _warn_once(f"warning: kernels.{op}: our Triton kernel failed its self-check on {failed}; "
+                               f"auto uses {next_usable(op, order, backend)} instead")
+                passed_over.append(f"triton skipped: failed its self-check on {failed}")
+                continue
+        return backend, "; ".join([*passed_over, f"{backend}: {why_first}"])
+    return "torch", "; ".join([*passed_over, "torch: nothing before it is usable here"])
+
+
+def next_usable(op: str, order: list[str], after: str) -> str:
+    rest = order[order.index(after) + 1:]
+    return next((b for b in rest if b != "peer" or peer_installed(op)), "torch")
+
+
+def peer_installed(op: str) -> bool:
+    package = kernel_ops()[op].peer_package
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def _failed_self_check(op: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Where and how `op`'s Triton kernel failed its self-check ("<device> in <dtype> (<detail>)"), or None: it
+    passed, or is not checked (no dtype given, checks off here, or torch.compile is tracing and no verdict is
+    known yet: kernels cannot run inside a trace; the Trainer checks before it compiles)."""
+    if dtype is None or not self_check.applies(device):
+        return None
+    if torch.compiler.is_compiling():
+        found = self_check.known_verdict(op, device, dtype)
+    else:
+        found = self_check.verdict(op, device, dtype)
+    if found is None or found.passed:
+        return None
+    where = self_check.device_description(device)
+    return f"{where['device']} ({where['capability']}) in {str(dtype).removeprefix('torch.')} ({found.detail})"
+
+
+_warned: set[str] = set()  # a fallback is said once per process, not at every call
+
+
+def _warn_once(line: str) -> None:
+    if line not in _warned:
+        _warned.add(line)
+        print(line, file=sys.stderr, flush=True)
 
 
 def triton_interpreting() -> bool:

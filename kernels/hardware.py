@@ -1,4 +1,4 @@
-"""What the device can do: dense bf16 tensor-core peaks (vendor datasheets, no sparsity) and its name."""
+"""What the device can do: dense bf16 tensor-core peaks (vendor datasheets, no sparsity), its name and family."""
 from __future__ import annotations
 
 import platform
@@ -9,6 +9,11 @@ _PEAK_BF16 = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
     ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12),
 ]
+
+
+def gpu_class(name: str) -> str | None:
+    """The GPU family a device name belongs to ("NVIDIA H100 80GB HBM3" -> "H100"), or None where unknown."""
+    return next((key for key, _ in _PEAK_BF16 if key in name), None)
 
 
 def peak_flops(device: torch.device) -> float | None:

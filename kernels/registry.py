@@ -59,11 +59,15 @@ class Conformance:
     tolerances: the dtypes to check, each with how close every output and gradient must be to the reference
     (gradients flow back from the first output only; later ones, e.g. a last state, are compared forward).
     backend_dtypes: for a backend that supports fewer dtypes, the ones to check it in.
+    self_check: fixed cases (no hypothesis: it is not installed with archlab) that cover the Triton kernel's code
+    paths, for the check it passes on a GPU before its first use (kernels/self_check.py); required with a triton
+    backend. self_check(dtype) returns them built on the CPU in `dtype`; they are judged by `tolerances[dtype]`.
     """
 
     draw_case: Callable[[Callable, torch.dtype], ConformanceCase]
     tolerances: Mapping[torch.dtype, Tolerance]
     backend_dtypes: Mapping[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
+    self_check: Callable[[torch.dtype], list[ConformanceCase]] | None = None
 
     def dtypes(self, backend: str) -> tuple[torch.dtype, ...]:
         return self.backend_dtypes.get(backend, tuple(self.tolerances))
@@ -89,21 +93,27 @@ class KernelOp:
     """A kernel op: `dispatch(..., backend="auto")` runs it on the backend that kernels/backend.py resolves.
 
     backends: the concrete backends it implements (from CONCRETE_BACKENDS; torch is required, as `auto` on CPU).
-    auto_on_cuda: what `auto` resolves to on CUDA (the dispatcher may still fall back where its kernel is the
-    wrong tool). layout: its tensor layout in one line. reference: the definition of correct, called like
-    `dispatch` without `backend` and returning the same outputs.
+    auto_on_cuda: what `auto` may pick on CUDA, best first (one name or several): kernels/backend.py takes the
+    first that is usable there (peer: its package is installed; triton: it passed its self-check), else torch.
+    Our Triton kernel also goes first where a committed benchmark shows it at least as fast on that GPU class
+    (kernels/measured.py). layout: its tensor layout in one line. reference: the definition of correct, called
+    like `dispatch` without `backend` and returning the same outputs. peer_package: the module the peer backend
+    imports (None: it is part of torch, as SDPA).
     """
 
     name: str
     backends: tuple[str, ...]
-    auto_on_cuda: str
+    auto_on_cuda: str | tuple[str, ...]
     layout: str
     dispatch: Callable
     reference: Callable
     conformance: Conformance
     bench: KernelBench | None = None
+    peer_package: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.auto_on_cuda, str):
+            object.__setattr__(self, "auto_on_cuda", (self.auto_on_cuda,))
         if not self.name.isidentifier():
             raise ValueError(f"kernel op name {self.name!r} must be an identifier (it is a config key)")
         unknown = [b for b in self.backends if b not in CONCRETE_BACKENDS]
@@ -112,9 +122,13 @@ class KernelOp:
                              f"{', '.join(CONCRETE_BACKENDS)}")
         if "torch" not in self.backends:
             raise ValueError(f"kernel op {self.name} needs a torch backend: it is what auto runs on CPU")
-        if self.auto_on_cuda not in self.backends:
-            raise ValueError(f"kernel op {self.name}: auto_on_cuda={self.auto_on_cuda!r} is not one of its backends "
-                             f"{', '.join(self.backends)}")
+        unknown = [b for b in self.auto_on_cuda if b not in self.backends]
+        if unknown or not self.auto_on_cuda:
+            raise ValueError(f"kernel op {self.name}: auto_on_cuda={unknown[0] if unknown else ''!r} is not one of "
+                             f"its backends {', '.join(self.backends)}")
+        if "triton" in self.backends and self.conformance.self_check is None:
+            raise ValueError(f"kernel op {self.name} has a triton backend but no conformance.self_check cases: a "
+                             "Triton kernel is checked against its reference on each GPU before it first runs")
 
 
 _OPS: dict[str, KernelOp] = {}

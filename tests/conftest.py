@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -13,6 +14,8 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# self-check verdicts (kernels/self_check.py) go to a fresh folder: tests never read or write ~/.cache
+os.environ.setdefault("ARCHLAB_CACHE_DIR", tempfile.mkdtemp(prefix="archlab-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -41,11 +41,15 @@ def open_corpus(cfg: Config) -> ByteCorpus:
 
 def check_kernel_backends(model: Model, cfg: Config, device: torch.device) -> None:
     """Every kernel op the model runs has a backend on `device` (e.g. no GPU-only peer on a CPU machine); a
-    setting for an op the model never runs is moot."""
+    setting for an op the model never runs is moot. A Triton kernel that will run passes its self-check now, in
+    float32 and in the autocast dtype (kernels/self_check.py): before any output is written, and before
+    torch.compile traces the model (no kernel can run inside a trace)."""
     kernels = cfg.kernels.model_dump()  # op name -> backend name
+    dtypes = dict.fromkeys([torch.float32, autocast_dtype(cfg, device) or torch.float32])
     for op in sorted(model.kernel_ops()):
         try:
-            resolve_backend(op, kernels[op], device)
+            for dtype in dtypes:
+                resolve_backend(op, kernels[op], device, dtype)
         except ValueError as err:
             raise ConfigError(f"kernels.{op}: {err}") from None
 

@@ -34,7 +34,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | N
               backend: str = "auto") -> Tensor:
     """Scaled dot-product attention; `scale` defaults to D ** -0.5. See the module docstring for layout."""
     _check_inputs(q, k, v, causal)
-    name = resolve_backend("attention", backend, q.device)
+    name = resolve_backend("attention", backend, q.device, q.dtype)
     if name == "triton" and q.shape[-1] not in TRITON_HEAD_DIMS:
         if backend != "auto":
             raise ValueError(f"attention: the triton backend takes head_dim in {TRITON_HEAD_DIMS}, got "
@@ -153,8 +153,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         raise ValueError(f"attention: head_dim must be even and at most {MAX_HEAD_DIM}, got {head_dim}")
 
 
-register(KernelOp(
-    name="attention", backends=("triton", "torch", "reference", "peer"), auto_on_cuda="triton",
+register(KernelOp(  # auto on CUDA: SDPA, until a committed benchmark shows our kernel as fast (kernels/measured.py)
+    name="attention", backends=("triton", "torch", "reference", "peer"), auto_on_cuda="torch",
     layout="q (batch, heads, len_q, head_dim); k, v (batch, kv_heads, len_k, head_dim); out like q",
     dispatch=attention, reference=partial(attention, backend="reference"), conformance=CONFORMANCE,
     bench=KernelBench("attention", "archlab.kernels.bench.attention:bench_attention", "Triton kernel vs SDPA; CUDA")))

@@ -20,17 +20,34 @@ def draw_case(draw, dtype: torch.dtype) -> ConformanceCase:
     batch, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from(HEAD_DIMS))
     transposed = draw(st.booleans())  # (batch, length, heads, dim) memory seen as (batch, heads, length, dim)
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    qkv = _qkv(batch, n_heads, n_kv_heads, len_q, len_k, head_dim, transposed, dtype, generator)
+    return ConformanceCase(qkv, {"causal": causal, "scale": draw(st.sampled_from([None, 0.3]))})
 
+
+def _qkv(batch, n_heads, n_kv_heads, len_q, len_k, head_dim, transposed, dtype, generator) -> tuple:
     def make(heads: int, length: int) -> torch.Tensor:
         shape = (batch, length, heads, head_dim) if transposed else (batch, heads, length, head_dim)
         t = torch.randn(shape, generator=generator).to(dtype)
         return (t.transpose(1, 2) if transposed else t).requires_grad_()
 
-    q, k, v = make(n_heads, len_q), make(n_kv_heads, len_k), make(n_kv_heads, len_k)
-    return ConformanceCase((q, k, v), {"causal": causal, "scale": draw(st.sampled_from([None, 0.3]))})
+    return make(n_heads, len_q), make(n_kv_heads, len_k), make(n_kv_heads, len_k)
 
 
-CONFORMANCE = Conformance(draw_case, tolerances={
+# (batch, heads, kv_heads, len_q, len_k, head_dim, causal, transposed, scale): causal and not, GQA and MQA, ragged and
+# bottom-right aligned lengths, one query (decoding), every head dim the kernel compiles, several blocks on a GPU
+SELF_CHECK_SHAPES = ((1, 2, 2, 37, 37, 16, False, False, None), (2, 4, 2, 150, 150, 32, True, False, None),
+                     (1, 4, 1, 5, 70, 64, True, True, 0.3), (1, 2, 1, 70, 19, 128, False, False, None),
+                     (1, 2, 2, 1, 33, 64, True, False, None))
+
+
+def self_check_cases(dtype: torch.dtype) -> list[ConformanceCase]:
+    generator = torch.Generator().manual_seed(0)
+    return [ConformanceCase(_qkv(batch, n_heads, n_kv_heads, len_q, len_k, head_dim, transposed, dtype, generator),
+                            {"causal": causal, "scale": scale})
+            for batch, n_heads, n_kv_heads, len_q, len_k, head_dim, causal, transposed, scale in SELF_CHECK_SHAPES]
+
+
+CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, tolerances={
     torch.float32: Tolerance(rtol=1e-5, atol=3e-5),
     torch.bfloat16: Tolerance(rtol=2e-2, atol=4e-2),
     torch.float16: Tolerance(rtol=4e-3, atol=4e-3),

@@ -33,7 +33,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
                   backend: str = "auto") -> Tensor:
     """x (batch, dim, L), weight (dim, width) -> out (batch, dim, L) in x's dtype. See the module docstring."""
     activation = _check_inputs(x, weight, bias, activation)
-    name = resolve_backend("causal_conv1d", backend, x.device)
+    name = resolve_backend("causal_conv1d", backend, x.device, x.dtype)
     if name == "triton":
         return causal_conv1d_triton(x, weight, bias, activation == "silu")
     if name == "reference":
@@ -188,7 +188,8 @@ def _check_update_inputs(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
 
 
 register(KernelOp(
-    name="causal_conv1d", backends=("triton", "torch", "reference", "peer"), auto_on_cuda="triton",
+    name="causal_conv1d", backends=("triton", "torch", "reference", "peer"),
+    auto_on_cuda=("peer", "triton", "torch"), peer_package="causal_conv1d",
     layout="x (batch, dim, L), channel-last allowed; weight (dim, width); bias (dim,); out like x",
     dispatch=causal_conv1d, reference=partial(causal_conv1d, backend="reference"), conformance=CONFORMANCE,
     bench=KernelBench("conv1d", "archlab.kernels.bench.conv1d:bench_conv1d",

@@ -13,19 +13,36 @@ def draw_case(draw, dtype: torch.dtype) -> ConformanceCase:
 
     batch, dim, length = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.sampled_from(LENGTHS))
     width = draw(st.integers(2, 4))
-    weight_dtype = draw(st.sampled_from([dtype, torch.float32]))  # the Mamba block may keep its weights in fp32
+    fp32_weights = draw(st.booleans())  # the Mamba block may keep its weights in fp32
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    if draw(st.booleans()):  # channel-last: a (batch, L, dim) tensor seen as (batch, dim, L), as the block passes it
+    channel_last = draw(st.booleans())  # a (batch, L, dim) tensor seen as (batch, dim, L), as the block passes it
+    with_bias, activation = draw(st.booleans()), draw(st.sampled_from([None, "silu"]))
+    return _case(batch, dim, length, width, fp32_weights, channel_last, with_bias, activation, dtype, generator)
+
+
+# (batch, dim, length, width, fp32 weights, channel-last, with bias, activation): both layouts, every width, one
+# position, lengths across several blocks, weights in the input's dtype and in float32
+SELF_CHECK_SHAPES = ((1, 5, 33, 4, False, False, True, "silu"), (2, 3, 70, 3, True, True, False, None),
+                     (1, 6, 1, 2, False, False, True, None), (1, 4, 130, 4, False, True, True, "silu"))
+
+
+def self_check_cases(dtype: torch.dtype) -> list[ConformanceCase]:
+    generator = torch.Generator().manual_seed(0)
+    return [_case(*shape, dtype, generator) for shape in SELF_CHECK_SHAPES]
+
+
+def _case(batch, dim, length, width, fp32_weights, channel_last, with_bias, activation, dtype, generator):
+    weight_dtype = torch.float32 if fp32_weights else dtype
+    if channel_last:
         x = torch.randn(batch, length, dim, generator=generator).to(dtype).transpose(1, 2)
     else:
         x = torch.randn(batch, dim, length, generator=generator).to(dtype)
     weight = (torch.randn(dim, width, generator=generator) / width ** 0.5).to(weight_dtype)
-    bias = torch.randn(dim, generator=generator).to(weight_dtype).requires_grad_() if draw(st.booleans()) else None
-    return ConformanceCase((x.requires_grad_(), weight.requires_grad_(), bias),
-                           {"activation": draw(st.sampled_from([None, "silu"]))})
+    bias = torch.randn(dim, generator=generator).to(weight_dtype).requires_grad_() if with_bias else None
+    return ConformanceCase((x.requires_grad_(), weight.requires_grad_(), bias), {"activation": activation})
 
 
-CONFORMANCE = Conformance(draw_case, tolerances={
+CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, tolerances={
     torch.float32: Tolerance(rtol=1e-5, atol=1e-5),
     torch.bfloat16: Tolerance(rtol=2e-2, atol=1e-2),
     torch.float16: Tolerance(rtol=2e-3, atol=2e-3),

@@ -33,7 +33,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    return_last_state: bool = False, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """out (batch, dim, L) in u's dtype, or (out, last state (batch, dim, N) float32) with return_last_state."""
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend("selective_scan", backend, u.device)
+    name = resolve_backend("selective_scan", backend, u.device, u.dtype)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if name == "torch":
         out, last_state = selective_scan_chunked(*args)
@@ -160,7 +160,8 @@ def _check_dtypes(op: str, named: dict, streams: tuple, params: tuple) -> None:
 
 
 register(KernelOp(
-    name="selective_scan", backends=("triton", "torch", "reference", "peer"), auto_on_cuda="triton",
+    name="selective_scan", backends=("triton", "torch", "reference", "peer"),
+    auto_on_cuda=("peer", "triton", "torch"), peer_package="mamba_ssm",
     layout="u, delta, z (batch, dim, L); A (dim, N); B, C (batch, [groups,] N, L); out (batch, dim, L)",
     dispatch=selective_scan, reference=partial(selective_scan, backend="reference"), conformance=CONFORMANCE,
     bench=KernelBench("scan", "archlab.kernels.bench.scan:bench_scan",

@@ -17,9 +17,23 @@ def draw_case(draw, dtype: torch.dtype) -> ConformanceCase:
     batch, n_state, groups = draw(st.integers(1, 2)), draw(st.sampled_from([1, 4, 8])), draw(st.sampled_from([0, 1, 2]))
     dim = max(groups, 1) * draw(st.integers(1, 3))  # groups 0: B and C are (batch, N, L), shared by every channel
     length = draw(st.sampled_from([n for n in LENGTHS if batch * dim * n_state * n <= ELEMENT_BUDGET]))
-    softplus = draw(st.booleans())
+    softplus, with_d, with_z, with_bias = (draw(st.booleans()) for _ in range(4))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    return _case(batch, dim, length, n_state, groups, softplus, with_d, with_z, with_bias, dtype, generator)
 
+
+# (batch, dim, length, n_state, groups, softplus, with D, with z, with delta_bias): B and C shared by every channel,
+# grouped and per-channel, one position, several chunks, each optional input present and absent
+SELF_CHECK_SHAPES = ((1, 4, 33, 4, 0, True, True, True, True), (2, 4, 17, 8, 2, False, False, False, False),
+                     (1, 3, 1, 16, 1, True, True, False, True), (1, 2, 70, 4, 0, False, False, True, False))
+
+
+def self_check_cases(dtype: torch.dtype) -> list[ConformanceCase]:
+    generator = torch.Generator().manual_seed(0)
+    return [_case(*shape, dtype, generator) for shape in SELF_CHECK_SHAPES]
+
+
+def _case(batch, dim, length, n_state, groups, softplus, with_d, with_z, with_bias, dtype, generator):
     def randn(*shape, dtype=dtype):
         return torch.randn(shape, generator=generator).to(dtype)
 
@@ -28,15 +42,15 @@ def draw_case(draw, dtype: torch.dtype) -> ConformanceCase:
     # Mamba's delta is positive (a softplus); without the softplus here, draw it positive directly
     delta = delta if softplus else (delta.float().abs() * 0.5).to(dtype)
     A = -(torch.rand(dim, n_state, generator=generator) * 2 + 0.1)  # -exp(A_log): the state decays
-    D = randn(dim, dtype=torch.float32) if draw(st.booleans()) else None  # A, D, delta_bias stay float32, as in Mamba
-    z = randn(batch, dim, length) if draw(st.booleans()) else None
-    delta_bias = torch.rand(dim, generator=generator) * 0.5 if draw(st.booleans()) else None
+    D = randn(dim, dtype=torch.float32) if with_d else None  # A, D, delta_bias stay float32, as in Mamba
+    z = randn(batch, dim, length) if with_z else None
+    delta_bias = torch.rand(dim, generator=generator) * 0.5 if with_bias else None
     tensors = (randn(batch, dim, length), delta, A, randn(*bc_shape), randn(*bc_shape), D, z, delta_bias)
     return ConformanceCase(tuple(None if t is None else t.requires_grad_() for t in tensors),
                            {"delta_softplus": softplus, "return_last_state": True})
 
 
-CONFORMANCE = Conformance(draw_case, tolerances={
+CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, tolerances={
     torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
     torch.bfloat16: Tolerance(rtol=1e-2, atol=1e-4),
     torch.float16: Tolerance(rtol=1.5e-3, atol=1e-4),

@@ -107,9 +107,10 @@ def run_case(case, dtype, backend, seed):
 
 
 @settings(max_examples=100, deadline=None)
-@given(case=attention_cases(), backend=st.sampled_from(["torch", "reference"]), seed=st.integers(0, 2**16))
-def test_float32_matches_reference(case, backend, seed):
-    _, got, want = run_case(case, torch.float32, backend, seed)
+@given(case=attention_cases(), seed=st.integers(0, 2**16))
+def test_float32_matches_reference(case, seed):
+    """The torch backend (SDPA) against the reference (itself checked against naive_attention above)."""
+    _, got, want = run_case(case, torch.float32, "torch", seed)
     for name, g, w in zip(["out", "dq", "dk", "dv"], got, want, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
@@ -172,7 +173,7 @@ def test_bad_inputs_are_one_line_errors(make, causal, error, message):
 def test_backend_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("attention", "auto", cpu) == "torch"
-    assert resolve_backend("attention", "auto", cuda) == "triton"
+    assert resolve_backend("attention", "auto", cuda) == "torch"  # SDPA: no benchmark shows ours as fast yet
     assert resolve_backend("attention", "triton", cuda) == "triton"
     assert resolve_backend("attention", "peer", cuda) == "peer"
     assert resolve_backend("attention", "reference", cpu) == "reference"

@@ -78,7 +78,8 @@ def test_head_dims_the_kernel_lacks(monkeypatch):
     import archlab.kernels.attention as attention_module
 
     q, k, v = _qkv(len_q=4, len_k=4, head_dim=24)
-    monkeypatch.setattr(attention_module, "resolve_backend", lambda op, requested, device: "triton")  # as on CUDA
+    # as on CUDA
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda op, requested, device, dtype: "triton")
     torch.testing.assert_close(attention(q, k, v, causal=True), attention_reference(q, k, v, causal=True)[0])
     with pytest.raises(ValueError, match=r"triton backend takes head_dim in \(16, 32, 64, 128\), got 24"):
         attention(q, k, v, causal=True, backend="triton")
@@ -89,7 +90,7 @@ def test_auto_uses_sdpa_where_the_kernel_is_the_wrong_tool(monkeypatch):
     import archlab.kernels.attention as attention_module
 
     calls = []
-    monkeypatch.setattr(attention_module, "resolve_backend", lambda op, requested, device: "triton")
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda op, requested, device, dtype: "triton")
     monkeypatch.setattr(attention_module, "flash_attention", lambda *a, **kw: calls.append("triton") or (a[0], None))
     monkeypatch.setattr(attention_module, "_sdpa", lambda *a, **kw: calls.append("sdpa") or a[0])
     q, k, v = _qkv(len_q=16, len_k=16)

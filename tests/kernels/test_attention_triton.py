@@ -154,6 +154,21 @@ def test_edge_shapes(monkeypatch, blocks, len_q, len_k, causal):
     check_low_precision(_case(len_q, len_k, causal, layout="transposed"), torch.bfloat16, seed=1)
 
 
+# -- every GPU autotune config, under the interpreter -------------------------------------------------------------
+# FIXED_BLOCKS set all three kernels' blocks at once, so each distinct (BLOCK_M, BLOCK_N) of any autotuner runs
+# forward and backward (the interpreter ignores num_warps and num_stages)
+GPU_BLOCKS = sorted({(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+                     for tuned in (flash._fwd_tuned, flash._dkdv_tuned, flash._dq_tuned) for config in tuned.configs})
+
+
+@pytest.mark.parametrize("blocks", GPU_BLOCKS, ids=[f"m{m}n{n}" for m, n in GPU_BLOCKS])
+def test_every_gpu_config(monkeypatch, blocks):
+    """Causal with more keys than queries (bottom-right aligned), each length past a block edge, GQA."""
+    block_m, block_n = blocks
+    use_blocks(monkeypatch, block_m, block_n)
+    check_float32(_case(block_m + 3, max(block_m, block_n) + block_n + 5, causal=True), seed=block_m + block_n)
+
+
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 16)], ids=["m16n32", "m32n16"])
 def test_causal_offsets_around_block_edges(monkeypatch, blocks):
     """Where the diagonal crosses block edges decides which blocks are skipped, masked or taken whole:

@@ -7,7 +7,6 @@ registering (kernels/registry.py). On CPU the Triton backend runs in Triton's in
 TRITON_INTERPRET=1), so it gets few examples; the peer backend runs third-party CUDA kernels and only on CUDA.
 """
 import importlib.util
-import inspect
 
 import pytest
 import torch
@@ -15,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archlab.kernels.backend import triton_interpreting
-from archlab.kernels.registry import ConformanceCase, KernelOp, kernel_ops
+from archlab.kernels.checking import compare_with_reference
+from archlab.kernels.registry import KernelOp, kernel_ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 EXAMPLES = 20
 INTERPRETED_EXAMPLES = 8  # a Triton interpreter call takes 0.1-2 s
 
@@ -38,40 +37,6 @@ def examples_for(backend: str) -> int:
     return INTERPRETED_EXAMPLES if backend == "triton" and DEVICE.type != "cuda" else EXAMPLES
 
 
-def _map_tensors(case: ConformanceCase, fn) -> ConformanceCase:
-    def apply(value):
-        return fn(value) if isinstance(value, torch.Tensor) else value
-    return ConformanceCase(tuple(apply(a) for a in case.args), {k: apply(v) for k, v in case.kwargs.items()})
-
-
-def _leaf(tensor: torch.Tensor, upcast: bool) -> torch.Tensor:
-    """A fresh leaf on DEVICE (float32 for the reference if half precision) that keeps requires_grad. Not clone():
-    it would make the drawn non-contiguous layouts contiguous and hide them."""
-    leaf = tensor.detach().to(DEVICE)
-    if upcast and leaf.dtype in LOW_PRECISION:
-        leaf = leaf.float()
-    return leaf.requires_grad_(tensor.requires_grad)
-
-
-def _outputs_and_grads(fn, case: ConformanceCase, grad_out: torch.Tensor | None):
-    """(outputs, grads of the inputs that require grad, the gradient fed to the first output). `grad_out` None:
-    draw it (seeded) in the first output's dtype."""
-    result = fn(*case.args, **case.kwargs)
-    outputs = result if isinstance(result, tuple) else (result,)
-    leaves = [t for t in (*case.args, *case.kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if grad_out is None:
-        generator = torch.Generator().manual_seed(0)
-        grad_out = torch.randn(outputs[0].shape, generator=generator).to(outputs[0].dtype).to(DEVICE)
-    grads = torch.autograd.grad(outputs[0], leaves, grad_out.to(outputs[0].dtype), materialize_grads=True) \
-        if leaves else ()
-    return [o.detach() for o in outputs], list(grads), grad_out
-
-
-def _names_of_differentiable_inputs(op: KernelOp, case: ConformanceCase) -> list[str]:
-    bound = inspect.signature(op.dispatch).bind(*case.args, **case.kwargs).arguments
-    return [f"d{name}" for name, value in bound.items() if isinstance(value, torch.Tensor) and value.requires_grad]
-
-
 def check_conformance(op: KernelOp, backend: str, dtype: torch.dtype, max_examples: int) -> None:
     """Hypothesis-drawn cases of `op` on `backend` in `dtype` must match op.reference within the spec's tolerance."""
     tolerance = op.conformance.tolerances[dtype]
@@ -79,20 +44,8 @@ def check_conformance(op: KernelOp, backend: str, dtype: torch.dtype, max_exampl
     @settings(max_examples=max_examples, deadline=None)
     @given(data=st.data())
     def conforms(data):
-        case = op.conformance.draw_case(data.draw, dtype)
-        got_case = _map_tensors(case, lambda t: _leaf(t, upcast=False))
-        want_case = _map_tensors(case, lambda t: _leaf(t, upcast=True))
-        got, got_grads, grad_out = _outputs_and_grads(
-            lambda *args, **kwargs: op.dispatch(*args, **kwargs, backend=backend), got_case, None)
-        want, want_grads, _ = _outputs_and_grads(op.reference, want_case, grad_out.float())
-        assert len(got) == len(want), f"{len(got)} outputs, the reference gives {len(want)}"
-        names = [f"output {i}" for i in range(len(got))] + _names_of_differentiable_inputs(op, case)
-        for name, g, w in zip(names, got + got_grads, want + want_grads, strict=True):
-            assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)}, the reference's {tuple(w.shape)}"
-            assert torch.isfinite(g).all(), f"{name} is not finite"
-            scale = max(w.abs().max().item(), 1.0) if w.numel() else 1.0
-            torch.testing.assert_close(g.float(), w.float(), rtol=tolerance.rtol, atol=tolerance.atol * scale,
-                                       msg=lambda m, name=name: f"{op.name} {backend} {dtype}, {name}: {m}")
+        problems = compare_with_reference(op, backend, op.conformance.draw_case(data.draw, dtype), tolerance, DEVICE)
+        assert not problems, f"{op.name} {backend} {dtype}: " + "; ".join(problems)
 
     conforms()
 

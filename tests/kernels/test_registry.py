@@ -140,6 +140,7 @@ def test_an_unregistered_op_is_unknown_again():
     (dict(backends=("torch", "cuda")), "unknown backend 'cuda'; choose from triton, torch, reference, peer"),
     (dict(auto_on_cuda="triton"), "auto_on_cuda='triton' is not one of its backends torch, reference"),
     (dict(name="toy-cumsum"), "must be an identifier"),
+    (dict(backends=("triton", "torch", "reference")), "has a triton backend but no conformance.self_check cases"),
 ])
 def test_a_malformed_op_is_refused_in_one_line(change, message):
     fields = {**toy_op().__dict__, **change}
