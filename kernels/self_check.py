@@ -23,7 +23,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -115,7 +115,8 @@ def _read_cached(path: Path, key: dict) -> Verdict | None:
 
 def _write_cached(path: Path, key: dict, verdict: Verdict) -> None:
     with contextlib.suppress(OSError):  # a read-only home only costs a re-check in the next process
-        atomic_write(path, json_text({"key": key, **asdict(verdict), "cached": None}))
+        stored = {"key": key, "passed": verdict.passed, "detail": verdict.detail, "seconds": round(verdict.seconds, 3)}
+        atomic_write(path, json_text(stored))
 
 
 @contextlib.contextmanager
