@@ -64,9 +64,24 @@ def auto_choice(op: str, device: torch.device, dtype: torch.dtype | None = None)
     """(the backend `auto` runs `op` on `device` with, why). Off CUDA: torch. On CUDA: the op's auto_on_cuda order
     (our Triton kernel first where a committed benchmark shows it at least as fast on this GPU family), each
     taken if usable here: a peer whose package is installed, a Triton kernel that passed its self-check."""
-    spec = kernel_ops()[op]
     if device.type != "cuda":
         return "torch", f"on {device.type} the PyTorch path; Triton kernels and peers need CUDA"
+    key = (op, str(device), dtype)
+    if key not in _auto_choices:  # every kernel call asks: decide once (files, package lookups, self-check)
+        _auto_choices[key] = _choose_on_cuda(op, device, dtype)
+    return _auto_choices[key]
+
+
+_auto_choices: dict[tuple, tuple[str, str]] = {}  # (op, device, dtype) -> (backend, why), for this process
+
+
+def forget_choices() -> None:
+    """Drops this process's `auto` decisions (tests that change what is installed, measured or checked)."""
+    _auto_choices.clear()
+
+
+def _choose_on_cuda(op: str, device: torch.device, dtype: torch.dtype | None) -> tuple[str, str]:
+    spec = kernel_ops()[op]
     order, why_first = list(spec.auto_on_cuda), "the op's default order on CUDA"
     if "triton" in spec.backends and dtype is not None:
         fast = triton_measured_fast(spec, torch.cuda.get_device_name(device), str(dtype).removeprefix("torch."))

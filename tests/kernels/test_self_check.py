@@ -24,8 +24,10 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpret
 def fresh_verdicts(tmp_path, monkeypatch):
     monkeypatch.setenv(self_check.CACHE_VARIABLE, str(tmp_path / "cache"))
     self_check.forget()
+    backend_module.forget_choices()
     yield
     self_check.forget()
+    backend_module.forget_choices()
 
 
 @pytest.fixture
@@ -73,6 +75,7 @@ def test_auto_falls_back_with_one_warning(broken_conv, monkeypatch, capsys):
     backend, why = auto_choice("causal_conv1d", cuda, torch.float32)
     assert backend == "torch"
     assert "peer skipped: causal_conv1d is not installed" in why and "triton skipped: failed its self-check" in why
+    backend_module.forget_choices()
     assert resolve_backend("causal_conv1d", "auto", cuda, torch.float32) == "torch"  # said once, not per call
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
@@ -86,8 +89,13 @@ def test_auto_takes_a_kernel_that_passes(monkeypatch, capsys):
     assert auto_choice("causal_conv1d", cuda, torch.float32)[0] == "triton"
     assert auto_choice("attention", cuda, torch.float32) == ("torch", "torch: the op's default order on CUDA")
     measured = "conv1d-h100.json: ours >= every rival on H100 in float32 (worst ratio 1.10)"
-    monkeypatch.setattr(backend_module, "triton_measured_fast", lambda op, device_name, dtype: measured)
+    lookups = []
+    monkeypatch.setattr(backend_module, "triton_measured_fast",
+                        lambda op, device_name, dtype: lookups.append(op.name) or measured)
+    backend_module.forget_choices()  # auto decides once per process; this is a new measurement
     assert auto_choice("causal_conv1d", cuda, torch.float32) == ("triton", f"triton: {measured}")  # now first
+    assert resolve_backend("causal_conv1d", "auto", cuda, torch.float32) == "triton"
+    assert lookups == ["causal_conv1d"]  # decided once, not at every kernel call
     assert capsys.readouterr().err == ""
 
 
