@@ -133,9 +133,11 @@ def run_self_check(op: KernelOp, device: torch.device, dtype: torch.dtype) -> Ve
     """Runs the op's self-check cases on its triton backend on `device` in `dtype`; never raises for a kernel
     that fails (to compile, to launch or to match): that is the verdict."""
     tolerance = op.conformance.tolerances[dtype]
-    cases = op.conformance.self_check(dtype)
     start = time.perf_counter()
-    with _checking():
+    # the first call may come from inside a caller's no_grad, inference_mode or autocast block: the check must
+    # run as the conformance test does (gradients on, the reference in float32) or it would fail a good kernel
+    with _checking(), torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        cases = op.conformance.self_check(dtype)
         for index, case in enumerate(cases, 1):
             try:
                 problems = compare_with_reference(op, "triton", case, tolerance, device)

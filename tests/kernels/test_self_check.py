@@ -44,6 +44,16 @@ def test_every_triton_kernel_passes_its_self_check(op_name):
     assert verdict.detail.endswith("cases match the reference")
 
 
+@pytest.mark.parametrize("caller", ["no_grad", "inference_mode", "bf16 autocast"])
+def test_the_check_ignores_the_callers_grad_and_autocast_modes(caller):
+    """A first kernel call from sampling or an autocast forward still checks with gradients, in float32."""
+    context = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+               "bf16 autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[caller]
+    with context:
+        verdict = self_check.run_self_check(kernel_ops()["causal_conv1d"], CPU, torch.float32)
+    assert verdict.passed, verdict.detail
+
+
 def test_an_injected_fault_fails_the_check(broken_conv):
     verdict = self_check.run_self_check(kernel_ops()["causal_conv1d"], CPU, torch.float32)
     assert not verdict.passed
