@@ -10,20 +10,16 @@ import torch
 
 from archlab.kernels import self_check
 from archlab.kernels.backend import auto_choice, peer_installed, triton_interpreting
+from archlab.kernels.common.provenance import package_version
 from archlab.kernels.registry import kernel_ops
 
 CHECKED_DTYPES = (torch.bfloat16, torch.float32)  # what training runs in: bf16 autocast on CUDA, fp32 elsewhere
 
 
-def _version(package: str) -> str:
-    if importlib.util.find_spec(package) is None:
-        return "not installed"
-    return getattr(__import__(package), "__version__", "installed")
-
-
 def environment_lines() -> list[str]:
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build, no CUDA"
-    lines = [f"python {platform.python_version()}, torch {torch.__version__} ({cuda}), triton {_version('triton')}"]
+    lines = [f"python {platform.python_version()}, torch {torch.__version__} ({cuda}), "
+             f"triton {package_version('triton')}"]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(index)

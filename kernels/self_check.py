@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import inspect
 import json
 import os
@@ -30,6 +29,7 @@ import torch
 
 from archlab.kernels.checking import compare_with_reference
 from archlab.kernels.common.files import atomic_write, json_text
+from archlab.kernels.common.provenance import package_version
 from archlab.kernels.registry import KernelOp, kernel_ops
 
 MODE_VARIABLE = "ARCHLAB_SELF_CHECK"
@@ -84,16 +84,9 @@ def source_hash(op: KernelOp) -> str:
     return digest.hexdigest()
 
 
-def _triton_version() -> str:
-    try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def cache_key(op: KernelOp, device: torch.device, dtype: torch.dtype) -> dict:
     return {"op": op.name, "dtype": str(dtype).removeprefix("torch."), **device_description(device),
-            "triton": _triton_version(), "torch": torch.__version__, "source": source_hash(op)}
+            "triton": package_version("triton"), "torch": torch.__version__, "source": source_hash(op)}
 
 
 def _cache_file(key: dict) -> Path:

@@ -14,7 +14,7 @@ import torch
 
 from archlab.kernels.common.files import atomic_write_all, json_text
 from archlab.kernels.common.markdown import table
-from archlab.kernels.common.provenance import git_commit
+from archlab.kernels.common.provenance import git_commit, package_version
 from archlab.kernels.hardware import device_name
 
 
@@ -80,7 +80,8 @@ def error_note(err: Exception) -> str:
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-            "triton": _triton_version(), "commit": git_commit() or "unknown", "date": datetime.date.today().isoformat()}
+            "triton": package_version("triton"), "commit": git_commit() or "unknown",
+            "date": datetime.date.today().isoformat()}
 
 
 def to_markdown(result: dict) -> str:
@@ -114,11 +115,3 @@ def result_stem(result: dict, out_dir: Path) -> Path:
     """out_dir/<benchmark>-<device>-<date>-<commit>, what a result's files are named (device as a slug)."""
     slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
     return Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "not installed"
-    return triton.__version__

@@ -1,6 +1,7 @@
-"""Which code produced a result: the checkout's git commit."""
+"""Which code produced a result: the checkout's git commit, and installed package versions."""
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 from pathlib import Path
 
@@ -13,3 +14,11 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() or None
+
+
+def package_version(name: str) -> str:
+    """The installed version of distribution `name` (e.g. triton), or "not installed"."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
