@@ -31,6 +31,7 @@ from torch import Tensor
 
 from archlab.kernels.attention import TRITON_HEAD_DIMS
 from archlab.kernels.backend import triton_interpreting
+from archlab.kernels.common.autotune import autotune
 
 __all__ = ["flash_attn_fwd", "flash_attn_bwd"]
 
@@ -296,9 +297,9 @@ def _configs(block_ms, block_ns):
 _TUNE_KEY = ["Lq_key", "Lk_key", "HEAD_DIM", "CAUSAL"]
 # dK/dV programs own a key block and stream queries, dQ programs the reverse: the long side is the
 # block a program keeps in registers.
-_fwd_tuned = triton.autotune(_configs((64, 128), (32, 64, 128)), key=_TUNE_KEY)(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs((32, 64), (64, 128)), key=_TUNE_KEY)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs((64, 128), (32, 64)), key=_TUNE_KEY)(_bwd_dq_kernel)
+_fwd_tuned = autotune(_configs((64, 128), (32, 64, 128)), key=_TUNE_KEY)(_fwd_kernel)
+_dkdv_tuned = autotune(_configs((32, 64), (64, 128)), key=_TUNE_KEY)(_bwd_dkdv_kernel)
+_dq_tuned = autotune(_configs((64, 128), (32, 64)), key=_TUNE_KEY)(_bwd_dq_kernel)
 
 
 def _launch(kernel, tuned, grid, *args, **constexprs) -> None:

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from archlab.kernels.backend import triton_interpreting
+from archlab.kernels.common.autotune import autotune
 from archlab.kernels.causal_conv1d import is_channel_last, new_like_x
 
 __all__ = ["causal_conv1d_fwd", "causal_conv1d_bwd"]
@@ -259,14 +260,14 @@ _TUNE_KEY = ["dim", "length_key", "WIDTH", "SILU"]
 # Tiles are long along the unit-stride axis (coalesced, vectorised loads) and short along the other.
 _fwd_kernels = {False: _fwd_channel_first_kernel, True: _fwd_channel_last_kernel}
 _fwd_tuned = {
-    False: triton.autotune(_configs((1, 2, 4), (512, 1024), 8, 16), key=_TUNE_KEY)(_fwd_channel_first_kernel),
-    True: triton.autotune(_configs((64, 128), (8, 16, 32), 8, 16), key=_TUNE_KEY)(_fwd_channel_last_kernel),
+    False: autotune(_configs((1, 2, 4), (512, 1024), 8, 16), key=_TUNE_KEY)(_fwd_channel_first_kernel),
+    True: autotune(_configs((64, 128), (8, 16, 32), 8, 16), key=_TUNE_KEY)(_fwd_channel_last_kernel),
 }
 # The backward keeps several tiles live (pre, g, dx and the shifted x), so its tiles are smaller.
 _BWD_KEY = _TUNE_KEY + ["DOUT_CHANNEL_LAST"]
 _bwd_tuned = {
-    False: triton.autotune(_configs((2, 4, 8), (128, 256, 512), 4, 8), key=_BWD_KEY)(_bwd_kernel),
-    True: triton.autotune(_configs((32, 64, 128), (8, 16, 32), 4, 8), key=_BWD_KEY)(_bwd_kernel),
+    False: autotune(_configs((2, 4, 8), (128, 256, 512), 4, 8), key=_BWD_KEY)(_bwd_kernel),
+    True: autotune(_configs((32, 64, 128), (8, 16, 32), 4, 8), key=_BWD_KEY)(_bwd_kernel),
 }
 
 

@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from archlab.kernels.backend import triton_interpreting
+from archlab.kernels.common.autotune import autotune
 from archlab.kernels.selective_scan.op import GPU_CHUNK_LEN
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd"]
@@ -239,9 +240,9 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
 # -- launching --------------------------------------------------------------------------------------------
 # Keyed on the shapes that decide the best tile, not on L or batch (those only change the loop and grid).
 _TUNE_KEY = ["dim_per_group", "N", "N_PAD", "CHUNK", "HAS_Z"]
-_fwd_tuned = triton.autotune([triton.Config({"BLOCK_D": d}, num_warps=w) for d in (4, 8, 16) for w in (2, 4, 8)
+_fwd_tuned = autotune([triton.Config({"BLOCK_D": d}, num_warps=w) for d in (4, 8, 16) for w in (2, 4, 8)
                               if 32 * w <= d * GPU_CHUNK_LEN <= 64 * w], key=_TUNE_KEY)(_fwd_kernel)
-_bwd_tuned = triton.autotune([triton.Config({}, num_warps=w) for w in (4, 8)], key=_TUNE_KEY)(_bwd_kernel)
+_bwd_tuned = autotune([triton.Config({}, num_warps=w) for w in (4, 8)], key=_TUNE_KEY)(_bwd_kernel)
 
 
 def _on_gpu(t: Tensor) -> bool:
