@@ -1,4 +1,5 @@
-"""`archlab train | eval | sample | model | compare | report | data fetch | bench | doctor` — the command line.
+"""`archlab train | eval | sample | model | compare | report | data fetch | bench | doctor | compile-matrix` — the
+command line.
 
 User errors (bad config, data, checkpoint, arguments) print one line `error: ...` and exit with code 2;
 `--debug` shows the traceback instead. It lives in compare/, the top layer, because it dispatches to every
@@ -205,6 +206,33 @@ def cmd_doctor(args) -> None:
     print(text, end="")
 
 
+def cmd_compile_matrix(args) -> None:
+    import importlib.util
+    import os
+    import time
+
+    if importlib.util.find_spec("triton") is None:
+        raise UserError("archlab compile-matrix needs triton (pip install triton; Linux x86-64)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise UserError("archlab compile-matrix compiles kernels, which interpreted ones are not: unset "
+                        "TRITON_INTERPRET")
+    from archlab.kernels import compile_matrix
+    from archlab.kernels.common.provenance import git_commit
+
+    targets = tuple(args.targets or compile_matrix.TARGETS)
+    start = time.perf_counter()
+    try:
+        rows = compile_matrix.compile_matrix(targets, jobs=args.jobs)
+    except ValueError as err:  # an unknown target
+        raise UserError(str(err)) from None
+    meta = {"command": "archlab compile-matrix", "triton": compile_matrix.triton.__version__,
+            "ptxas": compile_matrix.ptxas_version(), "commit": git_commit() or "unknown",
+            "targets": list(targets), "compiles": len(rows), "seconds": round(time.perf_counter() - start, 1)}
+    json_path, md_path = compile_matrix.write_results(rows, meta, Path(args.out))
+    print(f"compiled {len(rows)} kernel configs for {len(targets)} targets in {meta['seconds']} s; wrote "
+          f"{json_path} and {md_path}")
+
+
 class _BenchHelp(argparse.Action):
     """`archlab bench --help`, listing the kernel ops' benchmarks from their registry (kernels/registry.py). It is
     read only when asked for: importing the kernels (torch) would slow every other command down by seconds."""
@@ -314,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
                                            "self-check verdicts and what `auto` picks and why")
     doctor.add_argument("--no-checks", action="store_true", help="report cached self-check verdicts only; run none")
     doctor.set_defaults(handler=cmd_doctor)
+
+    matrix = sub.add_parser("compile-matrix", help="compile every Triton kernel in every autotune config for GPU "
+                                                   "targets (no GPU needed); registers, spills, shared memory")
+    matrix.add_argument("--out", default="compare/results", help="folder for JSON + Markdown (default: %(default)s)")
+    matrix.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: cores)")
+    matrix.add_argument("--targets", type=int, nargs="+", help="compute capabilities, e.g. 80 90 (default: sm_80, "
+                                                                "86, 89, 90, 100, 120)")
+    matrix.set_defaults(handler=cmd_compile_matrix)
     return parser
 
 

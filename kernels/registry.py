@@ -62,12 +62,16 @@ class Conformance:
     self_check: fixed cases (no hypothesis: it is not installed with archlab) that cover the Triton kernel's code
     paths, for the check it passes on a GPU before its first use (kernels/self_check.py); required with a triton
     backend. self_check(dtype) returns them built on the CPU in `dtype`; they are judged by `tolerances[dtype]`.
+    compile_launches(as_gpu): calls the op's Triton launchers (fwd and bwd) the way training on a GPU does, on
+    CPU tensors passed through `as_gpu`, for the compile matrix (kernels/compile_matrix.py), which intercepts
+    each launch and compiles it in every autotune config for every GPU target; required with a triton backend.
     """
 
     draw_case: Callable[[Callable, torch.dtype], ConformanceCase]
     tolerances: Mapping[torch.dtype, Tolerance]
     backend_dtypes: Mapping[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
     self_check: Callable[[torch.dtype], list[ConformanceCase]] | None = None
+    compile_launches: Callable[[Callable[[torch.Tensor], torch.Tensor]], None] | None = None
 
     def dtypes(self, backend: str) -> tuple[torch.dtype, ...]:
         return self.backend_dtypes.get(backend, tuple(self.tolerances))
@@ -129,6 +133,9 @@ class KernelOp:
         if "triton" in self.backends and self.conformance.self_check is None:
             raise ValueError(f"kernel op {self.name} has a triton backend but no conformance.self_check cases: a "
                              "Triton kernel is checked against its reference on each GPU before it first runs")
+        if "triton" in self.backends and self.conformance.compile_launches is None:
+            raise ValueError(f"kernel op {self.name} has a triton backend but no conformance.compile_launches: every "
+                             "Triton kernel is compiled for each GPU target in CI (kernels/compile_matrix.py)")
 
 
 _OPS: dict[str, KernelOp] = {}

@@ -42,7 +42,21 @@ def _case(batch, dim, length, width, fp32_weights, channel_last, with_bias, acti
     return ConformanceCase((x.requires_grad_(), weight.requires_grad_(), bias), {"activation": activation})
 
 
-CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, tolerances={
+def compile_launches(as_gpu) -> None:
+    """The Mamba block's launches under bf16 autocast: x in bf16 in both layouts, fp32 weight and bias, width 4."""
+    from archlab.kernels.causal_conv1d import new_like_x
+    from archlab.kernels.causal_conv1d.triton import causal_conv1d_bwd, causal_conv1d_fwd
+
+    for channel_last in (False, True):
+        shape = (1, 512, 256) if channel_last else (1, 256, 512)
+        x = torch.empty(shape, dtype=torch.bfloat16)
+        x = as_gpu(x.transpose(1, 2) if channel_last else x)
+        weight, bias = as_gpu(torch.empty(256, 4)), as_gpu(torch.empty(256))
+        causal_conv1d_fwd(x, weight, bias, silu=True)
+        causal_conv1d_bwd(new_like_x(x), x, weight, bias, silu=True)
+
+
+CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, compile_launches=compile_launches, tolerances={
     torch.float32: Tolerance(rtol=1e-5, atol=1e-5),
     torch.bfloat16: Tolerance(rtol=2e-2, atol=1e-2),
     torch.float16: Tolerance(rtol=2e-3, atol=2e-3),

@@ -50,7 +50,23 @@ def _case(batch, dim, length, n_state, groups, softplus, with_d, with_z, with_bi
                            {"delta_softplus": softplus, "return_last_state": True})
 
 
-CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, tolerances={
+def compile_launches(as_gpu) -> None:
+    """The Mamba block's launches under bf16 autocast: every optional input present, N = 16, GPU chunks."""
+    from archlab.kernels.selective_scan.op import GPU_CHUNK_LEN
+    from archlab.kernels.selective_scan.triton import selective_scan_bwd, selective_scan_fwd
+
+    def bf16(*shape):
+        return as_gpu(torch.empty(shape, dtype=torch.bfloat16))
+
+    batch, dim, length, n_state = 1, 256, 256, 16
+    u, delta, z, B, C = bf16(batch, dim, length), bf16(batch, dim, length), bf16(batch, dim, length), \
+        bf16(batch, n_state, length), bf16(batch, n_state, length)
+    A, D, delta_bias = as_gpu(torch.empty(dim, n_state)), as_gpu(torch.empty(dim)), as_gpu(torch.empty(dim))
+    _, _, chunk_states = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, True, GPU_CHUNK_LEN)
+    selective_scan_bwd(torch.empty_like(u), u, delta, A, B, C, D, z, delta_bias, chunk_states, True, GPU_CHUNK_LEN)
+
+
+CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, compile_launches=compile_launches, tolerances={
     torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
     torch.bfloat16: Tolerance(rtol=1e-2, atol=1e-4),
     torch.float16: Tolerance(rtol=1.5e-3, atol=1e-4),
