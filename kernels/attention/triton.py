@@ -20,7 +20,9 @@ straddle the diagonal or the ragged end of the keys.
 
 Under TRITON_INTERPRET=1 (the CPU tests) the kernels upcast tiles to fp32 before tl.dot, because the
 interpreter's bf16 dot is wrong, and fixed small blocks replace the autotuner, which needs a GPU driver.
-Kernels assume a contiguous head dim and a power-of-two head_dim in HEAD_DIMS (BLOCK_D == D).
+Kernels assume a contiguous head dim and a power-of-two head_dim in HEAD_DIMS (BLOCK_D == D). Grids are flat
+(kernels/common/launch.py) and offsets int64, so a big batch, head count or length neither fails to launch nor
+overflows an index.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from torch import Tensor
 from archlab.kernels.attention import TRITON_HEAD_DIMS
 from archlab.kernels.backend import triton_interpreting
 from archlab.kernels.common.autotune import autotune
+from archlab.kernels.common.launch import flat_grid
 
 __all__ = ["flash_attn_fwd", "flash_attn_bwd"]
 
@@ -52,6 +55,21 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _tile_ptrs(base, rows, stride_row, HEAD_DIM: tl.constexpr):
+    """Pointers to the (rows, head dim) tile at base. The row offsets are int64: in a (batch, length, heads, dim)
+    layout rows * stride_row overflows int32 once length * heads * head_dim reaches 2**31."""
+    return base + rows.to(tl.int64)[:, None] * stride_row + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _program_block(length, BLOCK: tl.constexpr):
+    """This program's (first position of its block, batch * head index). The grid is flat, blocks fastest
+    (kernels/common/launch.py: CUDA caps grid axis 1 at 65535); the index is int64 as its offsets overflow int32."""
+    n_blocks = tl.cdiv(length, BLOCK)
+    return tl.program_id(0) % n_blocks * BLOCK, (tl.program_id(0) // n_blocks).to(tl.int64)
 
 
 @triton.jit
@@ -97,9 +115,8 @@ def _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, qk_s
                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The key block at start_n: its K and V tiles and the (masked) scores q K^T * qk_scale."""
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k = _load(K + cols[:, None] * stride_kn + offs_d[None, :], cols[:, None] < Lk, UPCAST)
-    v = _load(V + cols[:, None] * stride_vn + offs_d[None, :], cols[:, None] < Lk, UPCAST)
+    k = _load(_tile_ptrs(K, cols, stride_kn, HEAD_DIM), cols[:, None] < Lk, UPCAST)
+    v = _load(_tile_ptrs(V, cols, stride_vn, HEAD_DIM), cols[:, None] < Lk, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(_visible(rows[:, None], cols[None, :], Lq, Lk, CAUSAL), s, float("-inf"))
@@ -131,14 +148,11 @@ def _fwd_kernel(Q, K, V, Out, Lse,
                 n_heads, n_groups, Lq, Lk, scale, Lq_key, Lk_key,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)  # int64: offsets of big batches overflow int32
+    start_m, bh = _program_block(Lq, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
     kvh = h // n_groups
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = _load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-              rows[:, None] < Lq, UPCAST)
+    q = _load(_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, stride_qm, HEAD_DIM), rows[:, None] < Lq, UPCAST)
     K += b * stride_kb + kvh * stride_kh
     V += b * stride_vb + kvh * stride_vh
     qk_scale = scale * LOG2E
@@ -153,7 +167,7 @@ def _fwd_kernel(Q, K, V, Out, Lse,
                                qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
 
     out = acc / l_i[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+    tl.store(_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, stride_om, HEAD_DIM),
              out.to(Out.dtype.element_ty), mask=rows[:, None] < Lq)
     tl.store(Lse + bh * Lq + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=rows < Lq)
 
@@ -162,13 +176,12 @@ def _fwd_kernel(Q, K, V, Out, Lse,
 @triton.jit
 def _bwd_delta_kernel(Out, dOut, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                       n_heads, Lq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
+    start_m, bh = _program_block(Lq, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    rows = start_m + tl.arange(0, BLOCK_M)
     mask = rows[:, None] < Lq
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :], mask=mask)
-    do = tl.load(dOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :], mask=mask)
+    o = tl.load(_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, stride_om, HEAD_DIM), mask=mask)
+    do = tl.load(_tile_ptrs(dOut + b * stride_dob + h * stride_doh, rows, stride_dom, HEAD_DIM), mask=mask)
     tl.store(Delta + bh * Lq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < Lq)
 
 
@@ -176,11 +189,10 @@ def _bwd_delta_kernel(Out, dOut, Delta, stride_ob, stride_oh, stride_om, stride_
 def _dkdv_inner(dk, dv, k, v, Q, dO, Lse, Delta, stride_qm, stride_dom, cols, lo, hi, Lq, Lk, qk_scale,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load(Q + rows[:, None] * stride_qm + offs_d[None, :], rows[:, None] < Lq, UPCAST)
-        do = _load(dO + rows[:, None] * stride_dom + offs_d[None, :], rows[:, None] < Lq, UPCAST)
+        q = _load(_tile_ptrs(Q, rows, stride_qm, HEAD_DIM), rows[:, None] < Lq, UPCAST)
+        do = _load(_tile_ptrs(dO, rows, stride_dom, HEAD_DIM), rows[:, None] < Lq, UPCAST)
         # Padded query rows get lse = +inf: their probabilities are exactly 0, so they need no mask.
         lse = tl.load(Lse + rows, mask=rows < Lq, other=float("inf")) * LOG2E
         delta = tl.load(Delta + rows, mask=rows < Lq, other=0.0)
@@ -204,15 +216,13 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV,
                      n_heads, n_groups, Lq, Lk, scale, Lq_key, Lk_key,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1).to(tl.int64)
+    start_n, bkv = _program_block(Lk, BLOCK_N)
     n_kv_heads = n_heads // n_groups
     b, kvh = bkv // n_kv_heads, bkv % n_kv_heads
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = cols[:, None] < Lk
-    k = _load(K + b * stride_kb + kvh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :], kv_mask, UPCAST)
-    v = _load(V + b * stride_vb + kvh * stride_vh + cols[:, None] * stride_vn + offs_d[None, :], kv_mask, UPCAST)
+    k = _load(_tile_ptrs(K + b * stride_kb + kvh * stride_kh, cols, stride_kn, HEAD_DIM), kv_mask, UPCAST)
+    v = _load(_tile_ptrs(V + b * stride_vb + kvh * stride_vh, cols, stride_vn, HEAD_DIM), kv_mask, UPCAST)
     qk_scale = scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -231,9 +241,9 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV,
                              Lq, Lk, qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
 
     dk *= scale  # S = scale * Q K^T
-    tl.store(dK + b * stride_dkb + kvh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(_tile_ptrs(dK + b * stride_dkb + kvh * stride_dkh, cols, stride_dkn, HEAD_DIM),
              dk.to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(dV + b * stride_dvb + kvh * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(_tile_ptrs(dV + b * stride_dvb + kvh * stride_dvh, cols, stride_dvn, HEAD_DIM),
              dv.to(dV.dtype.element_ty), mask=kv_mask)
 
 
@@ -259,16 +269,13 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ,
                    n_heads, n_groups, Lq, Lk, scale, Lq_key, Lk_key,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    start_m, bh = _program_block(Lq, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
     kvh = h // n_groups
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_mask = rows[:, None] < Lq
-    q = _load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :], row_mask, UPCAST)
-    do = _load(dOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-               row_mask, UPCAST)
+    q = _load(_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, stride_qm, HEAD_DIM), row_mask, UPCAST)
+    do = _load(_tile_ptrs(dOut + b * stride_dob + h * stride_doh, rows, stride_dom, HEAD_DIM), row_mask, UPCAST)
     lse = tl.load(Lse + bh * Lq + rows, mask=rows < Lq, other=0.0) * LOG2E
     delta = tl.load(Delta + bh * Lq + rows, mask=rows < Lq, other=0.0)
     K += b * stride_kb + kvh * stride_kh
@@ -282,7 +289,7 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ,
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, full_end, end, Lq, Lk, qk_scale,
                    True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
     dq *= scale
-    tl.store(dQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
+    tl.store(_tile_ptrs(dQ + b * stride_dqb + h * stride_dqh, rows, stride_dqm, HEAD_DIM),
              dq.to(dQ.dtype.element_ty), mask=row_mask)
 
 
@@ -345,7 +352,7 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: floa
     _check_lengths(len_q, len_k, causal)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, len_q), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    grid = lambda meta: flat_grid("attention", triton.cdiv(len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     _launch(_fwd_kernel, _fwd_tuned, grid, q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             n_heads, n_heads // n_kv_heads, len_q, len_k, scale, *_tune_keys(len_q, len_k),
@@ -363,16 +370,16 @@ def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     delta_block = 64
-    _bwd_delta_kernel[(triton.cdiv(len_q, delta_block), batch * n_heads)](
+    _bwd_delta_kernel[flat_grid("attention", triton.cdiv(len_q, delta_block), batch * n_heads)](
         out, do, delta, *_strides(out), *_strides(do), n_heads, len_q, HEAD_DIM=head_dim, BLOCK_M=delta_block)
 
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     common = (n_heads, n_heads // n_kv_heads, len_q, len_k, scale, *_tune_keys(len_q, len_k))
-    grid = lambda meta: (triton.cdiv(len_k, meta["BLOCK_N"]), batch * n_kv_heads)  # noqa: E731
+    grid = lambda meta: flat_grid("attention", triton.cdiv(len_k, meta["BLOCK_N"]), batch * n_kv_heads)  # noqa: E731
     _launch(_bwd_dkdv_kernel, _dkdv_tuned, grid, q, k, v, do, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             *common, **constexprs)
-    grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    grid = lambda meta: flat_grid("attention", triton.cdiv(len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     _launch(_bwd_dq_kernel, _dq_tuned, grid, q, k, v, do, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             *common, **constexprs)

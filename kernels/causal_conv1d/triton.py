@@ -27,7 +27,8 @@ buffer that torch then sums: no atomics, so bitwise deterministic.
 
 Under TRITON_INTERPRET=1 (the CPU tests) fixed small blocks replace the autotuner, which needs a GPU.
 Offsets are int64 wherever a stride multiplies an index (the batch, the channel in channel-first, the position in
-channel-last, whose stride is 2 * dim for the Mamba block's in_proj view), so no size overflows int32.
+channel-last, whose stride is 2 * dim for the Mamba block's in_proj view), so no size overflows int32. Grids are
+flat (kernels/common/launch.py), so neither a big batch nor a wide dim passes CUDA's limits on grid axes 1 and 2.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from torch import Tensor
 from archlab.kernels.backend import triton_interpreting
 from archlab.kernels.common.autotune import autotune
 from archlab.kernels.causal_conv1d import is_channel_last, new_like_x
+from archlab.kernels.common.launch import flat_grid
 
 __all__ = ["causal_conv1d_fwd", "causal_conv1d_bwd"]
 
@@ -53,6 +55,18 @@ MAX_WIDTH = 4  # the dweight accumulator has MAX_WIDTH columns (a power of two),
 
 
 # -- shared pieces ----------------------------------------------------------------------------------------
+@triton.jit
+def _program_tile(n_position_blocks, dim, BLOCK_D: tl.constexpr):
+    """This program's (block of positions, channels d, batch index b). The grid is flat, position blocks fastest,
+    then channel blocks (kernels/common/launch.py: CUDA caps grid axes 1 and 2 at 65535, which dim / BLOCK_D or the
+    batch can pass). b is int64: the batch offset of a big tensor overflows int32."""
+    n_channel_blocks = tl.cdiv(dim, BLOCK_D)
+    position_block = tl.program_id(0) % n_position_blocks
+    rest = tl.program_id(0) // n_position_blocks
+    d = rest % n_channel_blocks * BLOCK_D + tl.arange(0, BLOCK_D)
+    return position_block, d, (rest // n_channel_blocks).to(tl.int64)
+
+
 @triton.jit
 def _tile_offsets(d, t, stride_d, stride_l, CHANNEL_LAST: tl.constexpr):
     """Offsets of the (channels, positions) tile; the unit-stride axis is a literal 1 so loads vectorise. The
@@ -143,9 +157,8 @@ def _fwd_channel_first_kernel(X, Weight, Bias, Out, stride_xb, stride_xd, stride
     load per element; instead the block is read as 16-byte vectors of V positions, plus the V positions
     before each vector (aligned too, and cached), and the taps pick their inputs among those registers."""
     R: tl.constexpr = BLOCK_L // V
-    b = tl.program_id(2).to(tl.int64)  # int64: the batch offset of a big tensor overflows int32
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = (tl.program_id(0) * BLOCK_L + tl.arange(0, R) * V)[None, :, None] + tl.arange(0, V)[None, None, :]
+    position_block, d, b = _program_tile(tl.cdiv(length, BLOCK_L), dim, BLOCK_D)
+    t = (position_block * BLOCK_L + tl.arange(0, R) * V)[None, :, None] + tl.arange(0, V)[None, None, :]
     d_mask = d < dim
     x_ptrs = X + b * stride_xb + d.to(tl.int64)[:, None, None] * stride_xd + t  # int64, see _tile_offsets
     mask = d_mask[:, None, None] & (t < length)
@@ -176,9 +189,8 @@ def _fwd_channel_last_kernel(X, Weight, Bias, Out, stride_xb, stride_xl, stride_
                              length_key, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """dim is the unit-stride axis: the shifted tiles are other rows, aligned, so they are loaded directly."""
-    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    b = tl.program_id(2).to(tl.int64)
+    position_block, d, b = _program_tile(tl.cdiv(length, BLOCK_L), dim, BLOCK_D)
+    t = position_block * BLOCK_L + tl.arange(0, BLOCK_L)
     d_mask = d < dim
     taps = _load_taps(Weight, d, d_mask, WIDTH, BLOCK_D)
     bias = _load_bias(Bias, d, d_mask, HAS_BIAS)
@@ -198,9 +210,7 @@ def _bwd_kernel(X, Weight, Bias, dOut, dX, PartialWeight, PartialBias,
                 WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CHANNEL_LAST: tl.constexpr,
                 DOUT_CHANNEL_LAST: tl.constexpr, MAX_WIDTH: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    chunk = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    b = tl.program_id(2).to(tl.int64)
+    chunk, d, b = _program_tile(tl.cdiv(length, chunk_len), dim, BLOCK_D)
     d_mask = d < dim
     X += b * stride_xb
     dOut += b * stride_gb
@@ -295,7 +305,8 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
     batch, dim, length = x.shape
     out = new_like_x(x)
     channel_last = is_channel_last(x)
-    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), triton.cdiv(dim, meta["BLOCK_D"]), batch)  # noqa: E731
+    grid = lambda meta: flat_grid("causal_conv1d", triton.cdiv(length, meta["BLOCK_L"]),  # noqa: E731
+                                  triton.cdiv(dim, meta["BLOCK_D"]), batch)
     strides = (x.stride(0), x.stride(2 if channel_last else 1), out.stride(0), out.stride(2 if channel_last else 1))
     # channel-first: V positions per 16-byte vector (block lengths are multiples of 8)
     vector = {} if channel_last else {"V": 16 // x.element_size()}
@@ -316,7 +327,7 @@ def causal_conv1d_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor 
     dx = new_like_x(x)
     partial_weight = torch.empty((n_chunks * batch, dim, width), dtype=torch.float32, device=x.device)
     partial_bias = torch.empty((n_chunks * batch, dim), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (n_chunks, triton.cdiv(dim, meta["BLOCK_D"]), batch)  # noqa: E731
+    grid = lambda meta: flat_grid("causal_conv1d", n_chunks, triton.cdiv(dim, meta["BLOCK_D"]), batch)  # noqa: E731
     channel_last = is_channel_last(x)
     _launch(_bwd_kernel, _bwd_tuned[channel_last], grid, x, weight,
             weight if bias is None else bias, grad_out, dx, partial_weight, partial_bias,

@@ -6,4 +6,5 @@
   timing.py      wall-clock seconds that include the device's queued work
   plotting.py    pyplot on the Agg backend with the house style, figures as PNG bytes
   schedule.py    the learning-rate schedule (warmup, then cosine, WSD or constant)
+  launch.py      CUDA's grid limits for our Triton launches: every kernel's programs on grid axis 0
 """

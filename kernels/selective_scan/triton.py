@@ -20,7 +20,8 @@ and forms every gradient from h, dh and a h_{t-1} = h_t - b_t. Nothing is writte
 hence deterministic): sums over channels (dB, dC) and over batch (dA, dD, ddelta_bias) land in per-program partial
 buffers that the launcher adds up in torch in a fixed order.
 
-Under TRITON_INTERPRET=1 fixed small blocks replace the autotuner, which needs a GPU driver.
+Grids are flat (kernels/common/launch.py), so a big batch * groups passes no CUDA grid limit, and every offset is
+int64. Under TRITON_INTERPRET=1 fixed small blocks replace the autotuner, which needs a GPU driver.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from archlab.kernels.backend import triton_interpreting
 from archlab.kernels.common.autotune import autotune
+from archlab.kernels.common.launch import flat_grid
 from archlab.kernels.selective_scan.op import GPU_CHUNK_LEN
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd"]
@@ -54,6 +56,14 @@ SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's F.softplus: above it softplus
 def _compose(a_first, b_first, a_then, b_then):
     """The affine map h -> a_then (a_first h + b_first) + b_then: what scanning the recurrence composes."""
     return a_first * a_then, a_then * b_first + b_then
+
+
+@triton.jit
+def _program_block(dim_per_group, BLOCK_D: tl.constexpr):
+    """This program's (block of channels in its group, batch * group index). The grid is flat, channel blocks fastest
+    (kernels/common/launch.py: CUDA caps grid axis 1 at 65535, which batch * groups can pass); the index is int64."""
+    n_blocks = tl.cdiv(dim_per_group, BLOCK_D)
+    return tl.program_id(0) % n_blocks, (tl.program_id(0) // n_blocks).to(tl.int64)
 
 
 @triton.jit
@@ -98,9 +108,9 @@ def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkSta
                 N_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
     # int64 batch, channel and position indices, so every offset is int64: a batch offset overflows int32 in a
     # big batch, and so does position * stride_l in a channel-last view (stride 2 * dim for z in the Mamba block)
-    bg = tl.program_id(1).to(tl.int64)
+    block, bg = _program_block(dim_per_group, BLOCK_D)
     b, g = bg // n_groups, bg % n_groups
-    in_group = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = in_group < dim_per_group
     channels = g * dim_per_group + in_group
     cols = tl.arange(0, N_PAD)
@@ -125,9 +135,10 @@ def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkSta
         delta_u = delta * u
         y = u * skip[:, None] if HAS_D else tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
         for n in range(N):
-            a_n = tl.load(A + channels * stride_ad + n * stride_an, mask=d_mask, other=0.0).to(tl.float32)
-            b_n = tl.load(B + n * stride_bn + positions * stride_bl, mask=positions < L, other=0.0).to(tl.float32)
-            c_n = tl.load(C + n * stride_cn + positions * stride_cl, mask=positions < L, other=0.0).to(tl.float32)
+            n64 = tl.cast(n, tl.int64)  # n * stride_bn overflows int32 once B's (N, L) slice reaches 2**31
+            a_n = tl.load(A + channels * stride_ad + n64 * stride_an, mask=d_mask, other=0.0).to(tl.float32)
+            b_n = tl.load(B + n64 * stride_bn + positions * stride_bl, mask=positions < L, other=0.0).to(tl.float32)
+            c_n = tl.load(C + n64 * stride_cn + positions * stride_cl, mask=positions < L, other=0.0).to(tl.float32)
             decay_prod, input_sum = tl.associative_scan((tl.exp(delta * a_n[:, None]), delta_u * b_n[None, :]),
                                                         1, _compose)
             h = decay_prod * _column(state, cols, n)[:, None] + input_sum
@@ -153,8 +164,7 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
                 dim, dim_per_group, n_groups, L, N, n_chunks,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 N_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    bg = tl.program_id(1).to(tl.int64)  # int64 offsets, as in the forward
-    block = tl.program_id(0)
+    block, bg = _program_block(dim_per_group, BLOCK_D)  # int64 offsets, as in the forward
     b, g = bg // n_groups, bg % n_groups
     in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = in_group < dim_per_group
@@ -164,8 +174,9 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
     state_mask = d_mask[:, None] & (cols[None, :] < N)
     B += b * stride_bb + g * stride_bg
     C += b * stride_cb + g * stride_cg
-    # dB/dC partials (batch, G, n_blocks, N, L) fp32: this program's slot, summed over blocks by the launcher
-    part_offset = (bg * tl.num_programs(0) + block) * N * L
+    # dB/dC partials (batch, G, n_blocks, N, L) fp32: this program's slot (bg, block), the flat program index;
+    # summed over blocks by the launcher
+    part_offset = tl.program_id(0).to(tl.int64) * N * L
     dB_part += part_offset
     dC_part += part_offset
     bias = tl.load(DeltaBias + channels, mask=d_mask, other=0.0).to(tl.float32) if HAS_DELTA_BIAS else None
@@ -202,9 +213,10 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
         ddelta = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
         start_state = tl.load(chunk_state_ptrs + chunk * N, mask=state_mask, other=0.0)
         for n in range(N):
-            a_n = tl.load(A + channels * stride_ad + n * stride_an, mask=d_mask, other=0.0).to(tl.float32)
-            b_n = tl.load(B + n * stride_bn + positions * stride_bl, mask=positions < L, other=0.0).to(tl.float32)
-            c_n = tl.load(C + n * stride_cn + positions * stride_cl, mask=positions < L, other=0.0).to(tl.float32)
+            n64 = tl.cast(n, tl.int64)  # n * stride_bn overflows int32 once B's (N, L) slice reaches 2**31
+            a_n = tl.load(A + channels * stride_ad + n64 * stride_an, mask=d_mask, other=0.0).to(tl.float32)
+            b_n = tl.load(B + n64 * stride_bn + positions * stride_bl, mask=positions < L, other=0.0).to(tl.float32)
+            c_n = tl.load(C + n64 * stride_cn + positions * stride_cl, mask=positions < L, other=0.0).to(tl.float32)
             inputs = delta_u * b_n[None, :]
             decay_prod, input_sum = tl.associative_scan((tl.exp(delta * a_n[:, None]), inputs), 1, _compose)
             h = decay_prod * _column(start_state, cols, n)[:, None] + input_sum
@@ -219,8 +231,8 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
             du += dh * delta * b_n[None, :]
             ddelta += dh * u * b_n[None, :] + decay_term * a_n[:, None]
             dA_acc += tl.where(cols[None, :] == n, tl.sum(decay_term * delta, 1)[:, None], 0.0)
-            tl.store(dB_part + n * L + positions, tl.sum(dh * delta_u, 0), mask=positions < L)
-            tl.store(dC_part + n * L + positions, tl.sum(dy * h, 0), mask=positions < L)
+            tl.store(dB_part + n64 * L + positions, tl.sum(dh * delta_u, 0), mask=positions < L)
+            tl.store(dC_part + n64 * L + positions, tl.sum(dy * h, 0), mask=positions < L)
         if HAS_Z:
             sig = tl.sigmoid(z)
             dz = grad_out * y * sig * (1.0 + z * (1.0 - sig))
@@ -298,10 +310,11 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
             *_common_args(u, delta, A, B, C, z), *out.stride(),
             dim, dim // n_groups, n_groups, length, n_state, n_chunks)
     if _on_gpu(u):
-        grid = lambda meta: (triton.cdiv(dim // n_groups, meta["BLOCK_D"]), batch * n_groups)  # noqa: E731
+        grid = lambda meta: flat_grid("selective_scan", triton.cdiv(dim // n_groups, meta["BLOCK_D"]),  # noqa: E731
+                                      batch * n_groups)
         _fwd_tuned[grid](*args, **constexprs)
     else:
-        _fwd_kernel[(triton.cdiv(dim // n_groups, FIXED_BLOCK_D), batch * n_groups)](
+        _fwd_kernel[flat_grid("selective_scan", triton.cdiv(dim // n_groups, FIXED_BLOCK_D), batch * n_groups)](
             *args, **constexprs, BLOCK_D=FIXED_BLOCK_D)
     return out, last_state, chunk_states
 
@@ -333,7 +346,7 @@ def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
             du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dBias_part,
             *_common_args(u, delta, A, B4, C4, z), *grad_out.stride(),
             dim, dim // n_groups, n_groups, length, n_state, n_chunks)
-    grid = (n_blocks, batch * n_groups)
+    grid = flat_grid("selective_scan", n_blocks, batch * n_groups)
     if _on_gpu(u):
         _bwd_tuned[grid](*args, **constexprs, BLOCK_D=block_d)
     else:
