@@ -17,6 +17,8 @@ such mistakes, so a pass on the GPU means something.
 """
 import dataclasses
 import functools
+import sys
+import types
 
 import pytest
 import torch
@@ -106,3 +108,30 @@ def test_disagreements_catches_a_backend_called_wrongly(op_name, mistake, first_
                              torch.device("cpu"))
     assert problems and problems[0].startswith(first_problem), problems
 
+
+def test_the_conv_peer_gets_only_layouts_causal_conv1d_takes(monkeypatch):
+    """causal-conv1d's kernel refuses a channel-last x whose dim or strides are not multiples of 8, and the
+    self-check cases have such inputs (dim 3 and 4). A stand-in package that refuses them as the real one does
+    (csrc/causal_conv1d.cpp) shows that our peer call copies those to contiguous and keeps the rest as they are."""
+    from archlab.kernels import causal_conv1d as conv
+
+    layouts = []
+
+    def causal_conv1d_fn(x, weight, bias=None, activation=None):
+        assert x.stride(2) == 1 or x.stride(1) == 1
+        channel_last = x.stride(1) == 1 and x.stride(2) > 1
+        if channel_last:
+            assert x.shape[1] % 8 == 0, "causal_conv1d only supports channel dimension divisible by 8 for now"
+            assert x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0, "channel last layout requires strides % 8 == 0"
+        layouts.append(channel_last)
+        return conv.causal_conv1d_reference(x, weight, bias, activation)
+
+    monkeypatch.setitem(sys.modules, "causal_conv1d", types.SimpleNamespace(causal_conv1d_fn=causal_conv1d_fn))
+    mamba_like = torch.randn(2, 12, 32).transpose(1, 2)  # (batch, L, E) seen as (batch, E, L), E a multiple of 8
+    cases = [case.args for case in conv.CONFORMANCE.self_check(torch.float32)] + [(mamba_like, torch.randn(32, 4))]
+    for x, weight, *bias in cases:
+        bias = bias[0] if bias else None
+        torch.testing.assert_close(conv._peer(x, weight, bias, "silu"),
+                                   conv.causal_conv1d_reference(x, weight, bias, "silu"))
+    # the self-check cases' channel-last x (dim 3 and 4) went over contiguous, the Mamba-like one as it was
+    assert layouts == [False, False, False, False, True]
