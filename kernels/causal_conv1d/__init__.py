@@ -66,9 +66,15 @@ def _peer(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None
     except ImportError as error:
         raise ImportError(f"the 'peer' backend for causal_conv1d needs causal-conv1d ({error}); {PEER_INSTALL_HINT}, "
                           "or use auto") from None
-    if not (x.is_contiguous() or is_channel_last(x)):
+    if not (x.is_contiguous() or (is_channel_last(x) and _peer_takes_channel_last(x))):
         x = x.contiguous()  # the package takes (batch, dim, L) contiguous or channel-last, nothing else
     return causal_conv1d_fn(x, weight, bias, activation=activation)
+
+
+def _peer_takes_channel_last(x: Tensor) -> bool:
+    """causal-conv1d refuses a channel-last x unless dim and x.stride(0), x.stride(2) are multiples of 8
+    ("causal_conv1d only supports channel dimension divisible by 8")."""
+    return x.shape[1] % 8 == 0 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0
 
 
 # -- layout shared by the Triton kernels and the custom op's fake implementation ------------------------------
