@@ -167,7 +167,7 @@ def as_records(rows: list[Compiled]) -> list[dict]:
 
 
 def _cell(row: Compiled) -> str:
-    text = f"{row.registers} r, {row.shared_bytes / 1024:g} KB"
+    text = f"{row.registers} r, {row.shared_bytes / 1024:.1f} KB"
     if row.spill_bytes:
         text += f", **spills {row.spill_bytes} B**"
     return text if row.fits else f"~~{text}~~ pruned"
@@ -207,7 +207,9 @@ def to_markdown(rows: list[Compiled], meta: dict) -> str:
 def ptxas_version() -> str:
     from triton.backends.nvidia.compiler import get_ptxas_version
 
-    return get_ptxas_version().strip().splitlines()[-1]
+    report = get_ptxas_version()  # "... Cuda compilation tools, release 12.9, V12.9.86 ..."
+    return next((line.split("release")[-1].strip(" ,") for line in report.splitlines() if "release" in line),
+                report.strip().splitlines()[-1])
 
 
 def results_stem() -> str:
