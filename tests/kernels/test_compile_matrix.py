@@ -18,6 +18,9 @@ from archlab.kernels.common.autotune import SHARED_MEMORY_LIMIT, autotune, fitti
 from archlab.kernels.registry import kernel_ops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[2] / "compare" / "results"
+# The targets the issue requires, compiled in CI (~500 CPU-seconds); the committed table also has sm_100 and sm_120,
+# from `archlab compile-matrix`, whose rows for these four targets this test compares.
+CI_TARGETS = (80, 86, 89, 90)
 
 
 def _configs(*blocks):
@@ -78,7 +81,7 @@ def check_matrix(fresh: dict, committed: dict | None) -> None:
     """Every launchable kernel of every op with a triton backend, in each of its configs, compiled for each
     target; at least one config of each launch fits each target; and the committed table is this one."""
     rows, targets = fresh["rows"], fresh["meta"]["targets"]
-    assert {80, 86, 89, 90}.issubset(targets)
+    assert set(CI_TARGETS).issubset(targets)
     for op in kernel_ops().values():
         if "triton" not in op.backends:
             continue
@@ -93,15 +96,17 @@ def check_matrix(fresh: dict, committed: dict | None) -> None:
                         f"no config of {op.name} {kernel} ({constexprs}) fits sm_{target}"
     assert all(r["fits"] == (r["shared_bytes"] <= SHARED_MEMORY_LIMIT[r["target"]]) for r in rows)
     if committed is not None:
-        assert committed["rows"] == rows, ("the committed compile matrix is stale: run `archlab compile-matrix` "
-                                           "and commit compare/results/compile-matrix-*")
+        assert [r for r in committed["rows"] if r["target"] in targets] == rows, (
+            "the committed compile matrix is stale: run `archlab compile-matrix` and commit "
+            "compare/results/compile-matrix-*")
 
 
 @pytest.mark.slow
 def test_every_kernel_in_every_config_compiles_for_every_target_and_matches_the_committed_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpreted kernels do not compile
     done = subprocess.run([sys.executable, "-m", "archlab.compare.cli", "compile-matrix", "--out", str(tmp_path),
-                           "--jobs", str(min(os.cpu_count() or 1, 4))], env=env, capture_output=True, text=True)
+                           "--jobs", str(min(os.cpu_count() or 1, 4)), "--targets", *map(str, CI_TARGETS)],
+                          env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     committed = _committed()
     check_matrix(json.loads(next(tmp_path.glob("compile-matrix-*.json")).read_text()), committed)
