@@ -37,7 +37,7 @@ def broken_conv(monkeypatch):
     monkeypatch.setattr(conv_triton, "causal_conv1d_fwd", lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
 
 
-@pytest.mark.parametrize("op_name", list(kernel_ops()))
+@pytest.mark.parametrize("op_name", [name for name, op in kernel_ops().items() if "triton" in op.backends])
 def test_every_triton_kernel_passes_its_self_check(op_name):
     verdict = self_check.run_self_check(kernel_ops()[op_name], CPU, torch.float32)
     assert verdict.passed, verdict.detail

@@ -1,0 +1,72 @@
+"""SSD's conformance spec (kernels/registry.py): Mamba-2-like inputs, packed and not, small enough that the
+sequential reference runs each case in milliseconds."""
+from __future__ import annotations
+
+import torch
+
+from archlab.kernels.registry import Conformance, ConformanceCase, Tolerance
+
+CHUNK_SIZES = (1, 2, 4, 8, 16)
+PRIME_LENGTHS = (1, 2, 3, 5, 7, 13, 17, 31)
+
+
+def draw_case(draw, dtype: torch.dtype) -> ConformanceCase:
+    from hypothesis import strategies as st  # a test dependency: imported only when a case is drawn
+
+    chunk_size = draw(st.sampled_from(CHUNK_SIZES))
+    # 1, primes, and both sides of one and two chunk lengths: the padding and the carries between chunks
+    lengths = sorted({n for n in (*PRIME_LENGTHS, chunk_size - 1, chunk_size, chunk_size + 1, 2 * chunk_size + 1)
+                      if n >= 1})
+    length = draw(st.sampled_from(lengths))
+    packed = draw(st.booleans())
+    batch = 1 if packed else draw(st.integers(1, 2))
+    groups = draw(st.sampled_from([1, 2]))
+    heads = groups * draw(st.integers(1, 2))
+    head_dim, n_state = draw(st.sampled_from([1, 3, 4])), draw(st.sampled_from([1, 4, 8]))
+    cu_seqlens = None
+    if packed and length > 1:  # boundaries anywhere: inside chunks, on chunk edges, next to each other
+        cuts = draw(st.lists(st.integers(1, length - 1), max_size=3, unique=True))
+        cu_seqlens = torch.tensor([0, *sorted(cuts), length], dtype=torch.int32)
+    options = {
+        "D": draw(st.sampled_from(["none", "per head", "per head and channel"])),
+        "z": draw(st.booleans()), "dt_bias": draw(st.booleans()), "dt_softplus": draw(st.booleans()),
+        "dt_limit": draw(st.sampled_from([(0.0, float("inf")), (0.05, 0.8)])),
+        "initial_states": cu_seqlens is None and draw(st.booleans()),
+        "strided_x": draw(st.booleans()),  # Mamba-2 hands over x as a slice of one projection's output
+    }
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    return _case(batch, length, heads, head_dim, groups, n_state, chunk_size, cu_seqlens, options, dtype, generator)
+
+
+def _case(batch, length, heads, head_dim, groups, n_state, chunk_size, cu_seqlens, options, dtype, generator):
+    def randn(*shape, dtype=dtype):
+        return torch.randn(shape, generator=generator).to(dtype)
+
+    x = randn(batch, length, heads, 2 * head_dim)[..., :head_dim] if options["strided_x"] else \
+        randn(batch, length, heads, head_dim)
+    dt = randn(batch, length, heads)
+    # Mamba's dt is positive (a softplus); without the softplus here, draw it positive directly
+    dt = dt if options["dt_softplus"] else (dt.float().abs() * 0.5).to(dtype)
+    A = -(torch.rand(heads, generator=generator) * 2 + 0.1)  # -exp(A_log): the state decays
+    D_shape = {"none": None, "per head": (heads,), "per head and channel": (heads, head_dim)}[options["D"]]
+    tensors = {  # A, D, dt_bias and the initial states stay float32, as in Mamba-2
+        "x": x, "dt": dt, "A": A,
+        "B": randn(batch, length, groups, n_state), "C": randn(batch, length, groups, n_state),
+        "D": None if D_shape is None else randn(*D_shape, dtype=torch.float32),
+        "z": randn(batch, length, heads, head_dim) if options["z"] else None,
+        "dt_bias": torch.rand(heads, generator=generator) * 0.5 if options["dt_bias"] else None,
+        "initial_states": randn(batch, heads, head_dim, n_state, dtype=torch.float32)
+        if options["initial_states"] else None,
+    }
+    tensors = {name: None if t is None else t.requires_grad_() for name, t in tensors.items()}
+    positional = tuple(tensors.pop(name) for name in ("x", "dt", "A", "B", "C"))
+    return ConformanceCase(positional, {**tensors, "chunk_size": chunk_size, "cu_seqlens": cu_seqlens,
+                                        "dt_softplus": options["dt_softplus"], "dt_limit": options["dt_limit"],
+                                        "return_final_states": True})
+
+
+CONFORMANCE = Conformance(draw_case, tolerances={
+    torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
+    torch.bfloat16: Tolerance(rtol=1e-2, atol=1e-4),
+    torch.float16: Tolerance(rtol=1.5e-3, atol=1e-4),
+})
