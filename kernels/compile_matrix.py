@@ -89,7 +89,7 @@ def _intercepted(launches: list, op: str) -> Iterator[None]:
 
 
 def record_launches() -> list[Launch]:
-    """Every distinct launch the registered ops' compile_launches make (the same kernel with the same constexprs
+    """Every distinct launch the registered ops' compile_launches make (an op's kernel with the same constexprs
     and argument dtypes once)."""
     launches: list[Launch] = []
     for op in kernel_ops().values():
@@ -99,7 +99,7 @@ def record_launches() -> list[Launch]:
     distinct = {}
     for launch in launches:
         dtypes = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in launch.args)
-        distinct.setdefault((launch.name, dtypes, tuple(sorted(launch.kwargs.items()))), launch)
+        distinct.setdefault((launch.op, launch.name, dtypes, tuple(sorted(launch.kwargs.items()))), launch)
     return list(distinct.values())
 
 
