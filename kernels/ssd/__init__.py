@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from archlab.kernels.backend import resolve_backend
-from archlab.kernels.registry import KernelOp, register
+from archlab.kernels.registry import KernelBench, KernelOp, register
 from archlab.kernels.ssd.chunked import ssd_chunked
 from archlab.kernels.ssd.conformance import CONFORMANCE
 from archlab.kernels.ssd.reference import effective_dt, skip_and_gate, ssd_reference, ssd_step
@@ -169,4 +169,6 @@ register(KernelOp(
     name="ssd", backends=("torch", "reference"), auto_on_cuda="torch",
     layout="x, z (batch, length, heads, head_dim); dt (batch, length, heads); A (heads,); B, C (batch, length, "
            "groups, state); cu_seqlens (n + 1,) int32 with batch 1; out like x",
-    dispatch=ssd, reference=partial(ssd, backend="reference"), conformance=CONFORMANCE))
+    dispatch=ssd, reference=partial(ssd, backend="reference"), conformance=CONFORMANCE,
+    bench=KernelBench("ssd", "archlab.kernels.bench.ssd:bench_ssd", "chunked torch path vs the sequential reference",
+                      needs_cuda=False)))

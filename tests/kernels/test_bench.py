@@ -9,6 +9,7 @@ from archlab.kernels.bench.attention import COLUMNS as ATTENTION_COLUMNS
 from archlab.kernels.bench.attention import attention_flops, bench_attention
 from archlab.kernels.bench.conv1d import bench_conv1d, conv1d_bytes
 from archlab.kernels.bench.scan import bench_scan, scan_bytes
+from archlab.kernels.bench.ssd import bench_ssd
 from archlab.compare.cli import main
 
 
@@ -62,6 +63,15 @@ def test_scan_bench_on_cpu_times_torch_against_reference():
     ours = rows[("archlab-torch", "fwd+bwd")]
     assert ours["ratio_vs_reference"] == pytest.approx(rows[("reference", "fwd+bwd")]["ms"] / ours["ms"], rel=1e-2)
     assert "ratio_vs_reference" in to_markdown(result)
+
+
+def test_ssd_bench_times_the_chunked_path_against_the_reference():
+    result = bench_ssd(torch.device("cpu"), shapes=((1, 9, 2, 4, 3),), min_run_time=0.01)
+    rows = {(r["provider"], r["pass"]): r for r in result["rows"]}
+    assert set(rows) == {(p, s) for p in ("archlab-torch", "reference") for s in ("fwd", "fwd+bwd")}
+    ours = rows[("archlab-torch", "fwd+bwd")]
+    assert ours["ratio_vs_reference"] == pytest.approx(rows[("reference", "fwd+bwd")]["ms"] / ours["ms"], rel=1e-2)
+    assert result["benchmark"] == "ssd" and "ratio_vs_reference" in to_markdown(result)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")

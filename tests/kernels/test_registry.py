@@ -81,9 +81,9 @@ def test_importing_the_kernels_registers_every_shipped_op():
             "print(list(r.kernel_ops()), list(r.kernel_benches()))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split("\n")[0] == "['attention', 'selective_scan', 'causal_conv1d', 'ssd'] ['attention', " \
-                                           "'scan', 'conv1d']"
-    for op in kernel_ops().values():  # ssd has no bench yet
-        assert op.conformance.tolerances and op.layout and (op.bench is None or op.bench.load())
+                                           "'scan', 'conv1d', 'ssd']"
+    for op in kernel_ops().values():
+        assert op.conformance.tolerances and op.layout and op.bench.load()
 
 
 # -- an op registered from outside the package -------------------------------------------------------------------
