@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from archlab.kernels.common.files import atomic_write
+from archlab.kernels.common.files import atomic_write, slug
 from archlab.kernels.common.markdown import table
 from archlab.kernels.common.provenance import git_commit
 
@@ -83,7 +83,7 @@ def device_slug() -> str:
     import torch
 
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    return slug(name)
 
 
 def _result_line(log: str) -> str:

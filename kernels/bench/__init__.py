@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from archlab.kernels.common.files import atomic_write_all, json_text
+from archlab.kernels.common.files import atomic_write_all, json_text, slug
 from archlab.kernels.common.markdown import table
 from archlab.kernels.common.provenance import git_commit, package_version
 from archlab.kernels.hardware import device_name
@@ -113,5 +113,4 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
 
 def result_stem(result: dict, out_dir: Path) -> Path:
     """out_dir/<benchmark>-<device>-<date>-<commit>, what a result's files are named (device as a slug)."""
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
-    return Path(out_dir) / f"{result['benchmark']}-{slug}-{result['date']}-{result['commit']}"
+    return Path(out_dir) / f"{result['benchmark']}-{slug(result['device'])}-{result['date']}-{result['commit']}"

@@ -1,5 +1,5 @@
 """Atomic writes: each file goes to a temporary name next to it, synced, then os.replace'd onto its name, so a
-crash or a concurrent reader never sees half a file."""
+crash or a concurrent reader never sees half a file. And `slug`, the file-name form of a device name."""
 from __future__ import annotations
 
 import contextlib
@@ -55,3 +55,8 @@ def atomic_write_all(files: Mapping[Path, bytes | str]) -> None:
 def json_text(value: Any, *, indent: int | None = 1) -> str:
     """The JSON files archlab writes: `indent` spaces per level (None: one line), a final newline."""
     return json.dumps(value, indent=indent) + "\n"
+
+
+def slug(text: str) -> str:
+    """text as a lower-case file-name part: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
