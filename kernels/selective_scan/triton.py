@@ -253,7 +253,7 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
 # Keyed on the shapes that decide the best tile, not on L or batch (those only change the loop and grid).
 _TUNE_KEY = ["dim_per_group", "N", "N_PAD", "CHUNK", "HAS_Z"]
 _fwd_tuned = autotune([triton.Config({"BLOCK_D": d}, num_warps=w) for d in (4, 8, 16) for w in (2, 4, 8)
-                              if 32 * w <= d * GPU_CHUNK_LEN <= 64 * w], key=_TUNE_KEY)(_fwd_kernel)
+                       if 32 * w <= d * GPU_CHUNK_LEN <= 64 * w], key=_TUNE_KEY)(_fwd_kernel)
 _bwd_tuned = autotune([triton.Config({}, num_warps=w) for w in (4, 8)], key=_TUNE_KEY)(_bwd_kernel)
 
 
