@@ -200,6 +200,13 @@ CASES = [
     ("range: odd head dim for RoPE", train("model.d_model=30"), "must be even for RoPE"),
     ("range: dt_min above dt_max", train("model.layers=mamba", "model.mamba.dt_min=0.5"),
      "model.mamba.dt_min=0.5 must not exceed"),
+    ("range: Mamba-2 heads not dividing the inner width", train("model.layers=mamba2", "model.mamba2.head_dim=48"),
+     "model.mamba2.head_dim=48 does not divide the inner width expand * d_model = 64"),
+    ("range: Mamba-2 groups not dividing the heads", train("model.layers=mamba2", "model.mamba2.head_dim=16",
+                                                          "model.mamba2.n_groups=3"),
+     "model.mamba2.n_groups=3 does not divide the 4 heads"),
+    ("range: Mamba-2 chunk not a power of two", train("model.layers=mamba2", "model.mamba2.chunk_size=100"),
+     "model.mamba2.chunk_size=100 must be a power of two"),
     # -- impossible architecture combinations -------------------------------------------------------
     ("arch: causal masked diffusion", train("model.objective=masked_diffusion", "model.causal=true"),
      "objective masked_diffusion needs a bidirectional backbone"),

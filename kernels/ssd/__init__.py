@@ -45,7 +45,8 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: i
     name = resolve_backend("ssd", backend, x.device, x.dtype)
     args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, tuple(dt_limit), initial_states, cu_seqlens)
     if name == "torch":
-        out, final_states = ssd_chunked(*args, chunk_size=chunk_size)
+        # chunks past the sequence's length would only pad it: the same result (to rounding) for less work
+        out, final_states = ssd_chunked(*args, chunk_size=min(chunk_size, 1 << (x.shape[1] - 1).bit_length()))
     else:
         out, final_states = ssd_reference(*args)
     return (out, final_states) if return_final_states else out

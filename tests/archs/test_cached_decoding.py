@@ -6,9 +6,9 @@ concatenated, must be the logits of one forward over the whole sequence. What a 
   attention  every piece runs the backend's kernel, the chunk and the steps with fewer queries than keys (the
              bottom-right aligned causal mask) over the KV cache;
   mamba      the prefill runs the backend's conv and scan, whose conv window and last state seed the cache; later
-             positions run selective_state_update / causal_conv1d_update, which have one implementation for
-             every backend (kernels/selective_scan, kernels/causal_conv1d), so they are tested on each backend's
-             prefill here rather than per backend.
+  mamba2     positions run selective_state_update (ssd_state_update for Mamba-2) / causal_conv1d_update, which
+             have one implementation for every backend (kernels/selective_scan, kernels/ssd, kernels/causal_conv1d),
+             so they are tested on each backend's prefill here rather than per backend.
 The peer backend runs third-party CUDA kernels only; tests/kernels/test_peer_parity.py compares it with the
 reference op by op on a GPU.
 """
@@ -31,10 +31,13 @@ from archlab.kernels.backend import triton_interpreting
 # output, so a state handed over wrongly from the prefill shows (dropping it moved the logits by 3e-4 of the largest
 # logit instead of 8e-5; D u, the skip, carries most of a fresh model's output).
 MAMBA = dict(d_state=2, expand=1, dt_min=0.1, dt_max=0.5)
+# Mamba-2 alike: 2 heads of 8 channels, chunks of 4 so that the prompt and the sequence span several
+MAMBA2 = dict(d_state=4, expand=1, head_dim=8, chunk_size=4, dt_min=0.1, dt_max=0.5)
 BACKBONES = {
     "transformer": dict(layers="transformer", n_layers=2, d_model=32, attention=dict(n_heads=2, n_kv_heads=1)),
     "mamba": dict(layers="mamba", n_layers=2, d_model=16, mamba=MAMBA),
     "hybrid": dict(layers="mamba,attention", d_model=16, attention=dict(n_heads=1), mamba=MAMBA),
+    "mamba2": dict(layers="mamba2", n_layers=2, d_model=16, mamba2=MAMBA2),
 }
 BATCH = 2
 # prompt of 5 (longer than the conv window of 3, so the window comes from the prompt alone), a chunk of 3, then
@@ -66,7 +69,7 @@ def tiny_model(backbone: str, backend: str):
     # init_std 0.1: attention far from uniform and Mamba outputs of order one, so that a wrong position in the
     # cache shows in the logits instead of vanishing in near-constant activations
     cfg = ModelConfig(**BACKBONES[backbone], mlp_hidden=64, init_std=0.1)
-    model = build_model(cfg, kernels={op: backend for op in ("attention", "selective_scan", "causal_conv1d")})
+    model = build_model(cfg, kernels={op: backend for op in ("attention", "selective_scan", "causal_conv1d", "ssd")})
     return model.eval()
 
 
