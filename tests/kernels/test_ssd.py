@@ -89,6 +89,20 @@ def test_chunked_matches_reference(length, chunk_size, D_shape):
     assert_same(run(inputs, backend="torch", **options), run(inputs, backend="reference", **options))
 
 
+@pytest.mark.parametrize("length,chunk_size,runs_with", [(10, 256, 16), (16, 256, 16), (17, 32, 32), (1, 64, 1),
+                                                     (100, 64, 64)])
+def test_torch_backend_caps_the_chunk_at_the_sequence(monkeypatch, length, chunk_size, runs_with):
+    """A chunk past the next power of two of the length would only add padding (the mixer's default is 256)."""
+    import archlab.kernels.ssd as ssd_module
+
+    seen = []
+    chunked = ssd_module.ssd_chunked
+    monkeypatch.setattr(ssd_module, "ssd_chunked", lambda *a, **k: seen.append(k["chunk_size"]) or chunked(*a, **k))
+    inputs = make_inputs(1, length, 2, 2, 1, 3)
+    assert_same(run(inputs, backend="torch", chunk_size=chunk_size), run(inputs, backend="reference"))
+    assert seen == [runs_with]
+
+
 def test_long_sequence_with_strong_decay_stays_finite_and_exact():
     """exp is only taken of segment sums <= 0: 300 positions at decay rates up to exp(-30) neither overflow nor
     lose the recent inputs."""
