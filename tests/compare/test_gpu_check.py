@@ -32,7 +32,8 @@ def test_the_dry_run_walks_every_step_and_writes_the_summary(tmp_path):
     assert list(rows) == STEPS
     assert all(status == "ok" or status.startswith("skipped") for status, *_ in rows.values()), rows
     assert "skipped" in rows["gpu tests"][2]  # pytest's tally: the gpu tests were collected and skipped here
-    assert "name: hybrid-ar-s0" in (tmp_path / "study-gpu-5min.log").read_text()  # the study was planned
+    planned = (tmp_path / "study-gpu-5min.log").read_text()
+    assert "name: hybrid-ar-s0" in planned and "name: mamba2-ar-s0" in planned  # the study was planned
     assert " tokens/s" in rows["trainer gpt124m"][2] and "params" in rows["trainer gpt124m"][2]
     for name in STEPS:
         if name != "peers":
