@@ -8,24 +8,30 @@ from archlab.kernels.registry import Conformance, ConformanceCase, Tolerance
 
 CHUNK_SIZES = (1, 2, 4, 8, 16)
 PRIME_LENGTHS = (1, 2, 3, 5, 7, 13, 17, 31)
+# batch * heads * chunks of 16 positions per case (a packed sequence can start one more): the Triton interpreter pays
+# about 0.2 s for each, forward and backward (tests/kernels/test_ssd_triton.py)
+INTERPRETER_BUDGET = 6
+INTERPRETER_CHUNK = 16
+MAX_CUTS = 2
 
 
 def draw_case(draw, dtype: torch.dtype) -> ConformanceCase:
     from hypothesis import strategies as st  # a test dependency: imported only when a case is drawn
 
     chunk_size = draw(st.sampled_from(CHUNK_SIZES))
-    # 1, primes, and both sides of one and two chunk lengths: the padding and the carries between chunks
-    lengths = sorted({n for n in (*PRIME_LENGTHS, chunk_size - 1, chunk_size, chunk_size + 1, 2 * chunk_size + 1)
-                      if n >= 1})
-    length = draw(st.sampled_from(lengths))
     packed = draw(st.booleans())
     batch = 1 if packed else draw(st.integers(1, 2))
     groups = draw(st.sampled_from([1, 2]))
     heads = groups * draw(st.integers(1, 2))
     head_dim, n_state = draw(st.sampled_from([1, 3, 4])), draw(st.sampled_from([1, 4, 8]))
+    # 1, primes, and both sides of one and two chunk lengths: the padding and the carries between chunks
+    lengths = sorted({n for n in (*PRIME_LENGTHS, chunk_size - 1, chunk_size, chunk_size + 1, 2 * chunk_size + 1)
+                      if n >= 1 and batch * heads * (-(-n // INTERPRETER_CHUNK) + packed * MAX_CUTS)
+                      <= INTERPRETER_BUDGET})
+    length = draw(st.sampled_from(lengths or [1]))
     cu_seqlens = None
     if packed and length > 1:  # boundaries anywhere: inside chunks, on chunk edges, next to each other
-        cuts = draw(st.lists(st.integers(1, length - 1), max_size=3, unique=True))
+        cuts = draw(st.lists(st.integers(1, length - 1), max_size=MAX_CUTS, unique=True))
         cu_seqlens = torch.tensor([0, *sorted(cuts), length], dtype=torch.int32)
     options = {
         "D": draw(st.sampled_from(["none", "per head", "per head and channel"])),
@@ -110,11 +116,13 @@ def compile_launches(as_gpu) -> None:
     ssd_bwd(torch.empty_like(out), None, x, dt, A, B, C, D, z, dt_bias, None, None, **options)
 
 
-# Half precision: the Triton kernel (like mamba_ssm's) rounds its matmul operands to the inputs' type, so results
-# are those of a half-precision matmul, off by about one rounding unit (bf16 2^-9, fp16 2^-11) of their largest
-# value. The worst seen over 30 drawn cases and the self-check cases: atol 1.3e-3 (bf16) and 1.2e-4 (fp16).
+# Half precision: the Triton kernel, like mamba_ssm's, rounds the matmul operands it computes (the decay-weighted
+# C B^T, dy x^T) to the inputs' type once; the states go in as two halves (hi + lo), as their rounding would reach
+# dA through sums that cancel. So results are those of a half-precision matmul: off by a few rounding units of the
+# inputs' type (bf16 2^-8, fp16 2^-11) times their largest value. The worst seen over 40 drawn cases per dtype and the
+# self-check cases: atol 6e-3 (bf16) and 3e-4 (fp16); allowed: about 4 rounding units (bf16 1.6e-2, fp16 2e-3).
 CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, compile_launches=compile_launches, tolerances={
     torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
-    torch.bfloat16: Tolerance(rtol=1e-2, atol=5e-3),
-    torch.float16: Tolerance(rtol=2e-3, atol=5e-4),
+    torch.bfloat16: Tolerance(rtol=2e-2, atol=1.6e-2),
+    torch.float16: Tolerance(rtol=5e-3, atol=2e-3),
 })

@@ -59,6 +59,8 @@ SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's F.softplus: above it softplus
 # Under the interpreter the device functions run as plain Python, as if inlined: it re-patches triton.language at
 # every call of a nested @triton.jit function (~3 ms each), which made most of the tests' time.
 _device = (lambda fn: fn) if triton_interpreting() else triton.jit
+# ... and the standard library's sum, cumsum and sigmoid, @triton.jit functions too, are called by their bodies
+_sum, _cumsum, _sigmoid = ((f.fn if triton_interpreting() else f) for f in (tl.sum, tl.cumsum, tl.sigmoid))
 
 
 # -- shared pieces ----------------------------------------------------------------------------------------
@@ -88,6 +90,26 @@ def _operand(t, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 @_device
 def _mm(a, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(_operand(a, DOT_DTYPE, UPCAST), _operand(b, DOT_DTYPE, UPCAST), input_precision="ieee")
+
+
+@_device
+def _mm_fine(a, b, FINE_A: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b where the fp32 operand (a if FINE_A, else b) keeps about twice the half type's precision: it is split
+    into hi + lo, both half, and multiplied twice. For the states, whose rounding would otherwise reach dA through
+    sums that cancel (errors ~ half precision x the terms, not the result)."""
+    if DOT_DTYPE == tl.float32:
+        out = _mm(a, b, DOT_DTYPE, UPCAST)
+    elif FINE_A:
+        hi = _operand(a, DOT_DTYPE, UPCAST)
+        lo = _operand(a - hi.to(tl.float32), DOT_DTYPE, UPCAST)
+        other = _operand(b, DOT_DTYPE, UPCAST)
+        out = tl.dot(hi, other, input_precision="ieee") + tl.dot(lo, other, input_precision="ieee")
+    else:
+        hi = _operand(b, DOT_DTYPE, UPCAST)
+        lo = _operand(b - hi.to(tl.float32), DOT_DTYPE, UPCAST)
+        other = _operand(a, DOT_DTYPE, UPCAST)
+        out = tl.dot(other, hi, input_precision="ieee") + tl.dot(other, lo, input_precision="ieee")
+    return out
 
 
 @_device
@@ -121,7 +143,7 @@ def _decays(Dt, A, DtBias, dt_base, stride_dtl, steps, live, h, dt_min, dt_max,
     act = _softplus(pre) if SOFTPLUS else pre
     dt = tl.where(live, tl.minimum(tl.maximum(act, dt_min), dt_max), 0.0)
     a_h = tl.load(A + h).to(tl.float32)
-    return dt, pre, act, tl.cumsum(dt * a_h, 0), a_h
+    return dt, pre, act, _cumsum(dt * a_h, 0), a_h
 
 
 @_device
@@ -130,14 +152,14 @@ def _gated_grad(dOut, dout_offsets, Z, z_offsets, mask, HAS_Z: tl.constexpr):
     dout = tl.load(dOut + dout_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(Z + z_offsets, mask=mask, other=0.0).to(tl.float32)
-        return dout * z * tl.sigmoid(z), dout, z
+        return dout * z * _sigmoid(z), dout, z
     return dout, dout, dout
 
 
 @_device
 def _last(s, steps, CHUNK: tl.constexpr):
     """s at the chunk's last position, the chunk's total decay exponent (dt' = 0 past its end keeps s there)."""
-    return tl.sum(tl.where(steps == CHUNK - 1, s, 0.0), 0)
+    return _sum(tl.where(steps == CHUNK - 1, s, 0.0), 0)
 
 
 @_device
@@ -162,8 +184,8 @@ def _chunk_states_kernel(X, Dt, A, Bm, DtBias, Init, States, Final, Chunks, Seqs
                          DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    n_p_tiles = tl.cdiv(head_dim, BLOCK_P)
-    tiles = n_p_tiles * tl.cdiv(d_state, BLOCK_N)
+    n_p_tiles = (head_dim + BLOCK_P - 1) // BLOCK_P
+    tiles = n_p_tiles * ((d_state + BLOCK_N - 1) // BLOCK_N)
     seq, h = pid // tiles // n_heads, pid // tiles % n_heads
     p = pid % tiles % n_p_tiles * BLOCK_P + tl.arange(0, BLOCK_P)
     n = pid % tiles // n_p_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,7 +211,7 @@ def _chunk_states_kernel(X, Dt, A, Bm, DtBias, Init, States, Final, Chunks, Seqs
         b = _tile(Bm + row * stride_bb + start * stride_bl + (h // heads_per_group) * stride_bg, steps, stride_bl,
                   n, stride_bn, live[:, None] & (n[None, :] < d_state))
         weighted = x * (dt * tl.exp(total - s))[:, None]
-        state = state * tl.exp(total) + _mm(tl.trans(weighted), b, DOT_DTYPE, UPCAST)
+        state = state * tl.exp(total) + _mm_fine(tl.trans(weighted), b, True, DOT_DTYPE, UPCAST)
     tl.store(Final + seq * size + state_offsets, state, mask=state_mask)
 
 
@@ -203,7 +225,7 @@ def _chunk_output_kernel(X, Dt, A, Bm, Cm, Dskip, Z, DtBias, States, Out, Chunks
                          DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    n_p_tiles = tl.cdiv(head_dim, BLOCK_P)
+    n_p_tiles = (head_dim + BLOCK_P - 1) // BLOCK_P
     chunk, h = pid // n_p_tiles // n_heads, pid // n_p_tiles % n_heads
     g = h // heads_per_group
     p = pid % n_p_tiles * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -223,7 +245,7 @@ def _chunk_output_kernel(X, Dt, A, Bm, Cm, Dskip, Z, DtBias, States, Out, Chunks
         c = _tile(c_base, steps, stride_cl, n, stride_cn, bc_mask)
         scores += _mm(c, tl.trans(_tile(b_base, steps, stride_bl, n, stride_bn, bc_mask)), DOT_DTYPE, UPCAST)
         entering = _tile(state_base, p, d_state, n, 1, (p[:, None] < state_rows) & (n[None, :] < d_state))
-        carried += _mm(c, tl.trans(entering), DOT_DTYPE, UPCAST)
+        carried += _mm_fine(c, tl.trans(entering), False, DOT_DTYPE, UPCAST)
     tile_mask = live[:, None] & p_mask[None, :]
     x_offsets = _offsets4(row, start + steps, h, p, stride_xb, stride_xl, stride_xh, stride_xp)
     x = tl.load(X + x_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -233,7 +255,7 @@ def _chunk_output_kernel(X, Dt, A, Bm, Cm, Dskip, Z, DtBias, States, Out, Chunks
     if HAS_Z:
         z = tl.load(Z + _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp),
                     mask=tile_mask, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
+        y *= z * _sigmoid(z)
     out_offsets = _offsets4(row, start + steps, h, p, stride_ob, stride_ol, stride_oh, stride_op)
     tl.store(Out + out_offsets, y.to(Out.dtype.element_ty), mask=tile_mask)
 
@@ -249,8 +271,8 @@ def _state_grads_kernel(dOut, Z, Dt, A, Cm, DtBias, DFinal, DStates, DInit, Chun
                         UPCAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """dS_end of every chunk, last chunk first: dS_end(c - 1) = exp(s_last) dS_end(c) + sum_i exp(s_i) dy_i C_i^T."""
     pid = tl.program_id(0).to(tl.int64)
-    n_p_tiles = tl.cdiv(head_dim, BLOCK_P)
-    tiles = n_p_tiles * tl.cdiv(d_state, BLOCK_N)
+    n_p_tiles = (head_dim + BLOCK_P - 1) // BLOCK_P
+    tiles = n_p_tiles * ((d_state + BLOCK_N - 1) // BLOCK_N)
     seq, h = pid // tiles // n_heads, pid // tiles % n_heads
     p = pid % tiles % n_p_tiles * BLOCK_P + tl.arange(0, BLOCK_P)
     n = pid % tiles // n_p_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -276,7 +298,8 @@ def _state_grads_kernel(dOut, Z, Dt, A, Cm, DtBias, DFinal, DStates, DInit, Chun
                                tile_mask, HAS_Z)
         c = _tile(Cm + row * stride_cb + start * stride_cl + (h // heads_per_group) * stride_cg, steps, stride_cl,
                   n, stride_cn, live[:, None] & (n[None, :] < d_state))
-        grad = grad * tl.exp(_last(s, steps, CHUNK)) + _mm(tl.trans(dy * tl.exp(s)[:, None]), c, DOT_DTYPE, UPCAST)
+        grad = grad * tl.exp(_last(s, steps, CHUNK)) + _mm_fine(tl.trans(dy * tl.exp(s)[:, None]), c, True, DOT_DTYPE,
+                                                                UPCAST)
     if HAS_INIT:
         tl.store(DInit + seq * size + state_offsets, grad, mask=state_mask)
 
@@ -325,10 +348,10 @@ def _chunk_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, Dskip, DtBias, States, DState
                                tile_mask, HAS_Z)
         dy_x += _mm(dy, tl.trans(x), DOT_DTYPE, UPCAST)
     pairs = dy_x * mixing
-    ddt = tl.sum(pairs, 0)  # through dt'_j scaling x_j, within the chunk
+    ddt = _sum(pairs, 0)  # through dt'_j scaling x_j, within the chunk
     pairs = pairs * dt[None, :]
     # d/ds_k summed over k' >= k: the pairs (i >= k > j) whose decay exp(s_i - s_j) spans position k
-    da = tl.sum(tl.where(steps[:, None] >= steps[None, :], tl.cumsum(pairs, 1) - pairs, 0.0), 0)
+    da = _sum(tl.where(steps[:, None] >= steps[None, :], _cumsum(pairs, 1) - pairs, 0.0), 0)
 
     from_state = tl.zeros([CHUNK], dtype=tl.float32)  # x_j . (dS_end B_j)
     into_carried = tl.zeros([CHUNK], dtype=tl.float32)  # dy_i . (S C_i)
@@ -351,36 +374,37 @@ def _chunk_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, Dskip, DtBias, States, DState
             state_mask = (p[:, None] < state_rows) & (n[None, :] < d_state)
             end_grad = _tile(DStates + state_base, p, d_state, n, 1, state_mask)
             entering = _tile(States + state_base, p, d_state, n, 1, state_mask)
-            to_x += _mm(_tile(b_base, steps, stride_bl, n, stride_bn, bc_mask), tl.trans(end_grad), DOT_DTYPE, UPCAST)
-            carried += _mm(_tile(c_base, steps, stride_cl, n, stride_cn, bc_mask), tl.trans(entering),
-                           DOT_DTYPE, UPCAST)
+            to_x += _mm_fine(_tile(b_base, steps, stride_bl, n, stride_bn, bc_mask), tl.trans(end_grad), False,
+                             DOT_DTYPE, UPCAST)
+            carried += _mm_fine(_tile(c_base, steps, stride_cl, n, stride_cn, bc_mask), tl.trans(entering), False,
+                                DOT_DTYPE, UPCAST)
             overlap += end_grad * entering
         dx = dt[:, None] * (_mm(tl.trans(mixing), dy, DOT_DTYPE, UPCAST) + to_end[:, None] * to_x)
         if HAS_D:
             skip = tl.load(Dskip + h * stride_dh + p * stride_dp, mask=p_mask, other=0.0).to(tl.float32)
             dx += dy * skip[None, :]
-            tl.store(dD_part + (chunk * n_heads + h) * head_dim + p, tl.sum(dy * x, 0), mask=p_mask)
+            tl.store(dD_part + (chunk * n_heads + h) * head_dim + p, _sum(dy * x, 0), mask=p_mask)
         grad_offsets = _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp)
         tl.store(dX + grad_offsets, dx.to(dX.dtype.element_ty), mask=tile_mask)
-        from_state += tl.sum(x * to_x, 1)
-        into_carried += tl.sum(dy * carried, 1)
+        from_state += _sum(x * to_x, 1)
+        into_carried += _sum(dy * carried, 1)
         if HAS_Z:
             y = _mm(mixing * dt[None, :], x, DOT_DTYPE, UPCAST) + from_start[:, None] * carried
             if HAS_D:
                 y += x * skip[None, :]
-            sig = tl.sigmoid(z)
+            sig = _sigmoid(z)
             tl.store(dZ + grad_offsets, (dout * y * sig * (1.0 + z * (1.0 - sig))).to(dZ.dtype.element_ty),
                      mask=tile_mask)
     from_state *= to_end
     ddt += from_state
     to_end_terms = from_state * dt  # d/ds: + at the chunk's end, - at j; summed over k' >= k: those before k
-    da += tl.cumsum(into_carried * from_start, 0, reverse=True) + tl.cumsum(to_end_terms, 0) - to_end_terms
-    da += tl.exp(total) * tl.sum(tl.sum(overlap, 1), 0)
-    tl.store(dA_part + chunk * n_heads + h, tl.sum(dt * da, 0))
+    da += _cumsum(into_carried * from_start, 0, reverse=True) + _cumsum(to_end_terms, 0) - to_end_terms
+    da += tl.exp(total) * _sum(_sum(overlap, 1), 0)
+    tl.store(dA_part + chunk * n_heads + h, _sum(dt * da, 0))
     ddt += a_h * da
     ddt = tl.where((act >= dt_min) & (act <= dt_max), ddt, 0.0)  # torch's clamp passes its bounds' gradient
     if SOFTPLUS:
-        ddt = tl.where(pre > SOFTPLUS_THRESHOLD, ddt, ddt * tl.sigmoid(pre))
+        ddt = tl.where(pre > SOFTPLUS_THRESHOLD, ddt, ddt * _sigmoid(pre))
     tl.store(dDt + dt_base + steps.to(tl.int64) * stride_dtl, ddt, mask=live)
 
 
@@ -397,7 +421,7 @@ def _chunk_bc_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, DtBias, States, DStates, C
     """dB and dC of one chunk, group and state tile, summed over the group's heads in order; dB and dC share
     B's contiguous layout."""
     pid = tl.program_id(0).to(tl.int64)
-    n_n_tiles = tl.cdiv(d_state, BLOCK_N)
+    n_n_tiles = (d_state + BLOCK_N - 1) // BLOCK_N
     chunk, g = pid // n_n_tiles // n_groups, pid // n_n_tiles % n_groups
     n = pid % n_n_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
     steps = tl.arange(0, CHUNK)
@@ -436,10 +460,10 @@ def _chunk_bc_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, DtBias, States, DStates, C
                 dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
                 Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp), tile_mask, HAS_Z)
             state_mask = (p[:, None] < state_rows) & n_mask[None, :]
-            db += (dt * to_end)[:, None] * _mm(x, _tile(DStates + state_base, p, d_state, n, 1, state_mask),
-                                               DOT_DTYPE, UPCAST)
-            dc += from_start[:, None] * _mm(dy, _tile(States + state_base, p, d_state, n, 1, state_mask),
-                                            DOT_DTYPE, UPCAST)
+            db += (dt * to_end)[:, None] * _mm_fine(x, _tile(DStates + state_base, p, d_state, n, 1, state_mask),
+                                                    False, DOT_DTYPE, UPCAST)
+            dc += from_start[:, None] * _mm_fine(dy, _tile(States + state_base, p, d_state, n, 1, state_mask),
+                                                 False, DOT_DTYPE, UPCAST)
     offsets = _offsets4(row, start + steps, g, n, stride_db, stride_dl, stride_dg, stride_dn)
     tl.store(dB + offsets, db.to(dB.dtype.element_ty), mask=bc_mask)
     tl.store(dC + offsets, dc.to(dC.dtype.element_ty), mask=bc_mask)
