@@ -54,7 +54,11 @@ __all__ = ["ssd_fwd", "ssd_bwd"]
 
 AUTOTUNE = True
 FIXED_BLOCK = 16  # interpreter: the smallest tl.dot tile, so tests cross head_dim and state tiles
-GPU_MAX_BLOCK = 64  # head_dim and state tiles on a GPU (64 x 64 fp32: 32 registers a thread at 4 warps)
+# head_dim and state tiles on a GPU, at most (ptxas -v, sm_90, head_dim 64, state 128, 64-position chunks): the
+# forward kernels take head_dim whole up to 64 (so the output kernel forms C B^T once a chunk and head); the two
+# per-chunk gradient kernels, which hold ~10 chunk x chunk and chunk x tile fp32 tiles, 16 (at 32 they spill on
+# sm_80/86/89/120, whose mma keeps its accumulators in registers)
+GPU_BLOCK_P, GPU_GRAD_BLOCK_P, GPU_BLOCK_N = 64, 16, 32
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's F.softplus: above it softplus(x) == x
 # Under the interpreter the device functions run as plain Python, as if inlined: it re-patches triton.language at
 # every call of a nested @triton.jit function (~3 ms each), which made most of the tests' time.
@@ -148,12 +152,12 @@ def _decays(Dt, A, DtBias, dt_base, stride_dtl, steps, live, h, dt_min, dt_max,
 
 @_device
 def _gated_grad(dOut, dout_offsets, Z, z_offsets, mask, HAS_Z: tl.constexpr):
-    """dY = dout * silu(z): the gradient reaching y + D x. Also returns dout and z (fp32)."""
-    dout = tl.load(dOut + dout_offsets, mask=mask, other=0.0).to(tl.float32)
+    """dY = dout * silu(z) (fp32): the gradient reaching y + D x."""
+    dy = tl.load(dOut + dout_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(Z + z_offsets, mask=mask, other=0.0).to(tl.float32)
-        return dout * z * _sigmoid(z), dout, z
-    return dout, dout, dout
+        dy = dy * z * _sigmoid(z)
+    return dy
 
 
 @_device
@@ -203,7 +207,7 @@ def _chunk_states_kernel(X, Dt, A, Bm, DtBias, Init, States, Final, Chunks, Seqs
         tl.store(States + chunk * size + state_offsets, state, mask=state_mask)
         row, start, length = _chunk(Chunks, chunk)
         live = steps < length
-        dt, _, _, s, _ = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
+        dt, pre, act, s, a_h = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
                                  steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
         total = _last(s, steps, CHUNK)
         x = _tile(X + row * stride_xb + start * stride_xl + h * stride_xh, steps, stride_xl, p, stride_xp,
@@ -232,7 +236,7 @@ def _chunk_output_kernel(X, Dt, A, Bm, Cm, Dskip, Z, DtBias, States, Out, Chunks
     steps = tl.arange(0, CHUNK)
     row, start, length = _chunk(Chunks, chunk)
     live, p_mask, state_rows = steps < length, p < head_dim, _state_rows(length, head_dim)
-    dt, _, _, s, _ = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
+    dt, pre, act, s, a_h = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
                              steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
     b_base = Bm + row * stride_bb + start * stride_bl + g * stride_bg
     c_base = Cm + row * stride_cb + start * stride_cl + g * stride_cg
@@ -290,10 +294,10 @@ def _state_grads_kernel(dOut, Z, Dt, A, Cm, DtBias, DFinal, DStates, DInit, Chun
         tl.store(DStates + chunk * size + state_offsets, grad, mask=state_mask)
         row, start, length = _chunk(Chunks, chunk)
         live = steps < length
-        _, _, _, s, _ = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
+        dt, pre, act, s, a_h = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
                                 steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
         tile_mask = live[:, None] & (p[None, :] < head_dim)
-        dy, _, _ = _gated_grad(dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
+        dy = _gated_grad(dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
                                Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp),
                                tile_mask, HAS_Z)
         c = _tile(Cm + row * stride_cb + start * stride_cl + (h // heads_per_group) * stride_cg, steps, stride_cl,
@@ -343,7 +347,7 @@ def _chunk_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, Dskip, DtBias, States, DState
         tile_mask = live[:, None] & (p[None, :] < head_dim)
         x = tl.load(X + _offsets4(row, start + steps, h, p, stride_xb, stride_xl, stride_xh, stride_xp),
                     mask=tile_mask, other=0.0)
-        dy, _, _ = _gated_grad(dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
+        dy = _gated_grad(dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
                                Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp),
                                tile_mask, HAS_Z)
         dy_x += _mm(dy, tl.trans(x), DOT_DTYPE, UPCAST)
@@ -362,10 +366,9 @@ def _chunk_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, Dskip, DtBias, States, DState
         tile_mask = live[:, None] & p_mask[None, :]
         x_offsets = _offsets4(row, start + steps, h, p, stride_xb, stride_xl, stride_xh, stride_xp)
         x = tl.load(X + x_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        grad_offsets = _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp)
         z_offsets = _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp)
-        dy, dout, z = _gated_grad(
-            dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp), Z, z_offsets,
-            tile_mask, HAS_Z)
+        dy = _gated_grad(dOut, grad_offsets, Z, z_offsets, tile_mask, HAS_Z)
         to_x = tl.zeros([CHUNK, BLOCK_P], dtype=tl.float32)  # dS_end B_j
         carried = tl.zeros([CHUNK, BLOCK_P], dtype=tl.float32)  # S C_i
         for n0 in range(0, d_state, BLOCK_N):
@@ -384,7 +387,6 @@ def _chunk_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, Dskip, DtBias, States, DState
             skip = tl.load(Dskip + h * stride_dh + p * stride_dp, mask=p_mask, other=0.0).to(tl.float32)
             dx += dy * skip[None, :]
             tl.store(dD_part + (chunk * n_heads + h) * head_dim + p, _sum(dy * x, 0), mask=p_mask)
-        grad_offsets = _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp)
         tl.store(dX + grad_offsets, dx.to(dX.dtype.element_ty), mask=tile_mask)
         from_state += _sum(x * to_x, 1)
         into_carried += _sum(dy * carried, 1)
@@ -392,6 +394,8 @@ def _chunk_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, Dskip, DtBias, States, DState
             y = _mm(mixing * dt[None, :], x, DOT_DTYPE, UPCAST) + from_start[:, None] * carried
             if HAS_D:
                 y += x * skip[None, :]
+            dout = tl.load(dOut + grad_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            z = tl.load(Z + z_offsets, mask=tile_mask, other=0.0).to(tl.float32)
             sig = _sigmoid(z)
             tl.store(dZ + grad_offsets, (dout * y * sig * (1.0 + z * (1.0 - sig))).to(dZ.dtype.element_ty),
                      mask=tile_mask)
@@ -434,7 +438,7 @@ def _chunk_bc_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, DtBias, States, DStates, C
     dc = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
     for k in range(heads_per_group):
         h = g * heads_per_group + k
-        dt, _, _, s, _ = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
+        dt, pre, act, s, a_h = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
                                  steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
         to_end, from_start = tl.exp(_last(s, steps, CHUNK) - s), tl.exp(s)
         dy_x = tl.zeros([CHUNK, CHUNK], dtype=tl.float32)
@@ -443,7 +447,7 @@ def _chunk_bc_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, DtBias, States, DStates, C
             tile_mask = live[:, None] & (p[None, :] < head_dim)
             x = tl.load(X + _offsets4(row, start + steps, h, p, stride_xb, stride_xl, stride_xh, stride_xp),
                         mask=tile_mask, other=0.0)
-            dy, _, _ = _gated_grad(
+            dy = _gated_grad(
                 dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
                 Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp), tile_mask, HAS_Z)
             dy_x += _mm(dy, tl.trans(x), DOT_DTYPE, UPCAST)
@@ -456,7 +460,7 @@ def _chunk_bc_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, DtBias, States, DStates, C
             tile_mask = live[:, None] & (p[None, :] < head_dim)
             x = tl.load(X + _offsets4(row, start + steps, h, p, stride_xb, stride_xl, stride_xh, stride_xp),
                         mask=tile_mask, other=0.0)
-            dy, _, _ = _gated_grad(
+            dy = _gated_grad(
                 dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
                 Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp), tile_mask, HAS_Z)
             state_mask = (p[:, None] < state_rows) & n_mask[None, :]
@@ -470,18 +474,22 @@ def _chunk_bc_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, DtBias, States, DStates, C
 
 
 # -- launching --------------------------------------------------------------------------------------------
-# Blocks are fixed by the shape (GPU_MAX_BLOCK tiles, or the whole head_dim / state below it); the autotuner picks
-# only num_warps, two configs a kernel: the compile matrix compiles every config for every GPU target in CI.
+# Blocks are fixed by the shape (see GPU_BLOCK_P); the autotuner picks among two (num_warps, num_stages) a kernel: the
+# compile matrix compiles every config for every GPU target in CI. The kernels that walk a sequence's chunks may
+# pipeline their loads (2 stages); the per-chunk ones would spend shared memory they need (3 stages: 150 KB).
 _TUNE_KEY = ["head_dim", "d_state", "heads_per_group"]
 
 
-def _tuned(kernel):
-    return autotune([triton.Config({}, num_warps=w) for w in (4, 8)], key=_TUNE_KEY)(kernel)
+def _tuned(kernel, warps_and_stages):
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in warps_and_stages]
+    return autotune(configs, key=_TUNE_KEY)(kernel)
 
 
-_states_tuned, _output_tuned = _tuned(_chunk_states_kernel), _tuned(_chunk_output_kernel)
-_state_grads_tuned, _grads_tuned, _bc_grads_tuned = (_tuned(_state_grads_kernel), _tuned(_chunk_grads_kernel),
-                                                     _tuned(_chunk_bc_grads_kernel))
+_states_tuned = _tuned(_chunk_states_kernel, [(4, 2), (8, 2)])
+_output_tuned = _tuned(_chunk_output_kernel, [(4, 1), (8, 1)])
+_state_grads_tuned = _tuned(_state_grads_kernel, [(4, 2), (8, 2)])
+_grads_tuned = _tuned(_chunk_grads_kernel, [(4, 1), (8, 1)])
+_bc_grads_tuned = _tuned(_chunk_bc_grads_kernel, [(8, 1), (8, 2)])
 
 
 def _on_gpu(t: Tensor) -> bool:
@@ -520,10 +528,15 @@ def chunk_tables(batch: int, length: int, cu_seqlens: Tensor | None, chunk_len: 
     return chunks.int().contiguous(), torch.stack([ends - counts, counts], dim=1).int().contiguous()
 
 
-def _blocks(x: Tensor, head_dim: int, d_state: int) -> tuple[int, int]:
-    if not _on_gpu(x):
-        return FIXED_BLOCK, FIXED_BLOCK
-    return tuple(min(GPU_MAX_BLOCK, max(16, triton.next_power_of_2(size))) for size in (head_dim, d_state))
+def _blocks(x: Tensor, head_dim: int, d_state: int, max_block_p: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_N): head_dim and state tiles."""
+    return _gpu_blocks(head_dim, d_state, max_block_p) if _on_gpu(x) else (FIXED_BLOCK, FIXED_BLOCK)
+
+
+def _gpu_blocks(head_dim: int, d_state: int, max_block_p: int) -> tuple[int, int]:
+    """Powers of two from 16 (tl.dot's least) up to the GPU's bounds."""
+    return tuple(min(bound, max(16, triton.next_power_of_2(size)))
+                 for size, bound in ((head_dim, max_block_p), (d_state, GPU_BLOCK_N)))
 
 
 def _dot_dtype(x: Tensor, B: Tensor, C: Tensor):
@@ -549,12 +562,15 @@ class _Problem:
         self.batch, self.length, self.n_heads, self.head_dim = x.shape
         self.n_groups, self.d_state = B.shape[2:]
         self.chunks, self.sequences = chunk_tables(self.batch, self.length, cu_seqlens, chunk_len, x.device)
-        self.block_p, self.block_n = _blocks(x, self.head_dim, self.d_state)
+        self.block_p, self.block_n = _blocks(x, self.head_dim, self.d_state, GPU_BLOCK_P)
         self.sizes = (self.n_heads, self.n_heads // self.n_groups, self.head_dim, self.d_state,
                       float(dt_limit[0]), float(dt_limit[1]))
         self.constexprs = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, DOT_DTYPE=_dot_dtype(x, B, C),
                                UPCAST=triton_interpreting(), CHUNK=chunk_len,
                                BLOCK_P=self.block_p, BLOCK_N=self.block_n)
+        # the per-chunk gradient kernels' (a narrower head_dim tile on a GPU)
+        self.grad_constexprs = {**self.constexprs, "BLOCK_P": _blocks(x, self.head_dim, self.d_state,
+                                                                      GPU_GRAD_BLOCK_P)[0]}
 
     def state_like(self, rows: int, device) -> Tensor:
         return torch.empty(rows, self.n_heads, self.head_dim, self.d_state, dtype=torch.float32, device=device)
@@ -637,7 +653,7 @@ def ssd_bwd(grad_out: Tensor, grad_final: Tensor | None, x: Tensor, dt: Tensor, 
             x, grad_out, z_or_x, dt, A_c, B, C, D if D is not None else A_c, bias_or_A, states, end_grads,
             problem.chunks, dx, dz, ddt, dA_part, dD_part, *x.stride(), *grad_out.stride(), *z_strides,
             *dt.stride(), *B.stride(), *C.stride(), *_skip_strides(D), *problem.sizes,
-            HAS_D=D is not None, HAS_Z=z is not None, **problem.constexprs)
+            HAS_D=D is not None, HAS_Z=z is not None, **problem.grad_constexprs)
 
     dB = torch.empty(B.shape, dtype=B.dtype, device=x.device)
     dC = torch.empty(B.shape, dtype=C.dtype, device=x.device)
@@ -647,7 +663,7 @@ def ssd_bwd(grad_out: Tensor, grad_final: Tensor | None, x: Tensor, dt: Tensor, 
             x, grad_out, z_or_x, dt, A_c, B, C, bias_or_A, states, end_grads, problem.chunks, dB, dC,
             *x.stride(), *grad_out.stride(), *z_strides, *dt.stride(), *B.stride(), *C.stride(), *dB.stride(),
             n_heads, problem.n_groups, heads_per_group, head_dim, d_state, dt_min, dt_max,
-            HAS_Z=z is not None, **problem.constexprs)
+            HAS_Z=z is not None, **problem.grad_constexprs)
 
     dD = None
     if D_in is not None:
