@@ -81,9 +81,9 @@ def bench_ssd(device: torch.device | None = None, shapes=None, dtype: torch.dtyp
                                 made[op], timer)
     ours = [name for name in providers if name.startswith("archlab-")][:1]
     others = [name for name in providers if name not in ours]
-    # Mamba-1 rows run at N = 16: on CUDA the ratios compare by model shape, not by state size
-    key = ("batch", "seq_len", "heads", "head_dim", "pass") if on_gpu else \
-        ("batch", "seq_len", "heads", "head_dim", "d_state", "pass")
+    # Mamba-1 rows run at N = 16: beside them the ratios compare by model shape, not by state size
+    with_mamba1 = any(op == "scan" for op, _ in providers.values())
+    key = ("batch", "seq_len", "heads", "head_dim", *(() if with_mamba1 else ("d_state",)), "pass")
     add_ratios(rows, ours=ours, peers=others, key=key)
     return {"benchmark": "ssd", "title": "SSD (Mamba-2) benchmark",
             "columns": (*COLUMNS, *(f"ratio_vs_{name}" for name in others)),
