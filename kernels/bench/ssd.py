@@ -87,6 +87,8 @@ def bench_ssd(device: torch.device | None = None, shapes=None, dtype: torch.dtyp
     add_ratios(rows, ours=ours, peers=others, key=key)
     return {"benchmark": "ssd", "title": "SSD (Mamba-2) benchmark",
             "columns": (*COLUMNS, *(f"ratio_vs_{name}" for name in others)),
+            # what kernels/measured.py weighs our kernel against: other backends of SSD, not Mamba-1's scan
+            "rivals": [name for name in others if providers[name][0] == "ssd"],
             "notes": [f"Providers: {', '.join(f'{name} ({op} {backend})' for name, (op, backend) in providers.items())}"
                       f"; SSD chunk_size {chunk_size} (our Triton kernel chunks by its own). Mamba-1 rows: its "
                       f"selective scan at dim = heads * head_dim, N = {MAMBA1_D_STATE}.",
