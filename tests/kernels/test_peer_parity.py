@@ -190,5 +190,9 @@ def test_the_ssd_peer_maps_packed_sequences_as_mamba_ssm_takes_them(monkeypatch)
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(ssd_op, "resolve_backend", lambda op, backend, device, dtype: backend)  # peer off CUDA
     assert disagreements(kernel_ops()["ssd"], "peer", torch.float32, torch.device("cpu")) == []
+    case = ssd_op.CONFORMANCE.self_check(torch.float32)[2]  # packed, at a chunk size below the peer's least
+    out, final = ssd_op.ssd(*case.args, **{**case.kwargs, "chunk_size": 1}, backend="peer")
+    want_out, want_final = ssd_op.ssd(*case.args, **case.kwargs, backend="reference")
+    torch.testing.assert_close((out, final), (want_out, want_final))
     packed = [call for call in calls if call[0]]
     assert packed and all((varlen, grad) in ((False, True), (True, False)) for _, varlen, grad in packed)
