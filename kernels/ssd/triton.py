@@ -12,7 +12,7 @@ kernel masks across a reset, and a packed sequence is computed exactly as it wou
 Inside a chunk, with dt' the effective dt (bias, softplus, clamp) and s_i = dt'_0 A + ... + dt'_i A:
     y_i   = sum_{j<=i} exp(s_i - s_j) (C_i . B_j) dt'_j x_j  +  exp(s_i) S C_i       (S: the state entering)
     S_end = exp(s_last) S + sum_j exp(s_last - s_j) dt'_j x_j B_j^T
-Every exp is of a sum <= 0 (decays only), so strong decay underflows to 0 and never overflows.
+With A < 0 and dt' >= 0 every exp is of a sum <= 0, so strong decay underflows to 0 and never overflows.
 
 Kernels (mamba_ssm's decomposition, with its chunk-state and state-passing steps fused as fla does):
   _chunk_states_kernel      per (sequence, head, state tile): walks the sequence's chunks in order, storing the
@@ -35,8 +35,9 @@ The gradient of the cumulative decays uses the forms that have no cancellation (
 d s-terms are summed over the pairs (i >= k > j) that span position k rather than as differences of large sums.
 
 Matmuls run on tl.dot in the inputs' half dtype (fp32 inputs: true fp32, input_precision="ieee"), operands
-rounded to it as mamba_ssm does; in Triton's interpreter (UPCAST) the operands are rounded the same way (by hand
-for bf16: the interpreter truncates) and multiplied in fp32, as its bf16 tl.dot is wrong. Grids are flat
+rounded to it as mamba_ssm does, except the fp32 states, which go in as two halves (_mm_fine); in Triton's
+interpreter (UPCAST) the operands are rounded the same way (by hand for bf16: the interpreter truncates) and
+multiplied in fp32, as its bf16 tl.dot is wrong. Grids are flat
 (kernels/common/launch.py) and offsets int64. Without a GPU, fixed small blocks replace the autotuner.
 """
 from __future__ import annotations
@@ -92,8 +93,18 @@ def _operand(t, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @_device
+def _dot(a, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot of two operands; fp32 ones (fp32 inputs, or any under UPCAST) multiply in true fp32, not tf32."""
+    if UPCAST or DOT_DTYPE == tl.float32:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@_device
 def _mm(a, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    return tl.dot(_operand(a, DOT_DTYPE, UPCAST), _operand(b, DOT_DTYPE, UPCAST), input_precision="ieee")
+    return _dot(_operand(a, DOT_DTYPE, UPCAST), _operand(b, DOT_DTYPE, UPCAST), DOT_DTYPE, UPCAST)
 
 
 @_device
@@ -107,12 +118,12 @@ def _mm_fine(a, b, FINE_A: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.con
         hi = _operand(a, DOT_DTYPE, UPCAST)
         lo = _operand(a - hi.to(tl.float32), DOT_DTYPE, UPCAST)
         other = _operand(b, DOT_DTYPE, UPCAST)
-        out = tl.dot(hi, other, input_precision="ieee") + tl.dot(lo, other, input_precision="ieee")
+        out = _dot(hi, other, DOT_DTYPE, UPCAST) + _dot(lo, other, DOT_DTYPE, UPCAST)
     else:
         hi = _operand(b, DOT_DTYPE, UPCAST)
         lo = _operand(b - hi.to(tl.float32), DOT_DTYPE, UPCAST)
         other = _operand(a, DOT_DTYPE, UPCAST)
-        out = tl.dot(other, hi, input_precision="ieee") + tl.dot(other, lo, input_precision="ieee")
+        out = _dot(other, hi, DOT_DTYPE, UPCAST) + _dot(other, lo, DOT_DTYPE, UPCAST)
     return out
 
 
@@ -138,16 +149,22 @@ def _state_rows(length, head_dim):
 
 
 @_device
-def _decays(Dt, A, DtBias, dt_base, stride_dtl, steps, live, h, dt_min, dt_max,
-            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """dt' (0 outside the chunk), its pre-activation, the activation before the clamp, s = cumsum(dt' A), A."""
+def _dt_parts(Dt, DtBias, dt_base, stride_dtl, steps, live, h, dt_min, dt_max,
+              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt' (0 outside the chunk), its pre-activation dt + bias, and the activation before the clamp."""
     pre = tl.load(Dt + dt_base + steps.to(tl.int64) * stride_dtl, mask=live, other=0.0).to(tl.float32)
     if HAS_BIAS:
         pre += tl.load(DtBias + h).to(tl.float32)
     act = _softplus(pre) if SOFTPLUS else pre
-    dt = tl.where(live, tl.minimum(tl.maximum(act, dt_min), dt_max), 0.0)
-    a_h = tl.load(A + h).to(tl.float32)
-    return dt, pre, act, _cumsum(dt * a_h, 0), a_h
+    return tl.where(live, tl.minimum(tl.maximum(act, dt_min), dt_max), 0.0), pre, act
+
+
+@_device
+def _decays(Dt, A, DtBias, dt_base, stride_dtl, steps, live, h, dt_min, dt_max,
+            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt' and s = cumsum(dt' A) over the chunk."""
+    dt, pre, act = _dt_parts(Dt, DtBias, dt_base, stride_dtl, steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
+    return dt, _cumsum(dt * tl.load(A + h).to(tl.float32), 0)
 
 
 @_device
@@ -207,8 +224,8 @@ def _chunk_states_kernel(X, Dt, A, Bm, DtBias, Init, States, Final, Chunks, Seqs
         tl.store(States + chunk * size + state_offsets, state, mask=state_mask)
         row, start, length = _chunk(Chunks, chunk)
         live = steps < length
-        dt, pre, act, s, a_h = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
-                                 steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
+        dt, s = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth,
+                        stride_dtl, steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
         total = _last(s, steps, CHUNK)
         x = _tile(X + row * stride_xb + start * stride_xl + h * stride_xh, steps, stride_xl, p, stride_xp,
                   live[:, None] & (p[None, :] < head_dim))
@@ -236,8 +253,8 @@ def _chunk_output_kernel(X, Dt, A, Bm, Cm, Dskip, Z, DtBias, States, Out, Chunks
     steps = tl.arange(0, CHUNK)
     row, start, length = _chunk(Chunks, chunk)
     live, p_mask, state_rows = steps < length, p < head_dim, _state_rows(length, head_dim)
-    dt, pre, act, s, a_h = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
-                             steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
+    dt, s = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth,
+                    stride_dtl, steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
     b_base = Bm + row * stride_bb + start * stride_bl + g * stride_bg
     c_base = Cm + row * stride_cb + start * stride_cl + g * stride_cg
     state_base = States + (chunk * n_heads + h) * head_dim * d_state
@@ -294,16 +311,16 @@ def _state_grads_kernel(dOut, Z, Dt, A, Cm, DtBias, DFinal, DStates, DInit, Chun
         tl.store(DStates + chunk * size + state_offsets, grad, mask=state_mask)
         row, start, length = _chunk(Chunks, chunk)
         live = steps < length
-        dt, pre, act, s, a_h = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
-                                steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
+        dt, s = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth,
+                        stride_dtl, steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
         tile_mask = live[:, None] & (p[None, :] < head_dim)
         dy = _gated_grad(dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
-                               Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp),
-                               tile_mask, HAS_Z)
+                         Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp),
+                         tile_mask, HAS_Z)
         c = _tile(Cm + row * stride_cb + start * stride_cl + (h // heads_per_group) * stride_cg, steps, stride_cl,
                   n, stride_cn, live[:, None] & (n[None, :] < d_state))
-        grad = grad * tl.exp(_last(s, steps, CHUNK)) + _mm_fine(tl.trans(dy * tl.exp(s)[:, None]), c, True, DOT_DTYPE,
-                                                                UPCAST)
+        own = _mm_fine(tl.trans(dy * tl.exp(s)[:, None]), c, True, DOT_DTYPE, UPCAST)  # sum_i exp(s_i) dy_i C_i^T
+        grad = grad * tl.exp(_last(s, steps, CHUNK)) + own
     if HAS_INIT:
         tl.store(DInit + seq * size + state_offsets, grad, mask=state_mask)
 
@@ -326,8 +343,9 @@ def _chunk_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, Dskip, DtBias, States, DState
     row, start, length = _chunk(Chunks, chunk)
     live, state_rows = steps < length, _state_rows(length, head_dim)
     dt_base = row * stride_dtb + start * stride_dtl + h * stride_dth
-    dt, pre, act, s, a_h = _decays(Dt, A, DtBias, dt_base, stride_dtl, steps, live, h, dt_min, dt_max,
-                                   HAS_BIAS, SOFTPLUS)
+    dt, pre, act = _dt_parts(Dt, DtBias, dt_base, stride_dtl, steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
+    a_h = tl.load(A + h).to(tl.float32)
+    s = _cumsum(dt * a_h, 0)
     total = _last(s, steps, CHUNK)
     to_end, from_start = tl.exp(total - s), tl.exp(s)
     b_base = Bm + row * stride_bb + start * stride_bl + (h // heads_per_group) * stride_bg
@@ -348,8 +366,8 @@ def _chunk_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, Dskip, DtBias, States, DState
         x = tl.load(X + _offsets4(row, start + steps, h, p, stride_xb, stride_xl, stride_xh, stride_xp),
                     mask=tile_mask, other=0.0)
         dy = _gated_grad(dOut, _offsets4(row, start + steps, h, p, stride_gb, stride_gl, stride_gh, stride_gp),
-                               Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp),
-                               tile_mask, HAS_Z)
+                         Z, _offsets4(row, start + steps, h, p, stride_zb, stride_zl, stride_zh, stride_zp),
+                         tile_mask, HAS_Z)
         dy_x += _mm(dy, tl.trans(x), DOT_DTYPE, UPCAST)
     pairs = dy_x * mixing
     ddt = _sum(pairs, 0)  # through dt'_j scaling x_j, within the chunk
@@ -438,8 +456,8 @@ def _chunk_bc_grads_kernel(X, dOut, Z, Dt, A, Bm, Cm, DtBias, States, DStates, C
     dc = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
     for k in range(heads_per_group):
         h = g * heads_per_group + k
-        dt, pre, act, s, a_h = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth, stride_dtl,
-                                 steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
+        dt, s = _decays(Dt, A, DtBias, row * stride_dtb + start * stride_dtl + h * stride_dth,
+                        stride_dtl, steps, live, h, dt_min, dt_max, HAS_BIAS, SOFTPLUS)
         to_end, from_start = tl.exp(_last(s, steps, CHUNK) - s), tl.exp(s)
         dy_x = tl.zeros([CHUNK, CHUNK], dtype=tl.float32)
         for p0 in range(0, head_dim, BLOCK_P):
