@@ -574,9 +574,11 @@ def _skip_strides(D: Tensor | None) -> tuple[int, int]:
 class _Problem:
     """What every launch shares: sizes, tables, blocks, strides and constexprs."""
 
-    def __init__(self, x, dt, A, B, C, dt_bias, cu_seqlens, dt_softplus, dt_limit, chunk_len):
+    def __init__(self, x, dt, A, B, C, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_limit, chunk_len):
         if chunk_len < 16 or chunk_len & (chunk_len - 1):
             raise ValueError(f"triton ssd: chunk_len must be a power of two >= 16 (tl.dot's tile), got {chunk_len}")
+        if initial_states is not None and cu_seqlens is not None:  # the kernels would read one state per sequence
+            raise ValueError("triton ssd: initial_states with cu_seqlens is not supported (ssd() refuses it too)")
         self.batch, self.length, self.n_heads, self.head_dim = x.shape
         self.n_groups, self.d_state = B.shape[2:]
         self.chunks, self.sequences = chunk_tables(self.batch, self.length, cu_seqlens, chunk_len, x.device)
@@ -623,7 +625,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
             dt_limit: tuple[float, float], chunk_len: int) -> tuple[Tensor, Tensor]:
     """(out like x in x's dtype, final states (n_sequences, heads, head_dim, state) fp32); inputs validated."""
     A, D, dt_bias, initial_states = _params(A, D, dt_bias, initial_states)
-    problem = _Problem(x, dt, A, B, C, dt_bias, cu_seqlens, dt_softplus, dt_limit, chunk_len)
+    problem = _Problem(x, dt, A, B, C, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_limit, chunk_len)
     states, final = _states(problem, x, dt, A, B, dt_bias, initial_states)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     z_strides = z.stride() if z is not None else (0, 0, 0, 0)
@@ -645,7 +647,7 @@ def ssd_bwd(grad_out: Tensor, grad_final: Tensor | None, x: Tensor, dt: Tensor, 
     D_in, dt_bias_in, initial_in = D, dt_bias, initial_states
     A_c, D, dt_bias, initial_states = _params(A, D, dt_bias, initial_states)
     grad_out, dt = grad_out.contiguous(), dt.contiguous()  # dx, dz take dout's strides, ddt dt's
-    problem = _Problem(x, dt, A_c, B, C, dt_bias, cu_seqlens, dt_softplus, dt_limit, chunk_len)
+    problem = _Problem(x, dt, A_c, B, C, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_limit, chunk_len)
     n_chunks, n_sequences = problem.chunks.shape[0], problem.sequences.shape[0]
     states, _ = _states(problem, x, dt, A_c, B, dt_bias, initial_states)
     z_strides = z.stride() if z is not None else (0, 0, 0, 0)
