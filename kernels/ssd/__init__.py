@@ -17,7 +17,9 @@ definition, peer = mamba_ssm's `mamba_chunk_scan_combined` (CUDA; `auto` takes i
 The peer resets packed sequences through seq_idx, made from cu_seqlens; its backward refuses the per-sequence
 states, so with cu_seqlens they come from a second, forward-only call and are not differentiable there.
 chunk_size is the torch and peer backends' chunk length (the peer's at least PEER_MIN_CHUNK, its tile); the triton
-backend chunks by its own (op.py). The chunk length changes results only by rounding.
+backend chunks by its own (op.py). The chunk length changes results only by rounding. The triton backend takes any
+head_dim, state size, heads and groups (it tiles them); the one size it refuses is a launch past CUDA's grid limit
+(kernels/common/launch.py), with a one-line error.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: i
         cu_seqlens: Tensor | None = None, return_final_states: bool = False,
         backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """out (batch, length, heads, head_dim) in x's dtype, or (out, final states float32) with return_final_states:
-    (batch, heads, head_dim, state), or (n_sequences, heads, head_dim, state) with cu_seqlens."""
+    (batch, heads, head_dim, state), or (n_sequences, heads, head_dim, state) with cu_seqlens. chunk_size: a power
+    of two, the torch and peer backends' chunk length (see the module docstring)."""
     _check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, cu_seqlens)
     name = resolve_backend("ssd", backend, x.device, x.dtype)
     args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, tuple(dt_limit), initial_states, cu_seqlens)

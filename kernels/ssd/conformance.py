@@ -98,8 +98,9 @@ def self_check_cases(dtype: torch.dtype) -> list[ConformanceCase]:
 
 
 def compile_launches(as_gpu) -> None:
-    """A Mamba-2 block's launches under bf16 autocast (B1 L256 H8 P64 N128, one group, D per head, z, dt_bias,
-    softplus), forward and backward, at the GPU's chunk length; final states unused, as in training."""
+    """A Mamba-2 block's launches under bf16 autocast (B1 L256 H8 P64 N128, one group, D per head, dt_bias,
+    softplus), forward and backward, at the GPU's chunk length; final states unused, as in training. With z: the
+    heavier variant (mamba_ssm's Mamba2 hands z to the SSD with rmsnorm=False, to its gated norm otherwise)."""
     from archlab.kernels.ssd.op import GPU_CHUNK_LEN
     from archlab.kernels.ssd.triton import ssd_bwd, ssd_fwd
 

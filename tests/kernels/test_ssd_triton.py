@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from archlab.kernels.checking import mismatch
 from archlab.kernels.ssd import ssd
 from archlab.kernels.ssd.conformance import CONFORMANCE
-from archlab.kernels.ssd.op import GPU_CHUNK_LEN, chunk_len_for, ssd_bwd, ssd_fwd, ssd_triton
+from archlab.kernels.ssd.op import GPU_CHUNK_LEN, INTERPRETER_CHUNK_LEN, ssd_bwd, ssd_fwd, ssd_triton
 
 pytest.importorskip("triton")
 from archlab.kernels.ssd import triton as ssd_kernels  # noqa: E402
@@ -27,7 +27,7 @@ from archlab.kernels.ssd import triton as ssd_kernels  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 STREAMS = ("x", "dt", "B", "C", "z")  # per position: drawn in the tested dtype; the parameters stay float32
-CHUNK = chunk_len_for(torch.device(DEVICE))
+CHUNK = INTERPRETER_CHUNK_LEN
 # 1, primes, and one below, at and above one and two chunks of the interpreter's 16 positions
 LENGTHS = (1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 37)
 COST_BUDGET = 6  # batch * heads * chunks * head_dim tiles * state tiles per drawn case (tiles of 16)
@@ -35,8 +35,15 @@ COST_BUDGET = 6  # batch * heads * chunks * head_dim tiles * state tiles per dra
 
 @pytest.fixture(autouse=True)
 def fixed_blocks(monkeypatch):
-    """Fixed small blocks on a GPU as well, so the property tests do not autotune every drawn shape."""
+    """Fixed small blocks and the interpreter's chunks on a GPU as well, so the property tests cross chunks and do
+    not autotune every drawn shape; the tests of the GPU's blocks and chunks set those."""
     monkeypatch.setattr(ssd_kernels, "AUTOTUNE", False)
+    monkeypatch.setattr("archlab.kernels.ssd.op.chunk_len_for", lambda device: CHUNK)
+
+
+def gpu_chunks(monkeypatch, autotune):
+    monkeypatch.setattr("archlab.kernels.ssd.op.chunk_len_for", lambda device: GPU_CHUNK_LEN)
+    monkeypatch.setattr(ssd_kernels, "AUTOTUNE", autotune)
 
 
 def make_inputs(shape, options, dtype, seed):
@@ -161,7 +168,7 @@ def test_gpu_tiles_and_chunk_length(monkeypatch):
     """The GPU's blocks and chunks in the interpreter: head_dim one past the widest head_dim tile, a state one past
     a state tile, a length one past a chunk, and a packed boundary inside the first chunk."""
     monkeypatch.setattr(ssd_kernels, "_blocks", lambda x, *sizes: ssd_kernels._gpu_blocks(*sizes))
-    monkeypatch.setattr("archlab.kernels.ssd.op.chunk_len_for", lambda device: GPU_CHUNK_LEN)
+    gpu_chunks(monkeypatch, autotune=False)
     shape = (1, GPU_CHUNK_LEN + 1, 1, ssd_kernels.GPU_BLOCK_P + 1, 1, ssd_kernels.GPU_BLOCK_N + 1)
     bounds = torch.tensor([0, 40, GPU_CHUNK_LEN + 1], dtype=torch.int32, device=DEVICE)
     assert_conforms(make_inputs(shape, dict(EVERYTHING, strided_x=True), torch.float32, seed=3), torch.float32,
@@ -177,10 +184,10 @@ def test_large_decay_and_softplus_tail():
     assert_conforms(inputs, torch.float32, dt_softplus=True)
 
 
-def _backward_twice(shape, dtype):
+def _backward_twice(shape, dtype, chunk_len):
     inputs = make_inputs(shape, dict(EVERYTHING, initial_states=True), dtype, seed=5)
     tensors = [inputs[name].detach() if inputs[name] is not None else None for name in NAMES]
-    options = dict(dt_softplus=True, dt_min=0.0, dt_max=float("inf"), chunk_len=CHUNK)
+    options = dict(dt_softplus=True, dt_min=0.0, dt_max=float("inf"), chunk_len=chunk_len)
     out, final = ssd_fwd(*tensors, None, **options)
     grad_out, grad_final = torch.randn_like(out), torch.randn_like(final)
     return [ssd_bwd(grad_out, grad_final, *tensors, None, **options) for _ in range(2)]
@@ -188,7 +195,7 @@ def _backward_twice(shape, dtype):
 
 def test_backward_is_deterministic():
     """Cannot fail under the (sequential) interpreter; it checks the plumbing. The GPU variant below is the test."""
-    first, second = _backward_twice((1, 20, 2, 3, 1, 4), torch.float32)
+    first, second = _backward_twice((1, 20, 2, 3, 1, 4), torch.float32, CHUNK)
     for name, a, b in zip(NAMES, first, second, strict=True):
         assert torch.equal(a, b), f"d{name} differs between two runs"
 
@@ -197,7 +204,7 @@ def test_backward_is_deterministic():
 def test_backward_is_deterministic_on_cuda(monkeypatch):
     """At a Mamba-2 shape, autotuned, where programs run concurrently and atomics would reorder sums."""
     monkeypatch.setattr(ssd_kernels, "AUTOTUNE", True)
-    first, second = _backward_twice((2, 1024, 16, 64, 1, 128), torch.bfloat16)
+    first, second = _backward_twice((2, 1024, 16, 64, 1, 128), torch.bfloat16, GPU_CHUNK_LEN)
     for name, a, b in zip(NAMES, first, second, strict=True):
         assert torch.equal(a, b), f"d{name} differs between two runs"
 
@@ -205,7 +212,7 @@ def test_backward_is_deterministic_on_cuda(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_benchmark_shape_bf16_matches_reference(monkeypatch):
     """B2 L2048 H8 P64 N128 in bf16 with every option, autotuned, against the fp32 reference on the GPU."""
-    monkeypatch.setattr(ssd_kernels, "AUTOTUNE", True)
+    gpu_chunks(monkeypatch, autotune=True)
     inputs = make_inputs((2, 2048, 8, 64, 1, 128), dict(EVERYTHING, initial_states=True), torch.bfloat16, seed=6)
     assert_conforms(inputs, torch.bfloat16, dt_softplus=True)
 
