@@ -10,7 +10,7 @@ CHUNK_SIZES = (1, 2, 4, 8, 16)
 PRIME_LENGTHS = (1, 2, 3, 5, 7, 13, 17, 31)
 # batch * heads * chunks of 16 positions per case (a packed sequence can start one more): the Triton interpreter pays
 # about 0.2 s for each, forward and backward (tests/kernels/test_ssd_triton.py)
-INTERPRETER_BUDGET = 6
+INTERPRETER_BUDGET = 4
 INTERPRETER_CHUNK = 16
 MAX_CUTS = 2
 
