@@ -2,7 +2,9 @@
 
 `auto` puts our kernel first on a GPU only where the newest committed benchmark of that op on that GPU family
 (kernels/hardware.py's gpu_class), in that dtype, has it at least as fast as every rival it was timed against
-(each `ratio_vs_<rival>` of our fwd+bwd rows >= 1). Without such a file, `auto` keeps the op's safe order.
+(each `ratio_vs_<rival>` of our fwd+bwd rows >= 1). A result may name its `rivals` (other backends of the op);
+then only those count: the SSD bench also times Mamba-1's scan, another op, which no backend of SSD replaces.
+Without such a file, `auto` keeps the op's safe order.
 """
 from __future__ import annotations
 
@@ -38,8 +40,10 @@ def triton_measured_fast(op: KernelOp, device_name: str, dtype: str, results_dir
     if not matching:
         return None
     newest = max(matching, key=lambda r: (str(r.get("date", "")), r["file"]))
+    rivals = newest.get("rivals")
     ratios = [value for row in newest["rows"] if row.get("provider") == OUR_PROVIDER and row.get("pass") == "fwd+bwd"
-              for key, value in row.items() if key.startswith("ratio_vs_") and value is not None]
+              for key, value in row.items() if key.startswith("ratio_vs_") and value is not None
+              and (rivals is None or key.removeprefix("ratio_vs_") in rivals)]
     if not ratios or min(ratios) < 1.0:
         return None
     return f"{newest['file']}: ours >= every rival on {family} in {dtype} (worst ratio {min(ratios):.2f})"

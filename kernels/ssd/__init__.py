@@ -11,9 +11,16 @@ state). mamba_ssm differs in form, not in result: it resets on seq_idx (batch, l
 states only as `varlen_states` (return_varlen_states=True, forward only). With cu_seqlens, initial_states is refused:
 mamba_ssm would apply it to the first sequence of the row alone, which is rarely what a caller means.
 
-Backends (kernels/backend.py decides): torch = chunked.py (CPU training; also what `auto` picks on CUDA until a
-Triton kernel exists), reference = the sequential definition. No peer yet: mamba_ssm's backward refuses
-return_varlen_states, so packed batches with per-sequence states could not be compared forward and backward.
+Backends (kernels/backend.py decides): torch = chunked.py (CPU training; what `auto` picks on CPU), triton = our
+kernels (op.py, triton.py; gradients also flow through the final states, packed or not), reference = the sequential
+definition, peer = mamba_ssm's `mamba_chunk_scan_combined` (CUDA; `auto` takes it first where it is installed).
+The peer resets packed sequences through seq_idx, made from cu_seqlens; its backward refuses the per-sequence
+states, so with cu_seqlens they come from a second, forward-only call and are not differentiable there.
+chunk_size is the torch and peer backends' chunk length (the torch path's at most the sequence's next power of two:
+longer chunks would only pad; the peer's at least PEER_MIN_CHUNK, its tile); the triton backend chunks by its own
+(op.py). The chunk length changes results only by rounding. The triton backend takes any
+head_dim, state size, heads and groups (it tiles them); the one size it refuses is a launch past CUDA's grid limit
+(kernels/common/launch.py), with a one-line error.
 """
 from __future__ import annotations
 
@@ -22,16 +29,18 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from archlab.kernels.backend import resolve_backend
+from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
 from archlab.kernels.registry import KernelBench, KernelOp, register
 from archlab.kernels.ssd.chunked import ssd_chunked
 from archlab.kernels.ssd.conformance import CONFORMANCE
+from archlab.kernels.ssd.op import ssd_triton  # registers the custom ops; no triton import
 from archlab.kernels.ssd.reference import effective_dt, skip_and_gate, ssd_reference, ssd_step
 
 __all__ = ["ssd", "ssd_state_update", "ssd_reference"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NO_LIMIT = (0.0, float("inf"))
+PEER_MIN_CHUNK = 16  # mamba_ssm's SSD tiles the chunk in blocks of 16 and more; it is tested from chunks of 16 up
 
 
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: int = 64, D: Tensor | None = None,
@@ -40,13 +49,18 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: i
         cu_seqlens: Tensor | None = None, return_final_states: bool = False,
         backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """out (batch, length, heads, head_dim) in x's dtype, or (out, final states float32) with return_final_states:
-    (batch, heads, head_dim, state), or (n_sequences, heads, head_dim, state) with cu_seqlens."""
+    (batch, heads, head_dim, state), or (n_sequences, heads, head_dim, state) with cu_seqlens. chunk_size: a power
+    of two, the torch and peer backends' chunk length (see the module docstring)."""
     _check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, cu_seqlens)
     name = resolve_backend("ssd", backend, x.device, x.dtype)
     args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, tuple(dt_limit), initial_states, cu_seqlens)
     if name == "torch":
         # chunks past the sequence's length would only pad it: the same result (to rounding) for less work
         out, final_states = ssd_chunked(*args, chunk_size=min(chunk_size, 1 << (x.shape[1] - 1).bit_length()))
+    elif name == "triton":
+        out, final_states = ssd_triton(*args)
+    elif name == "peer":
+        out, final_states = _peer_ssd(*args, chunk_size=chunk_size)
     else:
         out, final_states = ssd_reference(*args)
     return (out, final_states) if return_final_states else out
@@ -70,6 +84,27 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     y, new_state = ssd_step(state, x_c, dt_c, A.float(), B.float(), C.float())
     state.copy_(new_state)
     return skip_and_gate(y, x_c, D, z).to(x.dtype)
+
+
+def _peer_ssd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, cu_seqlens, *,
+              chunk_size: int) -> tuple[Tensor, Tensor]:
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError as error:
+        raise ImportError(f"the 'peer' backend for ssd needs mamba_ssm ({error}); {PEER_INSTALL_HINT}, or use auto"
+                          ) from None
+    run = partial(mamba_chunk_scan_combined, x, dt, A, B, C, max(chunk_size, PEER_MIN_CHUNK), D=D, z=z,
+                  dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    if cu_seqlens is None:
+        out, final_states = run(initial_states=initial_states, return_final_states=True)
+        return out, final_states.float()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    sequences = torch.arange(lengths.numel(), dtype=torch.int32, device=x.device)
+    seq_idx = torch.repeat_interleave(sequences, lengths, output_size=x.shape[1])[None]  # no host sync
+    out = run(seq_idx=seq_idx)
+    with torch.no_grad():  # its backward asserts on return_varlen_states: the states come from a forward-only call
+        _, final_states = run(seq_idx=seq_idx, cu_seqlens=cu_seqlens, return_varlen_states=True)
+    return out, final_states.float()
 
 
 # -- input checks: one-line errors before any work ---------------------------------------------------------------
@@ -167,9 +202,11 @@ def _check_cu_seqlens(cu_seqlens, x: Tensor, initial_states) -> None:
 
 
 register(KernelOp(
-    name="ssd", backends=("torch", "reference"), auto_on_cuda="torch",
+    name="ssd", backends=("triton", "torch", "reference", "peer"), auto_on_cuda=("peer", "triton", "torch"),
+    peer_package="mamba_ssm",
     layout="x, z (batch, length, heads, head_dim); dt (batch, length, heads); A (heads,); B, C (batch, length, "
            "groups, state); cu_seqlens (n + 1,) int32 with batch 1; out like x",
     dispatch=ssd, reference=partial(ssd, backend="reference"), conformance=CONFORMANCE,
-    bench=KernelBench("ssd", "archlab.kernels.bench.ssd:bench_ssd", "chunked torch path vs the sequential reference",
+    bench=KernelBench("ssd", "archlab.kernels.bench.ssd:bench_ssd", "Triton vs mamba_ssm and Mamba-1's scan on CUDA; "
+                      "torch backend vs reference on CPU",
                       needs_cuda=False)))

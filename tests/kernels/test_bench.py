@@ -1,14 +1,18 @@
 """The kernel benchmarks' arithmetic and reports; GPU timings are covered by `gpu`-marked tests."""
+import importlib.util
 import json
+import time
 
 import pytest
 import torch
 
+from archlab.kernels.backend import triton_interpreting
 from archlab.kernels.bench import add_ratios, to_markdown, write_results
 from archlab.kernels.bench.attention import COLUMNS as ATTENTION_COLUMNS
 from archlab.kernels.bench.attention import attention_flops, bench_attention
 from archlab.kernels.bench.conv1d import bench_conv1d, conv1d_bytes
 from archlab.kernels.bench.scan import bench_scan, scan_bytes
+from archlab.kernels.bench.ssd import GPU_PROVIDERS as SSD_GPU_PROVIDERS
 from archlab.kernels.bench.ssd import bench_ssd
 from archlab.compare.cli import main
 
@@ -72,6 +76,30 @@ def test_ssd_bench_times_the_chunked_path_against_the_reference():
     ours = rows[("archlab-torch", "fwd+bwd")]
     assert ours["ratio_vs_reference"] == pytest.approx(rows[("reference", "fwd+bwd")]["ms"] / ours["ms"], rel=1e-2)
     assert result["benchmark"] == "ssd" and "ratio_vs_reference" in to_markdown(result)
+
+
+def test_ssd_bench_plan_for_cuda_runs_on_cpu_where_it_can(monkeypatch):
+    """The CUDA providers, run here (timed once each): our Triton SSD and scan in the interpreter, the peers as
+    failed rows; the Triton SSD's ratios compare with Mamba-1 at the same model shape (its N = 16), not the same
+    state size."""
+    if importlib.util.find_spec("triton") is None or not triton_interpreting():
+        pytest.skip("needs triton's interpreter")
+
+    def once_ms(run, inputs, min_run_time):
+        start = time.perf_counter()
+        run()
+        return (time.perf_counter() - start) * 1e3
+
+    monkeypatch.setattr("archlab.kernels.bench.ssd.time_cpu_ms", once_ms)
+    result = bench_ssd(torch.device("cpu"), shapes=((1, 5, 1, 4, 4),), min_run_time=0.01, providers=SSD_GPU_PROVIDERS)
+    rows = {(r["provider"], r["pass"]): r for r in result["rows"]}
+    assert set(rows) == {(p, s) for p in SSD_GPU_PROVIDERS for s in ("fwd", "fwd+bwd")}
+    assert rows[("archlab-triton-mamba1", "fwd")]["d_state"] == 16 and rows[("archlab-triton", "fwd")]["d_state"] == 4
+    assert "CUDA" in rows[("mamba_ssm", "fwd")]["error"] and "CUDA" in rows[("mamba_ssm-mamba1", "fwd")]["error"]
+    ours, mamba1 = rows[("archlab-triton", "fwd+bwd")], rows[("archlab-triton-mamba1", "fwd+bwd")]
+    assert ours["ratio_vs_archlab-triton-mamba1"] == pytest.approx(mamba1["ms"] / ours["ms"], rel=1e-2)
+    assert ours["ratio_vs_mamba_ssm"] is None
+    assert "ratio_vs_mamba_ssm-mamba1" in to_markdown(result)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")

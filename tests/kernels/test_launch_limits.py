@@ -17,6 +17,7 @@ from archlab.kernels.attention import triton as attention  # noqa: E402
 from archlab.kernels.causal_conv1d import triton as conv  # noqa: E402
 from archlab.kernels.selective_scan import op as scan_op  # noqa: E402
 from archlab.kernels.selective_scan import triton as scan  # noqa: E402
+from archlab.kernels.ssd import triton as ssd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRID_AXIS_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's limits on grid axes 0, 1 and 2
@@ -124,6 +125,46 @@ def test_selective_scan_past_cudas_program_limit_is_a_one_line_error(monkeypatch
         scan.selective_scan_fwd(*inputs, delta_softplus=True, chunk_len=16)
 
 
+SSD_KERNELS = ("_chunk_states_kernel", "_chunk_output_kernel", "_state_grads_kernel", "_chunk_grads_kernel",
+               "_chunk_bc_grads_kernel")
+
+
+def ssd_inputs(batch, length, heads, head_dim, groups, n_state):
+    """(x, dt, A, B, C, D, z, dt_bias, initial_states, cu_seqlens) on 'meta'."""
+    x = meta(batch, length, heads, head_dim)
+    return (x, meta(batch, length, heads), meta(heads), meta(batch, length, groups, n_state),
+            meta(batch, length, groups, n_state), meta(heads), x, meta(heads), meta(batch, heads, head_dim, n_state),
+            None)
+
+
+@pytest.mark.parametrize("batch,heads", [(PAST_AXIS_LIMIT // 2, 2), (1, PAST_AXIS_LIMIT)])
+def test_ssd_grids_fit_for_batch_times_heads_past_65535(monkeypatch, batch, heads):
+    monkeypatch.setattr(ssd, "AUTOTUNE", False)
+    kernels = record(monkeypatch, ssd, *SSD_KERNELS)
+    length, head_dim, n_state, chunk_len, block = 20, 17, 20, 16, ssd.FIXED_BLOCK  # two tiles of each, two chunks
+    inputs = ssd_inputs(batch, length, heads, head_dim, 1, n_state)
+    options = dict(dt_softplus=True, dt_limit=(0.0, float("inf")), chunk_len=chunk_len)
+    out, final = ssd.ssd_fwd(*inputs, **options)
+    ssd.ssd_bwd(out, final, *inputs, **options)
+    chunks, tiles = batch * math.ceil(length / chunk_len), math.ceil(head_dim / block) * math.ceil(n_state / block)
+    states = kernels["_chunk_states_kernel"]  # forward, and again in the backward (states are recomputed)
+    assert states.grids[0] == states.grids[1]
+    states.grids.pop()
+    assert_launched(states, tiles * heads * batch)  # a batch row is a sequence
+    assert_launched(kernels["_chunk_output_kernel"], math.ceil(head_dim / block) * heads * chunks)
+    assert_launched(kernels["_state_grads_kernel"], tiles * heads * batch)
+    assert_launched(kernels["_chunk_grads_kernel"], heads * chunks)
+    assert_launched(kernels["_chunk_bc_grads_kernel"], math.ceil(n_state / block) * chunks)  # one group
+
+
+def test_ssd_past_cudas_program_limit_is_a_one_line_error(monkeypatch):
+    record(monkeypatch, ssd, *SSD_KERNELS)
+    inputs = ssd_inputs(2**16, 1, 2**15, 1, 1, 1)  # 2**31 programs of one tile, one chunk
+    with pytest.raises(ValueError, match=r"^triton ssd: 2147483648 programs exceed CUDA's grid limit of 2147483647; "
+                                         r"use a smaller batch or kernels.ssd=torch$"):
+        ssd.ssd_fwd(*inputs, dt_softplus=True, dt_limit=(0.0, float("inf")), chunk_len=16)
+
+
 # -- offsets past int32, for real in the interpreter -----------------------------------------------------------
 def huge_buffer(rows, stride):
     """(rows, stride) bf16, uninitialised: gigabytes of address space, of which the tests touch a few columns."""
@@ -188,3 +229,24 @@ def test_selective_scan_state_offsets_past_int32(monkeypatch):
                                         chunk_len=scan_op.GPU_CHUNK_LEN)
         results.append([out, last_state, *grads])
     assert_same_bits(["out", "last_state", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], *results)
+
+
+def test_ssd_position_offsets_past_int32(monkeypatch):
+    """x, z, dt, B, C as (1, L, 1, width) views with position stride 2**25 (a (batch, L, heads, dim) layout with
+    2**25 / dim heads): positions * stride passes 2**31 at position 64, in every kernel's loads."""
+    monkeypatch.setattr(ssd, "AUTOTUNE", False)
+    torch.manual_seed(0)
+    length, head_dim, n_state, stride = 66, 2, 3, 2**25
+    x, z, dt, B, C = strided_views(length, stride, [head_dim, head_dim, 1, n_state, n_state])
+    x, z, B, C = (view[None, :, None, :] for view in (x, z, B, C))
+    dt = dt.float().abs().to(torch.bfloat16)[None]  # (1, L, 1), positive
+    A, D, dt_bias = -torch.rand(1, device=DEVICE) - 0.1, torch.randn(1, device=DEVICE), torch.rand(1, device=DEVICE)
+    grad_out = torch.randn(1, length, 1, head_dim, device=DEVICE).to(torch.bfloat16)
+    options = dict(dt_softplus=False, dt_limit=(0.0, float("inf")), chunk_len=16)
+    results = []
+    for tensors in ((x, dt, B, C, z), tuple(t.contiguous() for t in (x, dt, B, C, z))):
+        x_, dt_, B_, C_, z_ = tensors
+        inputs = (x_, dt_, A, B_, C_, D, z_, dt_bias, None, None)
+        out, final = ssd.ssd_fwd(*inputs, **options)
+        results.append([out, final, *ssd.ssd_bwd(grad_out, final, *inputs, **options)[:8]])
+    assert_same_bits(["out", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias"], *results)

@@ -33,3 +33,14 @@ def test_only_a_benchmark_of_the_same_family_dtype_and_all_rows_at_least_as_fast
     assert triton_measured_fast(op, "NVIDIA H100 PCIe", "float16", tmp_path) is None  # another dtype
     (tmp_path / "attention-broken.json").write_text("{ not json")
     assert triton_measured_fast(op, "NVIDIA H100 PCIe", "bfloat16", tmp_path) is not None  # unreadable: ignored
+
+
+def test_only_the_rivals_a_result_names_count(tmp_path):
+    """The SSD bench also times Mamba-1's scan: slower than it, ours still goes first if it beats the SSD peer."""
+    rows = [{"provider": "archlab-triton", "pass": "fwd+bwd", "ms": 1.0, "ratio_vs_mamba_ssm": 1.2,
+             "ratio_vs_mamba_ssm-mamba1": 0.5}]
+    result = {"benchmark": "ssd", "device": H100, "dtype": "bfloat16", "date": "2026-12-01", "rows": rows}
+    (tmp_path / "ssd-h100-2026-12-01-abc.json").write_text(json.dumps(result))
+    assert triton_measured_fast(kernel_ops()["ssd"], H100, "bfloat16", tmp_path) is None  # every ratio counts
+    (tmp_path / "ssd-h100-2026-12-01-abc.json").write_text(json.dumps({**result, "rivals": ["mamba_ssm"]}))
+    assert "(worst ratio 1.20)" in triton_measured_fast(kernel_ops()["ssd"], H100, "bfloat16", tmp_path)

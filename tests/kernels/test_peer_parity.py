@@ -1,5 +1,5 @@
-"""Our peer backend (mamba_ssm's selective_scan_fn, causal-conv1d's causal_conv1d_fn) agrees with our references on
-CUDA, forward and backward.
+"""Our peer backend (mamba_ssm's selective_scan_fn and mamba_chunk_scan_combined, causal-conv1d's causal_conv1d_fn)
+agrees with our references on CUDA, forward and backward.
 
 The peers are called through `backend="peer"`, as a model calls them (kernels/selective_scan/__init__.py,
 kernels/causal_conv1d/__init__.py), not directly: a mistake in how we hand them our arguments (B and C, delta_bias,
@@ -26,7 +26,7 @@ import torch
 from archlab.kernels.checking import compare_with_reference
 from archlab.kernels.registry import KernelOp, kernel_ops
 
-PEER_PACKAGES = {"selective_scan": "mamba_ssm", "causal_conv1d": "causal_conv1d"}
+PEER_PACKAGES = {"selective_scan": "mamba_ssm", "causal_conv1d": "causal_conv1d", "ssd": "mamba_ssm"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -72,6 +72,10 @@ def without_softplus(args, kwargs):
     return args, kwargs | {"delta_softplus": False}
 
 
+def without_dt_softplus(args, kwargs):
+    return args, kwargs | {"dt_softplus": False}
+
+
 def taps_reversed(args, kwargs):
     args[1] = args[1].flip(-1)  # weight (dim, width): a correlation where the peer means a convolution, or back
     return args, kwargs
@@ -101,8 +105,12 @@ def test_the_reference_agrees_with_itself(op_name, dtype):
     ("causal_conv1d", dict(inputs=taps_reversed), "case 0: output 0:"),
     ("causal_conv1d", dict(inputs=without_activation), "case 0: output 0:"),
     ("causal_conv1d", dict(output=gradients_one_percent_high), "case 0: dx:"),
+    ("ssd", dict(inputs=swap_B_and_C), "case 0: output 0:"),
+    ("ssd", dict(inputs=without_dt_softplus), "case 0: output 0:"),
+    ("ssd", dict(output=gradients_one_percent_high), "case 0: dx:"),
 ], ids=["scan-B-C-swapped", "scan-softplus-dropped", "scan-wrong-backward", "conv-taps-reversed",
-        "conv-activation-dropped", "conv-wrong-backward"])
+        "conv-activation-dropped", "conv-wrong-backward", "ssd-B-C-swapped", "ssd-softplus-dropped",
+        "ssd-wrong-backward"])
 def test_disagreements_catches_a_backend_called_wrongly(op_name, mistake, first_problem):
     problems = disagreements(called_with_mistake(kernel_ops()[op_name], **mistake), "peer", torch.float32,
                              torch.device("cpu"))
@@ -135,3 +143,56 @@ def test_the_conv_peer_gets_only_layouts_causal_conv1d_takes(monkeypatch):
                                    conv.causal_conv1d_reference(x, weight, bias, "silu"))
     # the self-check cases' channel-last x (dim 3 and 4) went over contiguous, the Mamba-like one as it was
     assert layouts == [False, False, False, False, True]
+
+
+class _BackwardRefused(torch.autograd.Function):
+    """mamba_ssm's `assert not ctx.return_varlen_states` in its backward."""
+
+    @staticmethod
+    def forward(ctx, out):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("return_varlen_states is not supported in backward")
+
+
+def test_the_ssd_peer_maps_packed_sequences_as_mamba_ssm_takes_them(monkeypatch):
+    """A stand-in for mamba_ssm's mamba_chunk_scan_combined with its interface and limits (resets on seq_idx,
+    per-sequence states only with return_varlen_states, whose backward asserts; chunks of 16 and up) shows that our
+    peer call maps cu_seqlens to seq_idx, takes the per-sequence states from a forward-only call, and backpropagates
+    through the other: the self-check cases, packed and not, agree with the reference forward and backward."""
+    from archlab.kernels import ssd as ssd_op
+
+    calls = []
+
+    def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                                  seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+                                  return_final_states=False, return_varlen_states=False):
+        assert chunk_size >= 16
+        calls.append((seq_idx is not None, return_varlen_states, torch.is_grad_enabled()))
+        bounds = None
+        if seq_idx is not None:  # its reset rule: a new sequence wherever seq_idx changes
+            starts = torch.nonzero(seq_idx[0, 1:] != seq_idx[0, :-1]).flatten() + 1
+            bounds = torch.tensor([0, *starts.tolist(), x.shape[1]], dtype=torch.int32)
+        out, finals = ssd_op.ssd_reference(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+                                           bounds)
+        if return_varlen_states:
+            assert cu_seqlens is not None and torch.equal(cu_seqlens, bounds)
+            return _BackwardRefused.apply(out), finals
+        row_finals = finals if bounds is None else finals[-1:]  # with seq_idx: the row's last sequence's
+        return (out, row_finals) if return_final_states else out
+
+    ssd_combined = types.SimpleNamespace(mamba_chunk_scan_combined=mamba_chunk_scan_combined)
+    for name, module in (("mamba_ssm", types.ModuleType("mamba_ssm")), ("mamba_ssm.ops", types.ModuleType("o")),
+                         ("mamba_ssm.ops.triton", types.ModuleType("t")),
+                         ("mamba_ssm.ops.triton.ssd_combined", ssd_combined)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(ssd_op, "resolve_backend", lambda op, backend, device, dtype: backend)  # peer off CUDA
+    assert disagreements(kernel_ops()["ssd"], "peer", torch.float32, torch.device("cpu")) == []
+    case = ssd_op.CONFORMANCE.self_check(torch.float32)[2]  # packed, at a chunk size below the peer's least
+    out, final = ssd_op.ssd(*case.args, **{**case.kwargs, "chunk_size": 1}, backend="peer")
+    want_out, want_final = ssd_op.ssd(*case.args, **case.kwargs, backend="reference")
+    torch.testing.assert_close((out, final), (want_out, want_final))
+    packed = [call for call in calls if call[0]]
+    assert packed and all((varlen, grad) in ((False, True), (True, False)) for _, varlen, grad in packed)

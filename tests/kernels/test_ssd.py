@@ -190,9 +190,10 @@ def test_decode_steps_equal_the_full_op(dtype):
 
 
 # -- dispatch and input checks ------------------------------------------------------------------------------------
-def test_auto_runs_torch_on_cpu_and_there_is_no_peer_yet():
+def test_auto_runs_torch_on_cpu_and_the_peer_needs_cuda():
     assert resolve_backend("ssd", "auto", torch.device("cpu")) == "torch"
-    with pytest.raises(ValueError, match="ssd has no 'peer' backend yet; use auto, torch or reference"):
+    with pytest.raises(ValueError, match="the 'peer' backend for ssd runs third-party CUDA kernels and the tensors "
+                                         "are on cpu; use auto, torch or reference off the GPU"):
         ssd(*(v for k, v in make_inputs(1, 3, 2, 2, 1, 2).items() if k in ("x", "dt", "A", "B", "C")), backend="peer")
 
 
