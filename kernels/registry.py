@@ -59,9 +59,12 @@ class Conformance:
     tolerances: the dtypes to check, each with how close every output and gradient must be to the reference
     (gradients flow back from the first output only; later ones, e.g. a last state, are compared forward).
     backend_dtypes: for a backend that supports fewer dtypes, the ones to check it in.
+    backend_tolerances: for a backend that rounds more (a kernel that feeds its matmuls half-precision operands),
+    its own tolerances by dtype, in place of `tolerances` there; the other backends keep theirs.
     self_check: fixed cases (no hypothesis: it is not installed with archlab) that cover the Triton kernel's code
     paths, for the check it passes on a GPU before its first use (kernels/self_check.py); required with a triton
-    backend. self_check(dtype) returns them built on the CPU in `dtype`; they are judged by `tolerances[dtype]`.
+    backend. self_check(dtype) returns them built on the CPU in `dtype`; they are judged by tolerance("triton",
+    dtype).
     compile_launches(as_gpu): calls the op's Triton launchers (fwd and bwd) the way training on a GPU does, on
     CPU tensors passed through `as_gpu`, for the compile matrix (kernels/compile_matrix.py), which intercepts
     each launch and compiles it in every autotune config for every GPU target; required with a triton backend.
@@ -70,11 +73,16 @@ class Conformance:
     draw_case: Callable[[Callable, torch.dtype], ConformanceCase]
     tolerances: Mapping[torch.dtype, Tolerance]
     backend_dtypes: Mapping[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
+    backend_tolerances: Mapping[str, Mapping[torch.dtype, Tolerance]] = field(default_factory=dict)
     self_check: Callable[[torch.dtype], list[ConformanceCase]] | None = None
     compile_launches: Callable[[Callable[[torch.Tensor], torch.Tensor]], None] | None = None
 
     def dtypes(self, backend: str) -> tuple[torch.dtype, ...]:
         return self.backend_dtypes.get(backend, tuple(self.tolerances))
+
+    def tolerance(self, backend: str, dtype: torch.dtype) -> Tolerance:
+        """How close `backend`'s results in `dtype` must be to the reference."""
+        return self.backend_tolerances.get(backend, {}).get(dtype, self.tolerances[dtype])
 
 
 @dataclass(frozen=True)

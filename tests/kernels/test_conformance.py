@@ -39,7 +39,7 @@ def examples_for(backend: str) -> int:
 
 def check_conformance(op: KernelOp, backend: str, dtype: torch.dtype, max_examples: int) -> None:
     """Hypothesis-drawn cases of `op` on `backend` in `dtype` must match op.reference within the spec's tolerance."""
-    tolerance = op.conformance.tolerances[dtype]
+    tolerance = op.conformance.tolerance(backend, dtype)
 
     @settings(max_examples=max_examples, deadline=None)
     @given(data=st.data())

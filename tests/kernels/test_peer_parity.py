@@ -33,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def disagreements(op: KernelOp, backend: str, dtype: torch.dtype, device: torch.device) -> list[str]:
     """One line per output or gradient where `backend` and op.reference differ beyond the conformance tolerance for
     `dtype`, over the op's self-check cases run on `device`; empty when they agree."""
-    tolerance = op.conformance.tolerances[dtype]
+    tolerance = op.conformance.tolerance(backend, dtype)
     return [f"case {i}: {problem}" for i, case in enumerate(op.conformance.self_check(dtype))
             for problem in compare_with_reference(op, backend, case, tolerance, device)]
 

@@ -110,6 +110,16 @@ def test_toy_op_passes_the_conformance_check(registered_toy):
     assert registered_toy.conformance.dtypes("reference") == (torch.float32,)
 
 
+def test_a_backend_may_have_its_own_tolerances():
+    loose = Tolerance(rtol=1e-1, atol=1e-1)
+    conformance = Conformance(draw_toy_case, tolerances={torch.float32: Tolerance(rtol=1e-5, atol=1e-5),
+                                                         torch.bfloat16: Tolerance(rtol=2e-2, atol=2e-2)},
+                              backend_tolerances={"triton": {torch.bfloat16: loose}})
+    assert conformance.tolerance("triton", torch.bfloat16) == loose
+    assert conformance.tolerance("triton", torch.float32) == conformance.tolerances[torch.float32]
+    assert conformance.tolerance("torch", torch.bfloat16) == conformance.tolerances[torch.bfloat16]
+
+
 def test_conformance_check_catches_a_backend_that_ignores_cu_seqlens():
     op = register(toy_op("toy_unpacked", lambda x, cu_seqlens=None, *, backend="auto": x.cumsum(1)))
     try:

@@ -86,7 +86,7 @@ def assert_conforms(inputs, dtype, **options):
     got_out, got_final, got_grads = run(inputs, "triton", **options)
     want_out, want_final, want_grads = run(inputs, "reference", upcast=True, **options)
     assert got_out.dtype == inputs["x"].dtype and got_final.dtype == torch.float32
-    tolerance = CONFORMANCE.tolerances[dtype]
+    tolerance = CONFORMANCE.tolerance("triton", dtype)
     problems = [(name, mismatch(got, want, tolerance)) for name, got, want in
                 [("out", got_out, want_out), ("final states", got_final, want_final)]
                 + [(f"d{name}", got_grads[name], want_grads[name]) for name in want_grads]]
@@ -161,7 +161,7 @@ def test_packed_batch_equals_each_sequence_alone():
     # the parameters' gradients: the whole packed batch against the reference run per sequence
     want = run(inputs, "reference", cu_seqlens=bounds, **options)[2]
     for name in ("A", "D", "dt_bias"):
-        assert mismatch(packed_grads[name], want[name], CONFORMANCE.tolerances[torch.float32]) is None, name
+        assert mismatch(packed_grads[name], want[name], CONFORMANCE.tolerance("triton", torch.float32)) is None, name
 
 
 def test_gpu_tiles_and_chunk_length(monkeypatch):
