@@ -1,0 +1,151 @@
+"""SSD's chunked algorithm as one autograd.Function: forward and a hand-derived backward in batched matmuls.
+
+Per chunk (Q positions) and head, with X = dt' x (Q, P), B and C (Q, N) of the head's group, s = the running sum of
+a = dt' A inside the chunk (s_i = a_0 + ... + a_i), and E the state entering the chunk (P, N):
+    decay[i, j]   = exp(s_i - s_j) for j <= i, else 0        (exp(a_{j+1} + ... + a_i): the mask L of the paper)
+    y             = (decay * C B^T) X + exp(s) * (C E^T)     (inside the chunk; the state carried in)
+    E_next        = exp(s_{Q-1}) E + (decay[Q-1] * X)^T B    (the chunks in order, from the initial state)
+C B^T is formed once per group; C E^T and the end states are one matmul per group, all its heads side by side in
+x's own (position, head, head_dim) layout. Only the first term runs per head, on a head-major copy of X.
+
+s is summed in float64, so s_i - s_j keeps float64's precision before it is rounded to the compute dtype (a float32
+difference of two long sums would lose the small decays of a strongly decaying head). Every exponent is <= 0 (s
+falls: a <= 0, and a float cumsum of non-positive terms is monotone), so no exp overflows. Cuts (j > i, or a
+sequence start between j and i) are filled with -inf before exp: exact zeros with zero gradients, and never
+-inf - -inf, so packed sequences reset exactly.
+
+The backward reuses the forward's decays, masked scores and layouts and runs the transposed matmuls. The decays reach
+a through s: decay[i, j] gives d s_i += g and d s_j -= g with g = d decay[i, j] * decay[i, j] (the diagonal cancels
+and is left out, as rounding would not cancel it), then d a = the reverse running sum of d s.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+class ChunkScan(torch.autograd.Function):
+    """(x_dt (b L h p), a (b L h), B, C (b L g n), initial (b h p n) or None, cut (c or 1, q, q) bool, no_carry (c, q)
+    bool or None, chunk_size q dividing L) -> (y (b L h p), states entering each chunk (b c h p n), final (b h p n)).
+    """
+
+    @staticmethod
+    def forward(ctx, x_dt, a, B, C, initial, cut, no_carry, chunk_size):
+        batch, length, heads, head_dim = x_dt.shape
+        groups = B.shape[2]
+        x_c = x_dt.view(batch, -1, chunk_size, heads, head_dim)                                     # (b c q h p)
+        B_c, C_c = (rearrange(t, "b (c q) g n -> b c g q n", q=chunk_size).contiguous() for t in (B, C))
+        s = rearrange(a, "b (c q) h -> b c h q", q=chunk_size).to(torch.float64).cumsum(-1)
+        decay = (s[..., :, None] - s[..., None, :]).to(x_dt.dtype).add_(cut[:, None]).exp_()          # (b c h q q)
+        from_start = torch.exp(s if no_carry is None else s + no_carry[:, None]).to(x_dt.dtype)         # (b c h q)
+
+        scores = C_c @ B_c.transpose(-1, -2)                                                        # (b c g q q)
+        masked = _heads(_groups(decay, groups) * scores[:, :, :, None])                             # (b c h q q)
+        x_head = rearrange(x_c, "b c q h p -> b c h q p").contiguous()
+        y_diag = masked @ x_head
+        x_to_end = x_c * _per_position(decay[..., -1, :])
+        chunk_states = _head_states(_group_columns(x_to_end, groups).transpose(-1, -2) @ B_c, heads)
+
+        chunk_decay = from_start[..., -1, None, None]                                               # (b c h 1 1)
+        entering = torch.empty_like(chunk_states)                                                   # (b c h p n)
+        state = torch.zeros_like(chunk_states[:, 0]) if initial is None else initial
+        for k in range(x_c.shape[1]):
+            entering[:, k] = state
+            state = torch.addcmul(chunk_states[:, k], chunk_decay[:, k], state)
+        C_entering = C_c @ _group_states(entering, groups).transpose(-1, -2)                        # (b c g q (r p))
+        y = (_head_columns(C_entering, heads) * _per_position(from_start)).add_(
+            rearrange(y_diag, "b c h q p -> b c q h p"))
+
+        ctx.save_for_backward(x_c, B_c, C_c, decay, masked, from_start, x_head, x_to_end, entering, C_entering)
+        ctx.has_initial = initial is not None
+        return y.reshape(x_dt.shape), entering, state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_y, d_entering, d_final):
+        x_c, B_c, C_c, decay, masked, from_start, x_head, x_to_end, entering, C_entering = ctx.saved_tensors
+        heads, groups = x_c.shape[3], B_c.shape[2]
+        d_y = d_y.contiguous().view(x_c.shape)                                                      # (b c q h p)
+        d_y_carried = d_y * _per_position(from_start)
+
+        # the states, walked back from the final one: E_{k+1} = exp(s_{Q-1}) E_k + H_k
+        d_entering = _head_states(_add_matmul(_group_states(d_entering, groups),
+                                              _group_columns(d_y_carried, groups).transpose(-1, -2), C_c), heads)
+        chunk_decay = from_start[..., -1, None, None]
+        d_chunk_states = torch.empty_like(entering)
+        d_state = d_final
+        for k in reversed(range(x_c.shape[1])):
+            d_chunk_states[:, k] = d_state
+            d_state = torch.addcmul(d_entering[:, k], chunk_decay[:, k], d_state)
+        d_chunk_decay = (d_chunk_states * entering).sum((-1, -2))                                   # (b c h)
+
+        d_y_head = rearrange(d_y, "b c q h p -> b c h q p").contiguous()
+        d_masked = d_y_head @ x_head.transpose(-1, -2)                                              # (b c h q q)
+        B_d_states = B_c @ _group_states(d_chunk_states, groups).transpose(-1, -2)                 # (b c g q (r p))
+        d_x = (_head_columns(B_d_states, heads) * _per_position(decay[..., -1, :])).add_(
+            rearrange(masked.transpose(-1, -2) @ d_y_head, "b c h q p -> b c q h p"))
+
+        d_scores = _groups(d_masked * decay, groups).sum(3)                                         # (b c g q q)
+        d_C = _add_matmul(d_scores @ B_c, _group_columns(d_y_carried, groups), _group_states(entering, groups))
+        d_B = _add_matmul(d_scores.transpose(-1, -2) @ C_c, _group_columns(x_to_end, groups),
+                          _group_states(d_chunk_states, groups))
+
+        d_to_end = rearrange((x_c * _head_columns(B_d_states, heads)).sum(-1), "b c q h -> b c h q")
+        d_from_start = rearrange((d_y * _head_columns(C_entering, heads)).sum(-1), "b c q h -> b c h q")
+        d_from_start[..., -1] += d_chunk_decay
+        d_decays = d_masked.mul_(masked)
+        d_decays[..., -1, :] += d_to_end * decay[..., -1, :]
+        # decay[i, j] depends on a_k for j < k <= i: d a_k sums d_decays over that rectangle (rows i >= k, columns
+        # j < k) as row prefix sums, with no cancellation between terms outside it
+        below = torch.ones_like(decay[0, 0, 0, :, 1:]).tril(-1)                                     # (q, q - 1): i > m
+        d_a = F.pad((d_decays[..., :-1].cumsum(-1) * below).sum(-2), (1, 0))
+        d_a += (d_from_start * from_start).flip(-1).cumsum(-1).flip(-1)                             # exp(s_i): k <= i
+        d_a = rearrange(d_a, "b c h q -> b (c q) h")
+        d_B, d_C = (rearrange(t, "b c g q n -> b (c q) g n") for t in (d_B, d_C))
+        return d_x.reshape(d_a.shape + x_c.shape[-1:]), d_a, d_B, d_C, d_state if ctx.has_initial else None, None, \
+            None, None
+
+
+# layouts: per chunk, x and y stay (position, head, head_dim) as the caller has them; B and C are (group, position,
+# state); states (head, head_dim, state); a group's heads sit side by side as the columns (r p) of one matrix
+def _groups(t: Tensor, groups: int) -> Tensor:
+    """(b c h ...) -> (b c g r ...): heads split into their groups (h = g r, as the reference's heads_of_groups)."""
+    return rearrange(t, "b c (g r) ... -> b c g r ...", g=groups)
+
+
+def _heads(t: Tensor) -> Tensor:
+    return rearrange(t, "b c g r ... -> b c (g r) ...")
+
+
+def _per_position(t: Tensor) -> Tensor:
+    """(b c h q) -> (b c q h 1): a factor per position and head, in x's layout."""
+    return rearrange(t, "b c h q -> b c q h 1")
+
+
+def _group_columns(t: Tensor, groups: int) -> Tensor:
+    """(b c q h p) -> (b c g q (r p)); a view when groups == 1."""
+    return rearrange(t, "b c q (g r) p -> b c g q (r p)", g=groups)
+
+
+def _head_columns(t: Tensor, heads: int) -> Tensor:
+    """(b c g q (r p)) -> (b c q h p)."""
+    return rearrange(t, "b c g q (r p) -> b c q (g r) p", r=heads // t.shape[2])
+
+
+def _group_states(t: Tensor, groups: int) -> Tensor:
+    """(b c h p n) -> (b c g (r p) n), a view."""
+    return rearrange(t, "b c (g r) p n -> b c g (r p) n", g=groups)
+
+
+def _head_states(t: Tensor, heads: int) -> Tensor:
+    """(b c g (r p) n) -> (b c h p n), a view."""
+    return rearrange(t, "b c g (r p) n -> b c (g r) p n", r=heads // t.shape[2])
+
+
+def _add_matmul(add: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """add + left @ right in one baddbmm, for (b c g m k) @ (b c g k n) and add (b c g m n)."""
+    flat = [t.reshape(-1, *t.shape[-2:]) for t in (add, left, right)]
+    return torch.baddbmm(*flat).view(add.shape)
