@@ -28,12 +28,12 @@ from torch.autograd.function import once_differentiable
 
 
 class ChunkScan(torch.autograd.Function):
-    """(x_dt (b L h p), a (b L h), B, C (b L g n), initial (b h p n) or None, cut (c or 1, q, q) bool, no_carry (c, q)
-    bool or None, chunk_size q dividing L) -> (y (b L h p), states entering each chunk (b c h p n), final (b h p n)).
-    """
+    """(x_dt (b L h p), a (b L h), B, C (b L g n), initial (b h p n) or None, cut (c or 1, q, q), no_carry (c, q) or
+    None, chunk_size q dividing L, with_entering) -> (y (b L h p), final state (b h p n)), plus the states entering
+    each chunk (b c h p n) with_entering. cut and no_carry are 0 or -inf, added to the decays' exponents."""
 
     @staticmethod
-    def forward(ctx, x_dt, a, B, C, initial, cut, no_carry, chunk_size):
+    def forward(ctx, x_dt, a, B, C, initial, cut, no_carry, chunk_size, with_entering):
         batch, length, heads, head_dim = x_dt.shape
         groups = B.shape[2]
         x_c = x_dt.view(batch, -1, chunk_size, heads, head_dim)                                     # (b c q h p)
@@ -50,63 +50,71 @@ class ChunkScan(torch.autograd.Function):
         chunk_states = _head_states(_group_columns(x_to_end, groups).transpose(-1, -2) @ B_c, heads)
 
         chunk_decay = from_start[..., -1, None, None]                                               # (b c h 1 1)
-        entering = torch.empty_like(chunk_states)                                                   # (b c h p n)
-        state = torch.zeros_like(chunk_states[:, 0]) if initial is None else initial
+        states = [torch.zeros_like(chunk_states[:, 0]) if initial is None else initial]
         for k in range(x_c.shape[1]):
-            entering[:, k] = state
-            state = torch.addcmul(chunk_states[:, k], chunk_decay[:, k], state)
+            states.append(torch.addcmul(chunk_states[:, k], chunk_decay[:, k], states[-1]))
+        entering = torch.stack(states[:-1], dim=1)                                                  # (b c h p n)
         C_entering = C_c @ _group_states(entering, groups).transpose(-1, -2)                        # (b c g q (r p))
         y = (_head_columns(C_entering, heads) * _per_position(from_start)).add_(
             rearrange(y_diag, "b c h q p -> b c q h p"))
 
-        ctx.save_for_backward(x_c, B_c, C_c, decay, masked, from_start, x_head, x_to_end, entering, C_entering)
+        ctx.save_for_backward(B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end, entering, C_entering)
         ctx.has_initial = initial is not None
-        return y.reshape(x_dt.shape), entering, state
+        outputs = (y.reshape(x_dt.shape), states[-1])
+        return outputs + (entering,) if with_entering else outputs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_y, d_entering, d_final):
-        x_c, B_c, C_c, decay, masked, from_start, x_head, x_to_end, entering, C_entering = ctx.saved_tensors
-        heads, groups = x_c.shape[3], B_c.shape[2]
-        d_y = d_y.contiguous().view(x_c.shape)                                                      # (b c q h p)
-        d_y_carried = d_y * _per_position(from_start)
-
-        # the states, walked back from the final one: E_{k+1} = exp(s_{Q-1}) E_k + H_k
-        d_entering = _head_states(_add_matmul(_group_states(d_entering, groups),
-                                              _group_columns(d_y_carried, groups).transpose(-1, -2), C_c), heads)
-        chunk_decay = from_start[..., -1, None, None]
-        d_chunk_states = torch.empty_like(entering)
-        d_state = d_final
-        for k in reversed(range(x_c.shape[1])):
-            d_chunk_states[:, k] = d_state
-            d_state = torch.addcmul(d_entering[:, k], chunk_decay[:, k], d_state)
-        d_chunk_decay = (d_chunk_states * entering).sum((-1, -2))                                   # (b c h)
-
+    def backward(ctx, d_y, d_final, d_entering=None):
+        B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end, entering, C_entering = ctx.saved_tensors
+        heads, groups = x_head.shape[2], B_c.shape[2]
+        d_y = d_y.contiguous().view(x_to_end.shape)                                                 # (b c q h p)
         d_y_head = rearrange(d_y, "b c q h p -> b c h q p").contiguous()
         d_masked = d_y_head @ x_head.transpose(-1, -2)                                              # (b c h q q)
+        d_x_head = masked.transpose(-1, -2) @ d_y_head
+        del d_y_head
+
+        # the states, walked back from the final one: E_{k+1} = exp(s_{Q-1}) E_k + H_k
+        d_y_carried = _group_columns(d_y * _per_position(from_start), groups)                      # (b c g q (r p))
+        d_C = d_y_carried @ _group_states(entering, groups)
+        d_entering_y = d_y_carried.transpose(-1, -2) @ C_c
+        del d_y_carried
+        if d_entering is not None:
+            d_entering_y += _group_states(d_entering, groups)
+        d_entering = _head_states(d_entering_y, heads)                                              # (b c h p n)
+        chunk_decay = from_start[..., -1, None, None]
+        d_states = [d_final]
+        for k in reversed(range(entering.shape[1])):
+            d_states.append(torch.addcmul(d_entering[:, k], chunk_decay[:, k], d_states[-1]))
+        del d_entering, d_entering_y
+        d_chunk_states = torch.stack(d_states[-2::-1], dim=1)
+        d_chunk_decay = (d_chunk_states * entering).sum((-1, -2))                                   # (b c h)
+
         B_d_states = B_c @ _group_states(d_chunk_states, groups).transpose(-1, -2)                 # (b c g q (r p))
-        d_x = (_head_columns(B_d_states, heads) * _per_position(decay[..., -1, :])).add_(
-            rearrange(masked.transpose(-1, -2) @ d_y_head, "b c h q p -> b c q h p"))
+        d_B = _group_columns(x_to_end, groups) @ _group_states(d_chunk_states, groups)
+        # x's end-state weights are decay's last row: their share of the decays' gradient, times the weights
+        end_terms = rearrange((x_to_end * _head_columns(B_d_states, heads)).sum(-1), "b c q h -> b c h q")
+        d_x = _head_columns(B_d_states, heads).mul_(_per_position(decay[..., -1, :])).add_(
+            rearrange(d_x_head, "b c h q p -> b c q h p"))
+        del d_x_head, B_d_states
 
-        d_scores = _groups(d_masked * decay, groups).sum(3)                                         # (b c g q q)
-        d_C = _add_matmul(d_scores @ B_c, _group_columns(d_y_carried, groups), _group_states(entering, groups))
-        d_B = _add_matmul(d_scores.transpose(-1, -2) @ C_c, _group_columns(x_to_end, groups),
-                          _group_states(d_chunk_states, groups))
-
-        d_to_end = rearrange((x_c * _head_columns(B_d_states, heads)).sum(-1), "b c q h -> b c h q")
-        d_from_start = rearrange((d_y * _head_columns(C_entering, heads)).sum(-1), "b c q h -> b c h q")
-        d_from_start[..., -1] += d_chunk_decay
-        d_decays = d_masked.mul_(masked)
-        d_decays[..., -1, :] += d_to_end * decay[..., -1, :]
+        d_decays = d_masked.mul_(decay)                                         # d scores, before the sum over heads
+        d_scores = _groups(d_decays, groups).sum(3)                                                 # (b c g q q)
+        d_C = _add_matmul(d_C, d_scores, B_c)
+        d_B = _add_matmul(d_B, d_scores.transpose(-1, -2), C_c)
+        _groups(d_decays, groups).mul_(scores[:, :, :, None])                   # now d decay * decay
+        d_decays[..., -1, :] += end_terms
         # decay[i, j] depends on a_k for j < k <= i: d a_k sums d_decays over that rectangle (rows i >= k, columns
         # j < k) as row prefix sums, with no cancellation between terms outside it
         below = torch.ones_like(decay[0, 0, 0, :, 1:]).tril(-1)                                     # (q, q - 1): i > m
         d_a = F.pad((d_decays[..., :-1].cumsum(-1) * below).sum(-2), (1, 0))
-        d_a += (d_from_start * from_start).flip(-1).cumsum(-1).flip(-1)                             # exp(s_i): k <= i
-        d_a = rearrange(d_a, "b c h q -> b (c q) h")
+        # exp(s_i) carries the entering state to i, and its last one passes it on: a_k for k <= i
+        carry_terms = rearrange((d_y * _head_columns(C_entering, heads)).sum(-1), "b c q h -> b c h q")
+        carry_terms[..., -1] += d_chunk_decay
+        d_a += (carry_terms * from_start).flip(-1).cumsum(-1).flip(-1)
         d_B, d_C = (rearrange(t, "b c g q n -> b (c q) g n") for t in (d_B, d_C))
-        return d_x.reshape(d_a.shape + x_c.shape[-1:]), d_a, d_B, d_C, d_state if ctx.has_initial else None, None, \
-            None, None
+        return rearrange(d_x, "b c q h p -> b (c q) h p"), rearrange(d_a, "b c h q -> b (c q) h"), d_B, d_C, \
+            d_states[-1] if ctx.has_initial else None, None, None, None, None
 
 
 # layouts: per chunk, x and y stay (position, head, head_dim) as the caller has them; B and C are (group, position,

@@ -33,11 +33,11 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
                                                                B.to(compute), C.to(compute)))
         cut, no_carry = _sequence_masks(cu_seqlens, length + pad, chunk_size, x.device)
         initial = None if initial_states is None else initial_states.to(compute)
-        y, entering, final = ChunkScan.apply(x_dt.contiguous(), a, B_c.contiguous(), C_c.contiguous(), initial, cut,
-                                             no_carry, chunk_size)
+        y, final, *entering = ChunkScan.apply(x_dt.contiguous(), a, B_c.contiguous(), C_c.contiguous(), initial,
+                                              cut, no_carry, chunk_size, cu_seqlens is not None)
         out = skip_and_gate(y[:, :length], x_c, D, z).to(x.dtype)
         if cu_seqlens is not None:
-            final = _states_at(cu_seqlens[1:].long() - 1, entering[0],
+            final = _states_at(cu_seqlens[1:].long() - 1, entering[0][0],
                                *(rearrange(t[0], "(c q) h ... -> c h q ...", q=chunk_size) for t in (a, x_dt, B_c)),
                                cut, no_carry)
     return out, final
