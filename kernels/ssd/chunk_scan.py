@@ -27,20 +27,23 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
+DECAY_BLOCK = 8  # decays are exponentiated entry by entry only in diagonal blocks of this many positions
+
+
 class ChunkScan(torch.autograd.Function):
-    """(x_dt (b L h p), a (b L h), B, C (b L g n), initial (b h p n) or None, cut (c or 1, q, q), no_carry (c, q) or
-    None, chunk_size q dividing L, with_entering) -> (y (b L h p), final state (b h p n)), plus the states entering
-    each chunk (b c h p n) with_entering. cut and no_carry are 0 or -inf, added to the decays' exponents."""
+    """(x_dt (b L h p), a (b L h), B, C (b L g n), initial (b h p n) or None, sequence (c q) int or None, chunk_size q
+    dividing L) -> (y (b L h p), final state (b h p n)), plus the states entering each chunk (b c h p n) when given the
+    sequence index of every position (packed sequences: inputs reach only their own sequence's later positions)."""
 
     @staticmethod
-    def forward(ctx, x_dt, a, B, C, initial, cut, no_carry, chunk_size, with_entering):
+    def forward(ctx, x_dt, a, B, C, initial, sequence, chunk_size):
         batch, length, heads, head_dim = x_dt.shape
         groups = B.shape[2]
         x_c = x_dt.view(batch, -1, chunk_size, heads, head_dim)                                     # (b c q h p)
         B_c, C_c = (rearrange(t, "b (c q) g n -> b c g q n", q=chunk_size).contiguous() for t in (B, C))
         s = rearrange(a, "b (c q) h -> b c h q", q=chunk_size).to(torch.float64).cumsum(-1)
-        decay = (s[..., :, None] - s[..., None, :]).to(x_dt.dtype).add_(cut[:, None]).exp_()          # (b c h q q)
-        from_start = torch.exp(s if no_carry is None else s + no_carry[:, None]).to(x_dt.dtype)         # (b c h q)
+        decay = decays(s, sequence, x_dt.dtype)                                                     # (b c h q q)
+        from_start = _exp(s, None if sequence is None else carried_in(sequence), x_dt.dtype)        # (b c h q)
 
         scores = C_c @ B_c.transpose(-1, -2)                                                        # (b c g q q)
         masked = _heads(_groups(decay, groups) * scores[:, :, :, None])                             # (b c h q q)
@@ -61,7 +64,7 @@ class ChunkScan(torch.autograd.Function):
         ctx.save_for_backward(B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end, entering, C_entering)
         ctx.has_initial = initial is not None
         outputs = (y.reshape(x_dt.shape), states[-1])
-        return outputs + (entering,) if with_entering else outputs
+        return outputs if sequence is None else outputs + (entering,)
 
     @staticmethod
     @once_differentiable
@@ -114,7 +117,7 @@ class ChunkScan(torch.autograd.Function):
         d_a += (carry_terms * from_start).flip(-1).cumsum(-1).flip(-1)
         d_B, d_C = (rearrange(t, "b c g q n -> b (c q) g n") for t in (d_B, d_C))
         return rearrange(d_x, "b c q h p -> b (c q) h p"), rearrange(d_a, "b c h q -> b (c q) h"), d_B, d_C, \
-            d_states[-1] if ctx.has_initial else None, None, None, None, None
+            d_states[-1] if ctx.has_initial else None, None, None
 
 
 # layouts: per chunk, x and y stay (position, head, head_dim) as the caller has them; B and C are (group, position,
@@ -157,3 +160,52 @@ def _add_matmul(add: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """add + left @ right in one baddbmm, for (b c g m k) @ (b c g k n) and add (b c g m n)."""
     flat = [t.reshape(-1, *t.shape[-2:]) for t in (add, left, right)]
     return torch.baddbmm(*flat).view(add.shape)
+
+
+# decays: exp of float64 differences of running sums, -inf where an input does not reach a position
+def decays(s: Tensor, sequence: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """(b c h q q): exp(s_i - s_j) where position j's input reaches position i, else 0, from the running sums s
+    (b c h q), float64.
+
+    Entry by entry only in the diagonal blocks of DECAY_BLOCK positions; below them exp(s_i - s_j) = exp(s_i - s_e)
+    exp(s_e - s_j) with e the last position of j's block, both exponents <= 0: about q (q / 8 + 8) exps, not q^2, and
+    the products come from one matmul with a block-diagonal right factor (each sum has one non-zero term: exact)."""
+    q = s.shape[-1]
+    size = min(q, DECAY_BLOCK)
+    position = torch.arange(q, device=s.device)
+    blocks = rearrange(position, "(n m) -> n m", m=size)                                            # (n m)
+    ends = blocks[:, -1]
+    s_blocks = rearrange(s, "... (n m) -> ... n m", m=size)
+    later_block = (position // size)[:, None] > torch.arange(len(ends), device=s.device)
+    into = _exp(s[..., :, None] - s_blocks[..., None, :, -1], later_block & reaches(sequence, position[:, None], ends),
+                dtype)                                                                              # (b c h q n)
+    out_of = _exp(s_blocks[..., -1:] - s_blocks, reaches(sequence, ends[:, None], blocks), dtype)   # (b c h n m)
+    spread = out_of.new_zeros(*out_of.shape[:-1], q)                                                # (b c h n q)
+    rearrange(spread, "... n (n2 m) -> ... n n2 m", m=size).diagonal(0, -3, -2).copy_(out_of.transpose(-1, -2))
+    decay = into @ spread
+    within = _exp(s_blocks[..., :, None] - s_blocks[..., None, :],
+                  reaches(sequence, blocks[:, :, None], blocks[:, None, :]), dtype)                # (b c h n m m)
+    on_diagonal = rearrange(decay, "... (n1 m1) (n2 m2) -> ... n1 m1 n2 m2", m1=size, m2=size).diagonal(0, -4, -2)
+    on_diagonal.copy_(rearrange(within, "... n m1 m2 -> ... m1 m2 n"))
+    return decay
+
+
+def reaches(sequence: Tensor | None, rows: Tensor, columns: Tensor) -> Tensor:
+    """bool (c or 1, ...): whether the input at position `columns` reaches position `rows` of each chunk (index
+    tensors, broadcast): not after it, and in the same sequence (sequence (c q): each position's sequence index)."""
+    rows, columns = torch.broadcast_tensors(rows, columns)
+    causal = (columns <= rows)[None]
+    return causal if sequence is None else causal & (sequence[:, rows] == sequence[:, columns])
+
+
+def carried_in(sequence: Tensor) -> Tensor:
+    """bool (c q): whether the state entering each chunk (the state after the position before it) reaches a position."""
+    return sequence == F.pad(sequence[:-1, -1:], (0, 0, 1, 0))
+
+
+def _exp(logits: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """exp(logits) in dtype, exactly 0 where `keep` (c or 1, ...) is False (-inf added to the exponent)."""
+    logits = logits.to(dtype, copy=True)  # a copy even in float64: the caller's s is not changed in place
+    if keep is not None:
+        logits += torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, -torch.inf)[:, None]
+    return logits.exp_()

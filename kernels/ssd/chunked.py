@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from archlab.kernels.ssd.chunk_scan import ChunkScan
+from archlab.kernels.ssd.chunk_scan import ChunkScan, carried_in
 from archlab.kernels.ssd.reference import effective_dt, skip_and_gate
 
 
@@ -31,15 +31,14 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         dt_c = effective_dt(dt.to(compute), dt_bias, dt_softplus, dt_limit)
         x_dt, a, B_c, C_c = (_pad_positions(t, pad) for t in (x_c * dt_c[..., None], dt_c * A.to(compute),
                                                                B.to(compute), C.to(compute)))
-        cut, no_carry = _sequence_masks(cu_seqlens, length + pad, chunk_size, x.device)
+        sequence = None if cu_seqlens is None else _sequence_index(cu_seqlens, length + pad, chunk_size)
         initial = None if initial_states is None else initial_states.to(compute)
         y, final, *entering = ChunkScan.apply(x_dt.contiguous(), a, B_c.contiguous(), C_c.contiguous(), initial,
-                                              cut, no_carry, chunk_size, cu_seqlens is not None)
+                                              sequence, chunk_size)
         out = skip_and_gate(y[:, :length], x_c, D, z).to(x.dtype)
         if cu_seqlens is not None:
-            final = _states_at(cu_seqlens[1:].long() - 1, entering[0][0],
-                               *(rearrange(t[0], "(c q) h ... -> c h q ...", q=chunk_size) for t in (a, x_dt, B_c)),
-                               cut, no_carry)
+            final = _states_at(cu_seqlens[1:].long() - 1, entering[0][0], sequence,
+                               *(rearrange(t[0], "(c q) h ... -> c h q ...", q=chunk_size) for t in (a, x_dt, B_c)))
     return out, final
 
 
@@ -48,41 +47,34 @@ def _pad_positions(t: Tensor, pad: int) -> Tensor:
     return F.pad(t, (0,) * (2 * (t.ndim - 2)) + (0, pad)) if pad else t
 
 
-def _sequence_masks(cu_seqlens: Tensor | None, padded_length: int, chunk_size: int,
-                    device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """(cut, no_carry), added to the exponents of chunk_scan.py's decays: -inf where they are exactly 0, else 0.
-
-    cut (chunks or 1, Q, Q): position j's input never reaches position i (j > i, or another sequence);
-    no_carry (chunks, Q) or None: the state entering i's chunk never reaches i (a sequence starts in between)."""
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=device).tril()
-    if cu_seqlens is None:
-        return _minus_inf_where(~causal[None]), None
-    starts = torch.zeros(padded_length, dtype=torch.long, device=device)
+def _sequence_index(cu_seqlens: Tensor, padded_length: int, chunk_size: int) -> Tensor:
+    """(chunks, chunk_size): the index of the sequence each position of the packed row belongs to (the padding
+    belongs to the last one)."""
+    starts = torch.zeros(padded_length, dtype=torch.long, device=cu_seqlens.device)
     starts[cu_seqlens[1:-1].long()] = 1
-    sequence = rearrange(starts.cumsum(0), "(c q) -> c q", q=chunk_size)              # sequence index of each position
-    entering = F.pad(sequence[:-1, -1], (1, 0))                                        # ... of the state entering
-    cut = ~causal | (sequence[:, :, None] != sequence[:, None, :])
-    return _minus_inf_where(cut), _minus_inf_where(sequence != entering[:, None])
+    return rearrange(starts.cumsum(0), "(c q) -> c q", q=chunk_size)
 
 
-def _minus_inf_where(mask: Tensor) -> Tensor:
-    return torch.zeros(mask.shape, device=mask.device).masked_fill(mask, -torch.inf)
-
-
-def _states_at(positions: Tensor, entering: Tensor, a: Tensor, x_dt: Tensor, B: Tensor, cut: Tensor,
-               no_carry: Tensor) -> Tensor:
+def _states_at(positions: Tensor, entering: Tensor, sequence: Tensor, a: Tensor, x_dt: Tensor, B: Tensor) -> Tensor:
     """The states after `positions` (k,) of the one packed row: (k, heads, head_dim, state), from the chunked
-    tensors of that row (entering (c h p n), a (c h q), x_dt (c h q p), B (c g q n)); autograd differentiates it.
+    tensors of that row (entering (c h p n), sequence (c q), a (c h q), x_dt (c h q p), B (c g q n)); autograd
+    differentiates it.
 
     h_i = exp(a_0 + ... + a_i) (state entering i's chunk) + sum_j exp(a_{j+1} + ... + a_i) dt'_j x_j B_j^T over the
     positions j <= i of i's chunk and sequence: one row of chunk_scan.py's decays and its end-state sum."""
     chunk_size = a.shape[-1]
     chunk, offset = positions // chunk_size, positions % chunk_size
-    a_sum = a[chunk].cumsum(-1)                                                              # (k h q)
+    a_sum = a[chunk].to(torch.float64).cumsum(-1)                                            # (k h q)
     a_sum_at = a_sum.gather(-1, offset[:, None, None].expand(-1, a_sum.shape[1], 1))         # (k h 1)
-    weights = torch.exp(a_sum_at - a_sum + cut[chunk, offset][:, None])                      # (k h q)
-    carried = torch.exp(a_sum_at[..., 0] + no_carry[chunk, offset][:, None])                # (k h)
+    own = sequence[chunk]                                                                    # (k q)
+    reached = (torch.arange(chunk_size, device=a.device) <= offset[:, None]) & (own == own.gather(1, offset[:, None]))
+    weights = _exp_where(a_sum_at - a_sum, reached[:, None], a.dtype)                         # (k h q)
+    carried = _exp_where(a_sum_at[..., 0], carried_in(sequence)[chunk, offset][:, None], a.dtype)  # (k h)
     groups = B.shape[1]
     within = torch.einsum("kgrq,kgrqp,kgqn->kgrpn", *(rearrange(t, "k (g r) ... -> k g r ...", g=groups)
                                                       for t in (weights, x_dt[chunk])), B[chunk])
     return carried[..., None, None] * entering[chunk] + rearrange(within, "k g r p n -> k (g r) p n")
+
+
+def _exp_where(logits: Tensor, keep: Tensor, dtype: torch.dtype) -> Tensor:
+    return logits.to(dtype).masked_fill(~keep, -torch.inf).exp()
