@@ -2,24 +2,34 @@
 
 Today the op has a `torch` backend (chunked.py, what training runs) and the sequential `reference`; the Triton
 kernel and mamba_ssm's SSD as a peer are still to come (issue 17), so on every device this times the chunked path
-against the sequential loop, at the issue's CPU goal shape B1 L2048 H8 P64 N64 (goal: fwd+bwd >= 20x) and at a
-Mamba-2 block's default head and state sizes (P64 N128). Inputs as a Mamba-2 layer's: dt around softplus^-1(0.01)
-before its bias and softplus, A in -[1, 16], D per head, one group of B and C, chunk size 64.
+against the sequential loop in two groups of shapes:
+  - issue 17's CPU goal, B1 L2048 H8 P64 N64 (fwd+bwd >= 20x), and the same at a Mamba-2 block's state size N128,
+    chunk 64, float32;
+  - the batches CPU training of a small Mamba-2 runs, B32 L128 at (H4 P64 N128), (H8 P32 N64), (H4 P64 N64), with
+    chunks 64 and 128, in float32 and as under CPU bfloat16 autocast (x, dt, B, C arrive in bfloat16).
+Inputs as a Mamba-2 layer's: dt around softplus^-1(0.01) before its bias and softplus, A in -[1, 16], D per head,
+one group of B and C. The reference runs once per shape (it has no chunks) in float32.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from archlab.kernels.bench import add_ratios, environment, time_cpu_ms, time_cuda_ms, time_passes
 
-SHAPES = ((1, 2048, 8, 64, 64), (1, 2048, 8, 64, 128))  # (batch, seq_len, heads, head_dim, d_state)
-PROVIDERS = {"archlab-torch": "torch", "reference": "reference"}  # report name -> backend
-COLUMNS = ("batch", "seq_len", "heads", "head_dim", "d_state", "pass", "provider", "ms")
+GOAL_SHAPES = ((1, 2048, 8, 64, 64), (1, 2048, 8, 64, 128))  # (batch, seq_len, heads, head_dim, d_state)
+GOAL_CHUNK = 64
+TRAINING_SHAPES = ((32, 128, 4, 64, 128), (32, 128, 8, 32, 64), (32, 128, 4, 64, 64))
+TRAINING_CHUNKS = (64, 128)
+AUTOCAST = "bfloat16 autocast"  # the `inputs` of rows whose x, dt, B, C are bfloat16 inside a CPU autocast region
+COLUMNS = ("batch", "seq_len", "heads", "head_dim", "d_state", "chunk", "inputs", "pass", "provider", "ms")
+SHAPE = COLUMNS[:5]
 
 
 def ssd_inputs(batch: int, seq_len: int, heads: int, head_dim: int, d_state: int, *, device, dtype,
                seed: int = 0) -> tuple:
-    """(x, dt, A, B, C, D, dt_bias), all requiring grad."""
+    """(x, dt, A, B, C, D, dt_bias), all requiring grad; x, dt, B, C in dtype, the parameters in float32."""
     generator = torch.Generator(device).manual_seed(seed)
 
     def randn(*shape, scale=1.0, shift=0.0, dtype=dtype):
@@ -32,8 +42,8 @@ def ssd_inputs(batch: int, seq_len: int, heads: int, head_dim: int, d_state: int
             randn(heads, dtype=torch.float32), randn(heads, scale=0.1, dtype=torch.float32))
 
 
-def bench_ssd(device: torch.device | None = None, shapes=SHAPES, dtype: torch.dtype = torch.float32,
-              min_run_time: float = 2.0) -> dict:
+def bench_ssd(device: torch.device | None = None, shapes=GOAL_SHAPES, training_shapes=TRAINING_SHAPES,
+              training_chunks=TRAINING_CHUNKS, dtype: torch.dtype = torch.float32, min_run_time: float = 2.0) -> dict:
     from archlab.kernels.ssd import ssd
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,19 +53,35 @@ def bench_ssd(device: torch.device | None = None, shapes=SHAPES, dtype: torch.dt
             return time_cuda_ms(run, inputs)
         return time_cpu_ms(run, inputs, min_run_time=min_run_time)
 
-    def forward(x, dt, A, B, C, D, dt_bias, backend):
-        return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, backend=backend)
+    def case(shape, backend, chunk, inputs):
+        row = {**dict(zip(SHAPE, shape, strict=True)), "chunk": chunk, "inputs": inputs,
+               "provider": "reference" if backend == "reference" else "archlab-torch"}
+        autocast = inputs == AUTOCAST
+        region = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
+        def forward(x, dt, A, B, C, D, dt_bias):
+            with region():
+                return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk or GOAL_CHUNK,
+                           backend=backend)
+
+        tensors = ssd_inputs(*shape, device=device, dtype=torch.bfloat16 if autocast else dtype)
+        return time_passes(row, forward, tensors, timer)
+
+    name = str(dtype).removeprefix("torch.")
     rows = []
-    for batch, seq_len, heads, head_dim, d_state in shapes:
-        inputs = ssd_inputs(batch, seq_len, heads, head_dim, d_state, device=device, dtype=dtype)
-        for name, backend in PROVIDERS.items():
-            shape = {"provider": name, "batch": batch, "seq_len": seq_len, "heads": heads, "head_dim": head_dim,
-                     "d_state": d_state}
-            rows += time_passes(shape, lambda *args, backend=backend: forward(*args, backend), inputs, timer)
-    add_ratios(rows, ours=["archlab-torch"], peers=["reference"],
-               key=("batch", "seq_len", "heads", "head_dim", "d_state", "pass"))
+    for shape in shapes:
+        rows += case(shape, "torch", GOAL_CHUNK, name) + case(shape, "reference", None, name)
+    for shape in training_shapes:
+        for inputs in (name, AUTOCAST):
+            for chunk in training_chunks:
+                rows += case(shape, "torch", chunk, inputs)
+        rows += case(shape, "reference", None, name)
+    add_ratios(rows, ours=["archlab-torch"], peers=["reference"], key=(*SHAPE, "pass"))
     return {"benchmark": "ssd", "title": "SSD (Mamba-2) benchmark", "columns": (*COLUMNS, "ratio_vs_reference"),
-            "notes": ["Chunked torch path (chunk 64) vs the sequential float32 reference (no Triton or peer yet).",
-                      "ratio_vs_reference = reference ms / chunked ms (> 1: the chunked path is faster)."],
+            "notes": [f"Chunked torch path vs the sequential {name} reference (no Triton or peer yet). First issue "
+                      f"17's CPU goal shapes (chunk {GOAL_CHUNK}), then a small Mamba-2's CPU training batches.",
+                      f"inputs `{AUTOCAST}`: x, dt, B and C in bfloat16, called inside torch.autocast(bfloat16); "
+                      "the chunked path computes in float32 either way.",
+                      "ratio_vs_reference = reference ms / chunked ms at the same shape (> 1: the chunked path is "
+                      "faster)."],
             **environment(device, dtype), "rows": rows}
