@@ -31,25 +31,27 @@ DECAY_BLOCK = 8  # decays are exponentiated entry by entry only in diagonal bloc
 
 
 class ChunkScan(torch.autograd.Function):
-    """(x_dt (b L h p), a (b L h), B, C (b L g n), initial (b h p n) or None, sequence (c q) int or None, chunk_size q
-    dividing L) -> (y (b L h p), final state (b h p n)), plus the states entering each chunk (b c h p n) when given the
-    sequence index of every position (packed sequences: inputs reach only their own sequence's later positions)."""
+    """(x (b L h p), dt (b L h) (dt' already), A (h), B, C (b L g n), D (h) or (h p) or None, initial (b h p n) or None,
+    sequence (c q) int or None, chunk_size q dividing L) -> (y + D x (b L h p), final state (b h p n)), plus the states
+    entering each chunk (b c h p n) when given the sequence index of every position (packed sequences: inputs reach
+    only their own sequence's later positions)."""
 
     @staticmethod
-    def forward(ctx, x_dt, a, B, C, initial, sequence, chunk_size):
-        batch, length, heads, head_dim = x_dt.shape
-        groups = B.shape[2]
-        x_c = x_dt.view(batch, -1, chunk_size, heads, head_dim)                                     # (b c q h p)
+    def forward(ctx, x, dt, A, B, C, D, initial, sequence, chunk_size):
+        heads, groups = x.shape[2], B.shape[2]
+        x_c = rearrange(x, "b (c q) h p -> b c q h p", q=chunk_size)                              # a view
+        dt_c = rearrange(dt, "b (c q) h -> b c h q", q=chunk_size)
         B_c, C_c = (rearrange(t, "b (c q) g n -> b c g q n", q=chunk_size).contiguous() for t in (B, C))
-        s = rearrange(a, "b (c q) h -> b c h q", q=chunk_size).to(torch.float64).cumsum(-1)
-        decay = decays(s, sequence, x_dt.dtype)                                                     # (b c h q q)
-        from_start = _exp(s, None if sequence is None else carried_in(sequence), x_dt.dtype)        # (b c h q)
+        s = (dt_c * A[:, None]).to(torch.float64).cumsum(-1)                                        # (b c h q)
+        decay = decays(s, sequence, x.dtype)                                                        # (b c h q q)
+        from_start = _exp(s, None if sequence is None else carried_in(sequence), x.dtype)           # (b c h q)
 
         scores = C_c @ B_c.transpose(-1, -2)                                                        # (b c g q q)
         masked = _heads(_groups(decay, groups) * scores[:, :, :, None])                             # (b c h q q)
-        x_head = rearrange(x_c, "b c q h p -> b c h q p").contiguous()
+        x_head = rearrange(x_c, "b c q h p -> b c h q p").clone(memory_format=torch.contiguous_format)
+        x_head.mul_(dt_c[..., None])                                                                # dt' x by head
         y_diag = masked @ x_head
-        x_to_end = x_c * _per_position(decay[..., -1, :])
+        x_to_end = x_c * _per_position(dt_c * decay[..., -1, :])                    # dt' x times its end-state weight
         chunk_states = _head_states(_group_columns(x_to_end, groups).transpose(-1, -2) @ B_c, heads)
 
         chunk_decay = from_start[..., -1, None, None]                                               # (b c h 1 1)
@@ -60,18 +62,22 @@ class ChunkScan(torch.autograd.Function):
         C_entering = C_c @ _group_states(entering, groups).transpose(-1, -2)                        # (b c g q (r p))
         y = (_head_columns(C_entering, heads) * _per_position(from_start)).add_(
             rearrange(y_diag, "b c h q p -> b c q h p"))
+        if D is not None:
+            y.addcmul_(x_c, _per_channel(D))
 
-        ctx.save_for_backward(B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end, entering, C_entering)
+        ctx.save_for_backward(x_c, dt_c, A, D, B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end,
+                              entering, C_entering)
         ctx.has_initial = initial is not None
-        outputs = (y.reshape(x_dt.shape), states[-1])
+        outputs = (rearrange(y, "b c q h p -> b (c q) h p"), states[-1])
         return outputs if sequence is None else outputs + (entering,)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_y, d_final, d_entering=None):
-        B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end, entering, C_entering = ctx.saved_tensors
-        heads, groups = x_head.shape[2], B_c.shape[2]
-        d_y = d_y.contiguous().view(x_to_end.shape)                                                 # (b c q h p)
+        (x_c, dt_c, A, D, B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end, entering,
+         C_entering) = ctx.saved_tensors
+        heads, groups = x_c.shape[3], B_c.shape[2]
+        d_y = rearrange(d_y, "b (c q) h p -> b c q h p", q=x_c.shape[2])
         d_y_head = rearrange(d_y, "b c q h p -> b c h q p").contiguous()
         d_masked = d_y_head @ x_head.transpose(-1, -2)                                              # (b c h q q)
         d_x_head = masked.transpose(-1, -2) @ d_y_head
@@ -97,9 +103,15 @@ class ChunkScan(torch.autograd.Function):
         d_B = _group_columns(x_to_end, groups) @ _group_states(d_chunk_states, groups)
         # x's end-state weights are decay's last row: their share of the decays' gradient, times the weights
         end_terms = rearrange((x_to_end * _head_columns(B_d_states, heads)).sum(-1), "b c q h -> b c h q")
-        d_x = _head_columns(B_d_states, heads).mul_(_per_position(decay[..., -1, :])).add_(
-            rearrange(d_x_head, "b c h q p -> b c q h p"))
+        d_x_dt = _head_columns(B_d_states, heads).mul_(_per_position(decay[..., -1, :])).add_(
+            rearrange(d_x_head, "b c h q p -> b c q h p"))                                         # d (dt' x)
         del d_x_head, B_d_states
+        d_dt = rearrange((d_x_dt * x_c).sum(-1), "b c q h -> b c h q")
+        d_x = d_x_dt.mul_(_per_position(dt_c))
+        d_D = None
+        if D is not None:
+            d_x.addcmul_(d_y, _per_channel(D))
+            d_D = (d_y * x_c).sum((0, 1, 2, 4) if D.ndim == 1 else (0, 1, 2))
 
         d_decays = d_masked.mul_(decay)                                         # d scores, before the sum over heads
         d_scores = _groups(d_decays, groups).sum(3)                                                 # (b c g q q)
@@ -115,9 +127,11 @@ class ChunkScan(torch.autograd.Function):
         carry_terms = rearrange((d_y * _head_columns(C_entering, heads)).sum(-1), "b c q h -> b c h q")
         carry_terms[..., -1] += d_chunk_decay
         d_a += (carry_terms * from_start).flip(-1).cumsum(-1).flip(-1)
+        d_dt += d_a * A[:, None]
+        d_A = (d_a * dt_c).sum((0, 1, 3))
         d_B, d_C = (rearrange(t, "b c g q n -> b (c q) g n") for t in (d_B, d_C))
-        return rearrange(d_x, "b c q h p -> b (c q) h p"), rearrange(d_a, "b c h q -> b (c q) h"), d_B, d_C, \
-            d_states[-1] if ctx.has_initial else None, None, None
+        return rearrange(d_x, "b c q h p -> b (c q) h p"), rearrange(d_dt, "b c h q -> b (c q) h"), d_A, d_B, d_C, \
+            d_D, d_states[-1] if ctx.has_initial else None, None, None
 
 
 # layouts: per chunk, x and y stay (position, head, head_dim) as the caller has them; B and C are (group, position,
@@ -129,6 +143,11 @@ def _groups(t: Tensor, groups: int) -> Tensor:
 
 def _heads(t: Tensor) -> Tensor:
     return rearrange(t, "b c g r ... -> b c (g r) ...")
+
+
+def _per_channel(D: Tensor) -> Tensor:
+    """D (h) or (h p) -> a factor for x's (b c q h p) layout."""
+    return D[:, None] if D.ndim == 1 else D
 
 
 def _per_position(t: Tensor) -> Tensor:

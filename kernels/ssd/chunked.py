@@ -29,16 +29,15 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         pad = -length % chunk_size
         x_c = x.to(compute)
         dt_c = effective_dt(dt.to(compute), dt_bias, dt_softplus, dt_limit)
-        x_dt, a, B_c, C_c = (_pad_positions(t, pad) for t in (x_c * dt_c[..., None], dt_c * A.to(compute),
-                                                               B.to(compute), C.to(compute)))
+        x_p, dt_p, B_p, C_p = (_pad_positions(t, pad) for t in (x_c, dt_c, B.to(compute), C.to(compute)))
+        A_c, D_c, initial = (None if t is None else t.to(compute) for t in (A, D, initial_states))
         sequence = None if cu_seqlens is None else _sequence_index(cu_seqlens, length + pad, chunk_size)
-        initial = None if initial_states is None else initial_states.to(compute)
-        y, final, *entering = ChunkScan.apply(x_dt.contiguous(), a, B_c.contiguous(), C_c.contiguous(), initial,
+        y, final, *entering = ChunkScan.apply(x_p, dt_p, A_c, B_p.contiguous(), C_p.contiguous(), D_c, initial,
                                               sequence, chunk_size)
-        out = skip_and_gate(y[:, :length], x_c, D, z).to(x.dtype)
+        out = skip_and_gate(y[:, :length] if pad else y, x_c, None, z).to(x.dtype)
         if cu_seqlens is not None:
-            final = _states_at(cu_seqlens[1:].long() - 1, entering[0][0], sequence,
-                               *(rearrange(t[0], "(c q) h ... -> c h q ...", q=chunk_size) for t in (a, x_dt, B_c)))
+            final = _states_at(cu_seqlens[1:].long() - 1, entering[0][0], sequence, A_c,
+                               *(rearrange(t[0], "(c q) h ... -> c h q ...", q=chunk_size) for t in (x_p, dt_p, B_p)))
     return out, final
 
 
@@ -55,24 +54,25 @@ def _sequence_index(cu_seqlens: Tensor, padded_length: int, chunk_size: int) -> 
     return rearrange(starts.cumsum(0), "(c q) -> c q", q=chunk_size)
 
 
-def _states_at(positions: Tensor, entering: Tensor, sequence: Tensor, a: Tensor, x_dt: Tensor, B: Tensor) -> Tensor:
+def _states_at(positions: Tensor, entering: Tensor, sequence: Tensor, A: Tensor, x: Tensor, dt: Tensor,
+               B: Tensor) -> Tensor:
     """The states after `positions` (k,) of the one packed row: (k, heads, head_dim, state), from the chunked
-    tensors of that row (entering (c h p n), sequence (c q), a (c h q), x_dt (c h q p), B (c g q n)); autograd
+    tensors of that row (entering (c h p n), sequence (c q), x (c h q p), dt (c h q), B (c g q n)); autograd
     differentiates it.
 
     h_i = exp(a_0 + ... + a_i) (state entering i's chunk) + sum_j exp(a_{j+1} + ... + a_i) dt'_j x_j B_j^T over the
-    positions j <= i of i's chunk and sequence: one row of chunk_scan.py's decays and its end-state sum."""
-    chunk_size = a.shape[-1]
+    positions j <= i of i's chunk and sequence (a = dt' A): one row of chunk_scan.py's decays and its end-state sum."""
+    chunk_size = dt.shape[-1]
     chunk, offset = positions // chunk_size, positions % chunk_size
-    a_sum = a[chunk].to(torch.float64).cumsum(-1)                                            # (k h q)
+    a_sum = (dt[chunk] * A[:, None]).to(torch.float64).cumsum(-1)                             # (k h q)
     a_sum_at = a_sum.gather(-1, offset[:, None, None].expand(-1, a_sum.shape[1], 1))         # (k h 1)
     own = sequence[chunk]                                                                    # (k q)
-    reached = (torch.arange(chunk_size, device=a.device) <= offset[:, None]) & (own == own.gather(1, offset[:, None]))
-    weights = _exp_where(a_sum_at - a_sum, reached[:, None], a.dtype)                         # (k h q)
-    carried = _exp_where(a_sum_at[..., 0], carried_in(sequence)[chunk, offset][:, None], a.dtype)  # (k h)
+    reached = (torch.arange(chunk_size, device=dt.device) <= offset[:, None]) & (own == own.gather(1, offset[:, None]))
+    weights = _exp_where(a_sum_at - a_sum, reached[:, None], dt.dtype) * dt[chunk]           # (k h q)
+    carried = _exp_where(a_sum_at[..., 0], carried_in(sequence)[chunk, offset][:, None], dt.dtype)  # (k h)
     groups = B.shape[1]
     within = torch.einsum("kgrq,kgrqp,kgqn->kgrpn", *(rearrange(t, "k (g r) ... -> k g r ...", g=groups)
-                                                      for t in (weights, x_dt[chunk])), B[chunk])
+                                                      for t in (weights, x[chunk])), B[chunk])
     return carried[..., None, None] * entering[chunk] + rearrange(within, "k g r p n -> k (g r) p n")
 
 
