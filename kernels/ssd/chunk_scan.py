@@ -38,6 +38,7 @@ class ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial, sequence, chunk_size):
+        ctx.set_materialize_grads(False)  # an unused final state (training) leaves the last chunk's end state out
         heads, groups = x.shape[2], B.shape[2]
         x_c = rearrange(x, "b (c q) h p -> b c q h p", q=chunk_size)                              # a view
         dt_c = rearrange(dt, "b (c q) h -> b c h q", q=chunk_size)
@@ -50,7 +51,7 @@ class ChunkScan(torch.autograd.Function):
         masked = _heads(_groups(decay, groups) * scores[:, :, :, None])                             # (b c h q q)
         x_head = rearrange(x_c, "b c q h p -> b c h q p").clone(memory_format=torch.contiguous_format)
         x_head.mul_(dt_c[..., None])                                                                # dt' x by head
-        y_diag = masked @ x_head
+        y = rearrange(masked @ x_head, "b c h q p -> b c q h p").contiguous()
         x_to_end = x_c * _per_position(dt_c * decay[..., -1, :])                    # dt' x times its end-state weight
         chunk_states = _head_states(_group_columns(x_to_end, groups).transpose(-1, -2) @ B_c, heads)
 
@@ -59,15 +60,15 @@ class ChunkScan(torch.autograd.Function):
         for k in range(x_c.shape[1]):
             states.append(torch.addcmul(chunk_states[:, k], chunk_decay[:, k], states[-1]))
         entering = torch.stack(states[:-1], dim=1)                                                  # (b c h p n)
-        C_entering = C_c @ _group_states(entering, groups).transpose(-1, -2)                        # (b c g q (r p))
-        y = (_head_columns(C_entering, heads) * _per_position(from_start)).add_(
-            rearrange(y_diag, "b c h q p -> b c q h p"))
+        first = 0 if initial is not None else 1                           # chunks before it start from a zero state
+        C_entering = C_c[:, first:] @ _group_states(entering[:, first:], groups).transpose(-1, -2)  # (b c g q (r p))
+        y[:, first:].addcmul_(_head_columns(C_entering, heads), _per_position(from_start[:, first:]))
         if D is not None:
             y.addcmul_(x_c, _per_channel(D))
 
         ctx.save_for_backward(x_c, dt_c, A, D, B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end,
                               entering, C_entering)
-        ctx.has_initial = initial is not None
+        ctx.first = first
         outputs = (rearrange(y, "b c q h p -> b (c q) h p"), states[-1])
         return outputs if sequence is None else outputs + (entering,)
 
@@ -76,36 +77,52 @@ class ChunkScan(torch.autograd.Function):
     def backward(ctx, d_y, d_final, d_entering=None):
         (x_c, dt_c, A, D, B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end, entering,
          C_entering) = ctx.saved_tensors
-        heads, groups = x_c.shape[3], B_c.shape[2]
-        d_y = rearrange(d_y, "b (c q) h p -> b c q h p", q=x_c.shape[2])
+        heads, groups, chunks, first = x_c.shape[3], B_c.shape[2], x_c.shape[1], ctx.first
+        ending = chunks if d_final is not None else chunks - 1               # chunks whose end state gets a gradient
+        d_y = torch.zeros_like(x_c) if d_y is None else rearrange(d_y, "b (c q) h p -> b c q h p", q=x_c.shape[2])
         d_y_head = rearrange(d_y, "b c q h p -> b c h q p").contiguous()
         d_masked = d_y_head @ x_head.transpose(-1, -2)                                              # (b c h q q)
-        d_x_head = masked.transpose(-1, -2) @ d_y_head
+        d_x_dt = rearrange(masked.transpose(-1, -2) @ d_y_head, "b c h q p -> b c q h p").contiguous()
         del d_y_head
 
         # the states, walked back from the final one: E_{k+1} = exp(s_{Q-1}) E_k + H_k
-        d_y_carried = _group_columns(d_y * _per_position(from_start), groups)                      # (b c g q (r p))
-        d_C = d_y_carried @ _group_states(entering, groups)
-        d_entering_y = d_y_carried.transpose(-1, -2) @ C_c
+        d_y_carried = _group_columns(d_y[:, first:] * _per_position(from_start[:, first:]), groups)
+        d_C_carried = d_y_carried @ _group_states(entering[:, first:], groups)                     # (b c g q n)
+        d_entering_y = d_y_carried.transpose(-1, -2) @ C_c[:, first:]
         del d_y_carried
         if d_entering is not None:
-            d_entering_y += _group_states(d_entering, groups)
+            d_entering_y += _group_states(d_entering[:, first:], groups)
         d_entering = _head_states(d_entering_y, heads)                                              # (b c h p n)
         chunk_decay = from_start[..., -1, None, None]
-        d_states = [d_final]
-        for k in reversed(range(entering.shape[1])):
-            d_states.append(torch.addcmul(d_entering[:, k], chunk_decay[:, k], d_states[-1]))
+        d_state, d_chunk_states = d_final, []
+        for k in reversed(range(first, chunks)):
+            if k < ending:
+                d_chunk_states.insert(0, d_state)
+            inflow = d_entering[:, k - first]
+            d_state = inflow if d_state is None else torch.addcmul(inflow, chunk_decay[:, k], d_state)
+        if first and ending:  # chunk 0's end state, with no initial state to pass a gradient on to
+            d_chunk_states.insert(0, d_state)
         del d_entering, d_entering_y
-        d_chunk_states = torch.stack(d_states[-2::-1], dim=1)
-        d_chunk_decay = (d_chunk_states * entering).sum((-1, -2))                                   # (b c h)
 
-        B_d_states = B_c @ _group_states(d_chunk_states, groups).transpose(-1, -2)                 # (b c g q (r p))
-        d_B = _group_columns(x_to_end, groups) @ _group_states(d_chunk_states, groups)
-        # x's end-state weights are decay's last row: their share of the decays' gradient, times the weights
-        end_terms = rearrange((x_to_end * _head_columns(B_d_states, heads)).sum(-1), "b c q h -> b c h q")
-        d_x_dt = _head_columns(B_d_states, heads).mul_(_per_position(decay[..., -1, :])).add_(
-            rearrange(d_x_head, "b c h q p -> b c q h p"))                                         # d (dt' x)
-        del d_x_head, B_d_states
+        d_decays = d_masked.mul_(decay)                                         # d scores, before the sum over heads
+        d_scores = _groups(d_decays, groups).sum(3)                                                 # (b c g q q)
+        d_C, d_B = d_scores @ B_c, d_scores.transpose(-1, -2) @ C_c
+        d_C[:, first:] += d_C_carried
+        _groups(d_decays, groups).mul_(scores[:, :, :, None])                   # now d decay * decay
+        # exp(s_i) carries the entering state to i, and its last one passes it on
+        carry_terms = torch.zeros_like(from_start)
+        carry_terms[:, first:] = rearrange((d_y[:, first:] * _head_columns(C_entering, heads)).sum(-1),
+                                           "b c q h -> b c h q")
+        if ending:
+            d_chunk_states = torch.stack(d_chunk_states, dim=1)                                     # (b c h p n)
+            carry_terms[:, :ending, :, -1] += (d_chunk_states * entering[:, :ending]).sum((-1, -2))
+            B_d_states = B_c[:, :ending] @ _group_states(d_chunk_states, groups).transpose(-1, -2)  # (b c g q (r p))
+            d_B[:, :ending] += _group_columns(x_to_end[:, :ending], groups) @ _group_states(d_chunk_states, groups)
+            # x's end-state weights are decay's last row: their share of the decays' gradient, times the weights
+            d_decays[:, :ending, :, -1, :] += rearrange(
+                (x_to_end[:, :ending] * _head_columns(B_d_states, heads)).sum(-1), "b c q h -> b c h q")
+            d_x_dt[:, :ending].addcmul_(_head_columns(B_d_states, heads), _per_position(decay[:, :ending, :, -1, :]))
+            del B_d_states
         d_dt = rearrange((d_x_dt * x_c).sum(-1), "b c q h -> b c h q")
         d_x = d_x_dt.mul_(_per_position(dt_c))
         d_D = None
@@ -113,25 +130,16 @@ class ChunkScan(torch.autograd.Function):
             d_x.addcmul_(d_y, _per_channel(D))
             d_D = (d_y * x_c).sum((0, 1, 2, 4) if D.ndim == 1 else (0, 1, 2))
 
-        d_decays = d_masked.mul_(decay)                                         # d scores, before the sum over heads
-        d_scores = _groups(d_decays, groups).sum(3)                                                 # (b c g q q)
-        d_C = _add_matmul(d_C, d_scores, B_c)
-        d_B = _add_matmul(d_B, d_scores.transpose(-1, -2), C_c)
-        _groups(d_decays, groups).mul_(scores[:, :, :, None])                   # now d decay * decay
-        d_decays[..., -1, :] += end_terms
         # decay[i, j] depends on a_k for j < k <= i: d a_k sums d_decays over that rectangle (rows i >= k, columns
-        # j < k) as row prefix sums, with no cancellation between terms outside it
+        # j < k) as row prefix sums, with no cancellation between terms outside it; exp(s_i) on a_k for k <= i
         below = torch.ones_like(decay[0, 0, 0, :, 1:]).tril(-1)                                     # (q, q - 1): i > m
         d_a = F.pad((d_decays[..., :-1].cumsum(-1) * below).sum(-2), (1, 0))
-        # exp(s_i) carries the entering state to i, and its last one passes it on: a_k for k <= i
-        carry_terms = rearrange((d_y * _head_columns(C_entering, heads)).sum(-1), "b c q h -> b c h q")
-        carry_terms[..., -1] += d_chunk_decay
         d_a += (carry_terms * from_start).flip(-1).cumsum(-1).flip(-1)
         d_dt += d_a * A[:, None]
         d_A = (d_a * dt_c).sum((0, 1, 3))
         d_B, d_C = (rearrange(t, "b c g q n -> b (c q) g n") for t in (d_B, d_C))
         return rearrange(d_x, "b c q h p -> b (c q) h p"), rearrange(d_dt, "b c h q -> b (c q) h"), d_A, d_B, d_C, \
-            d_D, d_states[-1] if ctx.has_initial else None, None, None
+            d_D, None if first else d_state, None, None
 
 
 # layouts: per chunk, x and y stay (position, head, head_dim) as the caller has them; B and C are (group, position,

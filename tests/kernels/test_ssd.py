@@ -117,6 +117,23 @@ def test_chunked_backward_passes_gradcheck_in_float64(length, chunk_size, groups
     assert torch.autograd.gradcheck(outputs, [inputs[k] for k in names], fast_mode=True)
 
 
+@pytest.mark.parametrize("length,chunk_size,with_initial", [(8, 8, False), (8, 8, True), (20, 8, False),
+                                                               (20, 8, True), (5, 16, True)])
+def test_gradients_through_the_output_alone(length, chunk_size, with_initial):
+    """With the final state unused (training) the backward leaves out the last chunk's end state, and without an
+    initial state the first chunk's carried-in term: one chunk and several, with and without initial states."""
+    inputs = make_inputs(2, length, 4, 3, 2, 5, with_initial=with_initial)
+    grads = {}
+    for backend in ("torch", "reference"):
+        leaves = fresh(inputs)
+        out = ssd(**leaves, dt_softplus=True, chunk_size=chunk_size, backend=backend)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        grads[backend] = {k: v.grad for k, v in leaves.items() if v is not None}
+    for name, grad in grads["torch"].items():
+        torch.testing.assert_close(grad, grads["reference"][name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def test_double_backward_of_the_chunked_path_is_refused():
     leaves = fresh(make_inputs(1, 6, 2, 2, 1, 3))
     out = ssd(**leaves, chunk_size=4, backend="torch")
