@@ -1,22 +1,26 @@
-"""SSD's chunked algorithm as one autograd.Function: forward and a hand-derived backward in batched matmuls.
+"""SSD's chunked algorithm as one autograd.Function: the forward and a hand-derived backward in batched matmuls.
 
-Per chunk (Q positions) and head, with X = dt' x (Q, P), B and C (Q, N) of the head's group, s = the running sum of
-a = dt' A inside the chunk (s_i = a_0 + ... + a_i), and E the state entering the chunk (P, N):
-    decay[i, j]   = exp(s_i - s_j) for j <= i, else 0        (exp(a_{j+1} + ... + a_i): the mask L of the paper)
-    y             = (decay * C B^T) X + exp(s) * (C E^T)     (inside the chunk; the state carried in)
-    E_next        = exp(s_{Q-1}) E + (decay[Q-1] * X)^T B    (the chunks in order, from the initial state)
-C B^T is formed once per group; C E^T and the end states are one matmul per group, all its heads side by side in
-x's own (position, head, head_dim) layout. Only the first term runs per head, on a head-major copy of X.
+Per chunk (Q positions) and head, with X = dt' x (Q, P), B and C (Q, N) of the head's group, s the running sum of
+a = dt' A inside the chunk (s_i = a_0 + ... + a_i) and E the state entering the chunk (P, N):
+    decay[i, j]  = exp(s_i - s_j) for j <= i, else 0         (exp(a_{j+1} + ... + a_i): the mask L of the paper)
+    y            = (decay * C B^T) X + exp(s) * (C E^T) + D x
+    E_next       = exp(s_{Q-1}) E + (decay[Q-1] * X)^T B     (chunk by chunk, from the initial state)
+C B^T is formed once per group; C E^T and the end states are one matmul per group with all its heads side by side,
+in x's own (position, head, head_dim) layout; only the first term of y runs per head, on a head-major copy of X.
+States known to be zero (before the first chunk without an initial state) or to get no gradient (the last chunk's
+end state when the final state is unused, as in training) are left out of the matmuls.
 
-s is summed in float64, so s_i - s_j keeps float64's precision before it is rounded to the compute dtype (a float32
-difference of two long sums would lose the small decays of a strongly decaying head). Every exponent is <= 0 (s
-falls: a <= 0, and a float cumsum of non-positive terms is monotone), so no exp overflows. Cuts (j > i, or a
-sequence start between j and i) are filled with -inf before exp: exact zeros with zero gradients, and never
--inf - -inf, so packed sequences reset exactly.
+decays(): s is summed in float64 and every exponent is a float64 difference rounded once, so a strongly decaying
+head keeps its small decays (a float32 difference of two long sums would not). Only 8 x 8 blocks on the diagonal
+are exponentiated entry by entry; below them exp(s_i - s_j) = exp(s_i - s_e) exp(s_e - s_j), e the end of j's
+block. With A <= 0 and dt' >= 0 every exponent is <= 0 (a float64 running sum of non-positive terms never rises), so
+no exp overflows. Where an input does not reach a position (j > i, or a sequence starts in between: packed
+sequences) -inf is added to the exponent: exact zeros with zero gradients, and never -inf - -inf.
 
-The backward reuses the forward's decays, masked scores and layouts and runs the transposed matmuls. The decays reach
-a through s: decay[i, j] gives d s_i += g and d s_j -= g with g = d decay[i, j] * decay[i, j] (the diagonal cancels
-and is left out, as rounding would not cancel it), then d a = the reverse running sum of d s.
+The backward reuses the forward's decays, masked scores and layouts and runs the transposed matmuls. The decays
+reach a through s: decay[i, j] depends on a_k for j < k <= i, so d a_k is the sum of d decay * decay over that
+rectangle, formed from its own terms (row prefix sums) rather than as a difference of larger sums that cancel.
+Double backward is refused (once_differentiable).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""The `torch` backend of SSD: the Mamba-2 paper's chunked algorithm in plain PyTorch (what CPU training uses), with a
-hand-derived backward (chunk_scan.py) in batched matmuls.
+"""The `torch` backend of SSD, what CPU training uses: the Mamba-2 paper's chunked algorithm as one autograd.Function
+with a hand-derived backward in batched matmuls (chunk_scan.py, whose docstring has the algorithm).
 
-Positions are padded to a multiple of chunk_size (dt = 0 and x = 0 there: decay 1 and no input, so the states
-pass through unchanged) and cut into chunks of Q positions; chunk_scan.py does the rest (its docstring has the
-algorithm). With cu_seqlens the resets at sequence starts are masks on that algorithm's decays (exact zeros, zero
-gradients), and each sequence's final state is read from its chunk's entering state and its own positions.
+Here: dt' (bias, softplus, clamp), padding the positions to a multiple of chunk_size (dt' = 0 and x = 0 there: decay
+1 and no input, so the states pass through unchanged), the z gate, and with cu_seqlens the sequence index of every
+position (a reset is -inf on the exponents of chunk_scan.py's decays: exact zeros, zero gradients) and each
+sequence's final state, read from its chunk's entering state and its own positions. The arithmetic is float32
+(float64 for float64 inputs), also inside a caller's autocast region.
 """
 from __future__ import annotations
 
