@@ -66,6 +66,7 @@ def test_scan_bench_on_cpu_times_torch_against_reference():
 
 
 def test_ssd_bench_times_the_chunked_path_against_the_reference():
+    threads = torch.get_num_threads()
     result = bench_ssd(torch.device("cpu"), shapes=((1, 9, 2, 4, 3),), training_shapes=((2, 5, 2, 4, 3),),
                        training_chunks=(2, 4), min_run_time=0.01)
     rows = {(r["batch"], r["provider"], r["chunk"], r["inputs"], r["pass"]): r for r in result["rows"]}
@@ -73,11 +74,13 @@ def test_ssd_bench_times_the_chunked_path_against_the_reference():
     training = {(2, "archlab-torch", chunk, inputs) for chunk in (2, 4) for inputs in ("float32", AUTOCAST)}
     assert set(rows) == {(*case, s) for case in goal | training | {(2, "reference", None, "float32")}
                          for s in ("fwd", "fwd+bwd")}
-    assert all(r["ms"] > 0 for r in rows.values()), result["rows"]
+    assert all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in rows.values()), result["rows"]
     for (batch, provider, _, _, pass_), ours in rows.items():  # every chunk and input dtype vs the float32 reference
         if provider == "archlab-torch":
             reference = rows[batch, "reference", None, "float32", pass_]
             assert ours["ratio_vs_reference"] == pytest.approx(reference["ms"] / ours["ms"], rel=1e-2)
+            assert ours["cpu_ratio_vs_reference"] == pytest.approx(reference["cpu_ms"] / ours["cpu_ms"], rel=1e-2)
+    assert torch.get_num_threads() == threads  # restored after the one-thread CPU timings
     assert result["benchmark"] == "ssd" and "ratio_vs_reference" in to_markdown(result)
 
 
