@@ -60,10 +60,12 @@ class ChunkScan(torch.autograd.Function):
         chunk_states = _head_states(_group_columns(x_to_end, groups).transpose(-1, -2) @ B_c, heads)
 
         chunk_decay = from_start[..., -1, None, None]                                               # (b c h 1 1)
-        states = [torch.zeros_like(chunk_states[:, 0]) if initial is None else initial]
+        entering = torch.empty_like(chunk_states)                                                   # (b c h p n)
+        state = torch.zeros_like(chunk_states[:, 0]) if initial is None else initial
         for k in range(x_c.shape[1]):
-            states.append(torch.addcmul(chunk_states[:, k], chunk_decay[:, k], states[-1]))
-        entering = torch.stack(states[:-1], dim=1)                                                  # (b c h p n)
+            entering[:, k] = state
+            state = torch.addcmul(chunk_states[:, k], chunk_decay[:, k], state)
+        del chunk_states
         first = 0 if initial is not None else 1                           # chunks before it start from a zero state
         C_entering = C_c[:, first:] @ _group_states(entering[:, first:], groups).transpose(-1, -2)  # (b c g q (r p))
         y[:, first:].addcmul_(_head_columns(C_entering, heads), _per_position(from_start[:, first:]))
@@ -73,7 +75,7 @@ class ChunkScan(torch.autograd.Function):
         ctx.save_for_backward(x_c, dt_c, A, D, B_c, C_c, scores, decay, masked, from_start, x_head, x_to_end,
                               entering, C_entering)
         ctx.first = first
-        outputs = (rearrange(y, "b c q h p -> b (c q) h p"), states[-1])
+        outputs = (rearrange(y, "b c q h p -> b (c q) h p"), state)
         return outputs if sequence is None else outputs + (entering,)
 
     @staticmethod
@@ -98,14 +100,15 @@ class ChunkScan(torch.autograd.Function):
             d_entering_y += _group_states(d_entering[:, first:], groups)
         d_entering = _head_states(d_entering_y, heads)                                              # (b c h p n)
         chunk_decay = from_start[..., -1, None, None]
-        d_state, d_chunk_states = d_final, []
+        d_chunk_states = torch.empty_like(entering[:, :ending])        # d_chunk_states[:, k] = d E_{k+1}
+        d_state = d_final
         for k in reversed(range(first, chunks)):
             if k < ending:
-                d_chunk_states.insert(0, d_state)
+                d_chunk_states[:, k] = d_state
             inflow = d_entering[:, k - first]
             d_state = inflow if d_state is None else torch.addcmul(inflow, chunk_decay[:, k], d_state)
         if first and ending:  # chunk 0's end state, with no initial state to pass a gradient on to
-            d_chunk_states.insert(0, d_state)
+            d_chunk_states[:, 0] = d_state
         del d_entering, d_entering_y
 
         d_decays = d_masked.mul_(decay)                                         # d scores, before the sum over heads
@@ -118,14 +121,13 @@ class ChunkScan(torch.autograd.Function):
         carry_terms[:, first:] = rearrange((d_y[:, first:] * _head_columns(C_entering, heads)).sum(-1),
                                            "b c q h -> b c h q")
         if ending:
-            d_chunk_states = torch.stack(d_chunk_states, dim=1)                                     # (b c h p n)
             carry_terms[:, :ending, :, -1] += (d_chunk_states * entering[:, :ending]).sum((-1, -2))
             B_d_states = B_c[:, :ending] @ _group_states(d_chunk_states, groups).transpose(-1, -2)  # (b c g q (r p))
             d_B[:, :ending] += _group_columns(x_to_end[:, :ending], groups) @ _group_states(d_chunk_states, groups)
-            # x's end-state weights are decay's last row: their share of the decays' gradient, times the weights
-            d_decays[:, :ending, :, -1, :] += rearrange(
-                (x_to_end[:, :ending] * _head_columns(B_d_states, heads)).sum(-1), "b c q h -> b c h q")
             d_x_dt[:, :ending].addcmul_(_head_columns(B_d_states, heads), _per_position(decay[:, :ending, :, -1, :]))
+            # x's end-state weights are decay's last row: their share of the decays' gradient, times the weights
+            end_terms = _head_columns(B_d_states, heads).mul_(x_to_end[:, :ending]).sum(-1)        # (b c q h)
+            d_decays[:, :ending, :, -1, :] += rearrange(end_terms, "b c q h -> b c h q")
             del B_d_states
         d_dt = rearrange((d_x_dt * x_c).sum(-1), "b c q h -> b c h q")
         d_x = d_x_dt.mul_(_per_position(dt_c))
@@ -137,7 +139,7 @@ class ChunkScan(torch.autograd.Function):
         # decay[i, j] depends on a_k for j < k <= i: d a_k sums d_decays over that rectangle (rows i >= k, columns
         # j < k) as row prefix sums, with no cancellation between terms outside it; exp(s_i) on a_k for k <= i
         below = torch.ones_like(decay[0, 0, 0, :, 1:]).tril(-1)                                     # (q, q - 1): i > m
-        d_a = F.pad((d_decays[..., :-1].cumsum(-1) * below).sum(-2), (1, 0))
+        d_a = F.pad(d_decays[..., :-1].cumsum_(-1).mul_(below).sum(-2), (1, 0))                    # in place
         d_a += (carry_terms * from_start).flip(-1).cumsum(-1).flip(-1)
         d_dt += d_a * A[:, None]
         d_A = (d_a * dt_c).sum((0, 1, 3))
