@@ -12,8 +12,8 @@ from archlab.kernels.bench.attention import COLUMNS as ATTENTION_COLUMNS
 from archlab.kernels.bench.attention import attention_flops, bench_attention
 from archlab.kernels.bench.conv1d import bench_conv1d, conv1d_bytes
 from archlab.kernels.bench.scan import bench_scan, scan_bytes
+from archlab.kernels.bench.ssd import AUTOCAST, bench_ssd
 from archlab.kernels.bench.ssd import GPU_PROVIDERS as SSD_GPU_PROVIDERS
-from archlab.kernels.bench.ssd import bench_ssd
 from archlab.compare.cli import main
 
 
@@ -70,11 +70,21 @@ def test_scan_bench_on_cpu_times_torch_against_reference():
 
 
 def test_ssd_bench_times_the_chunked_path_against_the_reference():
-    result = bench_ssd(torch.device("cpu"), shapes=((1, 9, 2, 4, 3),), min_run_time=0.01)
-    rows = {(r["provider"], r["pass"]): r for r in result["rows"]}
-    assert set(rows) == {(p, s) for p in ("archlab-torch", "reference") for s in ("fwd", "fwd+bwd")}
-    ours = rows[("archlab-torch", "fwd+bwd")]
-    assert ours["ratio_vs_reference"] == pytest.approx(rows[("reference", "fwd+bwd")]["ms"] / ours["ms"], rel=1e-2)
+    threads = torch.get_num_threads()
+    result = bench_ssd(torch.device("cpu"), shapes=((1, 9, 2, 4, 3),), training_shapes=((2, 5, 2, 4, 3),),
+                       training_chunks=(2, 4), min_run_time=0.01)
+    rows = {(r["batch"], r["provider"], r["chunk"], r["inputs"], r["pass"]): r for r in result["rows"]}
+    goal = {(1, "archlab-torch", 64, "float32"), (1, "reference", None, "float32")}
+    training = {(2, "archlab-torch", chunk, inputs) for chunk in (2, 4) for inputs in ("float32", AUTOCAST)}
+    assert set(rows) == {(*case, s) for case in goal | training | {(2, "reference", None, "float32")}
+                         for s in ("fwd", "fwd+bwd")}
+    assert all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in rows.values()), result["rows"]
+    for (batch, provider, _, _, pass_), ours in rows.items():  # every chunk and input dtype vs the float32 reference
+        if provider == "archlab-torch":
+            reference = rows[batch, "reference", None, "float32", pass_]
+            assert ours["ratio_vs_reference"] == pytest.approx(reference["ms"] / ours["ms"], rel=1e-2)
+            assert ours["cpu_ratio_vs_reference"] == pytest.approx(reference["cpu_ms"] / ours["cpu_ms"], rel=1e-2)
+    assert torch.get_num_threads() == threads  # restored after the one-thread CPU timings
     assert result["benchmark"] == "ssd" and "ratio_vs_reference" in to_markdown(result)
 
 

@@ -7,6 +7,8 @@ import torch
 
 from archlab.kernels.backend import resolve_backend
 from archlab.kernels.ssd import ssd, ssd_state_update
+from archlab.kernels.ssd.chunk_scan import decays, reaches
+from archlab.kernels.ssd.chunked import ssd_chunked
 
 DIFFERENTIABLE = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
@@ -108,6 +110,78 @@ def test_long_sequence_with_strong_decay_stays_finite_and_exact():
     lose the recent inputs."""
     inputs = make_inputs(1, 300, 2, 2, 1, 4, decay_scale=30.0, with_initial=True)
     assert_same(run(inputs, backend="torch", chunk_size=64), run(inputs, backend="reference"))
+
+
+# -- the torch backend's hand-derived backward and factored decays ---------------------------------------------
+@pytest.mark.parametrize("length,chunk_size,groups,packed", [(7, 4, 1, False), (9, 16, 2, False), (20, 16, 1, True),
+                                                             (5, 1, 2, True)])
+def test_chunked_backward_passes_gradcheck_in_float64(length, chunk_size, groups, packed):
+    """Finite differences in float64 (ssd_chunked computes in float64 for float64 inputs) through both outputs, on
+    random projections (fast mode): several chunks with a tail, 16-position chunks (two decay blocks), groups, packed
+    sequences, chunk size 1."""
+    inputs = {k: None if v is None else v.detach().double().requires_grad_()
+              for k, v in make_inputs(1, length, 2 * groups, 2, groups, 3, with_initial=not packed).items()}
+    names = [k for k, v in inputs.items() if v is not None]
+    cu_seqlens = torch.tensor([0, 1, length // 2, length], dtype=torch.int32) if packed else None
+
+    def outputs(*tensors):
+        return ssd_chunked(**dict(zip(names, tensors, strict=True)), dt_softplus=True, dt_limit=(0.05, 1.5),
+                           cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+
+    assert torch.autograd.gradcheck(outputs, [inputs[k] for k in names], fast_mode=True)
+
+
+@pytest.mark.parametrize("length,chunk_size,with_initial", [(8, 8, False), (8, 8, True), (20, 8, False),
+                                                               (20, 8, True), (5, 16, True)])
+def test_gradients_through_the_output_alone(length, chunk_size, with_initial):
+    """With the final state unused (training) the backward leaves out the last chunk's end state, and without an
+    initial state the first chunk's carried-in term: one chunk and several, with and without initial states."""
+    inputs = make_inputs(2, length, 4, 3, 2, 5, with_initial=with_initial)
+    grads = {}
+    for backend in ("torch", "reference"):
+        leaves = fresh(inputs)
+        out = ssd(**leaves, dt_softplus=True, chunk_size=chunk_size, backend=backend)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        grads[backend] = {k: v.grad for k, v in leaves.items() if v is not None}
+    for name, grad in grads["torch"].items():
+        torch.testing.assert_close(grad, grads["reference"][name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_double_backward_of_the_chunked_path_is_refused():
+    leaves = fresh(make_inputs(1, 6, 2, 2, 1, 3))
+    out = ssd(**leaves, chunk_size=4, backend="torch")
+    (grad_x,) = torch.autograd.grad(out.square().sum(), leaves["x"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        grad_x.sum().backward()
+
+
+def test_autocast_leaves_the_chunked_path_in_float32():
+    """Under CPU bfloat16 autocast (where a Mamba-2 mixer calls it) the matmuls still run in float32."""
+    inputs = {k: None if v is None else v.detach() for k, v in make_inputs(2, 40, 4, 8, 1, 16).items()}
+    plain = ssd(**inputs, chunk_size=16, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = ssd(**inputs, chunk_size=16, backend="torch")
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 8, 16, 64])
+def test_factored_decays_equal_the_direct_exponentials(chunk_size):
+    """decays() forms exp(s_i - s_j) from 8 x 8 diagonal blocks and products below them: the same values as the
+    direct form (float64), exactly 0 where an input does not reach a position, never more than 1."""
+    gen = torch.Generator().manual_seed(chunk_size)
+    a = -torch.rand(2, 3, 2, chunk_size, generator=gen, dtype=torch.float64) * 3       # (b c h q): 3 chunks
+    s = a.cumsum(-1)
+    starts = torch.rand(3 * chunk_size, generator=gen) < 0.15                           # sequence starts anywhere
+    sequence = starts.long().cumsum(0).reshape(3, chunk_size)
+    position = torch.arange(chunk_size)
+    for seq in (None, sequence):
+        keep = reaches(seq, position[:, None], position[None, :])                       # (c or 1, q, q)
+        direct = torch.exp(s[..., :, None] - s[..., None, :]) * keep[:, None]
+        got = decays(s, seq, torch.float64)
+        torch.testing.assert_close(got, direct, rtol=1e-12, atol=0)
+        assert (got.masked_fill(keep[:, None], 0) == 0).all() and got.max() <= 1
 
 
 # -- packed sequences ---------------------------------------------------------------------------------------------
