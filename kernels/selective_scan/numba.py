@@ -2,15 +2,19 @@
 
 Semantics and layouts are those of `reference.py`. The launchers convert at the boundary: every input to float32
 (numba has no bfloat16; float32 inputs are read in place through their strides, as z, a channel slice of the
-Mamba block's in_proj output), and B, C to (batch, G, L, N) rows.
+Mamba block's in_proj output), B and C to (batch, G, L, N) rows; out, du, ddelta and dz come back as (batch, dim,
+L) tensors that are channel-last in memory, the layout of the Mamba block's projections on either side.
 
 Work split, forward and backward alike (as the Triton kernel's): one task per (batch, group, block of up to
-CHANNEL_BLOCK channels), tasks spread over threads with numba.prange. A task holds its channels' states as an
-(N, channels) tile and walks the positions; per position it forms delta' = softplus(delta + bias) for its
-channels, then for each state column n runs h = exp(delta' A_n) h + delta' u B_n and y += C_n h across the
-channels. Channels are the innermost loop because LLVM vectorises that loop well (64 channels: 8 AVX2 vectors);
-a per-channel loop over N = 16 is too short to (the adjoint ran 2.6x slower that way, measured on a Zen 3).
-`_exp`, `_softplus` and `_sigmoid` are polynomials, not libm calls, so those loops vectorise too.
+CHANNEL_BLOCK channels). A task holds its channels' states as an (N, channels) tile and walks the positions in
+chunks of `chunk_len`: it copies the chunk's u, delta (and z) into (positions, channels) tiles, forms delta' =
+softplus(delta + bias) for all of them, then per position and state column n runs h = exp(delta' A_n) h +
+delta' u B_n and y += C_n h across the channels. Channels are the innermost loop because LLVM vectorises that
+loop well (64 channels: 8 AVX2 vectors); a per-channel loop over N = 16 is too short to (the adjoint ran 2.6x
+slower that way on a Zen 3). `_exp`, `_softplus` and `_sigmoid` are polynomials, not libm calls, so their loops
+vectorise too. The tasks are cut into one contiguous range per torch thread (torch.get_num_threads()), run on a
+small thread pool: the kernels release the GIL. (numba.prange did the same 2-3x slower to compile, and its
+default OpenMP threads spin next to torch's.)
 
 The forward saves the states every `chunk_len` positions, (batch, dim, n_chunks, N) as the Triton kernel does.
 The backward walks the chunks last first: it recomputes the chunk's states, decays and pre-gate outputs from the
@@ -20,13 +24,14 @@ partial buffers that only this task writes. `_sum_partials` adds those up in a f
 depend on the thread count.
 
 Each kernel has one explicit signature (absent inputs are flags plus empty arrays, strided ones have layout "A"),
-so it compiles once, when this module is first imported (~20 s), and `cache=True` keeps the machine code for
+so it compiles once, when this module is first imported (~15 s), and `cache=True` keeps the machine code for
 later processes in __pycache__ next to this file (or under $NUMBA_CACHE_DIR; loading it takes ~1 s).
 """
 from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -35,16 +40,12 @@ from torch import Tensor
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd"]
 
-# numba's default threading layer here is OpenMP, whose idle threads spin next to torch's own OpenMP pool: a Mamba
-# training step took 1.6-3.3x the CPU time of the same step with the workqueue layer (its threads sleep). A layer
-# chosen through NUMBA_THREADING_LAYER wins. workqueue is not thread-safe: one Python thread at a time may scan.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-
 # Channels per task. Fixed, not derived from the thread count: dB and dC are summed over a block's channels and
 # then over blocks, so a fixed block keeps every sum in one order. 64 channels make 8 AVX2 vectors per loop.
 CHANNEL_BLOCK = 64
-# reassoc lets LLVM vectorise the sums over channels; no nnan/ninf: a NaN must reach the loss (the trainer stops)
+# reassoc lets LLVM vectorise the sums over channels; no nnan/ninf: a NaN must reach the loss (the trainer stops).
+# Every function also takes error_model="numpy": under numba's default a float division checks for zero and can
+# raise, a branch out of the loop that keeps LLVM from vectorising any loop with a division (softplus, sigmoid).
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 
 # _exp: exp(x) = 2^k e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its Taylor series to r^7
@@ -56,9 +57,10 @@ EXP_TAYLOR = tuple(np.float32(1 / math.factorial(k)) for k in range(8))
 ATANH_SERIES = tuple(np.float32(1 / (2 * k + 1)) for k in range(8))
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(fastmath=FASTMATH, error_model="numpy")
 def _exp(x):
-    """float32 exp within 2 ulp on [-87, 88]; 0 below (exp < 1.7e-38 there), inf above; NaN stays NaN."""
+    """float32 exp within 2 ulp on [-87, 88]; 0 below (exp < 1.7e-38 there), inf above; NaN stays NaN (min and
+    max return their first argument when it is NaN: keep x first)."""
     clamped = min(max(x, EXP_LOW), EXP_HIGH)
     k = np.floor(clamped * LOG2_E + np.float32(0.5))
     r = (clamped - k * LN2_HIGH) - k * LN2_LOW
@@ -69,12 +71,10 @@ def _exp(x):
         result = np.float32(0.0)
     if x > EXP_HIGH:
         result = np.float32(np.inf)
-    if x != x:
-        result = x
     return result
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(fastmath=FASTMATH, error_model="numpy")
 def _log1p_unit(y):
     """log(1 + y) for 0 <= y <= 1, within 2 ulp also for tiny y."""
     s = y / (np.float32(2.0) + y)
@@ -84,18 +84,18 @@ def _log1p_unit(y):
     return np.float32(2.0) * s * p
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(fastmath=FASTMATH, error_model="numpy")
 def _softplus(x):
     """log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): no overflow, and exactly x above 17 as torch's (x above 20)."""
     return max(x, np.float32(0.0)) + _log1p_unit(_exp(-abs(x)))
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(fastmath=FASTMATH, error_model="numpy")
 def _sigmoid(x):
     return np.float32(1.0) / (np.float32(1.0) + _exp(-x))
 
 
-@numba.njit(inline="always")
+@numba.njit(error_model="numpy")
 def _task(task, n_groups, n_blocks, per_group):
     """(batch index, group, block, its first channel, its channel count) of a task index."""
     b, g, block = task // (n_groups * n_blocks), task // n_blocks % n_groups, task % n_blocks
@@ -103,7 +103,7 @@ def _task(task, n_groups, n_blocks, per_group):
     return b, g, block, first, min(CHANNEL_BLOCK, (g + 1) * per_group - first)
 
 
-@numba.njit(inline="always")
+@numba.njit(error_model="numpy")
 def _channel_params(A, D, bias, has_d, has_bias, first, width):
     """A as an (N, width) tile, D and bias as (width,): zeros where absent (adding 0 changes nothing)."""
     A_tile = np.ascontiguousarray(A[first:first + width].T)
@@ -112,23 +112,24 @@ def _channel_params(A, D, bias, has_d, has_bias, first, width):
     return A_tile, D_block, bias_block
 
 
-@numba.njit(inline="always")
-def _vectors(count, width):
-    """`count` float32 vectors of `width`, one allocation each."""
-    return [np.empty(width, np.float32) for _ in range(count)]
+@numba.njit(error_model="numpy")
+def _tiles(count, rows, width):
+    """`count` float32 (rows, width) tiles, one allocation each."""
+    return [np.empty((rows, width), np.float32) for _ in range(count)]
 
 
-@numba.njit(inline="always")
-def _gather(stream, b, first, t, into):
-    """into[c] = stream[b, first + c, t]: a contiguous copy, so that the loops over channels vectorise."""
-    for c in range(into.shape[0]):
-        into[c] = stream[b, first + c, t]
-
-
-@numba.njit(inline="always")
-def _scatter(values, stream, b, first, t):
-    for c in range(values.shape[0]):
-        stream[b, first + c, t] = values[c]
+@numba.njit(error_model="numpy")
+def _load(stream, b, first, start, into):
+    """into[j, c] = stream[b, first + c, start + j]: a chunk of positions x the task's channels, read along the
+    stream's faster axis (a per-position gather across channels of a (batch, dim, L) tensor hits one cache set)."""
+    if stream.strides[1] < stream.strides[2]:  # channel-last
+        for j in range(into.shape[0]):
+            for c in range(into.shape[1]):
+                into[j, c] = stream[b, first + c, start + j]
+    else:
+        for c in range(into.shape[1]):
+            for j in range(into.shape[0]):
+                into[j, c] = stream[b, first + c, start + j]
 
 
 _STREAM = "f4[:, :, :]"  # u, delta, z, grad_out: any strides
@@ -136,79 +137,88 @@ _ROWS = "f4[:, :, :, ::1]"  # B, C as (batch, G, L, N)
 _INPUTS = f"{_STREAM}, {_STREAM}, f4[:, ::1], {_ROWS}, {_ROWS}, f4[::1], {_STREAM}, f4[::1], b1, b1, b1, b1, i8"
 
 
-@numba.njit(f"void({_INPUTS}, f4[:, :, ::1], f4[:, :, ::1], f4[:, :, :, ::1])",
-            parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(f"void({_INPUTS}, f4[:, :, ::1], f4[:, :, ::1], f4[:, :, :, ::1], i8, i8)",
+            nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _forward(u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, softplus, chunk_len,
-             out, last_state, chunk_states):
+             out, last_state, chunk_states, first_task, end_task):
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], A.shape[1]
     per_group = dim // n_groups
-    n_blocks = (per_group + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-    for task in numba.prange(batch * n_groups * n_blocks):
+    n_blocks, n_chunks = (per_group + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK, chunk_states.shape[2]
+    for task in range(first_task, end_task):
         b, g, _, first, width = _task(task, n_groups, n_blocks, per_group)
         A_tile, D_block, bias_block = _channel_params(A, D, bias, has_d, has_bias, first, width)
         h = np.zeros((n_state, width), np.float32)
-        u_t, pre, z_t, step, step_u, y = _vectors(6, width)
-        for t in range(length):
-            if t % chunk_len == 0:
-                chunk_states[b, first:first + width, t // chunk_len] = h.T
-            _gather(u, b, first, t, u_t)
-            _gather(delta, b, first, t, pre)
-            for c in range(width):
-                pre[c] += bias_block[c]
-                step[c] = _softplus(pre[c]) if softplus else pre[c]
-                step_u[c] = step[c] * u_t[c]
-                y[c] = D_block[c] * u_t[c]
-            for n in range(n_state):
-                B_tn, C_tn, a_n, h_n = B[b, g, t, n], C[b, g, t, n], A_tile[n], h[n]
+        # one chunk of positions x the task's channels: u, delta', delta' u, the output, z
+        inputs, steps, step_us, outputs, gates = _tiles(5, chunk_len, width)
+        for chunk in range(n_chunks):
+            start = chunk * chunk_len
+            size = min(chunk_len, length - start)
+            chunk_states[b, first:first + width, chunk] = h.T
+            _load(u, b, first, start, inputs[:size])
+            _load(delta, b, first, start, steps[:size])
+            for j in range(size):
                 for c in range(width):
-                    h_new = _exp(step[c] * a_n[c]) * h_n[c] + step_u[c] * B_tn
-                    h_n[c] = h_new
-                    y[c] += C_tn * h_new
+                    pre = steps[j, c] + bias_block[c]
+                    steps[j, c] = _softplus(pre) if softplus else pre
+                    step_us[j, c] = steps[j, c] * inputs[j, c]
+                    outputs[j, c] = D_block[c] * inputs[j, c]
+            for j in range(size):
+                t = start + j
+                step, step_u, y = steps[j], step_us[j], outputs[j]
+                for n in range(n_state):
+                    B_tn, C_tn, a_n, h_n = B[b, g, t, n], C[b, g, t, n], A_tile[n], h[n]
+                    for c in range(width):
+                        h_new = _exp(step[c] * a_n[c]) * h_n[c] + step_u[c] * B_tn
+                        h_n[c] = h_new
+                        y[c] += C_tn * h_new
             if has_z:
-                _gather(z, b, first, t, z_t)
-                for c in range(width):
-                    y[c] *= z_t[c] * _sigmoid(z_t[c])
-            _scatter(y, out, b, first, t)
+                _load(z, b, first, start, gates[:size])
+                for j in range(size):
+                    for c in range(width):
+                        outputs[j, c] *= gates[j, c] * _sigmoid(gates[j, c])
+            out[b, start:start + size, first:first + width] = outputs[:size]
         last_state[b, first:first + width] = h.T
 
 
 @numba.njit(f"void(f4[:, :, :], {_INPUTS}, f4[:, :, :, ::1], f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], "
-            "f4[:, :, ::1], f4[:, :, :, :, ::1], f4[:, :, :, :, ::1], f4[:, ::1], f4[:, ::1])",
-            parallel=True, fastmath=FASTMATH, cache=True)
+            "f4[:, :, ::1], f4[:, :, :, :, ::1], f4[:, :, :, :, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
+            nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _backward(grad_out, u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, softplus, chunk_len, chunk_states,
-              du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part):
+              du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, first_task, end_task):
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], A.shape[1]
     per_group = dim // n_groups
     n_blocks, n_chunks = dB_part.shape[2], chunk_states.shape[2]
-    for task in numba.prange(batch * n_groups * n_blocks):
+    for task in range(first_task, end_task):
         b, g, block, first, width = _task(task, n_groups, n_blocks, per_group)
         A_tile, D_block, bias_block = _channel_params(A, D, bias, has_d, has_bias, first, width)
-        # one chunk: states[j] is the tile before position start + j, decays[j] and steps[j] are at it, and
-        # outputs[j] is its output before the gate, y = C . h + D u
+        # one chunk, recomputed: states[j] is the tile before position start + j, decays[j] the decays at it
         states = np.empty((chunk_len + 1, n_state, width), np.float32)
         decays = np.empty((chunk_len, n_state, width), np.float32)
-        steps, outputs = np.empty((chunk_len, width), np.float32), np.empty((chunk_len, width), np.float32)
+        # and positions x channels: u, delta', d delta' / d(delta + bias), delta' u, y = C . h + D u before the
+        # gate; the gradients of out and of y, z (then dz), and the sums over n of dh B (then du) and of
+        # dh a h_{t-1} A (then ddelta)
+        inputs, steps, slopes, step_us, outputs = _tiles(5, chunk_len, width)
+        grads, dys, gates, dh_Bs, dlog_As = _tiles(5, chunk_len, width)
         carry = np.zeros((n_state, width), np.float32)  # a_{t+1} dh_{t+1}: what position t gets from the future
         dA, dD, dbias = np.zeros((n_state, width), np.float32), np.zeros(width, np.float32), np.zeros(width, np.float32)
-        # per position, over the task's channels: inputs, gradients, and the sums over n of dh B and dh a h_{t-1} A
-        u_t, pre, z_t, grad_t, step_u, dy = _vectors(6, width)
-        dh_B, dlog_A, du_t, dpre, dz_t = _vectors(5, width)
         for chunk in range(n_chunks - 1, -1, -1):
             start = chunk * chunk_len
-            end = min(start + chunk_len, length)
+            size = min(chunk_len, length - start)
             states[0] = chunk_states[b, first:first + width, chunk].T
-            for t in range(start, end):  # recompute the chunk, as the forward ran it
-                j = t - start
-                _gather(u, b, first, t, u_t)
-                _gather(delta, b, first, t, pre)
-                step, y = steps[j], outputs[j]
+            _load(u, b, first, start, inputs[:size])
+            _load(delta, b, first, start, steps[:size])
+            for j in range(size):
                 for c in range(width):
-                    pre[c] += bias_block[c]
-                    step[c] = _softplus(pre[c]) if softplus else pre[c]
-                    step_u[c] = step[c] * u_t[c]
-                    y[c] = D_block[c] * u_t[c]
+                    pre = steps[j, c] + bias_block[c]
+                    steps[j, c] = _softplus(pre) if softplus else pre
+                    slopes[j, c] = _sigmoid(pre) if softplus else np.float32(1.0)
+                    step_us[j, c] = steps[j, c] * inputs[j, c]
+                    outputs[j, c] = D_block[c] * inputs[j, c]
+            for j in range(size):  # recompute the chunk, as the forward ran it
+                t = start + j
+                step, step_u, y = steps[j], step_us[j], outputs[j]
                 for n in range(n_state):
                     B_tn, C_tn, a_n = B[b, g, t, n], C[b, g, t, n], A_tile[n]
                     before, after, decay = states[j, n], states[j + 1, n], decays[j, n]
@@ -216,24 +226,23 @@ def _backward(grad_out, u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, s
                         decay[c] = _exp(step[c] * a_n[c])
                         after[c] = decay[c] * before[c] + step_u[c] * B_tn
                         y[c] += C_tn * after[c]
-            for t in range(end - 1, start - 1, -1):  # the adjoint, backwards
-                j = t - start
-                _gather(u, b, first, t, u_t)
-                _gather(grad_out, b, first, t, grad_t)
-                step = steps[j]
-                for c in range(width):
-                    step_u[c] = step[c] * u_t[c]
-                    dy[c] = grad_t[c]
-                    dh_B[c] = np.float32(0.0)
-                    dlog_A[c] = np.float32(0.0)
-                if has_z:
-                    _gather(z, b, first, t, z_t)
-                    y = outputs[j]
+            _load(grad_out, b, first, start, grads[:size])
+            if has_z:
+                _load(z, b, first, start, gates[:size])
+                for j in range(size):
                     for c in range(width):
-                        gate = _sigmoid(z_t[c])
-                        dy[c] = grad_t[c] * z_t[c] * gate
-                        dz_t[c] = grad_t[c] * y[c] * gate * (np.float32(1.0) + z_t[c] * (np.float32(1.0) - gate))
-                    _scatter(dz_t, dz, b, first, t)
+                        z_jc, grad = gates[j, c], grads[j, c]
+                        gate = _sigmoid(z_jc)
+                        dys[j, c] = grad * z_jc * gate
+                        gates[j, c] = grad * outputs[j, c] * gate * (np.float32(1.0) + z_jc * (np.float32(1.0) - gate))
+                dz[b, start:start + size, first:first + width] = gates[:size]
+            else:
+                dys[:size] = grads[:size]
+            for j in range(size - 1, -1, -1):  # the adjoint, backwards
+                t = start + j
+                step, step_u, dy, dh_B, dlog_A = steps[j], step_us[j], dys[j], dh_Bs[j], dlog_As[j]
+                dh_B[:] = 0.0
+                dlog_A[:] = 0.0
                 for n in range(n_state):
                     B_tn, C_tn, a_n, dA_n, carry_n = B[b, g, t, n], C[b, g, t, n], A_tile[n], dA[n], carry[n]
                     before, after, decay = states[j, n], states[j + 1, n], decays[j, n]
@@ -249,25 +258,24 @@ def _backward(grad_out, u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, s
                         carry_n[c] = decay[c] * dh
                     dB_part[b, g, block, t, n] = dB_sum
                     dC_part[b, g, block, t, n] = dC_sum
-                _gather(delta, b, first, t, pre)
+            for j in range(size):  # dh_Bs becomes du, dlog_As ddelta
                 for c in range(width):
-                    dpre[c] = dh_B[c] * u_t[c] + dlog_A[c]
-                    if softplus:
-                        dpre[c] *= _sigmoid(pre[c] + bias_block[c])
-                    du_t[c] = dh_B[c] * step[c] + D_block[c] * dy[c]
-                    dD[c] += dy[c] * u_t[c]
-                    dbias[c] += dpre[c]
-                _scatter(du_t, du, b, first, t)
-                _scatter(dpre, ddelta, b, first, t)
+                    dpre = (dh_Bs[j, c] * inputs[j, c] + dlog_As[j, c]) * slopes[j, c]
+                    dh_Bs[j, c] = dh_Bs[j, c] * steps[j, c] + D_block[c] * dys[j, c]
+                    dlog_As[j, c] = dpre
+                    dD[c] += dys[j, c] * inputs[j, c]
+                    dbias[c] += dpre
+            du[b, start:start + size, first:first + width] = dh_Bs[:size]
+            ddelta[b, start:start + size, first:first + width] = dlog_As[:size]
         dA_part[b, first:first + width] = dA.T
         dD_part[b, first:first + width] = dD
         dbias_part[b, first:first + width] = dbias
 
 
-@numba.njit("void(f4[:, :, ::1], f4[:, ::1])", parallel=True, cache=True)
+@numba.njit("void(f4[:, :, ::1], f4[:, ::1])", nogil=True, error_model="numpy", cache=True)
 def _sum_partials(parts, total):
-    """total[p] = parts[p, 0] + parts[p, 1] + ..., added in that order whatever the thread count."""
-    for p in numba.prange(parts.shape[0]):
+    """total[p] = parts[p, 0] + parts[p, 1] + ..., added in that order."""
+    for p in range(parts.shape[0]):
         for m in range(parts.shape[2]):
             total[p, m] = parts[p, 0, m]
         for k in range(1, parts.shape[1]):
@@ -276,9 +284,26 @@ def _sum_partials(parts, total):
 
 
 # -- launching --------------------------------------------------------------------------------------------
-def _use_torch_threads() -> None:
-    """Run on as many threads as torch does (numba's pool cannot grow past NUMBA_NUM_THREADS)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process that made it, the pool): none survives a fork
+
+
+def _run_tasks(kernel, n_tasks: int, *args) -> None:
+    """kernel(*args, first, end) over tasks [0, n_tasks) cut into one contiguous range per torch thread, the
+    ranges run at once (the kernels release the GIL). A task's results do not depend on which thread runs it."""
+    global _pool
+    threads = max(1, min(torch.get_num_threads(), n_tasks))
+    bounds = [n_tasks * i // threads for i in range(threads + 1)]
+    if threads > 1 and (_pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < threads - 1):
+        _pool = (os.getpid(), ThreadPoolExecutor(threads - 1, thread_name_prefix="archlab-scan"))
+    others = [_pool[1].submit(kernel, *args, first, end) for first, end in zip(bounds[1:-1], bounds[2:])]
+    kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first range
+    for running in others:
+        running.result()
+
+
+def _blocks(per_group: int) -> int:
+    """Channel blocks per group: what a task covers, with batch and group."""
+    return -(-per_group // CHANNEL_BLOCK)
 
 
 def _stream(t: Tensor) -> np.ndarray:
@@ -290,6 +315,11 @@ def _rows(BC: Tensor) -> np.ndarray:
     """B or C, (batch, [G,] N, L), as contiguous float32 (batch, G, L, N)."""
     BC = BC if BC.ndim == 4 else BC.unsqueeze(1)
     return BC.detach().transpose(-1, -2).to(torch.float32).contiguous().numpy()
+
+
+def _streamed(array: np.ndarray, like: Tensor) -> Tensor:
+    """A (batch, L, dim) float32 result as a (batch, dim, L) tensor in `like`'s dtype, channel-last in memory."""
+    return torch.from_numpy(array).transpose(1, 2).to(like.dtype)
 
 
 def _vector(t: Tensor | None) -> np.ndarray:
@@ -312,12 +342,13 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     every chunk of `chunk_len` positions (batch, dim, n_chunks, N) float32, which the backward restarts from."""
     batch, dim, length = u.shape
     n_state, n_chunks = A.shape[1], -(-length // chunk_len)
-    out = np.empty((batch, dim, length), np.float32)
+    out = np.empty((batch, length, dim), np.float32)
     last_state = np.empty((batch, dim, n_state), np.float32)
     chunk_states = np.empty((batch, dim, n_chunks, n_state), np.float32)
-    _use_torch_threads()
-    _forward(*_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len), out, last_state, chunk_states)
-    return torch.from_numpy(out).to(u.dtype), torch.from_numpy(last_state), torch.from_numpy(chunk_states)
+    n_groups = B.shape[1] if B.ndim == 4 else 1
+    _run_tasks(_forward, batch * n_groups * _blocks(dim // n_groups),
+               *_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len), out, last_state, chunk_states)
+    return _streamed(out, u), torch.from_numpy(last_state), torch.from_numpy(chunk_states)
 
 
 def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -327,17 +358,17 @@ def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
     absent optional input; the same bits whatever the thread count."""
     batch, dim, length = u.shape
     n_groups, n_state = (B.shape[1] if B.ndim == 4 else 1), A.shape[1]
-    n_blocks = -(-(dim // n_groups) // CHANNEL_BLOCK)
-    du, ddelta = np.empty((batch, dim, length), np.float32), np.empty((batch, dim, length), np.float32)
-    dz = np.empty((batch, dim, length) if z is not None else (0, 0, 0), np.float32)
+    n_blocks = _blocks(dim // n_groups)
+    du, ddelta = np.empty((batch, length, dim), np.float32), np.empty((batch, length, dim), np.float32)
+    dz = np.empty((batch, length, dim) if z is not None else (0, 0, 0), np.float32)
     dA_part = np.empty((batch, dim, n_state), np.float32)
     dB_part = np.empty((batch, n_groups, n_blocks, length, n_state), np.float32)
     dC_part = np.empty_like(dB_part)
     dD_part, dbias_part = np.empty((batch, dim), np.float32), np.empty((batch, dim), np.float32)
-    _use_torch_threads()
-    _backward(_stream(grad_out), *_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len),
-              chunk_states.detach().contiguous().numpy(), du, ddelta, dz, dA_part, dB_part, dC_part, dD_part,
-              dbias_part)
+    _run_tasks(_backward, batch * n_groups * n_blocks, _stream(grad_out),
+               *_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len),
+               chunk_states.detach().contiguous().numpy(), du, ddelta, dz, dA_part, dB_part, dC_part, dD_part,
+               dbias_part)
 
     def summed(parts: np.ndarray, like: Tensor, shape: tuple) -> Tensor:
         """parts (P, K, ...) -> (P, ...) summed over K in order, in `like`'s dtype."""
@@ -353,6 +384,6 @@ def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
     def batch_sum(parts: np.ndarray, like: Tensor | None) -> Tensor | None:  # (batch, ...) -> like's (...)
         return None if like is None else summed(parts[None], like, like.shape)
 
-    return (torch.from_numpy(du).to(u.dtype), torch.from_numpy(ddelta).to(delta.dtype), batch_sum(dA_part, A),
-            bc_grad(dB_part, B), bc_grad(dC_part, C), batch_sum(dD_part, D),
-            torch.from_numpy(dz).to(z.dtype) if z is not None else None, batch_sum(dbias_part, delta_bias))
+    return (_streamed(du, u), _streamed(ddelta, delta), batch_sum(dA_part, A), bc_grad(dB_part, B),
+            bc_grad(dC_part, C), batch_sum(dD_part, D), _streamed(dz, z) if z is not None else None,
+            batch_sum(dbias_part, delta_bias))

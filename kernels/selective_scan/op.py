@@ -6,6 +6,8 @@ One pair of ops per kernel, the same schema for both:
 The forward op also returns the fp32 state at the start of every chunk of `chunk_len` positions, (batch, dim,
 n_chunks, N): the backward op restarts the recurrence from those instead of storing every state. Neither states
 output is differentiable; the backward ops have no derivative of their own (double backward is an error).
+The numba ops return out, du, ddelta and dz channel-last ((batch, L, dim) memory seen as (batch, dim, L)): the
+Mamba block's out_proj and the projections that made delta and z take them in that layout without a copy.
 
 The kernel modules are imported inside the op bodies, so this file imports on machines without triton or numba.
 """
@@ -36,9 +38,16 @@ def chunk_len_for(device: torch.device) -> int:
     return GPU_CHUNK_LEN if device.type == "cuda" and not triton_interpreting() else INTERPRETER_CHUNK_LEN
 
 
-def _scan_ops(name: str, kernels: str, alternative: str):
+def _scan_ops(name: str, kernels: str, alternative: str, *, channel_last: bool):
     """The (forward, backward) custom op pair `archlab::<name>_fwd/_bwd` running the module `kernels`'
-    selective_scan_fwd / selective_scan_bwd; double backward points to `alternative`."""
+    selective_scan_fwd / selective_scan_bwd; double backward points to `alternative`. `channel_last`: the kernels
+    return out, du, ddelta and dz channel-last (what the fake implementations must reproduce)."""
+
+    def like(t: Tensor) -> Tensor:
+        """An uninitialised (batch, dim, L) result in the kernels' layout."""
+        if channel_last:
+            return t.new_empty(t.shape[0], t.shape[2], t.shape[1]).transpose(1, 2)
+        return t.new_empty(t.shape)
 
     @torch.library.custom_op(f"archlab::{name}_fwd", mutates_args=())
     def forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
@@ -51,7 +60,7 @@ def _scan_ops(name: str, kernels: str, alternative: str):
     def _(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, chunk_len):
         batch, dim, length = u.shape
         n_state, n_chunks = A.shape[1], -(-length // chunk_len)
-        return (u.new_empty(u.shape), u.new_empty((batch, dim, n_state), dtype=torch.float32),
+        return (like(u), u.new_empty((batch, dim, n_state), dtype=torch.float32),
                 u.new_empty((batch, dim, n_chunks, n_state), dtype=torch.float32))
 
     @torch.library.custom_op(f"archlab::{name}_bwd", mutates_args=())
@@ -66,8 +75,10 @@ def _scan_ops(name: str, kernels: str, alternative: str):
 
     @backward.register_fake
     def _(grad_out, u, delta, A, B, C, D, z, delta_bias, chunk_states, *, delta_softplus, chunk_len):
-        return tuple(u.new_empty(0) if t is None else t.new_empty(t.shape)
-                     for t in (u, delta, A, B, C, D, z, delta_bias))
+        grads = (like(u), like(delta), A.new_empty(A.shape), B.new_empty(B.shape), C.new_empty(C.shape),
+                 None if D is None else D.new_empty(D.shape), None if z is None else like(z),
+                 None if delta_bias is None else delta_bias.new_empty(delta_bias.shape))
+        return tuple(u.new_empty(0) if g is None else g for g in grads)
 
     refuse_double_backward(backward, f"archlab::{name}_fwd", alternative)
 
@@ -90,9 +101,9 @@ def _scan_ops(name: str, kernels: str, alternative: str):
 
 
 selective_scan_fwd, selective_scan_bwd = _scan_ops("selective_scan", "archlab.kernels.selective_scan.triton",
-                                                   "kernels.selective_scan=torch")
+                                                   "kernels.selective_scan=torch", channel_last=False)
 selective_scan_numba_fwd, selective_scan_numba_bwd = _scan_ops(
-    "selective_scan_numba", "archlab.kernels.selective_scan.numba", "kernels.selective_scan=torch")
+    "selective_scan_numba", "archlab.kernels.selective_scan.numba", "kernels.selective_scan=torch", channel_last=True)
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,

@@ -120,12 +120,13 @@ def test_strided_inputs_are_read_in_place():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_float32_math_rounded_once(dtype):
     """Half-precision inputs are widened to float32 at the boundary, computed in float32, and each result rounded
-    once to the input's dtype: exactly the float32 run on the widened inputs, rounded. A, D, delta_bias stay float32
-    and so do their gradients."""
+    once to the input's dtype: exactly the float32 run on the widened inputs (which matches the reference), rounded.
+    A, D, delta_bias stay float32 and so do their gradients."""
     inputs = make_inputs(dtype=dtype, seed=3)
     grad_out = torch.randn(2, 5, 37).to(dtype)
     got = run(numba_scan, inputs, grad_out)
     widened = run(numba_scan, [t.float() for t in inputs], grad_out.float())
+    assert_close(widened, reference(inputs, grad_out))
     for name, tensor, g, w in zip(["out", "last_state", *(f"d{n}" for n in NAMES)], [inputs[0], widened[1], *inputs],
                                   got, widened, strict=True):
         assert g.dtype == tensor.dtype, f"{name}: {g.dtype}, its input's {tensor.dtype}"
