@@ -5,7 +5,7 @@ Backends:
   auto       what is known good and fast on the tensors' device (auto_choice says which, and why)
   triton     our own Triton kernels (kernels/<op>/triton.py)
   numba      our own CPU kernels compiled by numba (kernels/<op>/numba.py)
-  torch      fast pure-PyTorch path; what CPU training uses
+  torch      fast pure-PyTorch path; what CPU training uses where no kernel of ours runs there
   reference  plain float32 PyTorch, the definition of correct (slow)
   peer       a mature third-party kernel (SDPA flash/cuDNN, mamba_ssm, ...), CUDA only
 """
