@@ -4,7 +4,8 @@
 Backends:
   auto       what is known good and fast on the tensors' device (auto_choice says which, and why)
   triton     our own Triton kernels (kernels/<op>/triton.py)
-  torch      fast pure-PyTorch path; what CPU training uses
+  numba      our own CPU kernels compiled by numba (kernels/<op>/numba.py)
+  torch      fast pure-PyTorch path; what CPU training uses where no kernel of ours runs there
   reference  plain float32 PyTorch, the definition of correct (slow)
   peer       a mature third-party kernel (SDPA flash/cuDNN, mamba_ssm, ...), CUDA only
 """
@@ -51,6 +52,8 @@ def resolve_backend(op: str, requested: str, device: torch.device, dtype: torch.
     if requested == "peer" and device.type != "cuda":
         raise ValueError(f"the 'peer' backend for {op} runs third-party CUDA kernels and the tensors are on "
                          f"{device.type}; use auto, torch or reference off the GPU")
+    if requested == "numba":
+        _check_numba(op, device)
     if requested == "triton":
         _check_triton(op, device)
         failed = _failed_self_check(op, device, dtype)
@@ -61,14 +64,15 @@ def resolve_backend(op: str, requested: str, device: torch.device, dtype: torch.
 
 
 def auto_choice(op: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, str]:
-    """(the backend `auto` runs `op` on `device` with, why). Off CUDA: torch. On CUDA: the op's auto_on_cuda order
-    (our Triton kernel first where a committed benchmark shows it at least as fast on this GPU family), each
-    taken if usable here: a peer whose package is installed, a Triton kernel that passed its self-check."""
-    if device.type != "cuda":
-        return "torch", f"on {device.type} the PyTorch path; Triton kernels and peers need CUDA"
+    """(the backend `auto` runs `op` on `device` with, why). On CPU: the op's auto_on_cpu order, numba taken where
+    the numba package imports, else torch. On CUDA: the op's auto_on_cuda order (our Triton kernel first where a
+    committed benchmark shows it at least as fast on this GPU family), each taken if usable here: a peer whose
+    package is installed, a Triton kernel that passed its self-check. Elsewhere: torch."""
+    if device.type not in ("cpu", "cuda"):
+        return "torch", f"on {device.type} the PyTorch path; our kernels and peers need a CPU or CUDA"
     key = (op, str(device), dtype)
     if key not in _auto_choices:  # every kernel call asks: decide once (files, package lookups, self-check)
-        _auto_choices[key] = _choose_on_cuda(op, device, dtype)
+        _auto_choices[key] = _choose_on_cuda(op, device, dtype) if device.type == "cuda" else _choose_on_cpu(op)
     return _auto_choices[key]
 
 
@@ -104,6 +108,36 @@ def _choose_on_cuda(op: str, device: torch.device, dtype: torch.dtype | None) ->
                 continue
         return backend, "; ".join([*passed_over, f"{backend}: {why_first}"])
     return "torch", "; ".join([*passed_over, "torch: nothing before it is usable here"])
+
+
+def _choose_on_cpu(op: str) -> tuple[str, str]:
+    passed_over = []
+    for backend in kernel_ops()[op].auto_on_cpu:
+        missing = numba_missing() if backend == "numba" else None
+        if missing:
+            passed_over.append(f"numba skipped: {missing}")
+            continue
+        return backend, "; ".join([*passed_over, f"{backend}: the op's default order on CPU"])
+    return "torch", "; ".join([*passed_over, "torch: nothing before it is usable here"])
+
+
+def numba_missing() -> str | None:
+    """Why the numba package cannot be used here (one line), or None when it imports."""
+    try:
+        import numba  # noqa: F401
+    except ImportError as error:
+        return f"numba does not import ({str(error).splitlines()[0]})"
+    return None
+
+
+def _check_numba(op: str, device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ValueError(f"the 'numba' backend for {op} runs on CPU tensors and these are on {device.type}; "
+                         "use auto")
+    missing = numba_missing()
+    if missing:
+        raise ValueError(f"the 'numba' backend for {op} needs the numba package: {missing}; pip install numba, "
+                         "or use auto (it falls back to torch)")
 
 
 def next_usable(op: str, order: list[str], after: str) -> str:

@@ -9,7 +9,7 @@ import platform
 import torch
 
 from archlab.kernels import self_check
-from archlab.kernels.backend import auto_choice, peer_installed, triton_interpreting
+from archlab.kernels.backend import auto_choice, numba_missing, peer_installed, triton_interpreting
 from archlab.kernels.common.provenance import package_version
 from archlab.kernels.registry import kernel_ops
 
@@ -19,7 +19,7 @@ CHECKED_DTYPES = (torch.bfloat16, torch.float32)  # what training runs in: bf16 
 def environment_lines() -> list[str]:
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build, no CUDA"
     lines = [f"python {platform.python_version()}, torch {torch.__version__} ({cuda}), "
-             f"triton {package_version('triton')}"]
+             f"triton {package_version('triton')}, numba {package_version('numba')}"]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(index)
@@ -40,6 +40,10 @@ def backend_status(op_name: str, backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "needs CUDA"
         return "usable" if peer_installed(op_name) else f"{op.peer_package} not installed"
+    if backend == "numba":
+        if device.type != "cpu":
+            return "CPU tensors only"
+        return numba_missing() or "usable"
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton not installed"

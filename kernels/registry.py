@@ -3,7 +3,7 @@
 Each kernels/<op>/__init__.py ends with `register(KernelOp(...))`, and importing `archlab.kernels` (which any
 `archlab.kernels.*` import does first) imports every shipped op. A researcher's op outside the package registers
 the same way from its own module. Once registered, an op
-  - is a config key, `kernels.<name>: auto|triton|torch|reference|peer` (train/config.py), and
+  - is a config key, `kernels.<name>: auto|triton|numba|torch|reference|peer` (train/config.py), and
     kernels/backend.py's check_backend / resolve_backend accept it;
   - gets tests/kernels/test_conformance.py: every backend it implements that can run there is compared with its
     reference, forward outputs and the gradient of every differentiable input, over inputs drawn by its
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "reference", "peer")
+BACKENDS = ("auto", "triton", "numba", "torch", "reference", "peer")
 CONCRETE_BACKENDS = BACKENDS[1:]  # what `auto` resolves to
 
 
@@ -104,11 +104,12 @@ class KernelBench:
 class KernelOp:
     """A kernel op: `dispatch(..., backend="auto")` runs it on the backend that kernels/backend.py resolves.
 
-    backends: the concrete backends it implements (from CONCRETE_BACKENDS; torch is required, as `auto` on CPU).
-    auto_on_cuda: what `auto` may pick on CUDA, best first (one name or several): kernels/backend.py takes the
-    first that is usable there (peer: its package is installed; triton: it passed its self-check), else torch.
+    backends: the concrete backends it implements (from CONCRETE_BACKENDS; torch is required: what `auto` falls
+    back to). auto_on_cuda: what `auto` may pick on CUDA, best first (one name or several): kernels/backend.py takes
+    the first that is usable there (peer: its package is installed; triton: it passed its self-check), else torch.
     Our Triton kernel also goes first where a committed benchmark shows it at least as fast on that GPU class
-    (kernels/measured.py). layout: its tensor layout in one line. reference: the definition of correct, called
+    (kernels/measured.py). auto_on_cpu: the same off CUDA (numba: the numba package imports), torch by default.
+    layout: its tensor layout in one line. reference: the definition of correct, called
     like `dispatch` without `backend` and returning the same outputs. peer_package: the module the peer backend
     imports (None: it is part of torch, as SDPA).
     """
@@ -122,10 +123,12 @@ class KernelOp:
     conformance: Conformance
     bench: KernelBench | None = None
     peer_package: str | None = None
+    auto_on_cpu: str | tuple[str, ...] = "torch"
 
     def __post_init__(self):
-        if isinstance(self.auto_on_cuda, str):
-            object.__setattr__(self, "auto_on_cuda", (self.auto_on_cuda,))
+        for order in ("auto_on_cuda", "auto_on_cpu"):
+            if isinstance(getattr(self, order), str):
+                object.__setattr__(self, order, (getattr(self, order),))
         if not self.name.isidentifier():
             raise ValueError(f"kernel op name {self.name!r} must be an identifier (it is a config key)")
         unknown = [b for b in self.backends if b not in CONCRETE_BACKENDS]
@@ -133,11 +136,12 @@ class KernelOp:
             raise ValueError(f"kernel op {self.name}: unknown backend {unknown[0]!r}; choose from "
                              f"{', '.join(CONCRETE_BACKENDS)}")
         if "torch" not in self.backends:
-            raise ValueError(f"kernel op {self.name} needs a torch backend: it is what auto runs on CPU")
-        unknown = [b for b in self.auto_on_cuda if b not in self.backends]
-        if unknown or not self.auto_on_cuda:
-            raise ValueError(f"kernel op {self.name}: auto_on_cuda={unknown[0] if unknown else ''!r} is not one of "
-                             f"its backends {', '.join(self.backends)}")
+            raise ValueError(f"kernel op {self.name} needs a torch backend: it is what auto falls back to")
+        for order in ("auto_on_cuda", "auto_on_cpu"):
+            unknown = [b for b in getattr(self, order) if b not in self.backends]
+            if unknown or not getattr(self, order):
+                raise ValueError(f"kernel op {self.name}: {order}={unknown[0] if unknown else ''!r} is not one of "
+                                 f"its backends {', '.join(self.backends)}")
         if "triton" in self.backends and self.conformance.self_check is None:
             raise ValueError(f"kernel op {self.name} has a triton backend but no conformance.self_check cases: a "
                              "Triton kernel is checked against its reference on each GPU before it first runs")

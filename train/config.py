@@ -19,10 +19,10 @@ from pydantic_core import InitErrorDetails
 
 from archlab.archs.config import BYTE_VOCAB_SIZE, ModelConfig, complete_saved_model_config, fit_to_new_stack
 from archlab.kernels.backend import check_backend
-from archlab.kernels.registry import kernel_ops
+from archlab.kernels.registry import BACKENDS, kernel_ops
 from archlab.train.errors import ConfigError, UserError
 
-BackendName = Literal["auto", "triton", "torch", "reference", "peer"]
+BackendName = Literal[BACKENDS]
 
 
 class _Section(BaseModel):

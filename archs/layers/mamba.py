@@ -173,7 +173,9 @@ class MambaMixer(Mixer):
                              "build the model with the causal setting it runs with (build_model does)")
         if state is not None:
             self._check_state(state, u.shape[0])
-        x, z = rearrange(self.in_proj(u), "b l (two e) -> two b e l", two=2)
+        # two views of one (B, L, 2E) tensor; chunk's backward writes both gradients into one buffer (one copy),
+        # where unpacking a "b l (two e) -> two b e l" view stacked them first (two copies)
+        x, z = (rearrange(half, "b l e -> b e l") for half in self.in_proj(u).chunk(2, dim=-1))
         if state is not None and state.length > 0:
             y = torch.stack([self.ssm.step(x[..., t], z[..., t], state) for t in range(x.shape[-1])], dim=-1)
         elif self.ssm_reversed is None:

@@ -1,8 +1,10 @@
 """`archlab bench scan`: the selective scan's backends against each other.
 
 On CUDA: our Triton kernels vs mamba_ssm's selective_scan_fn (the peer) at the Mamba shapes, bf16, with
-z gate, D skip, delta bias and softplus. On CPU: the torch backend (what CPU training uses) vs the
-sequential float32 reference. Reported per pass: ms, effective GB/s and the ratio to the peer.
+z gate, D skip, delta bias and softplus. On CPU, float32: our numba kernels and the torch backend (the chunked
+PyTorch scan) vs the sequential reference, at B2 D256 N16 L512 / L2048 and the quickstart Mamba's layer, B32 D256
+N16 L128. Reported per pass: ms, effective GB/s and the ratio to the peer (the reference on CPU; the numba rows
+also to the torch backend).
 
 Effective GB/s counts the least memory traffic a pass needs: every input read once, every output written
 once. Forward: u, delta, z (batch, dim, L), B, C (batch, N, L) read, out written: 4·b·d·L + 2·b·N·L
@@ -16,9 +18,9 @@ import torch
 from archlab.kernels.bench import add_ratios, environment, time_cpu_ms, time_cuda_ms, time_passes
 
 GPU_SHAPES = ((8, 2048, 2048, 16), (4, 4096, 4096, 16))  # (batch, dim, seq_len, d_state)
-CPU_SHAPES = ((2, 256, 512, 16), (2, 256, 2048, 16))
+CPU_SHAPES = ((2, 256, 512, 16), (2, 256, 2048, 16), (32, 256, 128, 16))
 GPU_PROVIDERS = {"archlab-triton": "triton", "mamba_ssm": "peer"}  # report name -> backend
-CPU_PROVIDERS = {"archlab-torch": "torch", "reference": "reference"}
+CPU_PROVIDERS = {"archlab-numba": "numba", "archlab-torch": "torch", "reference": "reference"}
 COLUMNS = ("batch", "dim", "seq_len", "d_state", "pass", "provider", "ms", "gb_per_s")
 
 
@@ -69,10 +71,16 @@ def bench_scan(device: torch.device | None = None, shapes=None, dtype: torch.dty
                     moved = scan_bytes(batch, dim, seq_len, d_state, dtype.itemsize, backward=row["pass"] != "fwd")
                     row["gb_per_s"] = round(moved / row["ms"] / 1e6, 3)
                 rows.append(row)
-    peer = list(providers)[1]
-    add_ratios(rows, ours=list(providers)[:1], peers=[peer], key=("batch", "dim", "seq_len", "d_state", "pass"))
-    return {"benchmark": "scan", "title": "Selective scan benchmark", "columns": (*COLUMNS, f"ratio_vs_{peer}"),
+    *ours, peer = providers
+    key = ("batch", "dim", "seq_len", "d_state", "pass")
+    add_ratios(rows, ours=ours, peers=[peer], key=key)
+    ratios = [f"ratio_vs_{peer}"]
+    if not on_gpu:  # the fused kernel against the PyTorch path it replaces
+        add_ratios(rows, ours=ours[:1], peers=ours[1:], key=key)
+        ratios.append(f"ratio_vs_{ours[1]}")
+    return {"benchmark": "scan", "title": "Selective scan benchmark", "columns": (*COLUMNS, *ratios),
             "notes": ["Inputs: z gate, D skip, delta bias, softplus; B and C input-dependent (batch, N, L).",
                       "GB/s: least traffic per pass (each input read once, each output written once).",
-                      f"ratio_vs_{peer} = {peer} ms / our ms (> 1: ours is faster)."],
+                      *(f"{ratio} = {ratio.removeprefix('ratio_vs_')} ms / our ms (> 1: ours is faster)."
+                        for ratio in ratios)],
             **environment(device, dtype), "rows": rows}

@@ -6,8 +6,9 @@ With delta' = softplus(delta + delta_bias) (bias and softplus optional) each cha
 h_t = exp(delta'_t A) h_{t-1} + delta'_t B_t u_t from h = 0, and out = (C_t . h_t + D u_t) * silu(z_t);
 reference.py holds the exact definition. Out comes back in u's dtype, the last state (batch, dim, N) in float32.
 
-Backends (kernels/backend.py decides): torch = chunked.py (CPU training; what `auto` picks on CPU), triton = our
-kernels (op.py; `auto` on CUDA), reference = the sequential definition, peer = mamba_ssm's CUDA kernel.
+Backends (kernels/backend.py decides): numba = our fused CPU kernels (numba.py, custom ops in op.py; what `auto`
+picks on CPU where numba imports), torch = chunked.py (pure PyTorch; `auto` on CPU without numba), triton = our
+Triton kernels (op.py; `auto` on CUDA), reference = the sequential definition, peer = mamba_ssm's CUDA kernel.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
 from archlab.kernels.registry import KernelBench, KernelOp, register
 from archlab.kernels.selective_scan.conformance import CONFORMANCE
 from archlab.kernels.selective_scan.chunked import selective_scan_chunked, selective_state_update_torch
-from archlab.kernels.selective_scan.op import selective_scan_triton  # registers the custom ops; no triton import
+# registers the custom ops; imports neither triton nor numba
+from archlab.kernels.selective_scan.op import selective_scan_numba, selective_scan_triton
 from archlab.kernels.selective_scan.reference import selective_scan_reference, selective_state_update_reference
 
 __all__ = ["selective_scan", "selective_state_update", "selective_scan_reference", "selective_state_update_reference"]
@@ -41,6 +43,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         out, last_state = selective_scan_reference(*args)
     elif name == "triton":
         out, last_state = selective_scan_triton(*args)
+    elif name == "numba":
+        out, last_state = selective_scan_numba(*args)
     else:
         out, last_state = _peer_selective_scan(*args)
     return (out, last_state) if return_last_state else out
@@ -160,9 +164,10 @@ def _check_dtypes(op: str, named: dict, streams: tuple, params: tuple) -> None:
 
 
 register(KernelOp(
-    name="selective_scan", backends=("triton", "torch", "reference", "peer"),
-    auto_on_cuda=("peer", "triton", "torch"), peer_package="mamba_ssm",
+    name="selective_scan", backends=("triton", "numba", "torch", "reference", "peer"),
+    auto_on_cuda=("peer", "triton", "torch"), auto_on_cpu=("numba", "torch"), peer_package="mamba_ssm",
     layout="u, delta, z (batch, dim, L); A (dim, N); B, C (batch, [groups,] N, L); out (batch, dim, L)",
     dispatch=selective_scan, reference=partial(selective_scan, backend="reference"), conformance=CONFORMANCE,
     bench=KernelBench("scan", "archlab.kernels.bench.scan:bench_scan",
-                      "Triton vs mamba_ssm on CUDA; torch backend vs reference on CPU", needs_cuda=False)))
+                      "Triton vs mamba_ssm on CUDA; numba and torch backends vs reference on CPU",
+                      needs_cuda=False)))

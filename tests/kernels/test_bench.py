@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from archlab.kernels.backend import triton_interpreting
+from archlab.kernels.backend import numba_missing, triton_interpreting
 from archlab.kernels.bench import add_ratios, to_markdown, write_results
 from archlab.kernels.bench.attention import COLUMNS as ATTENTION_COLUMNS
 from archlab.kernels.bench.attention import attention_flops, bench_attention
@@ -59,14 +59,19 @@ def test_ratios_compare_same_shape_and_pass(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [json_path.name, md_path.name]  # no temporary files left
 
 
-def test_scan_bench_on_cpu_times_torch_against_reference():
+@pytest.mark.skipif(numba_missing() is not None, reason=f"{numba_missing()}")
+def test_scan_bench_on_cpu_times_numba_and_torch_against_reference():
     result = bench_scan(torch.device("cpu"), shapes=((1, 8, 16, 4),), min_run_time=0.01)
     rows = {(r["provider"], r["pass"]): r for r in result["rows"]}
-    assert set(rows) == {(p, s) for p in ("archlab-torch", "reference") for s in ("fwd", "fwd+bwd")}
+    assert set(rows) == {(p, s) for p in ("archlab-numba", "archlab-torch", "reference") for s in ("fwd", "fwd+bwd")}
     assert all(r["ms"] > 0 and r["gb_per_s"] > 0 for r in rows.values()), result["rows"]
-    ours = rows[("archlab-torch", "fwd+bwd")]
-    assert ours["ratio_vs_reference"] == pytest.approx(rows[("reference", "fwd+bwd")]["ms"] / ours["ms"], rel=1e-2)
-    assert "ratio_vs_reference" in to_markdown(result)
+    for ours in ("archlab-numba", "archlab-torch"):
+        row = rows[(ours, "fwd+bwd")]
+        assert row["ratio_vs_reference"] == pytest.approx(rows[("reference", "fwd+bwd")]["ms"] / row["ms"], rel=1e-2)
+    numba_row = rows[("archlab-numba", "fwd")]
+    assert numba_row["ratio_vs_archlab-torch"] == pytest.approx(rows[("archlab-torch", "fwd")]["ms"] / numba_row["ms"],
+                                                                rel=1e-2)
+    assert "ratio_vs_reference | ratio_vs_archlab-torch |" in to_markdown(result)
 
 
 def test_ssd_bench_times_the_chunked_path_against_the_reference():

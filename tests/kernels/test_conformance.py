@@ -4,7 +4,8 @@ For each (op, backend, dtype the op's conformance spec has a tolerance for) hypo
 `draw_case`; the backend's forward outputs and the gradient of every differentiable input (flowing back from the
 first output) must match the reference run on float32 copies of the same inputs. An op gets this test by
 registering (kernels/registry.py). On CPU the Triton backend runs in Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1), so it gets few examples; the peer backend runs third-party CUDA kernels and only on CUDA.
+TRITON_INTERPRET=1), so it gets few examples; the peer backend runs third-party CUDA kernels and only on CUDA; the
+numba backend runs CPU kernels and only where there is no CUDA device (DEVICE is the GPU there).
 """
 import importlib.util
 
@@ -13,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archlab.kernels.backend import triton_interpreting
+from archlab.kernels.backend import numba_missing, triton_interpreting
 from archlab.kernels.checking import compare_with_reference
 from archlab.kernels.registry import KernelOp, kernel_ops
 
@@ -30,6 +31,8 @@ def why_not_here(backend: str) -> str | None:
         return "triton is not installed"
     if backend == "triton" and DEVICE.type != "cuda" and not triton_interpreting():
         return "no CUDA and TRITON_INTERPRET is not 1"
+    if backend == "numba":
+        return "the numba backend runs on CPU tensors" if DEVICE.type != "cpu" else numba_missing()
     return None
 
 

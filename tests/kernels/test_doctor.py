@@ -4,6 +4,7 @@ import importlib.util
 import torch
 
 from archlab.kernels import doctor, self_check
+from archlab.kernels.backend import auto_choice, numba_missing
 from archlab.kernels.registry import kernel_ops
 
 from ..train.test_cli import run_cli
@@ -17,7 +18,12 @@ def test_doctor_on_this_machine(capsys):
         assert f"\n{name}: {op.backends[0]} (" in out
     if not torch.cuda.is_available():
         assert "no CUDA device: everything runs on the CPU" in out and "peer (needs CUDA)" in out
-        assert out.count("auto in float32: torch (on cpu the PyTorch path") == len(kernel_ops())
+        for name in kernel_ops():
+            backend, why = auto_choice(name, torch.device("cpu"), torch.float32)
+            assert f"\n  auto in float32: {backend} ({why})\n" in out
+        numba = "torch" if numba_missing() else "numba"
+        assert ("numba (usable)" in out) == (numba == "numba")
+        assert f"auto in float32: {numba} (" in out.split("\nselective_scan: ")[1].split("\ncausal_conv1d")[0]
 
 
 def test_doctor_without_triton(monkeypatch):

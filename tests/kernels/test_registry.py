@@ -146,9 +146,10 @@ def test_an_unregistered_op_is_unknown_again():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(backends=("reference",), auto_on_cuda="reference"), "needs a torch backend: it is what auto runs on CPU"),
-    (dict(backends=("torch", "cuda")), "unknown backend 'cuda'; choose from triton, torch, reference, peer"),
+    (dict(backends=("reference",), auto_on_cuda="reference"), "needs a torch backend: it is what auto falls back to"),
+    (dict(backends=("torch", "cuda")), "unknown backend 'cuda'; choose from triton, numba, torch, reference, peer"),
     (dict(auto_on_cuda="triton"), "auto_on_cuda='triton' is not one of its backends torch, reference"),
+    (dict(auto_on_cpu=("numba", "torch")), "auto_on_cpu='numba' is not one of its backends torch, reference"),
     (dict(name="toy-cumsum"), "must be an identifier"),
     (dict(backends=("triton", "torch", "reference")), "has a triton backend but no conformance.self_check cases"),
 ])

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import archlab.kernels.selective_scan as selective_scan_module
-from archlab.kernels.backend import peer_installed, resolve_backend
+from archlab.kernels.backend import numba_missing, peer_installed, resolve_backend
 from archlab.kernels.selective_scan import chunked, selective_scan, selective_state_update
 from archlab.kernels.selective_scan.chunked import selective_scan_chunked
 from archlab.kernels.selective_scan.reference import selective_scan_reference, selective_state_update_reference
@@ -176,20 +176,24 @@ def test_state_update_in_bfloat16_returns_bfloat16_and_keeps_a_float32_state():
 # -- dispatch and input checks ----------------------------------------------------------------------------------
 def test_backends_resolve_as_documented(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_backend("selective_scan", "auto", cpu) == "torch"
+    on_cpu = "torch" if numba_missing() else "numba"  # tests/kernels/test_selective_scan_numba.py: without numba
+    assert resolve_backend("selective_scan", "auto", cpu) == on_cpu
     assert resolve_backend("selective_scan", "auto", cuda) == ("peer" if peer_installed("selective_scan") else "triton")
     assert resolve_backend("selective_scan", "peer", cuda) == "peer"
     inputs = {k: None if v is None else v.detach() for k, v in make_inputs(1, 2, 20, 4, 0).items()}
     calls = []
-    for name in ("selective_scan_chunked", "selective_scan_reference"):
+    functions = {"numba": "selective_scan_numba", "torch": "selective_scan_chunked",
+                 "reference": "selective_scan_reference"}
+    for name in functions.values():
         original = getattr(selective_scan_module, name)
         monkeypatch.setattr(selective_scan_module, name,
                             lambda *a, _name=name, _fn=original: calls.append(_name) or _fn(*a))
     auto = selective_scan(**inputs, backend="auto")
+    on_cpu_out = selective_scan(**inputs, backend=on_cpu)
     torch_out = selective_scan(**inputs, backend="torch")
     reference_out = selective_scan(**inputs, backend="reference")
-    assert calls == ["selective_scan_chunked", "selective_scan_chunked", "selective_scan_reference"]
-    assert torch.equal(auto, torch_out)
+    assert calls == [functions[on_cpu], functions[on_cpu], "selective_scan_chunked", "selective_scan_reference"]
+    assert torch.equal(auto, on_cpu_out)
     torch.testing.assert_close(torch_out, reference_out, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="'peer' backend for selective_scan .* use auto, torch or reference"):
         selective_scan(**inputs, backend="peer")
