@@ -40,9 +40,12 @@ def test_the_dry_run_walks_every_step_and_writes_the_summary(tmp_path):
             assert (tmp_path / f"{name.replace(' ', '-')}.log").read_text().startswith("$ ")
 
 
-def test_the_study_figures_are_each_arms_final_quality():
-    figures = gpu_check._study_figures(ROOT / "compare" / "results" / "quick" / "results.csv")
-    assert figures.startswith("transformer-ar 2.6816 bpb in 83.31 s; mamba-ar 2.4092 bpb in 390.52 s; ")
+def test_the_study_figures_are_each_arms_final_quality(tmp_path):
+    table = tmp_path / "results.csv"  # the columns a study's results.csv has, two of its rows
+    table.write_text("name,arm,seed,final,quality_metric,train_seconds\n"
+                     "transformer-ar-s0,transformer-ar,0,2.68163490,bpb,83.31\n"
+                     "mamba2-ar-s0,mamba2-ar,0,2.45829806,bpb,115.86\n")
+    assert gpu_check._study_figures(table) == "transformer-ar 2.6816 bpb in 83.31 s; mamba2-ar 2.4583 bpb in 115.86 s"
 
 
 def test_a_failing_step_is_reported_and_the_next_steps_still_run(tmp_path, monkeypatch):
