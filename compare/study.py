@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -216,7 +217,8 @@ def _run_tree(study: Study, arm: str, size: str | None, seed: int) -> dict[str, 
 
 def measure(cfg: Config) -> tuple[int, int, Objective]:
     """(trained parameters, training FLOPs per token, objective) of the model a config builds."""
-    model = build_model(cfg.model)
+    with torch.device("meta"):  # shapes only: no memory, no init (a GPU-sized arm built on the CPU took seconds)
+        model = build_model(cfg.model)
     return model.num_parameters(), training_flops_per_token(model, cfg.data.seq_len), model.objective
 
 
