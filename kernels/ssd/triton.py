@@ -195,6 +195,30 @@ def _offsets4(row, positions, second, third, s0, s1, s2, s3):
     return row * s0 + positions.to(tl.int64)[:, None] * s1 + second * s2 + third.to(tl.int64)[None, :] * s3
 
 
+@_device
+def _state_tile(pid, n_heads, head_dim, d_state, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (sequence, head, head_dim tile, state tile) of a per-sequence state program: (seq, h, p, n, the tile's
+    mask and offsets within one sequence's (heads, head_dim, state) block, that block's size)."""
+    n_p_tiles = (head_dim + BLOCK_P - 1) // BLOCK_P
+    tiles = n_p_tiles * ((d_state + BLOCK_N - 1) // BLOCK_N)
+    seq, h = pid // tiles // n_heads, pid // tiles % n_heads
+    p = pid % tiles % n_p_tiles * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = pid % tiles // n_p_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (p[:, None] < head_dim) & (n[None, :] < d_state)
+    offsets = h * head_dim * d_state + p[:, None] * d_state + n[None, :]  # (.., heads, head_dim, state)
+    return seq, h, p, n, mask, offsets, n_heads * head_dim * d_state
+
+
+@_device
+def _state_or_zeros(ptr, offsets, mask, GIVEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A (BLOCK_P, BLOCK_N) float32 state tile from ptr where GIVEN, else zeros."""
+    if GIVEN:
+        state = tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    return state
+
+
 # -- forward ----------------------------------------------------------------------------------------------
 @triton.jit
 def _chunk_states_kernel(X, Dt, A, Bm, DtBias, Init, States, Final, Chunks, Seqs,
@@ -204,20 +228,10 @@ def _chunk_states_kernel(X, Dt, A, Bm, DtBias, Init, States, Final, Chunks, Seqs
                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    n_p_tiles = (head_dim + BLOCK_P - 1) // BLOCK_P
-    tiles = n_p_tiles * ((d_state + BLOCK_N - 1) // BLOCK_N)
-    seq, h = pid // tiles // n_heads, pid // tiles % n_heads
-    p = pid % tiles % n_p_tiles * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = pid % tiles // n_p_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
+    seq, h, p, n, state_mask, state_offsets, size = _state_tile(tl.program_id(0).to(tl.int64), n_heads, head_dim,
+                                                                 d_state, BLOCK_P, BLOCK_N)
     steps = tl.arange(0, CHUNK)
-    state_mask = (p[:, None] < head_dim) & (n[None, :] < d_state)
-    state_offsets = h * head_dim * d_state + p[:, None] * d_state + n[None, :]  # (.., heads, head_dim, state)
-    size = n_heads * head_dim * d_state
-    if HAS_INIT:
-        state = tl.load(Init + seq * size + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    state = _state_or_zeros(Init + seq * size, state_offsets, state_mask, HAS_INIT, BLOCK_P, BLOCK_N)
     first, count = tl.load(Seqs + seq * 2).to(tl.int64), tl.load(Seqs + seq * 2 + 1)
     for index in range(count):
         chunk = first + index
@@ -291,20 +305,10 @@ def _state_grads_kernel(dOut, Z, Dt, A, Cm, DtBias, DFinal, DStates, DInit, Chun
                         HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         UPCAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """dS_end of every chunk, last chunk first: dS_end(c - 1) = exp(s_last) dS_end(c) + sum_i exp(s_i) dy_i C_i^T."""
-    pid = tl.program_id(0).to(tl.int64)
-    n_p_tiles = (head_dim + BLOCK_P - 1) // BLOCK_P
-    tiles = n_p_tiles * ((d_state + BLOCK_N - 1) // BLOCK_N)
-    seq, h = pid // tiles // n_heads, pid // tiles % n_heads
-    p = pid % tiles % n_p_tiles * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = pid % tiles // n_p_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
+    seq, h, p, n, state_mask, state_offsets, size = _state_tile(tl.program_id(0).to(tl.int64), n_heads, head_dim,
+                                                                 d_state, BLOCK_P, BLOCK_N)
     steps = tl.arange(0, CHUNK)
-    state_mask = (p[:, None] < head_dim) & (n[None, :] < d_state)
-    state_offsets = h * head_dim * d_state + p[:, None] * d_state + n[None, :]
-    size = n_heads * head_dim * d_state
-    if HAS_DFINAL:
-        grad = tl.load(DFinal + seq * size + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        grad = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    grad = _state_or_zeros(DFinal + seq * size, state_offsets, state_mask, HAS_DFINAL, BLOCK_P, BLOCK_N)
     first, count = tl.load(Seqs + seq * 2).to(tl.int64), tl.load(Seqs + seq * 2 + 1)
     for index in range(count):
         chunk = first + count - 1 - index
