@@ -74,6 +74,22 @@ class MambaState:
         self.length = 0
 
 
+def conv_parameters(channels: int, width: int, bias: bool) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """A depthwise conv's (channels, width) weight and optional bias, initialised as mamba_ssm's nn.Conv1d is:
+    uniform(+-1/sqrt(fan_in = width))."""
+    bound = 1 / math.sqrt(width)
+    weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))
+    return weight, nn.Parameter(torch.empty(channels).uniform_(-bound, bound)) if bias else None
+
+
+def initial_dt_bias(count: int, dt_min: float, dt_max: float, floor: float) -> Tensor:
+    """softplus^-1 of `count` step sizes drawn log-uniformly in [dt_min, dt_max] (floored at `floor`): a time scale
+    per channel (Mamba) or per head (Mamba-2), as mamba_ssm initialises them."""
+    log_min, log_max = math.log(dt_min), math.log(dt_max)
+    dt = torch.exp(torch.rand(count) * (log_max - log_min) + log_min).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse softplus, stable for small dt
+
+
 class SelectiveSSM(nn.Module):
     """One scan direction: causal conv + SiLU, the input-dependent dt/B/C projections, the gated scan."""
 
@@ -82,10 +98,7 @@ class SelectiveSSM(nn.Module):
         d_inner, self.d_state = cfg.expand * d_model, cfg.d_state
         self.dt_rank = cfg.dt_rank or math.ceil(d_model / 16)
         self.scan_backend, self.conv_backend = scan_backend, conv_backend
-        # depthwise conv weights initialised as mamba_ssm's nn.Conv1d is: uniform(+-1/sqrt(fan_in = width))
-        bound = 1 / math.sqrt(cfg.d_conv)
-        self.conv_weight = nn.Parameter(torch.empty(d_inner, cfg.d_conv).uniform_(-bound, bound))
-        self.conv_bias = nn.Parameter(torch.empty(d_inner).uniform_(-bound, bound)) if cfg.conv_bias else None
+        self.conv_weight, self.conv_bias = conv_parameters(d_inner, cfg.d_conv, cfg.conv_bias)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
         self._init_dt(cfg, d_inner)
@@ -98,10 +111,8 @@ class SelectiveSSM(nn.Module):
         """dt_proj.weight uniform(+-R^-0.5); the bias is softplus^-1 of dt drawn log-uniformly in
         [dt_min, dt_max] (floored at dt_init_floor), so every channel starts with its own time scale."""
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
-        dt = torch.exp(torch.rand(d_inner) * (log_max - log_min) + log_min).clamp(min=cfg.dt_init_floor)
         with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus, stable for small dt
+            self.dt_proj.bias.copy_(initial_dt_bias(d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
         for param in (self.dt_proj.weight, self.dt_proj.bias):
             param._no_reinit = True  # the backbone's normal(init_std) pass leaves these alone
 

@@ -26,6 +26,7 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from archlab.archs.layers.mamba import conv_parameters, initial_dt_bias
 from archlab.archs.layers.mixer import (
     Mixer,
     MixerSettings,
@@ -121,14 +122,8 @@ class SSDDirection(nn.Module):
         self.ssd_backend, self.conv_backend = ssd_backend, conv_backend
         self.dt_limit = cfg.dt_limit or (0.0, math.inf)
         conv_dim = d_inner + 2 * cfg.n_groups * cfg.d_state
-        # depthwise conv weights initialised as mamba_ssm's nn.Conv1d is: uniform(+-1/sqrt(fan_in = width))
-        bound = 1 / math.sqrt(cfg.d_conv)
-        self.conv_weight = nn.Parameter(torch.empty(conv_dim, cfg.d_conv).uniform_(-bound, bound))
-        self.conv_bias = nn.Parameter(torch.empty(conv_dim).uniform_(-bound, bound)) if cfg.conv_bias else None
-        # dt_bias = softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (floored): a time scale per head
-        log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
-        dt = torch.exp(torch.rand(heads) * (log_max - log_min) + log_min).clamp(min=cfg.dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus, stable for small dt
+        self.conv_weight, self.conv_bias = conv_parameters(conv_dim, cfg.d_conv, cfg.conv_bias)
+        self.dt_bias = nn.Parameter(initial_dt_bias(heads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
         self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(*cfg.A_init_range)))
         self.D = nn.Parameter(torch.ones(d_inner if cfg.D_has_hdim else heads))
         no_weight_decay(self.A_log, self.D, self.dt_bias)
