@@ -1,8 +1,10 @@
-"""Softmax attention with grouped-query heads: `attention(q, k, v, causal=..., backend="auto")`.
+"""Softmax attention with grouped-query heads: `attention(q, k, v, causal=..., window=None, backend="auto")`.
 
 Layout: q (B, H, Lq, D); k, v (B, H_kv, Lk, D) with H_kv dividing H (query head h reads kv head
 h // (H / H_kv)); out (B, H, Lq, D) in q's dtype. Causal masking is bottom-right aligned (query i sits
-at absolute position Lk - Lq + i), which is what decoding with a KV cache needs.
+at absolute position Lk - Lq + i), which is what decoding with a KV cache needs. A sliding window (causal only)
+lets the query at position p see the `window` keys p - window < j <= p, itself included; window >= Lk is full causal
+attention and runs its exact path. The Triton kernels skip the key blocks outside the window; SDPA gets a band mask.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from archlab.kernels.attention.conformance import CONFORMANCE
-from archlab.kernels.attention.reference import attention_reference
+from archlab.kernels.attention.reference import attention_reference, visible_keys
 from archlab.kernels.backend import refuse_double_backward, resolve_backend
 from archlab.kernels.registry import KernelBench, KernelOp, register
 
@@ -31,9 +33,12 @@ _SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
-              backend: str = "auto") -> Tensor:
-    """Scaled dot-product attention; `scale` defaults to D ** -0.5. See the module docstring for layout."""
-    _check_inputs(q, k, v, causal)
+              window: int | None = None, backend: str = "auto") -> Tensor:
+    """Scaled dot-product attention; `scale` defaults to D ** -0.5; `window` (causal only) is how many keys each
+    query sees, itself included (None = all). See the module docstring for layout."""
+    _check_inputs(q, k, v, causal, window)
+    if window is not None and window >= k.shape[2]:
+        window = None  # every query already sees all its keys: the full causal path, exactly
     name = resolve_backend("attention", backend, q.device, q.dtype)
     if name == "triton" and q.shape[-1] not in TRITON_HEAD_DIMS:
         if backend != "auto":
@@ -45,45 +50,48 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | N
         # and decoding-sized queries (a 64-row query tile would be mostly padding)
         name = "torch"
     if name == "triton":
-        return flash_attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5 if scale is None else scale)[0]
+        return flash_attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                               window=window or 0)[0]
     if name == "reference":
-        return attention_reference(q, k, v, causal=causal, scale=scale)[0]
+        return attention_reference(q, k, v, causal=causal, scale=scale, window=window)[0]
     if name == "peer":
         with sdpa_kernel(PEER_SDPA_KERNELS):
-            return _sdpa(q, k, v, causal=causal, scale=scale)
-    return _sdpa(q, k, v, causal=causal, scale=scale)
+            return _sdpa(q, k, v, causal=causal, scale=scale, window=window)
+    return _sdpa(q, k, v, causal=causal, scale=scale, window=window)
 
 
 # -- our Triton kernels as a torch.library custom op: opaque to torch.compile, differentiable ------------
 # The op returns (out, lse); lse is there for tests and future fused consumers and is not differentiable.
+# Custom op arguments are simple types, so window 0 stands for none here.
 # The kernel module is imported on first use, so machines without triton can still import this package.
 
 @torch.library.custom_op("archlab::flash_attention", mutates_args=())
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float,
+                    window: int = 0) -> tuple[Tensor, Tensor]:
     """Triton FlashAttention forward: (out (B, H, Lq, D) in q.dtype, lse (B, H, Lq) float32)."""
     from archlab.kernels.attention.triton import flash_attn_fwd
 
-    out, lse = flash_attn_fwd(q, k, v, causal=causal, scale=scale)
+    out, lse = flash_attn_fwd(q, k, v, causal=causal, scale=scale, window=window)
     return out.contiguous(), lse.contiguous()
 
 
 @flash_attention.register_fake
-def _(q, k, v, *, causal, scale):
+def _(q, k, v, *, causal, scale, window=0):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("archlab::flash_attention_backward", mutates_args=())
 def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
-                             causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                             causal: bool, scale: float, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Triton FlashAttention backward (deterministic: no atomics): (dq, dk, dv)."""
     from archlab.kernels.attention.triton import flash_attn_bwd
 
-    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, causal=causal, scale=scale)
+    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, causal=causal, scale=scale, window=window)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @flash_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, *, causal, scale):
+def _(grad_out, q, k, v, out, lse, *, causal, scale, window=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -95,24 +103,27 @@ def _save_for_backward(ctx, inputs, keyword_only_inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.causal, ctx.scale = keyword_only_inputs["causal"], keyword_only_inputs["scale"]
+    ctx.window = keyword_only_inputs.get("window", 0)
     ctx.mark_non_differentiable(lse)
 
 
 def _flash_attention_grad(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    return flash_attention_backward(grad_out, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale)
+    return flash_attention_backward(grad_out, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
+                                    window=ctx.window)
 
 
 flash_attention.register_autograd(_flash_attention_grad, setup_context=_save_for_backward)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None, window: int | None) -> Tensor:
     len_q, len_k = q.shape[2], k.shape[2]
     mask = None
-    if causal and len_q != len_k:
-        # SDPA's is_causal is top-left aligned; a single query at the end sees every key anyway.
-        if len_q > 1:
-            mask = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril(diagonal=len_k - len_q)
+    if causal and (len_q != len_k or window is not None):
+        # SDPA's is_causal is top-left aligned and knows no window; a single query at the end sees every key
+        # anyway unless a window hides some.
+        if len_q > 1 or window is not None:
+            mask = visible_keys(len_q, len_k, window=window, device=q.device)
         causal = False
     n_groups = q.shape[1] // k.shape[1]
     if n_groups == 1:
@@ -124,7 +135,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -151,6 +162,14 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
                          f"got len_q={len_q} > len_k={len_k}")
     if head_dim > MAX_HEAD_DIM or head_dim % 2:
         raise ValueError(f"attention: head_dim must be even and at most {MAX_HEAD_DIM}, got {head_dim}")
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool):
+            raise TypeError(f"attention: window must be an int (keys each query sees) or None, got {window!r}")
+        if window < 1:
+            raise ValueError(f"attention: window must be >= 1 (keys each query sees, itself included), got {window}")
+        if not causal:
+            raise ValueError("attention: a window needs causal=True: it counts the keys up to each query's own "
+                             "position, which a bidirectional query does not have")
 
 
 register(KernelOp(  # auto on CUDA: SDPA, until a committed benchmark shows our kernel as fast (kernels/measured.py)

@@ -6,13 +6,21 @@ from einops import repeat
 from torch import Tensor
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
-                        scale: float | None = None) -> tuple[Tensor, Tensor]:
+def visible_keys(len_q: int, len_k: int, *, window: int | None, device) -> Tensor:
+    """(len_q, len_k) bool: which keys each query sees under the bottom-right aligned causal mask, and, with a
+    window, only the last `window` of them (query i at position p = len_k - len_q + i sees p - window < j <= p)."""
+    visible = torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril(diagonal=len_k - len_q)
+    return visible if window is None else visible.triu(diagonal=len_k - len_q - window + 1)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
+                        window: int | None = None) -> tuple[Tensor, Tensor]:
     """Returns (out, lse): out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 log-sum-exp of the scores.
 
     q is (B, H, Lq, D), k and v are (B, H_kv, Lk, D); query head h reads kv head h // (H / H_kv).
     Causal masking is bottom-right aligned: query i sits at absolute position Lk - Lq + i (as in
-    FlashAttention), so a block of new queries attends to the whole KV cache before it.
+    FlashAttention), so a block of new queries attends to the whole KV cache before it. A window (causal only)
+    keeps each query to the last `window` keys up to its own position.
     Math runs in float32 (float64 inputs stay float64, for gradcheck), and so does lse; autograd
     differentiates it.
     """
@@ -22,8 +30,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.einsum("bhqd,bhkd->bhqk", q.to(compute_dtype), k.to(compute_dtype)) * scale
     if causal:
-        len_q, len_k = scores.shape[-2:]
-        visible = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril(diagonal=len_k - len_q)
+        visible = visible_keys(*scores.shape[-2:], window=window, device=q.device)
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = scores.logsumexp(dim=-1)
     probs = torch.exp(scores - lse[..., None])

@@ -1,7 +1,9 @@
 """FlashAttention-2 in Triton: a fused forward and a backward that recomputes the probabilities.
 
 Layout as in `archlab.kernels.attention`: q (B, H, Lq, D); k, v (B, H_kv, Lk, D); query head h reads kv
-head h // (H // H_kv); causal masking is bottom-right aligned (query i sits at key position Lk - Lq + i).
+head h // (H // H_kv); causal masking is bottom-right aligned (query i sits at key position Lk - Lq + i). A
+sliding window (causal only) lets query position p see keys p - window < j <= p; `window` is a runtime argument (one
+compile serves every window) and WINDOWED a constexpr, so full attention compiles exactly as before.
 
 Forward, one program per (query block, query head): stream the key blocks through an online softmax that
 keeps a running row max m, row sum l and an unnormalised fp32 accumulator, so the Lq x Lk score matrix
@@ -16,7 +18,8 @@ deterministic):
      repeated in memory;
   3. one program per (query block, query head) accumulates dQ over the key blocks.
 Causal programs skip blocks that are entirely masked and only pay for the mask on the blocks that
-straddle the diagonal or the ragged end of the keys.
+straddle the diagonal or the ragged end of the keys; windowed programs also skip the blocks wholly before the
+window and mask only the blocks that straddle its lower edge, so their work grows with window, not length.
 
 Under TRITON_INTERPRET=1 (the CPU tests) the kernels upcast tiles to fp32 before tl.dot, because the
 interpreter's bf16 dot is wrong, and fixed small blocks replace the autotuner, which needs a GPU driver.
@@ -73,45 +76,65 @@ def _program_block(length, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, Lq, Lk, CAUSAL: tl.constexpr):
-    """Which (query row, key col) scores exist: the key is real and, if causal, not after the query."""
+def _visible(rows, cols, Lq, Lk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """Which (query row, key col) scores exist: the key is real and, if causal, not after the query; if
+    windowed, also fewer than `window` positions before it."""
     mask = cols < Lk
     if CAUSAL:
         mask = mask & (cols <= rows + (Lk - Lq))
+    if WINDOWED:
+        mask = mask & (cols > rows + (Lk - Lq) - window)
     return mask
 
 
 @triton.jit
-def _key_range(start_m, Lq, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M): every row sees all keys before `full_end` (a block
-    boundary), keys in [full_end, end) need the mask, keys from `end` on are seen by no row."""
+def _key_range(start_m, Lq, Lk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M), key blocks from `start` to `end` in three runs: keys in
+    [start, window_end) need the window's mask, every row sees all keys in [window_end, full_end), keys in
+    [full_end, end) need the causal mask; keys outside [start, end) are seen by no row. All but `end` are
+    block boundaries; without a window start == window_end == 0."""
     if CAUSAL:
         end = tl.minimum(start_m + BLOCK_M + (Lk - Lq), Lk)
         full_end = tl.minimum(start_m + 1 + (Lk - Lq), Lk) // BLOCK_N * BLOCK_N
     else:
         end = Lk
         full_end = Lk // BLOCK_N * BLOCK_N
-    return full_end, end
+    start = 0
+    window_end = 0
+    if WINDOWED:  # the first row's window starts earliest, the last row's latest
+        start = tl.maximum(start_m + (Lk - Lq) - window + 1, 0) // BLOCK_N * BLOCK_N
+        last_row_start = tl.maximum(start_m + BLOCK_M - 1 + (Lk - Lq) - window + 1, 0)
+        window_end = tl.minimum(tl.cdiv(last_row_start, BLOCK_N) * BLOCK_N, full_end)
+    return start, window_end, full_end, end
 
 
 @triton.jit
-def _query_range(start_n, Lq, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For keys [start_n, start_n + BLOCK_N): query rows before `lo` see none of them, rows in [lo, mid)
-    need the mask, rows from `mid` on see all of them (both are block boundaries)."""
+def _query_range(start_n, Lq, Lk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For keys [start_n, start_n + BLOCK_N), query rows from `lo` to `end` in three runs (block boundaries):
+    rows in [lo, mid) need the causal mask, rows in [mid, full_end) see all of the keys, rows in [full_end, end)
+    need the window's mask; rows outside [lo, end) see none of them. Without a window full_end == end."""
+    end = tl.cdiv(Lq, BLOCK_M) * BLOCK_M
     if CAUSAL:
         # key j is seen by query rows i >= j - (Lk - Lq)
         lo = tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Lk - Lq), 0), BLOCK_M) * BLOCK_M
-        mid = tl.minimum(mid, tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
+        mid = tl.minimum(mid, end)
     else:
         lo = 0
         mid = 0
-    return lo, mid
+    full_end = end
+    if WINDOWED:  # and key j by rows i < j - (Lk - Lq) + window: the first key leaves the window first
+        end = tl.maximum(tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Lk - Lq) + window, 0), BLOCK_M)
+                                    * BLOCK_M, end), mid)
+        full_end = tl.minimum(tl.maximum(tl.maximum(start_n - (Lk - Lq) + window, 0) // BLOCK_M * BLOCK_M, mid), end)
+    return lo, mid, full_end, end
 
 
 @triton.jit
-def _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, qk_scale, MASKED: tl.constexpr,
-                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, window, qk_scale, MASKED: tl.constexpr,
+                      CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The key block at start_n: its K and V tiles and the (masked) scores q K^T * qk_scale."""
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -119,20 +142,23 @@ def _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, qk_s
     v = _load(_tile_ptrs(V, cols, stride_vn, HEAD_DIM), cols[:, None] < Lk, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        s = tl.where(_visible(rows[:, None], cols[None, :], Lq, Lk, CAUSAL), s, float("-inf"))
+        s = tl.where(_visible(rows[:, None], cols[None, :], Lq, Lk, window, CAUSAL, WINDOWED), s, float("-inf"))
     return k, v, s
 
 
 # -- forward ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, Lk, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, Lk, window, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, qk_scale, MASKED, CAUSAL,
-                                    UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
-        # Every row sees key 0 in the first block, so m_new is finite from then on and never NaN.
+        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, window, qk_scale, MASKED,
+                                    CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
+        # Without a window every row sees key 0 in the first block, so m_new is finite from then on. With one,
+        # a row may see no key of its first blocks: subtract 0 instead of -inf there (-inf - -inf is NaN).
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if WINDOWED:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -145,8 +171,8 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, L
 def _fwd_kernel(Q, K, V, Out, Lse,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                n_heads, n_groups, Lq, Lk, scale, Lq_key, Lk_key,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                n_heads, n_groups, Lq, Lk, window, scale, Lq_key, Lk_key,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, bh = _program_block(Lq, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
@@ -160,11 +186,14 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, end = _key_range(start_m, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, 0, full_end, Lq, Lk,
-                               qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    start, window_end, full_end, end = _key_range(start_m, Lq, Lk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    if WINDOWED:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, start, window_end, Lq, Lk,
+                                   window, qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, window_end, full_end, Lq, Lk,
+                               window, qk_scale, False, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, full_end, end, Lq, Lk,
-                               qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+                               window, qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
 
     out = acc / l_i[:, None]
     tl.store(_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, stride_om, HEAD_DIM),
@@ -186,9 +215,9 @@ def _bwd_delta_kernel(Out, dOut, Delta, stride_ob, stride_oh, stride_om, stride_
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, dO, Lse, Delta, stride_qm, stride_dom, cols, lo, hi, Lq, Lk, qk_scale,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, Q, dO, Lse, Delta, stride_qm, stride_dom, cols, lo, hi, Lq, Lk, window, qk_scale,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _load(_tile_ptrs(Q, rows, stride_qm, HEAD_DIM), rows[:, None] < Lq, UPCAST)
@@ -199,7 +228,8 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, Lse, Delta, stride_qm, stride_dom, cols, lo
         # Work on S^T (keys x queries): dK and dV then come out of plain dots with this block's rows.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            s_t = tl.where(_visible(rows[None, :], cols[:, None], Lq, Lk, CAUSAL), s_t, float("-inf"))
+            s_t = tl.where(_visible(rows[None, :], cols[:, None], Lq, Lk, window, CAUSAL, WINDOWED), s_t,
+                           float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -213,8 +243,8 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     n_heads, n_groups, Lq, Lk, scale, Lq_key, Lk_key,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                     n_heads, n_groups, Lq, Lk, window, scale, Lq_key, Lk_key,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n, bkv = _program_block(Lk, BLOCK_N)
     n_kv_heads = n_heads // n_groups
@@ -227,18 +257,22 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV,
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo, mid = _query_range(start_n, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
-    end = tl.cdiv(Lq, BLOCK_M) * BLOCK_M
+    lo, mid, full_end, end = _query_range(start_n, Lq, Lk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     for g in range(n_groups):  # the query heads that read this kv head, summed in a fixed order
         h = kvh * n_groups + g
         Q_h = Q + b * stride_qb + h * stride_qh
         dO_h = dOut + b * stride_dob + h * stride_doh
         Lse_h = Lse + (b * n_heads + h) * Lq
         Delta_h = Delta + (b * n_heads + h) * Lq
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, dO_h, Lse_h, Delta_h, stride_qm, stride_dom, cols, lo, mid,
-                             Lq, Lk, qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, dO_h, Lse_h, Delta_h, stride_qm, stride_dom, cols, mid, end,
-                             Lq, Lk, qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, dO_h, Lse_h, Delta_h, stride_qm, stride_dom, cols, lo, mid, Lq,
+                             Lk, window, qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, dO_h, Lse_h, Delta_h, stride_qm, stride_dom, cols, mid, full_end,
+                             Lq, Lk, window, qk_scale, False, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_M,
+                             HEAD_DIM)
+        if WINDOWED:
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, dO_h, Lse_h, Delta_h, stride_qm, stride_dom, cols, full_end,
+                                 end, Lq, Lk, window, qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION,
+                                 BLOCK_M, HEAD_DIM)
 
     dk *= scale  # S = scale * Q K^T
     tl.store(_tile_ptrs(dK + b * stride_dkb + kvh * stride_dkh, cols, stride_dkn, HEAD_DIM),
@@ -248,12 +282,12 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, Lk, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, Lk, window, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, qk_scale, MASKED, CAUSAL,
-                                    UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
+        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, window, qk_scale, MASKED,
+                                    CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -266,8 +300,8 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   n_heads, n_groups, Lq, Lk, scale, Lq_key, Lk_key,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                   n_heads, n_groups, Lq, Lk, window, scale, Lq_key, Lk_key,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, bh = _program_block(Lq, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
@@ -283,11 +317,14 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ,
     qk_scale = scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, end = _key_range(start_m, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, 0, full_end, Lq, Lk, qk_scale,
-                   False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, full_end, end, Lq, Lk, qk_scale,
-                   True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    start, window_end, full_end, end = _key_range(start_m, Lq, Lk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    if WINDOWED:
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, start, window_end, Lq, Lk, window,
+                       qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, window_end, full_end, Lq, Lk, window,
+                   qk_scale, False, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, full_end, end, Lq, Lk, window,
+                   qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
     dq *= scale
     tl.store(_tile_ptrs(dQ + b * stride_dqb + h * stride_dqh, rows, stride_dqm, HEAD_DIM),
              dq.to(dQ.dtype.element_ty), mask=row_mask)
@@ -301,7 +338,7 @@ def _configs(block_ms, block_ns):
 
 # Lengths rounded up to a power of two: one tuning per bucket, not per length (decoding grows Lk by one
 # every step). The kernels take these as arguments only so the autotuner can key on them.
-_TUNE_KEY = ["Lq_key", "Lk_key", "HEAD_DIM", "CAUSAL"]
+_TUNE_KEY = ["Lq_key", "Lk_key", "HEAD_DIM", "CAUSAL", "WINDOWED"]
 # dK/dV programs own a key block and stream queries, dQ programs the reverse: the long side is the
 # block a program keeps in registers.
 _fwd_tuned = autotune(_configs((64, 128), (32, 64, 128)), key=_TUNE_KEY)(_fwd_kernel)
@@ -330,43 +367,46 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _constexprs(q: Tensor, causal: bool) -> dict:
+def _constexprs(q: Tensor, causal: bool, window: int) -> dict:
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"triton attention: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     # fp32 inputs get true fp32 dots (tf32 would cost them their point); half types use tensor cores anyway.
-    return dict(HEAD_DIM=head_dim, CAUSAL=causal, UPCAST=triton_interpreting(),
+    return dict(HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=window > 0, UPCAST=triton_interpreting(),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _check_lengths(len_q: int, len_k: int, causal: bool) -> None:
+def _check_lengths(len_q: int, len_k: int, causal: bool, window: int) -> None:
     if causal and len_q > len_k:  # the first queries would see no key at all
         raise ValueError(f"triton attention: causal needs len_q <= len_k, got {len_q} > {len_k}")
+    if window < 0 or (window and not causal):
+        raise ValueError(f"triton attention: window must be 0 (none) or >= 1 with causal=True, got {window}")
 
 
-def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float,
+                   window: int = 0) -> tuple[Tensor, Tensor]:
     """Returns out (B, H, Lq, D) in q.dtype and lse (B, H, Lq) float32, the natural-log logsumexp of the
-    scaled (and masked) scores. See the module docstring for layout and causal alignment."""
+    scaled (and masked) scores; window 0 = none. See the module docstring for layout and causal alignment."""
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     (batch, n_heads, len_q, _), (n_kv_heads, len_k) = q.shape, k.shape[1:3]
-    _check_lengths(len_q, len_k, causal)
+    _check_lengths(len_q, len_k, causal, window)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, len_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: flat_grid("attention", triton.cdiv(len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     _launch(_fwd_kernel, _fwd_tuned, grid, q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            n_heads, n_heads // n_kv_heads, len_q, len_k, scale, *_tune_keys(len_q, len_k),
-            **_constexprs(q, causal))
+            n_heads, n_heads // n_kv_heads, len_q, len_k, window, scale, *_tune_keys(len_q, len_k),
+            **_constexprs(q, causal, window))
     return out, lse
 
 
 def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, causal: bool,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv with the shapes and dtypes of q, k, v; deterministic (no atomics)."""
     do, q, k, v, out = (_unit_stride(t) for t in (do, q, k, v, out))
     (batch, n_heads, len_q, head_dim), (n_kv_heads, len_k) = q.shape, k.shape[1:3]
-    _check_lengths(len_q, len_k, causal)
-    constexprs = _constexprs(q, causal)
+    _check_lengths(len_q, len_k, causal, window)
+    constexprs = _constexprs(q, causal, window)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     delta_block = 64
@@ -374,7 +414,7 @@ def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         out, do, delta, *_strides(out), *_strides(do), n_heads, len_q, HEAD_DIM=head_dim, BLOCK_M=delta_block)
 
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    common = (n_heads, n_heads // n_kv_heads, len_q, len_k, scale, *_tune_keys(len_q, len_k))
+    common = (n_heads, n_heads // n_kv_heads, len_q, len_k, window, scale, *_tune_keys(len_q, len_k))
     grid = lambda meta: flat_grid("attention", triton.cdiv(len_k, meta["BLOCK_N"]), batch * n_kv_heads)  # noqa: E731
     _launch(_bwd_dkdv_kernel, _dkdv_tuned, grid, q, k, v, do, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
