@@ -5,12 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archlab.kernels.attention import attention, attention_reference
-from archlab.kernels.backend import BACKENDS, resolve_backend
+from archlab.kernels.backend import BACKENDS, resolve_backend, triton_interpreting
 
 LENGTHS = [1, 2, 3, 5, 8, 13, 16, 31, 61]  # 1, primes, and a few that fill blocks exactly
 
 
-def naive_attention(q, k, v, *, causal, scale=None):
+def naive_attention(q, k, v, *, causal, scale=None, window=None):
     """Softmax attention written independently of the reference, in the inputs' own dtype."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -19,7 +19,10 @@ def naive_attention(q, k, v, *, causal, scale=None):
     if causal:
         len_q, len_k = q.shape[2], k.shape[2]
         query_position = torch.arange(len_k - len_q, len_k, device=q.device)[:, None]
-        scores = scores.masked_fill(torch.arange(len_k, device=q.device)[None, :] > query_position, float("-inf"))
+        key_position = torch.arange(len_k, device=q.device)[None, :]
+        scores = scores.masked_fill(key_position > query_position, float("-inf"))
+        if window is not None:
+            scores = scores.masked_fill(key_position <= query_position - window, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -79,6 +82,54 @@ def test_reference_causal_is_bottom_right_aligned():
     v_changed[:, :, 4] += 1
     changed = attention_reference(q, k, v_changed, causal=True)[0]
     assert torch.equal(changed[:, :, 0], out[:, :, 0]) and not torch.equal(changed[:, :, 1], out[:, :, 1])
+
+
+@pytest.mark.parametrize("len_q,len_k,window", [(5, 5, 1), (5, 5, 2), (3, 7, 3), (1, 6, 4), (4, 4, 9)])
+def test_windowed_reference_matches_naive(len_q, len_k, window):
+    torch.manual_seed(0)
+    q, k, v = random_qkv(2, 4, 2, len_q, len_k, 4, dtype=torch.float64)
+    dout = torch.randn(2, 4, len_q, 4, dtype=torch.float64)
+    kw = dict(causal=True, window=window)
+    ref = output_and_grads(lambda *a, **kw: attention_reference(*a, **kw)[0], q, k, v, dout, **kw)
+    naive = output_and_grads(naive_attention, q, k, v, dout, **kw)
+    for got, want in zip(ref, naive, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_a_window_at_least_the_keys_is_full_causal_attention(backend):
+    if backend == "triton" and not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("the triton backend needs CUDA or Triton's interpreter")
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in random_qkv(1, 2, 1, 6, 9, 16))
+    full = attention(q, k, v, causal=True, backend=backend)
+    for window in (9, 10, 1000):
+        assert torch.equal(attention(q, k, v, causal=True, window=window, backend=backend), full)
+    assert not torch.equal(attention(q, k, v, causal=True, window=8, backend=backend), full)
+
+
+@pytest.mark.parametrize("len_q", [1, 3])
+def test_windowed_decoding_queries_match_reference(len_q):
+    """A query or a chunk at the end of a long cache (SDPA gets a band mask, also for one query)."""
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, len_q, 20, 16))
+    got = attention(q, k, v, causal=True, window=5, backend="torch")
+    want = naive_attention(q, k, v, causal=True, window=5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, :, -1:], naive_attention(q[:, :, -1:], k[:, :, -5:], v[:, :, -5:], causal=False))
+
+
+@pytest.mark.parametrize("window,causal,error,message", [
+    (0, True, ValueError, "window must be >= 1"),
+    (-3, True, ValueError, "window must be >= 1"),
+    (2.5, True, TypeError, "window must be an int"),
+    (True, True, TypeError, "window must be an int"),
+    (4, False, ValueError, "a window needs causal=True"),
+])
+def test_bad_windows_are_one_line_errors(window, causal, error, message):
+    with pytest.raises(error, match=message) as info:
+        attention(*_qkv(), causal=causal, window=window)
+    assert "\n" not in str(info.value)
 
 
 # -- backends against the reference ---------------------------------------------------------------------

@@ -26,16 +26,16 @@ def use_blocks(monkeypatch, block_m, block_n):
     monkeypatch.setattr(flash, "FIXED_BLOCKS", {"BLOCK_M": block_m, "BLOCK_N": block_n})
 
 
-def flash_attention(q, k, v, dout, *, causal, scale):
+def flash_attention(q, k, v, dout, *, causal, scale, window=None):
     """out, lse, dq, dk, dv straight from the two kernels."""
-    out, lse = flash_attn_fwd(q, k, v, causal=causal, scale=scale)
-    return (out, lse, *flash_attn_bwd(dout, q, k, v, out, lse, causal=causal, scale=scale))
+    out, lse = flash_attn_fwd(q, k, v, causal=causal, scale=scale, window=window or 0)
+    return (out, lse, *flash_attn_bwd(dout, q, k, v, out, lse, causal=causal, scale=scale, window=window or 0))
 
 
-def reference_attention(q, k, v, dout, *, causal, scale):
+def reference_attention(q, k, v, dout, *, causal, scale, window=None):
     """The same five results from the float32 reference, grads by autograd."""
     q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
-    out, lse = attention_reference(q, k, v, causal=causal, scale=scale)
+    out, lse = attention_reference(q, k, v, causal=causal, scale=scale, window=window)
     out.backward(dout.float())
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
@@ -67,7 +67,7 @@ def attention_cases(draw):
 
 def check_float32(case, seed):
     q, k, v, dout = make_inputs(case, torch.float32, seed)
-    kw = dict(causal=case["causal"], scale=case["scale"] or case["head_dim"] ** -0.5)
+    kw = dict(causal=case["causal"], scale=case["scale"] or case["head_dim"] ** -0.5, window=case.get("window"))
     got, want = flash_attention(q, k, v, dout, **kw), reference_attention(q, k, v, dout, **kw)
     for name, g, w, tol in zip(["out", "lse", "dq", "dk", "dv"], got, want, [1e-5, 1e-5, 3e-5, 3e-5, 3e-5],
                                strict=True):
@@ -230,3 +230,63 @@ def test_cuda_large_bf16_matches_reference(monkeypatch, causal, n_heads, n_kv_he
 ])
 def test_a_few_hundred_positions(len_q, len_k, causal, head_dim):
     check_float32(_case(len_q, len_k, causal, n_heads=2, n_kv_heads=1, head_dim=head_dim), seed=len_q)
+
+
+# -- sliding window ----------------------------------------------------------------------------------------------
+@st.composite
+def windowed_cases(draw):
+    """Causal with a window: one key, a few, both sides of the 16 x 32 blocks, and at least the keys (full)."""
+    len_k = draw(st.sampled_from([n for n in LENGTHS if n <= 67]))
+    len_q = len_k if draw(st.booleans()) else draw(st.sampled_from([n for n in LENGTHS if n <= len_k]))
+    window = draw(st.one_of(st.sampled_from([1, 2, 15, 16, 17, 31, 32, 33, len_k, len_k + 3]),
+                            st.integers(1, len_k)))
+    n_heads, n_kv_heads = draw(st.sampled_from(HEADS))
+    return dict(batch=draw(st.integers(1, 2)), n_heads=n_heads, n_kv_heads=n_kv_heads, len_q=len_q, len_k=len_k,
+                head_dim=draw(st.sampled_from([16, 32])), causal=True, scale=draw(st.sampled_from([None, 0.3])),
+                layout=draw(st.sampled_from(["contiguous", "transposed"])), window=window)
+
+
+@settings(max_examples=6, deadline=None)
+@given(case=windowed_cases(), seed=st.integers(0, 2**16))
+def test_windowed_float32_matches_reference(case, seed):
+    check_float32(case, seed)
+
+
+@pytest.mark.parametrize("blocks,len_q,len_k,windows", [
+    ((16, 32), 21, 67, (1, 16, 17, 33)),  # a ragged chunk after a cache
+    ((16, 32), 48, 48, (15, 32)),         # a training shape
+    ((32, 16), 40, 53, (16, 31)),
+], ids=["m16n32-chunk", "m16n32-train", "m32n16-chunk"])
+def test_windows_around_block_edges(monkeypatch, blocks, len_q, len_k, windows):
+    """Which blocks a window skips, masks or takes whole depends on where its lower edge falls: windows on both
+    sides of both block sizes (GQA)."""
+    use_blocks(monkeypatch, *blocks)
+    for window in windows:
+        check_float32(dict(_case(len_q, len_k, True, n_heads=2, n_kv_heads=1, head_dim=16), window=window),
+                      seed=window)
+
+
+def test_window_never_reads_keys_behind_it():
+    """Keys that fell out of a query's window must not matter at all, even when huge: its results stay bit-equal."""
+    q, k, v, dout = make_inputs(_case(20, 50, True), torch.float32, seed=0)
+    # window 8: the last query (position 49) sees keys 42..49, the one before it also key 41
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :42], v2[:, :, :42] = 1e4, 1e4
+    before = flash_attention(q, k, v, dout, causal=True, scale=0.2, window=8)
+    after = flash_attention(q, k2, v2, dout, causal=True, scale=0.2, window=8)
+    for name, b, a in zip(["out", "lse", "dq"], before[:3], after[:3], strict=True):
+        assert torch.equal(b[:, :, -1], a[:, :, -1]), name
+        assert not torch.equal(b[:, :, -2], a[:, :, -2]), name
+
+
+def test_window_of_one_is_each_querys_own_value():
+    q, k, v, dout = make_inputs(_case(33, 33, True, n_heads=2, n_kv_heads=2, head_dim=16), torch.float32, seed=0)
+    out, lse, *_ = flash_attention(q, k, v, dout, causal=True, scale=0.5, window=1)
+    torch.testing.assert_close(out, v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lse, 0.5 * (q * k).sum(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_windows_are_one_line_errors():
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="window must be 0 .none. or >= 1 with causal=True, got 3"):
+        flash_attn_fwd(q, q, q, causal=False, scale=1.0, window=3)
