@@ -206,11 +206,15 @@ class ModelConfig(BaseModel):
             raise ValueError(f"objective {self.objective} needs a {kind} backbone; "
                              f"set model.causal={setting} or leave it unset")
         if not self.runs_causally:
-            one_way = [name for name in self.mixers if MIXERS[name].bidirectional == "no"]
-            if one_way:
-                raise ValueError(f"mixer {one_way[0]} runs causally only, and this model runs bidirectionally "
-                                 f"(objective {self.objective}, model.causal={self.causal}); use another mixer "
-                                 "or a causal objective")
+            runs_bidirectionally = f"this model runs bidirectionally (objective {self.objective}, model.causal=" \
+                                   f"{self.causal})"
+            for name, settings in self.mixers.items():
+                if MIXERS[name].bidirectional == "no":
+                    raise ValueError(f"mixer {name} runs causally only, and {runs_bidirectionally}; use another "
+                                     "mixer or a causal objective")
+                if (reason := settings.causal_only()) is not None:
+                    raise ValueError(f"{reason}, and {runs_bidirectionally}; use another setting or mixer, or a "
+                                     "causal objective")
         return self
 
     @property

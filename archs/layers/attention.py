@@ -1,9 +1,15 @@
-"""The attention mixer: multi-head self-attention with grouped-query heads, RoPE and a KV cache for decoding.
-Causal or bidirectional per call (the same weights); its blocks add a SwiGLU MLP by default (the LLaMA block)."""
+"""The attention mixers: multi-head self-attention with grouped-query heads, RoPE and a KV cache for decoding.
+Causal or bidirectional per call (the same weights); its blocks add a SwiGLU MLP by default (the LLaMA block).
+
+`attention` sees every earlier position unless model.attention.window is set; `swa` is the same layer with a sliding
+window always on (model.swa.window, default 128), so a stack can mix both: '(attention,swa*3)*2'. A window is how
+many positions each query sees, itself included; it is defined for causal attention only, so a windowed layer
+refuses bidirectional objectives. Its decoding cache is a ring buffer of the last `window` positions: memory bounded
+by the window, not the length. RoPE is applied before caching, so cached keys keep their absolute positions."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from einops import rearrange
@@ -18,23 +24,32 @@ from archlab.kernels.attention import MAX_HEAD_DIM, TRITON_HEAD_DIMS, attention
 class AttentionSettings(MixerSettings):
     """model.attention"""
 
+    section: ClassVar[str] = "attention"  # where these settings live in a config: model.<section>
+
     mlp: bool = Field(True, description="a SwiGLU MLP after attention in each block (the Transformer block)")
     n_heads: int = Field(4, gt=0)
     n_kv_heads: Optional[int] = Field(None, gt=0, description="grouped-query attention; None = n_heads")
     rope_theta: float = Field(10000.0, gt=0)
+    window: Optional[int] = Field(None, ge=1, description="sliding window: positions each query sees, itself "
+                                  "included (causal objectives only); None = all earlier positions")
 
     def check(self, d_model: int) -> None:
+        heads = f"model.{self.section}.n_heads"
         if d_model % self.n_heads:
-            raise ValueError(f"model.attention.n_heads={self.n_heads} does not divide model.d_model={d_model}")
+            raise ValueError(f"{heads}={self.n_heads} does not divide model.d_model={d_model}")
         head_dim = d_model // self.n_heads
         if head_dim % 2:
-            raise ValueError(f"head dim model.d_model/model.attention.n_heads={head_dim} must be even for RoPE")
+            raise ValueError(f"head dim model.d_model/{heads}={head_dim} must be even for RoPE")
         if head_dim > MAX_HEAD_DIM:
-            raise ValueError(f"head dim model.d_model/model.attention.n_heads={head_dim} is above {MAX_HEAD_DIM}; "
-                             "raise model.attention.n_heads")
+            raise ValueError(f"head dim model.d_model/{heads}={head_dim} is above {MAX_HEAD_DIM}; raise {heads}")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.attention.n_kv_heads={self.n_kv_heads} must divide "
-                             f"model.attention.n_heads={self.n_heads}")
+            raise ValueError(f"model.{self.section}.n_kv_heads={self.n_kv_heads} must divide {heads}={self.n_heads}")
+
+    def causal_only(self) -> str | None:
+        if self.window is not None:
+            return (f"model.{self.section}.window={self.window}: a sliding window is defined for causal attention "
+                    "only here (the window ends at each query's own position)")
+        return None
 
     def check_kernels(self, d_model: int, kernels: Mapping[str, str]) -> None:
         head_dim = d_model // self.n_heads
@@ -49,21 +64,31 @@ class AttentionSettings(MixerSettings):
         return self.model_copy(update={"n_heads": heads or max(1, self.n_heads // 2), "n_kv_heads": None})
 
 
+class SlidingWindowSettings(AttentionSettings):
+    """model.swa: attention whose window is always on"""
+
+    section: ClassVar[str] = "swa"
+
+    window: int = Field(128, ge=1, description="positions each query sees, itself included")
+
+
 class KVCache:
-    """Preallocated keys and values of one attention layer; the first `length` positions are filled."""
+    """Preallocated keys and values of one attention layer for up to max_len positions; `length` have been seen.
+
+    Without a window it holds them all, position p in slot p. With one it is a ring buffer of the last
+    min(window, max_len) positions, position p in slot p % capacity, so its memory is bounded by the window."""
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.keys = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device | str, window: int | None = None):
+        capacity = max_len if window is None else min(window, max_len)
+        self.keys = torch.zeros(batch_size, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
+        self.max_len, self.window = max_len, window
         self.length = 0
 
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[2]
-
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Stores k, v (B, H_kv, L, D) after the filled positions; returns the keys and values so far."""
+        """Stores k, v (B, H_kv, L, D), the L positions after those seen; returns the keys and values the new
+        positions attend to, ending with these L (attention's bottom-right alignment places each query)."""
         start, end = self.length, self.length + k.shape[2]
         if k.shape[:2] != self.keys.shape[:2]:
             raise ValueError(f"KV cache was made for (batch, kv_heads)={tuple(self.keys.shape[:2])} but got "
@@ -71,10 +96,23 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions but {end} are needed; "
                              "make the cache with a larger max_len")
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        if self.window is None:
+            self.keys[:, :, start:end] = k
+            self.values[:, :, start:end] = v
+            return self.keys[:, :, :end], self.values[:, :, :end]
+        capacity = self.keys.shape[2]
+        if k.shape[2] > 1:  # the first new query also sees the window - 1 positions before it: read them in order
+            earlier = torch.arange(max(start - self.window + 1, 0), start, device=k.device) % capacity
+            k = torch.cat([self.keys.index_select(2, earlier), k], dim=2)
+            v = torch.cat([self.values.index_select(2, earlier), v], dim=2)
+        stored = min(end - start, capacity)
+        slots = torch.arange(end - stored, end, device=k.device) % capacity
+        self.keys.index_copy_(2, slots, k[:, :, -stored:])
+        self.values.index_copy_(2, slots, v[:, :, -stored:])
+        if end - start == 1:  # one query sees every position in the buffer: their order does not matter
+            return self.keys[:, :, :min(end, capacity)], self.values[:, :, :min(end, capacity)]
+        return k, v
 
 
 @register_mixer
@@ -90,6 +128,7 @@ class Attention(Mixer):
         n_kv_heads = settings.n_kv_heads or settings.n_heads
         self.head_dim = d_model // settings.n_heads
         self.n_kv_heads = n_kv_heads
+        self.window = settings.window
         self.attention_backend = backend_for(kernels, "attention")
         self.q_proj = nn.Linear(d_model, settings.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
@@ -106,22 +145,36 @@ class Attention(Mixer):
         q, k = self.rope(q, k, offset)
         if state is not None:
             k, v = state.append(k, v)
-        out = attention(q, k, v, causal=causal, backend=self.attention_backend)
+        out = attention(q, k, v, causal=causal, window=self.window, backend=self.attention_backend)
         return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
 
     def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> KVCache:
-        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype=dtype, device=device)
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype=dtype, device=device,
+                       window=self.window)
 
     def flops_per_token(self, seq_len: int, *, causal: bool) -> int:
         """q/k/v/o projections 2d(d + 2 d_kv) + 2d^2, and attention scores plus weighted values 2 * 2 * ctx * d.
-        ctx is seq_len when bidirectional; when causal it is the average attended length (seq_len + 1) / 2 —
-        the work a kernel that skips fully masked blocks actually does. Softmax and RoPE are O(d) and left out."""
+        ctx is seq_len when bidirectional; when causal it is the average attended length, the work a kernel that
+        skips fully masked blocks actually does: position p (from 1) sees min(p, window) positions, so ctx is
+        (seq_len + 1) / 2 without a window (the count stays exact) and tends to the window with one (rounded
+        down). Softmax and RoPE are O(d) and left out."""
         d, d_kv = self.q_proj.in_features, self.k_proj.out_features
         projections = 2 * d * (d + 2 * d_kv) + 2 * d * d
-        # 4 * d * ctx, written so the causal count stays an integer
-        scores_and_values = 2 * d * (seq_len + 1) if causal else 4 * d * seq_len
-        return projections + scores_and_values
+        if not causal:
+            return projections + 4 * d * seq_len
+        window = min(seq_len, self.window or seq_len)
+        attended = window * (window + 1) // 2 + (seq_len - window) * window  # sum over positions of min(p, window)
+        return projections + 4 * d * attended // seq_len
 
     def state_bytes(self, batch_size: int, seq_len: int, *, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Keys and values of every position: grows linearly with seq_len."""
-        return 2 * batch_size * self.n_kv_heads * seq_len * self.head_dim * dtype.itemsize
+        """Keys and values of every position, or of the last `window`: grows linearly with seq_len up to it."""
+        positions = seq_len if self.window is None else min(seq_len, self.window)
+        return 2 * batch_size * self.n_kv_heads * positions * self.head_dim * dtype.itemsize
+
+
+@register_mixer
+class SlidingWindowAttention(Attention):
+    """Attention with its window always on (model.swa), beside full attention in the same stack."""
+
+    name = "swa"
+    settings = SlidingWindowSettings

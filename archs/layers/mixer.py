@@ -10,7 +10,8 @@ decorates it with `@register_mixer`. It owns:
   - which parameters take no weight decay (`no_weight_decay(param)`, mamba_ssm's `_no_weight_decay` marker)
     and which linear layers write into the residual stream (`writes_residual(linear)`: scaled at init);
   - `bidirectional`: "per_call" (the same weights run either way, e.g. attention), "built" (a bidirectional
-    layer has other weights, e.g. Mamba's reversed scan), or "no" (it can only run causally).
+    layer has other weights, e.g. Mamba's reversed scan), or "no" (it can only run causally); settings can narrow
+    it further (`MixerSettings.causal_only`: attention with a sliding window runs causally only).
 Blocks, stacks, configs, FLOPs accounting and `archlab model` find everything through this interface.
 """
 from __future__ import annotations
@@ -38,6 +39,11 @@ class MixerSettings(BaseModel):
 
     def check_kernels(self, d_model: int, kernels: Mapping[str, str]) -> None:
         """Raises ValueError (one line) when a chosen kernel backend cannot run these settings."""
+
+    def causal_only(self) -> str | None:
+        """Why these settings make the mixer run causally only (a clause naming the key), or None when they don't:
+        a bidirectional model then refuses them, as it refuses a mixer whose `bidirectional` is "no"."""
+        return None
 
     def d_model_multiple(self) -> int:
         """d_model must be a multiple of this (a study solving d_model steps by it)."""
