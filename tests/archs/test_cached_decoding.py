@@ -5,6 +5,8 @@ One cache takes a prompt (prefill), then a multi-position chunk, then single pos
 concatenated, must be the logits of one forward over the whole sequence. What a backend changes on this path:
   attention  every piece runs the backend's kernel, the chunk and the steps with fewer queries than keys (the
              bottom-right aligned causal mask) over the KV cache;
+  swa        the same with a sliding window of 3 over a ring-buffer cache: the prompt is longer than the window,
+             the chunk reads the window before it back from the ring, each step overwrites its oldest slot;
   mamba      the prefill runs the backend's conv and scan, whose conv window and last state seed the cache; later
   mamba2     positions run selective_state_update (ssd_state_update for Mamba-2) / causal_conv1d_update, which
              have one implementation for every backend (kernels/selective_scan, kernels/ssd, kernels/causal_conv1d),
@@ -37,6 +39,8 @@ BACKBONES = {
     "transformer": dict(layers="transformer", n_layers=2, d_model=32, attention=dict(n_heads=2, n_kv_heads=1)),
     "mamba": dict(layers="mamba", n_layers=2, d_model=16, mamba=MAMBA),
     "hybrid": dict(layers="mamba,attention", d_model=16, attention=dict(n_heads=1), mamba=MAMBA),
+    "swa": dict(layers="attention,swa", d_model=32, attention=dict(n_heads=2, n_kv_heads=1),
+                swa=dict(n_heads=2, n_kv_heads=1, window=3)),
     "mamba2": dict(layers="mamba2", n_layers=2, d_model=16, mamba2=MAMBA2),
 }
 BATCH = 2
