@@ -9,7 +9,7 @@ import torch
 from archlab.kernels.backend import numba_missing, triton_interpreting
 from archlab.kernels.bench import add_ratios, to_markdown, write_results
 from archlab.kernels.bench.attention import COLUMNS as ATTENTION_COLUMNS
-from archlab.kernels.bench.attention import attention_flops, bench_attention
+from archlab.kernels.bench.attention import WINDOW_PROVIDER, attention_flops, bench_attention, bench_cases
 from archlab.kernels.bench.conv1d import bench_conv1d, conv1d_bytes
 from archlab.kernels.bench.scan import bench_scan, scan_bytes
 from archlab.kernels.bench.ssd import AUTOCAST, bench_ssd
@@ -22,6 +22,24 @@ def test_attention_flops_convention():
     assert attention_flops(2, 3, 128, 64, causal=False, backward=False) == full
     assert attention_flops(2, 3, 128, 64, causal=True, backward=False) == full / 2
     assert attention_flops(2, 3, 128, 64, causal=True, backward=True) == full / 2 * 3.5
+    # a window W of L: L·W - W²/2 of the L² pairs, the causal count at W >= L
+    assert attention_flops(2, 3, 128, 64, causal=True, backward=False, window=32) == full * (128 * 32 - 512) / 128**2
+    assert attention_flops(2, 3, 128, 64, causal=True, backward=True, window=128) == full / 2 * 3.5
+
+
+def test_every_window_row_has_full_causal_attention_to_compare_with():
+    cases = bench_cases(shapes=((1, 2, 64, 32),), window_shapes=((1, 2, 256, 64, 16), (1, 2, 256, 64, 64)))
+    windowed = [shape for shape, provider in cases if provider == WINDOW_PROVIDER]
+    assert [shape["window"] for shape in windowed] == [16, 64] and all(shape["causal"] for shape in windowed)
+    full = [(shape, provider) for shape, provider in cases if shape["seq_len"] == 256 and shape["window"] is None]
+    assert sorted(provider for _, provider in full) == ["archlab-triton", "sdpa-cudnn", "sdpa-flash"]  # once
+    assert all(shape["causal"] for shape, _ in full)
+    assert len(cases) == 2 * 3 + 2 + 3  # the plain shape causal and not on three providers
+    # the windowed rows' ratios read the full causal rows at the same shape and pass
+    rows = [_row(WINDOW_PROVIDER, 1.0, window=16), _row(WINDOW_PROVIDER, 2.0, window=64), _row("archlab-triton", 4.0)]
+    add_ratios(rows, ours=[WINDOW_PROVIDER], peers=["archlab-triton"],
+               key=("batch", "heads", "seq_len", "head_dim", "causal", "pass"))
+    assert [row["ratio_vs_archlab-triton"] for row in rows[:2]] == [4.0, 2.0]
 
 
 def test_scan_and_conv_traffic_counts_each_tensor_once():
@@ -51,8 +69,8 @@ def test_ratios_compare_same_shape_and_pass(tmp_path):
               "device": "NVIDIA H100 80GB HBM3", "date": "2026-11-23", "dtype": "bfloat16", "torch": "x",
               "triton": "y", "commit": "abc", "rows": rows}
     markdown = to_markdown(result)
-    assert "| 1 | 2 | 64 | 32 | True | fwd | archlab-triton | 2.0 | 1.0 |  | 1.5 | 0.5 |" in markdown
-    assert "| 1 | 2 | 64 | 32 | False | fwd | sdpa-cudnn | failed: not supported |  |  |  |  |" in markdown
+    assert "| 1 | 2 | 64 | 32 | True |  | fwd | archlab-triton | 2.0 | 1.0 |  | 1.5 | 0.5 |  |" in markdown
+    assert "| 1 | 2 | 64 | 32 | False |  | fwd | sdpa-cudnn | failed: not supported |  |  |  |  |  |" in markdown
     json_path, md_path = write_results(result, tmp_path)
     assert json_path.name == "attention-nvidia-h100-80gb-hbm3-2026-11-23-abc.json"
     assert json.loads(json_path.read_text())["rows"][0]["ratio_vs_sdpa-flash"] == 1.5 and md_path.exists()
@@ -132,9 +150,11 @@ def test_kernel_bench_rejects_a_config(capsys):
 
 @pytest.mark.gpu
 def test_bench_attention_runs_on_gpu():
-    result = bench_attention(shapes=((1, 2, 256, 64),))
+    result = bench_attention(shapes=((1, 2, 256, 64),), window_shapes=((1, 2, 512, 64, 64),))
     ours = [r for r in result["rows"] if r["provider"] == "archlab-triton"]
-    assert len(ours) == 4 and all(r["tflops"] > 0 for r in ours)
+    assert len(ours) == 6 and all(r["tflops"] > 0 for r in ours)
+    windowed = [r for r in result["rows"] if r["provider"] == WINDOW_PROVIDER]
+    assert len(windowed) == 2 and all(r["tflops"] > 0 and r["ratio_vs_archlab-triton"] > 0 for r in windowed)
 
 
 @pytest.mark.gpu
