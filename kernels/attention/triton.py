@@ -125,10 +125,11 @@ def _query_range(start_n, Lq, Lk, window, CAUSAL: tl.constexpr, WINDOWED: tl.con
         lo = 0
         mid = 0
     full_end = end
-    if WINDOWED:  # and key j by rows i < j - (Lk - Lq) + window: the first key leaves the window first
-        end = tl.maximum(tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Lk - Lq) + window, 0), BLOCK_M)
-                                    * BLOCK_M, end), mid)
-        full_end = tl.minimum(tl.maximum(tl.maximum(start_n - (Lk - Lq) + window, 0) // BLOCK_M * BLOCK_M, mid), end)
+    if WINDOWED:  # and key j by rows i < j - (Lk - Lq) + window: the block's first key leaves the window first
+        last_key_until = tl.maximum(start_n + BLOCK_N - 1 - (Lk - Lq) + window, 0)  # rows before it see some key
+        first_key_until = tl.maximum(start_n - (Lk - Lq) + window, 0)  # rows before it see every key
+        end = tl.maximum(tl.minimum(tl.cdiv(last_key_until, BLOCK_M) * BLOCK_M, end), mid)
+        full_end = tl.minimum(tl.maximum(first_key_until // BLOCK_M * BLOCK_M, mid), end)
     return lo, mid, full_end, end
 
 
@@ -155,9 +156,9 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, L
         k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, window, qk_scale, MASKED,
                                     CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
         # Without a window every row sees key 0 in the first block, so m_new is finite from then on. With one,
-        # a row may see no key of its first blocks: subtract 0 instead of -inf there (-inf - -inf is NaN).
+        # a row may see no key of its first masked blocks: subtract 0 instead of -inf there (-inf - -inf is NaN).
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if WINDOWED:
+        if WINDOWED and MASKED:
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max

@@ -29,10 +29,11 @@ def test_triton_backend_matches_reference_with_gradients(causal):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("window", [0, 3], ids=["full", "window3"])
+def test_custom_op_passes_opcheck(window):
     """Schema, fake (meta) kernel, autograd registration and AOT dispatch agree with the real kernel."""
     q, k, v = _qkv(len_q=9, len_k=9, head_dim=16)
-    torch.library.opcheck(flash_attention, (q, k, v), {"causal": True, "scale": 0.25})
+    torch.library.opcheck(flash_attention, (q, k, v), {"causal": True, "scale": 0.25, "window": window})
 
 
 def test_lse_is_returned_but_not_differentiable():
