@@ -3,9 +3,9 @@ opaque to torch.compile.
 
 `gated_delta_triton` is what the dispatcher in `__init__.py` calls for backend="triton" (q and k already
 l2-normalised there when asked). The forward op saves only its inputs; the backward op reruns the forward to
-store the state at every chunk's start (kernels/gated_delta/triton.py). The chunk length is the kernels' own: 64
-positions on a GPU, 16 in Triton's interpreter so that short tests cross chunk boundaries. Results do not depend
-on it beyond rounding.
+store the state at every chunk's start (kernels/gated_delta/triton.py). The chunk length is the kernels' own: 32
+positions on a GPU (at 64 the forward's chunk x chunk tiles spill kilobytes of registers), 16 in Triton's
+interpreter so that short tests cross chunk boundaries. Results do not depend on it beyond rounding.
 
 The kernel module is imported inside the op bodies, so this file imports on machines without triton.
 """
@@ -18,7 +18,7 @@ from archlab.kernels.backend import refuse_double_backward, triton_interpreting
 
 __all__ = ["gated_delta_triton", "gated_delta_fwd", "gated_delta_bwd", "chunk_len_for"]
 
-GPU_CHUNK_LEN = 64
+GPU_CHUNK_LEN = 32
 INTERPRETER_CHUNK_LEN = 16
 
 

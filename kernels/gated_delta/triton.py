@@ -46,9 +46,11 @@ __all__ = ["gated_delta_fwd", "gated_delta_bwd"]
 TRITON_MAX_HEAD_DIM = 256
 AUTOTUNE = True
 FIXED_BLOCK_V = 16  # interpreter: the smallest tl.dot tile, so tests cross value tiles
-# value tiles on a GPU: the forward holds ~6 (CHUNK x key_dim) and (CHUNK x CHUNK) fp32 tiles besides the state;
-# the backward ~6 (key_dim x value tile) fp32 tiles, so its tile shrinks as key_dim grows (key_dim * tile elements)
-GPU_BLOCK_V = 32
+# value tiles on a GPU (ptxas -v, key_dim 128, 32-position chunks): the forward holds (chunk x key_dim) and
+# (chunk x chunk) tiles besides the state and spills a little even at 16 (at most 400 bytes, none with 8 warps
+# on sm_90; 1.6 KB at 32); the backward ~6 (key_dim x value tile) fp32 tiles, so its tile shrinks as key_dim
+# grows (key_dim * tile elements; no spills at 4096)
+GPU_BLOCK_V = 16
 GPU_GRAD_TILE_ELEMENTS = 4096
 # Under the interpreter the device functions run as plain Python (see kernels/ssd/triton.py: re-patching
 # triton.language at every nested @triton.jit call costs ~3 ms)
@@ -66,9 +68,9 @@ def _program(pid, value_heads, value_dim, BLOCK_V: tl.constexpr):
 
 @_device
 def _rows(Ptr, tokens, live, head, n_heads, dim, cols, col_mask):
-    """The fp32 (tokens, cols) tile of a (token, head, dim) contiguous tensor, zero outside the masks."""
+    """The (tokens, cols) tile of a (token, head, dim) contiguous tensor in its own dtype, zero outside the masks."""
     offsets = (tokens[:, None] * n_heads + head) * dim + cols[None, :]
-    return tl.load(Ptr + offsets, mask=live[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    return tl.load(Ptr + offsets, mask=live[:, None] & col_mask[None, :], other=0.0)
 
 
 @_device
@@ -80,6 +82,17 @@ def _vector(Ptr, token, head, n_heads, dim, cols, col_mask):
 @_device
 def _dot(a, b, PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@_device
+def _input_dot(a, b, PRECISION: tl.constexpr):
+    """a @ b of two input tiles as loaded: in their half type on a GPU (exact products, fp32 sums, half the
+    registers), else in true fp32."""
+    if PRECISION == "tf32":
+        out = tl.dot(a, b)
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return out
 
 
 @_device
@@ -122,22 +135,26 @@ def _forward_kernel(Q, K, V, G, Beta, Init, Out, Final, States, Bounds, FirstChu
             tl.store(States + ((first_chunk + c) * value_heads + hv) * size + state_offsets, state, mask=state_mask)
         tokens = bos + c * CHUNK + steps
         live = tokens < eos
-        k = _rows(K, tokens, live, h, n_heads, key_dim, cols_k, k_mask)
-        v = _rows(V, tokens, live, hv, value_heads, value_dim, cols_v, v_mask)
+        k_in = _rows(K, tokens, live, h, n_heads, key_dim, cols_k, k_mask)
+        k = k_in.to(tl.float32)
+        v = _rows(V, tokens, live, hv, value_heads, value_dim, cols_v, v_mask).to(tl.float32)
         g = tl.load(G + tokens * value_heads + hv, mask=live, other=0.0).to(tl.float32)
         beta = tl.load(Beta + tokens * value_heads + hv, mask=live, other=0.0).to(tl.float32)
         decay_sum = _cumsum(g, 0)  # padding has g = 0: the last entry is the chunk's total
         total = _sum(tl.where(steps == CHUNK - 1, decay_sum, 0.0), 0)
         # exp(G_i - G_j) for j <= i, else exp(-inf) = 0 (no exp of the growing differences above the diagonal)
         decay = tl.exp(tl.where(causal, decay_sum[:, None] - decay_sum[None, :], -float("inf")))
-        A = tl.where(steps[:, None] > steps[None, :], beta[:, None] * decay * _dot(k, tl.trans(k), PRECISION), 0.0)
+        gram = _input_dot(k_in, tl.trans(k_in), PRECISION)
+        A = tl.where(steps[:, None] > steps[None, :], beta[:, None] * decay * gram, 0.0)
         inverse = _unit_lower_inverse(A, steps, CHUNK)
-        w = _dot(inverse, k * (beta * tl.exp(decay_sum))[:, None], PRECISION)
-        deltas = _dot(inverse, v * beta[:, None], PRECISION) - _dot(w, state, PRECISION)
+        # T beta (v - exp(G) k S): fla's u - w S, with w S = T (beta exp(G) k) S taken as T (beta exp(G) (k S))
+        decayed_reads = tl.exp(decay_sum)[:, None] * _dot(k, state, PRECISION)
+        deltas = _dot(inverse, beta[:, None] * (v - decayed_reads), PRECISION)
         if STORE_OUT:
-            q = _rows(Q, tokens, live, h, n_heads, key_dim, cols_k, k_mask) * scale
-            o = _dot(q * tl.exp(decay_sum)[:, None], state, PRECISION) \
-                + _dot(_dot(q, tl.trans(k), PRECISION) * decay, deltas, PRECISION)
+            q_in = _rows(Q, tokens, live, h, n_heads, key_dim, cols_k, k_mask)
+            o = tl.exp(decay_sum)[:, None] * _dot(q_in.to(tl.float32), state, PRECISION) \
+                + _dot(_input_dot(q_in, tl.trans(k_in), PRECISION) * decay, deltas, PRECISION)
+            o *= scale
             out_offsets = (tokens[:, None] * value_heads + hv) * value_dim + cols_v[None, :]
             tl.store(Out + out_offsets, o.to(Out.dtype.element_ty), mask=live[:, None] & v_mask[None, :])
         to_end = tl.exp(total - decay_sum)
@@ -263,9 +280,9 @@ class _Problem:
         return torch.empty(rows, self.value_heads, self.key_dim, self.value_dim, dtype=torch.float32, device=device)
 
 
-def _precision(*tensors: Tensor) -> str:
+def _precision(q: Tensor, k: Tensor, v: Tensor) -> str:
     """tl.dot in true fp32 for fp32 inputs (and in the interpreter), tf32 when the inputs are half already."""
-    half = all(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    half = q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
     return "tf32" if half and not triton_interpreting() else "ieee"
 
 
