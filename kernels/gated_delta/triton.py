@@ -60,10 +60,26 @@ _sum, _cumsum = ((f.fn if triton_interpreting() else f) for f in (tl.sum, tl.cum
 
 # -- shared pieces ----------------------------------------------------------------------------------------
 @_device
-def _program(pid, value_heads, value_dim, BLOCK_V: tl.constexpr):
-    """(sequence, value head, value tile) of a program id, tile index fastest."""
+def _program(pid, n_heads, value_heads, key_dim, value_dim, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A program's sequence, value head, key head and value tile (tile fastest); its key and value columns with
+    their masks; and its tile's offsets (int64) and mask in one (key_dim, value_dim) state."""
     n_v_tiles = (value_dim + BLOCK_V - 1) // BLOCK_V
-    return pid // n_v_tiles // value_heads, pid // n_v_tiles % value_heads, pid % n_v_tiles
+    seq, hv, v_tile = pid // n_v_tiles // value_heads, pid // n_v_tiles % value_heads, pid % n_v_tiles
+    cols_k, cols_v = tl.arange(0, BLOCK_K), v_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_mask, v_mask = cols_k < key_dim, cols_v < value_dim
+    state_offsets = cols_k[:, None].to(tl.int64) * value_dim + cols_v[None, :]
+    return (seq, hv, hv // (value_heads // n_heads), v_tile, cols_k, cols_v, k_mask, v_mask, state_offsets,
+            k_mask[:, None] & v_mask[None, :])
+
+
+@_device
+def _state_or_zeros(Ptr, offsets, mask, PRESENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The fp32 state tile at Ptr + offsets, or zeros where there is none."""
+    if PRESENT:
+        state = tl.load(Ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    return state
 
 
 @_device
@@ -114,18 +130,11 @@ def _forward_kernel(Q, K, V, G, Beta, Init, Out, Final, States, Bounds, FirstChu
                     n_heads, value_heads, key_dim, value_dim,
                     HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr,
                     PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-    seq, hv, v_tile = _program(tl.program_id(0).to(tl.int64), value_heads, value_dim, BLOCK_V)
-    h = hv // (value_heads // n_heads)
-    cols_k, cols_v = tl.arange(0, BLOCK_K), v_tile * BLOCK_V + tl.arange(0, BLOCK_V)
-    k_mask, v_mask = cols_k < key_dim, cols_v < value_dim
-    state_offsets = cols_k[:, None].to(tl.int64) * value_dim + cols_v[None, :]
-    state_mask = k_mask[:, None] & v_mask[None, :]
+    seq, hv, h, v_tile, cols_k, cols_v, k_mask, v_mask, state_offsets, state_mask = _program(
+        tl.program_id(0).to(tl.int64), n_heads, value_heads, key_dim, value_dim, BLOCK_K, BLOCK_V)
     size = key_dim * value_dim
-    if HAS_INIT:
-        state = tl.load(Init + (seq * value_heads + hv) * size + state_offsets, mask=state_mask,
-                        other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    state = _state_or_zeros(Init + (seq * value_heads + hv) * size, state_offsets, state_mask, HAS_INIT, BLOCK_K,
+                            BLOCK_V)
     bos, eos = tl.load(Bounds + seq), tl.load(Bounds + seq + 1)
     first_chunk = tl.load(FirstChunk + seq)
     steps = tl.arange(0, CHUNK)
@@ -170,19 +179,12 @@ def _backward_kernel(Q, K, V, G, Beta, dOut, dFinal, States, Scratch, Bounds, Fi
                      HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, CHUNK: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    seq, hv, v_tile = _program(pid, value_heads, value_dim, BLOCK_V)
-    h = hv // (value_heads // n_heads)
-    cols_k, cols_v = tl.arange(0, BLOCK_K), v_tile * BLOCK_V + tl.arange(0, BLOCK_V)
-    k_mask, v_mask = cols_k < key_dim, cols_v < value_dim
-    state_offsets = cols_k[:, None].to(tl.int64) * value_dim + cols_v[None, :]
-    state_mask = k_mask[:, None] & v_mask[None, :]
+    seq, hv, h, v_tile, cols_k, cols_v, k_mask, v_mask, state_offsets, state_mask = _program(
+        pid, n_heads, value_heads, key_dim, value_dim, BLOCK_K, BLOCK_V)
     size = key_dim * value_dim
     scratch = Scratch + pid * CHUNK * BLOCK_K * BLOCK_V + cols_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    if HAS_DFINAL:
-        grad = tl.load(dFinal + (seq * value_heads + hv) * size + state_offsets, mask=state_mask,
-                       other=0.0).to(tl.float32)
-    else:
-        grad = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    grad = _state_or_zeros(dFinal + (seq * value_heads + hv) * size, state_offsets, state_mask, HAS_DFINAL, BLOCK_K,
+                           BLOCK_V)
     bos, eos = tl.load(Bounds + seq), tl.load(Bounds + seq + 1)
     first_chunk = tl.load(FirstChunk + seq)
     n_chunks = (eos - bos + CHUNK - 1) // CHUNK
