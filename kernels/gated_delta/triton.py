@@ -214,10 +214,10 @@ def _backward_kernel(Q, K, V, G, Beta, dOut, dFinal, States, Scratch, Bounds, Fi
             residual = v - _sum(decayed * k[:, None], 0)
             delta = beta * residual
             grad += q[:, None] * do[None, :]
-            dq = scale * _sum((decayed + k[:, None] * delta[None, :]) * do[None, :], 1)
+            dq = scale * (_sum(decayed * do[None, :], 1) + k * _sum(delta * do, 0))  # scale S_t do
             ddelta = _sum(grad * k[:, None], 0)
             dp = -beta * ddelta
-            dk = _sum(grad * delta[None, :], 1) + _sum(decayed * dp[None, :], 1)
+            dk = _sum(grad * delta[None, :] + decayed * dp[None, :], 1)
             grad += k[:, None] * dp[None, :]
             part = v_tile * n_tokens + token
             tl.store(dQ_part + (part * value_heads + hv) * key_dim + cols_k, dq, mask=k_mask)
