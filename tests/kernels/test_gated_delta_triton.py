@@ -234,3 +234,11 @@ def test_op_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None; import archlab.kernels.gated_delta.op as op; "
             "assert 'archlab.kernels.gated_delta.triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+def test_gpu_half_precision_dots(monkeypatch):
+    """The GPU's tl.dot choices for half inputs (q k^T and k k^T on the inputs as loaded, the rest in tf32) in the
+    interpreter, whose fp16 tl.dot is right (its bf16 one is not): fp16 inputs crossing a chunk."""
+    monkeypatch.setattr(gd_kernels, "_precision", lambda q, k, v: "tf32")
+    inputs = make_inputs((1, 17, 1, 2, 16, 16), torch.float16, seed=11, initial_state=True)
+    assert_conforms(inputs, torch.float16)
