@@ -43,7 +43,7 @@ from archlab.kernels.common.launch import flat_grid
 
 __all__ = ["gated_delta_fwd", "gated_delta_bwd"]
 
-TRITON_MAX_HEAD_DIM = 256
+TRITON_MAX_HEAD_DIM = 256  # key and value dims; the key dim is whole in every program (padded to a power of 2)
 AUTOTUNE = True
 FIXED_BLOCK_V = 16  # interpreter: the smallest tl.dot tile, so tests cross value tiles
 # value tiles on a GPU (ptxas -v, key_dim 128, 32-position chunks): the forward holds (chunk x key_dim) and
@@ -257,6 +257,9 @@ class _Problem:
                              f"{chunk_len}")
         batch, length, self.n_heads, self.key_dim = q.shape
         self.value_heads, self.value_dim = v.shape[2:]
+        if max(self.key_dim, self.value_dim) > TRITON_MAX_HEAD_DIM:  # a program holds key_dim whole
+            raise ValueError(f"triton gated_delta: key_dim {self.key_dim} and value_dim {self.value_dim} must be at "
+                             f"most {TRITON_MAX_HEAD_DIM}; use kernels.gated_delta=torch")
         self.n_tokens, self.chunk_len = batch * length, chunk_len
         device = q.device
         if cu_seqlens is None:  # a batch row is a sequence; its chunk slots follow the previous row's

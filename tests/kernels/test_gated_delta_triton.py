@@ -242,3 +242,10 @@ def test_gpu_half_precision_dots(monkeypatch):
     monkeypatch.setattr(gd_kernels, "_precision", lambda q, k, v: "tf32")
     inputs = make_inputs((1, 17, 1, 2, 16, 16), torch.float16, seed=11, initial_state=True)
     assert_conforms(inputs, torch.float16)
+
+
+def test_head_dims_past_the_kernels_bound_are_refused():
+    inputs = make_inputs((1, 2, 1, 1, 16, gd_kernels.TRITON_MAX_HEAD_DIM + 1), torch.float32, seed=12)
+    with pytest.raises(ValueError, match=r"^triton gated_delta: key_dim 16 and value_dim 257 must be at most 256; "
+                                         r"use kernels.gated_delta=torch$"):
+        triton_rule(**inputs)
