@@ -40,6 +40,7 @@ from torch import Tensor
 from archlab.kernels.backend import triton_interpreting
 from archlab.kernels.common.autotune import autotune
 from archlab.kernels.common.launch import flat_grid
+from archlab.kernels.ssd.triton import _state_or_zeros  # a (key_dim, value tile) fp32 state tile, or zeros
 
 __all__ = ["gated_delta_fwd", "gated_delta_bwd"]
 
@@ -47,9 +48,9 @@ TRITON_MAX_HEAD_DIM = 256  # key and value dims; the key dim is whole in every p
 AUTOTUNE = True
 FIXED_BLOCK_V = 16  # interpreter: the smallest tl.dot tile, so tests cross value tiles
 # value tiles on a GPU (ptxas -v, key_dim 128, 32-position chunks): the forward holds (chunk x key_dim) and
-# (chunk x chunk) tiles besides the state and spills a little even at 16 (at most 400 bytes, none with 8 warps
-# on sm_90; 1.6 KB at 32); the backward ~6 (key_dim x value tile) fp32 tiles, so its tile shrinks as key_dim
-# grows (key_dim * tile elements; no spills at 4096)
+# (chunk x chunk) tiles besides the state and spills a little even at 16 (at most 424 bytes with 4 warps, 96 with
+# 8, sm_80..120; 1.6 KB at 32; key_dim 256: 1.5-3.6 KB); the backward ~6 (key_dim x value tile) fp32 tiles, so
+# its tile shrinks as key_dim grows (key_dim * tile elements; no spills at 4096)
 GPU_BLOCK_V = 16
 GPU_GRAD_TILE_ELEMENTS = 4096
 # Under the interpreter the device functions run as plain Python (see kernels/ssd/triton.py: re-patching
@@ -70,16 +71,6 @@ def _program(pid, n_heads, value_heads, key_dim, value_dim, BLOCK_K: tl.constexp
     state_offsets = cols_k[:, None].to(tl.int64) * value_dim + cols_v[None, :]
     return (seq, hv, hv // (value_heads // n_heads), v_tile, cols_k, cols_v, k_mask, v_mask, state_offsets,
             k_mask[:, None] & v_mask[None, :])
-
-
-@_device
-def _state_or_zeros(Ptr, offsets, mask, PRESENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The fp32 state tile at Ptr + offsets, or zeros where there is none."""
-    if PRESENT:
-        state = tl.load(Ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    return state
 
 
 @_device
