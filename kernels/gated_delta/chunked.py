@@ -1,0 +1,105 @@
+"""The `torch` backend of the gated delta rule, what CPU training uses: the chunked WY (UT transform) form of fla's
+chunk_gated_delta_rule in batched PyTorch matmuls; autograd differentiates it.
+
+Within a chunk, with S the state entering it and G the cumulative sum of g from the chunk's start, the recurrence of
+reference.py unrolls to
+    S_i = exp(G_i) S + sum_{j <= i} exp(G_i - G_j) k_j d_j^T,    d_i = beta_i (v_i - exp(g_i) S_{i-1}^T k_i),
+so the corrections d solve the unit lower triangular system (I + A) d = beta v - (beta k exp(G)) S, with
+A_ij = beta_i k_i.k_j exp(G_i - G_j) for j < i. Hence d = u - w S with u = (I + A)^-1 beta v and
+w = (I + A)^-1 beta k exp(G), neither depending on S, and
+    o = (q exp(G)) S + [q_i.k_j exp(G_i - G_j)]_{j <= i} d,    S_next = exp(G_last) S + (k exp(G_last - G))^T d.
+All of it runs batched over chunks except the short loop that carries S from one chunk to the next.
+
+Padding: positions past a sequence's end get g = 0 (decay 1) and beta = 0 (no correction), so the state passes
+through them unchanged. Packed sequences (cu_seqlens) become a batch of one padded row each: every sequence starts
+from its own initial state, and its final state is its row's. The arithmetic is float32 (float64 for float64
+inputs), also inside a caller's autocast region.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from archlab.kernels.gated_delta.reference import value_heads_of
+
+
+def gated_delta_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None = None,
+                        initial_state: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                        chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Same arguments and results as reference.gated_delta_reference with q and k already normalised if wanted,
+    plus chunk_size (a power of two), capped at the longest sequence's next power of two: longer chunks would only
+    pad it."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        value_heads, key_dim = v.shape[2], k.shape[3]
+        q_c = value_heads_of(q.to(compute), value_heads) * (key_dim ** -0.5 if scale is None else scale)
+        k_c = value_heads_of(k.to(compute), value_heads)
+        streams = (q_c, k_c, v.to(compute), g.to(compute), beta.to(compute))
+        bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+        length = q.shape[1]
+        longest = length if bounds is None else max(e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True))
+        chunk = min(chunk_size, 1 << (longest - 1).bit_length())
+        padded = -(-longest // chunk) * chunk
+        if bounds is None:
+            rows = tuple(_pad_positions(t, padded - length) for t in streams)
+        else:
+            positions, real = _sequence_rows(bounds, padded, q.device)
+            rows = tuple(_gather_rows(t[0], positions, real) for t in streams)
+        state = None if initial_state is None else initial_state.to(compute)
+        o, final_state = chunk_scan(*rows, state, chunk)
+        o = o[:, :length] if cu_seqlens is None else o[real][None]
+    return o.to(v.dtype), final_state
+
+
+def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None,
+               chunk: int) -> tuple[Tensor, Tensor]:
+    """The chunked recurrence on (rows, length, value_heads, ...) streams whose length is a multiple of `chunk`,
+    q already scaled and q, k repeated to the value heads: (o like v, final states (rows, value_heads, K, V))."""
+    q, k, v = (rearrange(t, "n (c l) h d -> n h c l d", l=chunk) for t in (q, k, v))
+    g, beta = (rearrange(t, "n (c l) h -> n h c l", l=chunk) for t in (g, beta))
+    G = g.cumsum(-1)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    # exp only where j <= i: the other differences are positive for decays (g < 0) and could overflow
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, -torch.inf).exp()     # (n h c l l)
+    k_beta = k * beta[..., None]
+    A = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)
+    key_dim = k.shape[-1]
+    # unitriangular: the solve reads A's strict lower part and takes the diagonal as ones, i.e. solves (I + A) x = b
+    w, u = torch.linalg.solve_triangular(
+        A, torch.cat([k_beta * G.exp()[..., None], v * beta[..., None]], dim=-1), upper=False, unitriangular=True,
+    ).split([key_dim, v.shape[-1]], dim=-1)
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+    chunk_decay = G[..., -1].exp()[..., None, None]                                          # (n h c 1 1)
+    state = q.new_zeros(q.shape[0], q.shape[1], key_dim, v.shape[-1]) if initial_state is None else initial_state
+    entering, corrections = [], []
+    for c in range(q.shape[2]):
+        entering.append(state)
+        d = u[:, :, c] - w[:, :, c] @ state
+        corrections.append(d)
+        state = chunk_decay[:, :, c] * state + k_to_end[:, :, c].transpose(-1, -2) @ d
+    d = torch.stack(corrections, dim=2)
+    o = (q * G.exp()[..., None]) @ torch.stack(entering, dim=2) + (q @ k.transpose(-1, -2) * decay) @ d
+    return rearrange(o, "n h c l d -> n (c l) h d"), state
+
+
+def _pad_positions(t: Tensor, pad: int) -> Tensor:
+    """Pads dim 1 (positions) of a (batch, length, ...) tensor with `pad` zeros at the end."""
+    return F.pad(t, (0,) * (2 * (t.ndim - 2)) + (0, pad)) if pad else t
+
+
+def _sequence_rows(bounds: list[int], padded: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(positions, real), both (n_sequences, padded): the packed position each row slot reads (0 in the padding)
+    and whether it is a real one."""
+    starts = torch.tensor(bounds[:-1], device=device)
+    lengths = torch.tensor(bounds[1:], device=device) - starts
+    slots = torch.arange(padded, device=device)
+    real = slots < lengths[:, None]
+    return torch.where(real, starts[:, None] + slots, 0), real
+
+
+def _gather_rows(t: Tensor, positions: Tensor, real: Tensor) -> Tensor:
+    """(length, ...) packed -> (n_sequences, padded length, ...), zeros in the padding."""
+    rows = t[positions]
+    return rows * real.view(*real.shape, *(1,) * (rows.ndim - 2)).to(rows.dtype)
