@@ -23,7 +23,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
+from archlab.kernels.backend import resolve_backend
 from archlab.kernels.gated_delta.chunked import gated_delta_chunked
 from archlab.kernels.gated_delta.conformance import CONFORMANCE
 from archlab.kernels.gated_delta.reference import gated_delta_reference, gated_delta_step, l2norm, value_heads_of
@@ -34,6 +34,8 @@ __all__ = ["gated_delta_rule", "gated_delta_state_update", "gated_delta_referenc
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256  # the largest key_dim and value_dim our Triton kernel tiles (one block per head dim)
 CHUNK_SIZE = 64  # the torch backend's chunk length, as fla's
+# fla is pure Python (Triton kernels): nothing to build, unlike the peers of scripts/build_peers.sh
+FLA_INSTALL_HINT = "install it on a CUDA machine with pip install --no-deps fla-core (or pip install -e .[peers])"
 
 
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
@@ -85,7 +87,7 @@ def _peer_gated_delta(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except ImportError as error:
-        raise ImportError(f"the 'peer' backend for gated_delta needs fla ({error}); {PEER_INSTALL_HINT}, or use "
+        raise ImportError(f"the 'peer' backend for gated_delta needs fla ({error}); {FLA_INSTALL_HINT}, or use "
                           "auto") from None
     o, final_state = chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True,

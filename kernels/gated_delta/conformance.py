@@ -86,8 +86,13 @@ def self_check_cases(dtype: torch.dtype) -> list[ConformanceCase]:
 
 # The torch backend computes in float32 from the same half-precision inputs as the reference: only its output and
 # gradients are rounded to the inputs' type, as SSD's (kernels/ssd/conformance.py).
+# fla (the peer) feeds its matmuls tf32 operands in float32 (2^-11, like fp16) and keeps its chunk states and WY
+# factors in the inputs' type in half precision: several rounding units of that type. Not yet measured on a GPU
+# (tests/kernels/test_peer_parity.py will): set from that rounding, about 8 units in bf16 and 4 in fp16 and tf32.
+PEER_TOLERANCES = {torch.float32: Tolerance(rtol=5e-3, atol=2e-3), torch.bfloat16: Tolerance(rtol=3e-2, atol=3e-2),
+                   torch.float16: Tolerance(rtol=5e-3, atol=2e-3)}
 CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, tolerances={
     torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
     torch.bfloat16: Tolerance(rtol=1e-2, atol=1e-4),
     torch.float16: Tolerance(rtol=1.5e-3, atol=1e-4),
-})
+}, backend_tolerances={"peer": PEER_TOLERANCES})
