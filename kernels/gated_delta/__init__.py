@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from archlab.kernels.backend import resolve_backend
+from archlab.kernels.common.inputs import check_device, check_float_dtype
 from archlab.kernels.gated_delta.chunked import gated_delta_chunked
 from archlab.kernels.gated_delta.conformance import CONFORMANCE
 from archlab.kernels.gated_delta.reference import gated_delta_reference, gated_delta_step, l2norm, value_heads_of
@@ -31,7 +32,6 @@ from archlab.kernels.registry import KernelBench, KernelOp, register
 
 __all__ = ["gated_delta_rule", "gated_delta_state_update", "gated_delta_reference"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256  # the largest key_dim and value_dim our Triton kernel tiles (one block per head dim)
 CHUNK_SIZE = 64  # the torch backend's chunk length, as fla's
 # fla is pure Python (Triton kernels): nothing to build, unlike the peers of scripts/build_peers.sh
@@ -108,8 +108,8 @@ def _check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens) -> None:
         if not isinstance(initial_state, Tensor) or initial_state.shape != want:
             raise ValueError(f"gated_delta: initial_state must be (batch or n_sequences, value_heads, key_dim, "
                              f"value_dim) = {want}, got {tuple(getattr(initial_state, 'shape', ()))}")
-        _check_device("gated_delta", "initial_state", initial_state, q)
-        _check_dtype("gated_delta", "initial_state", initial_state)
+        check_device("gated_delta", "initial_state", initial_state, "q", q)
+        check_float_dtype("gated_delta", "initial_state", initial_state)
 
 
 def _check_streams(op, q, k, v, g, beta, scale, *, layout: str, unpacked: bool):
@@ -117,8 +117,8 @@ def _check_streams(op, q, k, v, g, beta, scale, *, layout: str, unpacked: bool):
     for name, t in {"q": q, "k": k, "v": v, "g": g, "beta": beta}.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        _check_device(op, name, t, q)
-        _check_dtype(op, name, t)
+        check_device(op, name, t, "q", q)
+        check_float_dtype(op, name, t)
 
     def shown(shape) -> tuple:
         return _shape(shape, unpacked)
@@ -154,16 +154,6 @@ def _shape(shape: tuple, unpacked: bool) -> tuple:
     return tuple(shape[:1]) + tuple(shape[2:]) if unpacked else tuple(shape)
 
 
-def _check_device(op: str, name: str, t: Tensor, q: Tensor) -> None:
-    if t.device != q.device:
-        raise ValueError(f"{op}: all tensors must be on one device, got q on {q.device} and {name} on {t.device}")
-
-
-def _check_dtype(op: str, name: str, t: Tensor) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
-
-
 def _check_cu_seqlens(cu_seqlens, q: Tensor) -> int:
     """Checks cu_seqlens against q; returns the number of sequences."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64) \
@@ -171,7 +161,7 @@ def _check_cu_seqlens(cu_seqlens, q: Tensor) -> int:
         raise ValueError("gated_delta: cu_seqlens must be a 1-D int32 or int64 tensor (n_sequences + 1,) of "
                          f"cumulative lengths, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
                          f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
-    _check_device("gated_delta", "cu_seqlens", cu_seqlens, q)
+    check_device("gated_delta", "cu_seqlens", cu_seqlens, "q", q)
     if q.shape[0] != 1:
         raise ValueError(f"gated_delta: with cu_seqlens the sequences are packed in a batch of 1, got batch "
                          f"{q.shape[0]}")
