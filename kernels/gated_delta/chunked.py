@@ -1,5 +1,5 @@
 """The `torch` backend of the gated delta rule, what CPU training uses: the chunked WY (UT transform) form of fla's
-chunk_gated_delta_rule in batched PyTorch matmuls; autograd differentiates it.
+chunk_gated_delta_rule in batched PyTorch matmuls.
 
 Within a chunk, with S the state entering it and G the cumulative sum of g from the chunk's start, the recurrence of
 reference.py unrolls to
@@ -8,7 +8,8 @@ so the corrections d solve the unit lower triangular system (I + A) d = beta v -
 A_ij = beta_i k_i.k_j exp(G_i - G_j) for j < i. Hence d = u - w S with u = (I + A)^-1 beta v and
 w = (I + A)^-1 beta k exp(G), neither depending on S, and
     o = (q exp(G)) S + [q_i.k_j exp(G_i - G_j)]_{j <= i} d,    S_next = exp(G_last) S + (k exp(G_last - G))^T d.
-All of it runs batched over chunks except the short loop that carries S from one chunk to the next.
+All of it runs batched over chunks except the short loop that carries S from one chunk to the next (StatePass,
+with a hand-derived backward); autograd differentiates the rest.
 
 Padding: positions past a sequence's end get g = 0 (decay 1) and beta = 0 (no correction), so the state passes
 through them unchanged. Packed sequences (cu_seqlens) become a batch of one padded row each: every sequence starts
@@ -57,7 +58,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
                chunk: int) -> tuple[Tensor, Tensor]:
     """The chunked recurrence on (rows, length, value_heads, ...) streams whose length is a multiple of `chunk`,
     q already scaled and q, k repeated to the value heads: (o like v, final states (rows, value_heads, K, V))."""
-    q, k, v = (rearrange(t, "n (c l) h d -> n h c l d", l=chunk) for t in (q, k, v))
+    q, k, v = (rearrange(t, "n (c l) h d -> n h c l d", l=chunk).contiguous() for t in (q, k, v))
     g, beta = (rearrange(t, "n (c l) h -> n h c l", l=chunk) for t in (g, beta))
     G = g.cumsum(-1)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
@@ -71,17 +72,49 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
         A, torch.cat([k_beta * G.exp()[..., None], v * beta[..., None]], dim=-1), upper=False, unitriangular=True,
     ).split([key_dim, v.shape[-1]], dim=-1)
     k_to_end = k * (G[..., -1:] - G).exp()[..., None]
-    chunk_decay = G[..., -1].exp()[..., None, None]                                          # (n h c 1 1)
     state = q.new_zeros(q.shape[0], q.shape[1], key_dim, v.shape[-1]) if initial_state is None else initial_state
-    entering, corrections = [], []
-    for c in range(q.shape[2]):
-        entering.append(state)
-        d = u[:, :, c] - w[:, :, c] @ state
-        corrections.append(d)
-        state = chunk_decay[:, :, c] * state + k_to_end[:, :, c].transpose(-1, -2) @ d
-    d = torch.stack(corrections, dim=2)
-    o = (q * G.exp()[..., None]) @ torch.stack(entering, dim=2) + (q @ k.transpose(-1, -2) * decay) @ d
-    return rearrange(o, "n h c l d -> n (c l) h d"), state
+    d, entering, final_state = StatePass.apply(u, w, k_to_end.transpose(-1, -2), G[..., -1].exp(), state)
+    o = (q * G.exp()[..., None]) @ entering + (q @ k.transpose(-1, -2) * decay) @ d
+    return rearrange(o, "n h c l d -> n (c l) h d"), final_state
+
+
+class StatePass(torch.autograd.Function):
+    """The one sequential part, chunk after chunk: d_c = u_c - w_c S_c, S_{c+1} = gamma_c S_c + K_c d_c, with
+    u, w (n h c l ·), K = (k exp(G_last - G))^T (n h c key l), gamma = exp(G_last) (n h c), S_0 the initial state.
+    Returns (d, the states entering each chunk (n h c key value), the final state). Its backward runs the same
+    loop in reverse, two small matmuls a chunk, and forms every other gradient in batched matmuls: through
+    autograd each chunk's few ops would cost a graph node each, what dominated the backward's time."""
+
+    @staticmethod
+    def forward(ctx, u, w, K, gamma, initial_state):
+        state, entering, corrections = initial_state, [], []
+        for u_c, w_c, K_c, gamma_c in zip(u.unbind(2), w.unbind(2), K.unbind(2), gamma.unbind(2), strict=True):
+            entering.append(state)
+            d_c = u_c - w_c @ state
+            corrections.append(d_c)
+            state = gamma_c[..., None, None] * state + K_c @ d_c
+        d, entering = torch.stack(corrections, dim=2), torch.stack(entering, dim=2)
+        ctx.save_for_backward(w, K, gamma, d, entering)
+        return d, entering, state
+
+    @staticmethod
+    def backward(ctx, grad_d, grad_entering, grad_final):
+        w, K, gamma, d, entering = ctx.saved_tensors
+        grad_state = torch.zeros_like(entering[:, :, 0]) if grad_final is None else grad_final
+        grad_d = torch.zeros_like(d) if grad_d is None else grad_d
+        grad_entering = torch.zeros_like(entering) if grad_entering is None else grad_entering
+        grads_d, grads_after = [], []  # the gradients of each chunk's d and of the state after it, last chunk first
+        for c in reversed(range(d.shape[2])):
+            grads_after.append(grad_state)
+            grad_d_c = grad_d[:, :, c] + K[:, :, c].transpose(-1, -2) @ grad_state
+            grads_d.append(grad_d_c)
+            grad_state = gamma[:, :, c, None, None] * grad_state + grad_entering[:, :, c] \
+                - w[:, :, c].transpose(-1, -2) @ grad_d_c
+        grad_d, grad_after = torch.stack(grads_d[::-1], dim=2), torch.stack(grads_after[::-1], dim=2)
+        grad_w = -grad_d @ entering.transpose(-1, -2)
+        grad_K = grad_after @ d.transpose(-1, -2)
+        grad_gamma = (grad_after * entering).sum((-1, -2))
+        return grad_d, grad_w, grad_K, grad_gamma, grad_state
 
 
 def _pad_positions(t: Tensor, pad: int) -> Tensor:
