@@ -67,15 +67,33 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
     k_beta = k * beta[..., None]
     A = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)
     key_dim = k.shape[-1]
-    # unitriangular: the solve reads A's strict lower part and takes the diagonal as ones, i.e. solves (I + A) x = b
-    w, u = torch.linalg.solve_triangular(
-        A, torch.cat([k_beta * G.exp()[..., None], v * beta[..., None]], dim=-1), upper=False, unitriangular=True,
-    ).split([key_dim, v.shape[-1]], dim=-1)
+    w, u = UnitLowerSolve.apply(A, torch.cat([k_beta * G.exp()[..., None], v * beta[..., None]], dim=-1)
+                                ).split([key_dim, v.shape[-1]], dim=-1)
     k_to_end = k * (G[..., -1:] - G).exp()[..., None]
     state = q.new_zeros(q.shape[0], q.shape[1], key_dim, v.shape[-1]) if initial_state is None else initial_state
     d, entering, final_state = StatePass.apply(u, w, k_to_end.transpose(-1, -2), G[..., -1].exp(), state)
     o = (q * G.exp()[..., None]) @ entering + (q @ k.transpose(-1, -2) * decay) @ d
     return rearrange(o, "n h c l d -> n (c l) h d"), final_state
+
+
+class UnitLowerSolve(torch.autograd.Function):
+    """(I + A)^-1 B for strictly lower triangular A (..., l, l) and B (..., l, m). The inverse is formed once (a
+    triangular solve on the identity) and kept: the backward is then two batched matmuls, where autograd's
+    backward of a solve would solve again, the slowest op of the chunked path on CPU."""
+
+    @staticmethod
+    def forward(ctx, A, B):
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+        inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # reads A's strict lower part
+        X = inverse @ B
+        ctx.save_for_backward(inverse, X)
+        return X
+
+    @staticmethod
+    def backward(ctx, grad_X):
+        inverse, X = ctx.saved_tensors
+        grad_B = inverse.transpose(-1, -2) @ grad_X
+        return -(grad_B @ X.transpose(-1, -2)).tril(-1), grad_B
 
 
 class StatePass(torch.autograd.Function):
@@ -104,12 +122,12 @@ class StatePass(torch.autograd.Function):
         grad_d = torch.zeros_like(d) if grad_d is None else grad_d
         grad_entering = torch.zeros_like(entering) if grad_entering is None else grad_entering
         grads_d, grads_after = [], []  # the gradients of each chunk's d and of the state after it, last chunk first
-        for c in reversed(range(d.shape[2])):
+        for grad_d_c, grad_entering_c, w_c, K_c, gamma_c in zip(
+                *(t.unbind(2)[::-1] for t in (grad_d, grad_entering, w, K, gamma)), strict=True):
             grads_after.append(grad_state)
-            grad_d_c = grad_d[:, :, c] + K[:, :, c].transpose(-1, -2) @ grad_state
+            grad_d_c = grad_d_c + K_c.transpose(-1, -2) @ grad_state
             grads_d.append(grad_d_c)
-            grad_state = gamma[:, :, c, None, None] * grad_state + grad_entering[:, :, c] \
-                - w[:, :, c].transpose(-1, -2) @ grad_d_c
+            grad_state = gamma_c[..., None, None] * grad_state + grad_entering_c - w_c.transpose(-1, -2) @ grad_d_c
         grad_d, grad_after = torch.stack(grads_d[::-1], dim=2), torch.stack(grads_after[::-1], dim=2)
         grad_w = -grad_d @ entering.transpose(-1, -2)
         grad_K = grad_after @ d.transpose(-1, -2)
