@@ -65,7 +65,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
     # exp only where j <= i: the other differences are positive for decays (g < 0) and could overflow
     decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, -torch.inf).exp()     # (n h c l l)
     k_beta = k * beta[..., None]
-    A = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)
+    A = k_beta @ k.transpose(-1, -2) * decay  # UnitLowerSolve reads its strict lower part only
     key_dim = k.shape[-1]
     w, u = UnitLowerSolve.apply(A, torch.cat([k_beta * G.exp()[..., None], v * beta[..., None]], dim=-1)
                                 ).split([key_dim, v.shape[-1]], dim=-1)
@@ -77,7 +77,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
 
 
 class UnitLowerSolve(torch.autograd.Function):
-    """(I + A)^-1 B for strictly lower triangular A (..., l, l) and B (..., l, m). The inverse is formed once (a
+    """(I + L)^-1 B for L the strict lower part of A (..., l, l), B (..., l, m). The inverse is formed once (a
     triangular solve on the identity) and kept: the backward is then two batched matmuls, where autograd's
     backward of a solve would solve again, the slowest op of the chunked path on CPU."""
 
@@ -93,7 +93,7 @@ class UnitLowerSolve(torch.autograd.Function):
     def backward(ctx, grad_X):
         inverse, X = ctx.saved_tensors
         grad_B = inverse.transpose(-1, -2) @ grad_X
-        return -(grad_B @ X.transpose(-1, -2)).tril(-1), grad_B
+        return -(grad_B @ X.transpose(-1, -2)).tril(-1), grad_B  # A's diagonal and upper part are not read
 
 
 class StatePass(torch.autograd.Function):
