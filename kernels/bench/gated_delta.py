@@ -15,6 +15,8 @@ beta = sigmoid, one key head per value head.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -106,6 +108,10 @@ def _bench_providers(device, shapes, dtype, min_run_time, providers, crossover_s
 
 
 def _bench_chunked_on_cpu(device, shapes, dtype, min_run_time) -> dict:
+    from archlab.kernels.gated_delta import CHUNK_SIZE
+
+    load = os.getloadavg()[0]  # our CPU machines are shared: what else ran beside the timings
+
     def timer(run, inputs):
         return time_cpu_ms(run, inputs, min_run_time=min_run_time)
 
@@ -122,10 +128,11 @@ def _bench_chunked_on_cpu(device, shapes, dtype, min_run_time) -> dict:
     name = str(dtype).removeprefix("torch.")
     return {"benchmark": "gated_delta", "title": "Gated delta rule benchmark", "columns": CPU_COLUMNS,
             "rivals": ["reference"],
-            "notes": [f"Chunked torch path (chunk 64) vs the sequential {name} reference at issue 18's CPU goal shape "
-                      "(K = V = head_dim), use_qk_l2norm.",
+            "notes": [f"Chunked torch path (chunk {CHUNK_SIZE}) vs the sequential {name} reference at issue 18's CPU goal "
+                      "shape (K = V = head_dim), use_qk_l2norm.",
                       "ratio_vs_reference = reference ms / chunked ms at the same shape (> 1: the chunked path is "
                       "faster); ms: median wall time with the machine's threads.",
                       f"cpu_ms: least process CPU time of {CPU_RUNS} runs on one thread, robust to other jobs on a "
-                      "shared machine; cpu_ratio_vs_reference compares those."],
+                      "shared machine; cpu_ratio_vs_reference compares those.",
+                      f"Load average (1 min) when the timings began: {load:.1f} on {os.cpu_count()} cores."],
             **environment(device, dtype), "rows": rows}
