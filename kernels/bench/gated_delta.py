@@ -128,8 +128,8 @@ def _bench_chunked_on_cpu(device, shapes, dtype, min_run_time) -> dict:
     name = str(dtype).removeprefix("torch.")
     return {"benchmark": "gated_delta", "title": "Gated delta rule benchmark", "columns": CPU_COLUMNS,
             "rivals": ["reference"],
-            "notes": [f"Chunked torch path (chunk {CHUNK_SIZE}) vs the sequential {name} reference at issue 18's CPU goal "
-                      "shape (K = V = head_dim), use_qk_l2norm.",
+            "notes": [f"Chunked torch path (chunk {CHUNK_SIZE}) vs the sequential {name} reference at issue 18's CPU "
+                      "goal shape (K = V = head_dim), use_qk_l2norm.",
                       "ratio_vs_reference = reference ms / chunked ms at the same shape (> 1: the chunked path is "
                       "faster); ms: median wall time with the machine's threads.",
                       f"cpu_ms: least process CPU time of {CPU_RUNS} runs on one thread, robust to other jobs on a "
