@@ -9,7 +9,7 @@ A_ij = beta_i k_i.k_j exp(G_i - G_j) for j < i. Hence d = u - w S with u = (I + 
 w = (I + A)^-1 beta k exp(G), neither depending on S, and
     o = (q exp(G)) S + [q_i.k_j exp(G_i - G_j)]_{j <= i} d,    S_next = exp(G_last) S + (k exp(G_last - G))^T d.
 All of it runs batched over chunks except the short loop that carries S from one chunk to the next (StatePass,
-with a hand-derived backward); autograd differentiates the rest.
+with a hand-derived backward) and the solve (UnitLowerSolve); autograd differentiates the rest.
 
 Padding: positions past a sequence's end get g = 0 (decay 1) and beta = 0 (no correction), so the state passes
 through them unchanged. Packed sequences (cu_seqlens) become a batch of one padded row each: every sequence starts
@@ -67,8 +67,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
     k_beta = k * beta[..., None]
     A = k_beta @ k.transpose(-1, -2) * decay  # UnitLowerSolve reads its strict lower part only
     key_dim = k.shape[-1]
-    w, u = UnitLowerSolve.apply(A, torch.cat([k_beta * G.exp()[..., None], v * beta[..., None]], dim=-1)
-                                ).split([key_dim, v.shape[-1]], dim=-1)
+    w, u = UnitLowerSolve.apply(A, k_beta * G.exp()[..., None], v * beta[..., None])
     k_to_end = k * (G[..., -1:] - G).exp()[..., None]
     state = q.new_zeros(q.shape[0], q.shape[1], key_dim, v.shape[-1]) if initial_state is None else initial_state
     d, entering, final_state = StatePass.apply(u, w, k_to_end.transpose(-1, -2), G[..., -1].exp(), state)
@@ -77,23 +76,25 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
 
 
 class UnitLowerSolve(torch.autograd.Function):
-    """(I + L)^-1 B for L the strict lower part of A (..., l, l), B (..., l, m). The inverse is formed once (a
-    triangular solve on the identity) and kept: the backward is then two batched matmuls, where autograd's
-    backward of a solve would solve again, the slowest op of the chunked path on CPU."""
+    """(I + L)^-1 B_w and (I + L)^-1 B_u for L the strict lower part of A (..., l, l). The inverse is formed once (a
+    triangular solve on the identity) and kept: the backward is then batched matmuls, where autograd's backward of
+    a solve would solve again, the slowest op of the chunked path on CPU. Two right-hand sides rather than one
+    concatenated: no copies into and out of a joint buffer."""
 
     @staticmethod
-    def forward(ctx, A, B):
+    def forward(ctx, A, B_w, B_u):
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
         inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # reads A's strict lower part
-        X = inverse @ B
-        ctx.save_for_backward(inverse, X)
-        return X
+        w, u = inverse @ B_w, inverse @ B_u
+        ctx.save_for_backward(inverse, w, u)
+        return w, u
 
     @staticmethod
-    def backward(ctx, grad_X):
-        inverse, X = ctx.saved_tensors
-        grad_B = inverse.transpose(-1, -2) @ grad_X
-        return -(grad_B @ X.transpose(-1, -2)).tril(-1), grad_B  # A's diagonal and upper part are not read
+    def backward(ctx, grad_w, grad_u):
+        inverse, w, u = ctx.saved_tensors
+        grad_B_w, grad_B_u = inverse.transpose(-1, -2) @ grad_w, inverse.transpose(-1, -2) @ grad_u
+        grad_A = -(grad_B_w @ w.transpose(-1, -2) + grad_B_u @ u.transpose(-1, -2)).tril(-1)  # only L is read
+        return grad_A, grad_B_w, grad_B_u
 
 
 class StatePass(torch.autograd.Function):
@@ -131,7 +132,7 @@ class StatePass(torch.autograd.Function):
         grad_d, grad_after = torch.stack(grads_d[::-1], dim=2), torch.stack(grads_after[::-1], dim=2)
         grad_w = -grad_d @ entering.transpose(-1, -2)
         grad_K = grad_after @ d.transpose(-1, -2)
-        grad_gamma = (grad_after * entering).sum((-1, -2))
+        grad_gamma = torch.linalg.vecdot(grad_after.flatten(-2), entering.flatten(-2))  # no product buffer
         return grad_d, grad_w, grad_K, grad_gamma, grad_state
 
 
