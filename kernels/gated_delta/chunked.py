@@ -70,7 +70,10 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
     w, u = UnitLowerSolve.apply(A, k_beta * G.exp()[..., None], v * beta[..., None])
     k_to_end = k * (G[..., -1:] - G).exp()[..., None]
     state = q.new_zeros(q.shape[0], q.shape[1], key_dim, v.shape[-1]) if initial_state is None else initial_state
-    d, entering, final_state = StatePass.apply(u, w, k_to_end.transpose(-1, -2), G[..., -1].exp(), state)
+    heads = q.shape[1]
+    # (rows, heads) merged into one batch dim: the loop's fused baddbmm/addcmul take 3-D operands
+    d, entering, final_state = (t.unflatten(0, (-1, heads)) for t in StatePass.apply(
+        *(t.flatten(0, 1) for t in (u, w, k_to_end.transpose(-1, -2), G[..., -1].exp(), state))))
     o = (q * G.exp()[..., None]) @ entering + (q @ k.transpose(-1, -2) * decay) @ d
     return rearrange(o, "n h c l d -> n (c l) h d"), final_state
 
@@ -99,37 +102,39 @@ class UnitLowerSolve(torch.autograd.Function):
 
 class StatePass(torch.autograd.Function):
     """The one sequential part, chunk after chunk: d_c = u_c - w_c S_c, S_{c+1} = gamma_c S_c + K_c d_c, with
-    u, w (n h c l ·), K = (k exp(G_last - G))^T (n h c key l), gamma = exp(G_last) (n h c), S_0 the initial state.
-    Returns (d, the states entering each chunk (n h c key value), the final state). Its backward runs the same
-    loop in reverse, two small matmuls a chunk, and forms every other gradient in batched matmuls: through
-    autograd each chunk's few ops would cost a graph node each, what dominated the backward's time."""
+    u, w (b c l ·), K = (k exp(G_last - G))^T (b c key l), gamma = exp(G_last) (b c), S_0 the initial state
+    (b key value), b = rows * heads. Returns (d, the states entering each chunk (b c key value), the final state).
+    Its backward runs the same loop in reverse, and forms every other gradient in batched matmuls: through autograd
+    each chunk's few ops would cost a graph node each, what dominated the backward's time. Each step is two fused
+    ops each way (baddbmm, addcmul), as the loop's many small calls cost more than their arithmetic."""
 
     @staticmethod
     def forward(ctx, u, w, K, gamma, initial_state):
         state, entering, corrections = initial_state, [], []
-        for u_c, w_c, K_c, gamma_c in zip(u.unbind(2), w.unbind(2), K.unbind(2), gamma.unbind(2), strict=True):
+        for u_c, w_c, K_c, gamma_c in zip(u.unbind(1), w.unbind(1), K.unbind(1), gamma.unbind(1), strict=True):
             entering.append(state)
-            d_c = u_c - w_c @ state
+            d_c = torch.baddbmm(u_c, w_c, state, alpha=-1)
             corrections.append(d_c)
-            state = gamma_c[..., None, None] * state + K_c @ d_c
-        d, entering = torch.stack(corrections, dim=2), torch.stack(entering, dim=2)
+            state = torch.baddbmm(state * gamma_c[:, None, None], K_c, d_c)
+        d, entering = torch.stack(corrections, dim=1), torch.stack(entering, dim=1)
         ctx.save_for_backward(w, K, gamma, d, entering)
         return d, entering, state
 
     @staticmethod
     def backward(ctx, grad_d, grad_entering, grad_final):
         w, K, gamma, d, entering = ctx.saved_tensors
-        grad_state = torch.zeros_like(entering[:, :, 0]) if grad_final is None else grad_final
+        grad_state = torch.zeros_like(entering[:, 0]) if grad_final is None else grad_final
         grad_d = torch.zeros_like(d) if grad_d is None else grad_d
         grad_entering = torch.zeros_like(entering) if grad_entering is None else grad_entering
         grads_d, grads_after = [], []  # the gradients of each chunk's d and of the state after it, last chunk first
         for grad_d_c, grad_entering_c, w_c, K_c, gamma_c in zip(
-                *(t.unbind(2)[::-1] for t in (grad_d, grad_entering, w, K, gamma)), strict=True):
+                *(t.unbind(1)[::-1] for t in (grad_d, grad_entering, w, K, gamma)), strict=True):
             grads_after.append(grad_state)
-            grad_d_c = grad_d_c + K_c.transpose(-1, -2) @ grad_state
+            grad_d_c = torch.baddbmm(grad_d_c, K_c.transpose(-1, -2), grad_state)
             grads_d.append(grad_d_c)
-            grad_state = gamma_c[..., None, None] * grad_state + grad_entering_c - w_c.transpose(-1, -2) @ grad_d_c
-        grad_d, grad_after = torch.stack(grads_d[::-1], dim=2), torch.stack(grads_after[::-1], dim=2)
+            grad_state = torch.baddbmm(torch.addcmul(grad_entering_c, gamma_c[:, None, None], grad_state),
+                                       w_c.transpose(-1, -2), grad_d_c, alpha=-1)
+        grad_d, grad_after = torch.stack(grads_d[::-1], dim=1), torch.stack(grads_after[::-1], dim=1)
         grad_w = -grad_d @ entering.transpose(-1, -2)
         grad_K = grad_after @ d.transpose(-1, -2)
         grad_gamma = torch.linalg.vecdot(grad_after.flatten(-2), entering.flatten(-2))  # no product buffer
