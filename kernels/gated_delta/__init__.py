@@ -94,7 +94,7 @@ def _peer_gated_delta(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk
     o, final_state = chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True,
         use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=None if cu_seqlens is None else cu_seqlens.long())
-    return o, final_state.float()
+    return o.to(v.dtype), final_state.float()
 
 
 # -- input checks: one-line errors before any work ---------------------------------------------------------------
