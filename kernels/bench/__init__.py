@@ -7,6 +7,8 @@ its row with an `error`), plus the device, dtype, versions, commit and date the 
 from __future__ import annotations
 
 import datetime
+import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,6 +40,29 @@ def time_cpu_ms(run: Callable[[], None], grad_to_none: Sequence[torch.Tensor] = 
     return Timer(stmt="run()", globals={"run": fresh_run}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+CPU_RUNS = 5
+
+
+def single_thread_cpu_ms(run: Callable[[], None], grad_to_none: Sequence[torch.Tensor] = (),
+                         runs: int = CPU_RUNS) -> float:
+    """The least process CPU time of `run` in ms over `runs` runs (after a warm-up), with torch on one thread: what
+    a call costs with a shared machine to itself, less the second thread's help."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = math.inf
+        for attempt in range(runs + 1):
+            for tensor in grad_to_none:
+                tensor.grad = None
+            start = time.process_time()
+            run()
+            if attempt:  # the first run warms up
+                best = min(best, time.process_time() - start)
+        return best * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def time_passes(row: dict, forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
                 timer: Callable[..., float], passes: Sequence[str] = ("fwd", "fwd+bwd")) -> list[dict]:
     """One measured row per pass: `forward(*inputs)` alone, and with a backward of a fixed random gradient."""
@@ -62,6 +87,15 @@ def add_ratios(rows: list[dict], *, ours: Sequence[str], peers: Sequence[str], k
             for peer in peers:
                 peer_ms = times.get((peer, *(row[k] for k in key)))
                 row[f"ratio_vs_{peer}"] = round(peer_ms / row["ms"], 3) if peer_ms else None
+
+
+def add_cpu_ratios(rows: list[dict], *, ours: Sequence[str], peer: str, key: Sequence[str]) -> None:
+    """cpu_ratio_vs_<peer> = the peer's cpu_ms / ours at the same `key` columns, for rows of `ours`."""
+    times = {tuple(row[k] for k in key): row.get("cpu_ms") for row in rows if row["provider"] == peer}
+    for row in rows:
+        if row["provider"] in ours:
+            peer_ms, our_ms = times.get(tuple(row[k] for k in key)), row.get("cpu_ms")
+            row[f"cpu_ratio_vs_{peer}"] = round(peer_ms / our_ms, 3) if peer_ms and our_ms else None
 
 
 def measure(row: dict, timing: Callable[[], float]) -> dict:

@@ -22,12 +22,11 @@ per head, one group of B and C, no z (Mamba-2 gates in its norm).
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 
 import torch
 
-from archlab.kernels.bench import add_ratios, environment, time_cpu_ms, time_cuda_ms, time_passes
+from archlab.kernels.bench import (CPU_RUNS, add_cpu_ratios, add_ratios, environment, single_thread_cpu_ms,
+                                   time_cpu_ms, time_cuda_ms, time_passes)
 
 GPU_SHAPES = ((8, 2048, 32, 64, 128), (4, 8192, 32, 64, 128))  # (batch, seq_len, heads, head_dim, d_state)
 # report name -> (op, backend)
@@ -45,7 +44,6 @@ AUTOCAST = "bfloat16 autocast"  # the `inputs` of rows whose x, dt, B, C are bfl
 CPU_COLUMNS = ("batch", "seq_len", "heads", "head_dim", "d_state", "chunk", "inputs", "pass", "provider", "ms",
                "cpu_ms")
 SHAPE = CPU_COLUMNS[:5]
-CPU_RUNS = 5
 
 
 def ssd_inputs(batch: int, seq_len: int, heads: int, head_dim: int, d_state: int, *, device, dtype,
@@ -153,7 +151,7 @@ def _bench_chunked_on_cpu(device, shapes, training_shapes, training_chunks, dtyp
                 rows += case(shape, "torch", chunk, inputs)
         rows += case(shape, "reference", None, name)
     add_ratios(rows, ours=["archlab-torch"], peers=["reference"], key=(*SHAPE, "pass"))
-    _add_cpu_ratios(rows)
+    add_cpu_ratios(rows, ours=["archlab-torch"], peer="reference", key=(*SHAPE, "pass"))
     return {"benchmark": "ssd", "title": "SSD (Mamba-2) benchmark",
             "columns": (*CPU_COLUMNS, "ratio_vs_reference", "cpu_ratio_vs_reference"),
             "rivals": ["reference"],
@@ -166,31 +164,3 @@ def _bench_chunked_on_cpu(device, shapes, training_shapes, training_chunks, dtyp
                       f"cpu_ms: least process CPU time of {CPU_RUNS} runs on one thread, robust to other "
                       "jobs on a shared machine; cpu_ratio_vs_reference compares those."],
             **environment(device, dtype), "rows": rows}
-
-
-def single_thread_cpu_ms(run, grad_to_none=(), runs: int = CPU_RUNS) -> float:
-    """The least process CPU time of `run` in ms over `runs` runs (after a warm-up), with torch on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        best = math.inf
-        for attempt in range(runs + 1):
-            for tensor in grad_to_none:
-                tensor.grad = None
-            start = time.process_time()
-            run()
-            if attempt:  # the first run warms up
-                best = min(best, time.process_time() - start)
-        return best * 1e3
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _add_cpu_ratios(rows: list[dict]) -> None:
-    """cpu_ratio_vs_reference = the reference's cpu_ms / ours at the same shape and pass."""
-    reference = {tuple(row[k] for k in (*SHAPE, "pass")): row.get("cpu_ms") for row in rows
-                 if row["provider"] == "reference"}
-    for row in rows:
-        peer, ours = reference.get(tuple(row[k] for k in (*SHAPE, "pass"))), row.get("cpu_ms")
-        if row["provider"] != "reference":
-            row["cpu_ratio_vs_reference"] = round(peer / ours, 3) if peer and ours else None

@@ -7,5 +7,6 @@
   plotting.py    pyplot on the Agg backend with the house style, figures as PNG bytes
   schedule.py    the learning-rate schedule (warmup, then cosine, WSD or constant)
   launch.py      CUDA's grid limits for our Triton launches: every kernel's programs on grid axis 0
+  inputs.py      the kernel ops' shared input checks (one device, a float dtype)
   autotune.py    triton.autotune that first prunes the configs whose shared memory does not fit the device
 """

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
+from archlab.kernels.common.inputs import check_device, check_float_dtype
 from archlab.kernels.registry import KernelBench, KernelOp, register
 from archlab.kernels.ssd.chunked import ssd_chunked
 from archlab.kernels.ssd.conformance import CONFORMANCE
@@ -38,7 +39,6 @@ from archlab.kernels.ssd.reference import effective_dt, skip_and_gate, ssd_refer
 
 __all__ = ["ssd", "ssd_state_update", "ssd_reference"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NO_LIMIT = (0.0, float("inf"))
 PEER_MIN_CHUNK = 16  # mamba_ssm's SSD tiles the chunk in blocks of 16 and more; it is tested from chunks of 16 up
 
@@ -120,8 +120,8 @@ def _check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initi
         if not isinstance(initial_states, Tensor) or initial_states.shape != want:
             raise ValueError(f"ssd: initial_states must be (batch, heads, head_dim, state) = {want}, got "
                              f"{tuple(getattr(initial_states, 'shape', ()))}")
-        _check_device("ssd", "initial_states", initial_states, x)
-        _check_dtype("ssd", "initial_states", initial_states)
+        check_device("ssd", "initial_states", initial_states, "x", x)
+        check_float_dtype("ssd", "initial_states", initial_states)
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, x, initial_states)
 
@@ -134,8 +134,8 @@ def _check_streams(op, x, dt, A, B, C, D, z, dt_bias, dt_limit, *, layout: str, 
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        _check_device(op, name, t, x)
-        _check_dtype(op, name, t)
+        check_device(op, name, t, "x", x)
+        check_float_dtype(op, name, t)
     if x.ndim != 4 or dt.ndim != 3 or B.ndim != 4:
         raise ValueError(f"{op}: expected {layout}; got x {_shape(x, unpacked)}, dt {_shape(dt, unpacked)}, "
                          f"B {_shape(B, unpacked)}")
@@ -171,23 +171,13 @@ def _shape(t: Tensor, unpacked: bool) -> tuple:
     return tuple(t.shape[:1]) + tuple(t.shape[2:]) if unpacked else tuple(t.shape)
 
 
-def _check_device(op: str, name: str, t: Tensor, x: Tensor) -> None:
-    if t.device != x.device:
-        raise ValueError(f"{op}: all tensors must be on one device, got x on {x.device} and {name} on {t.device}")
-
-
-def _check_dtype(op: str, name: str, t: Tensor) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
-
-
 def _check_cu_seqlens(cu_seqlens, x: Tensor, initial_states) -> None:
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1 \
             or cu_seqlens.numel() < 2:
         raise ValueError("ssd: cu_seqlens must be a 1-D int32 tensor (n_sequences + 1,) of cumulative lengths, got "
                          f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
                          f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
-    _check_device("ssd", "cu_seqlens", cu_seqlens, x)
+    check_device("ssd", "cu_seqlens", cu_seqlens, "x", x)
     if x.shape[0] != 1:
         raise ValueError(f"ssd: with cu_seqlens the sequences are packed in a batch of 1, got batch {x.shape[0]}")
     if initial_states is not None:

@@ -13,7 +13,7 @@ from archlab.compare import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ["doctor", "gpu tests", "peers", "bench attention", "bench scan", "bench conv1d", "bench ssd",
-         "trainer gpt124m", "study gpu-5min"]
+         "bench gated_delta", "trainer gpt124m", "study gpu-5min"]
 
 
 def _summary_rows(path: Path) -> dict[str, list[str]]:

@@ -11,6 +11,8 @@ from archlab.kernels.bench import add_ratios, to_markdown, write_results
 from archlab.kernels.bench.attention import COLUMNS as ATTENTION_COLUMNS
 from archlab.kernels.bench.attention import WINDOW_PROVIDER, attention_flops, bench_attention, bench_cases
 from archlab.kernels.bench.conv1d import bench_conv1d, conv1d_bytes
+from archlab.kernels.bench.gated_delta import ATTENTION, bench_gated_delta
+from archlab.kernels.bench.gated_delta import GPU_PROVIDERS as GATED_DELTA_GPU_PROVIDERS
 from archlab.kernels.bench.scan import bench_scan, scan_bytes
 from archlab.kernels.bench.ssd import AUTOCAST, bench_ssd
 from archlab.kernels.bench.ssd import GPU_PROVIDERS as SSD_GPU_PROVIDERS
@@ -133,6 +135,44 @@ def test_ssd_bench_plan_for_cuda_runs_on_cpu_where_it_can(monkeypatch):
     assert ours["ratio_vs_archlab-triton-mamba1"] == pytest.approx(mamba1["ms"] / ours["ms"], rel=1e-2)
     assert ours["ratio_vs_mamba_ssm"] is None
     assert "ratio_vs_mamba_ssm-mamba1" in to_markdown(result)
+
+
+def test_gated_delta_bench_times_the_chunked_path_against_the_reference():
+    result = bench_gated_delta(torch.device("cpu"), shapes=((1, 9, 2, 4),), min_run_time=0.01)
+    rows = {(r["provider"], r["pass"]): r for r in result["rows"]}
+    assert set(rows) == {(p, s) for p in ("archlab-torch", "reference") for s in ("fwd", "fwd+bwd")}
+    assert all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in rows.values()), result["rows"]
+    for pass_ in ("fwd", "fwd+bwd"):
+        ours, reference = rows["archlab-torch", pass_], rows["reference", pass_]
+        assert ours["ratio_vs_reference"] == pytest.approx(reference["ms"] / ours["ms"], rel=1e-2)
+        assert ours["cpu_ratio_vs_reference"] == pytest.approx(reference["cpu_ms"] / ours["cpu_ms"], rel=1e-2)
+    assert result["benchmark"] == "gated_delta" and "cpu_ratio_vs_reference" in to_markdown(result)
+
+
+def test_gated_delta_bench_plan_for_cuda_runs_on_cpu_where_it_can(monkeypatch):
+    """The CUDA plan, run here (timed once each): our flash attention in the interpreter where there is one, fla as
+    failed rows; ratios compare within each part (vs fla, crossover) at the same shape."""
+    def once_ms(run, inputs, min_run_time):
+        start = time.perf_counter()
+        run()
+        return (time.perf_counter() - start) * 1e3
+
+    monkeypatch.setattr("archlab.kernels.bench.gated_delta.time_cpu_ms", once_ms)
+    result = bench_gated_delta(torch.device("cpu"), shapes=((1, 5, 1, 16),), min_run_time=0.01,
+                               providers=GATED_DELTA_GPU_PROVIDERS, crossover_shape=(1, 1, 16),
+                               crossover_lengths=(16, 32))
+    rows = {(r["part"], r["seq_len"], r["provider"], r["pass"]): r for r in result["rows"]}
+    passes = ("fwd", "fwd+bwd")
+    assert set(rows) == {("vs fla", 5, p, s) for p in GATED_DELTA_GPU_PROVIDERS for s in passes} | {
+        ("crossover", n, p, s) for n in (16, 32) for p in ("archlab-triton", ATTENTION) for s in passes}
+    assert "CUDA" in rows[("vs fla", 5, "fla", "fwd")]["error"] and result["rivals"] == ["fla"]
+    if importlib.util.find_spec("triton") is not None and triton_interpreting():
+        assert rows[("crossover", 32, ATTENTION, "fwd+bwd")]["ms"] > 0
+    ours, attention = rows[("crossover", 32, "archlab-triton", "fwd+bwd")], rows[("crossover", 32, ATTENTION,
+                                                                                "fwd+bwd")]
+    if "ms" in ours and "ms" in attention:
+        assert ours[f"ratio_vs_{ATTENTION}"] == pytest.approx(attention["ms"] / ours["ms"], rel=1e-2)
+    assert f"ratio_vs_{ATTENTION}" in to_markdown(result)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")

@@ -1,5 +1,5 @@
-"""Our peer backend (mamba_ssm's selective_scan_fn and mamba_chunk_scan_combined, causal-conv1d's causal_conv1d_fn)
-agrees with our references on CUDA, forward and backward.
+"""Our peer backend (mamba_ssm's selective_scan_fn and mamba_chunk_scan_combined, causal-conv1d's causal_conv1d_fn,
+fla's chunk_gated_delta_rule) agrees with our references on CUDA, forward and backward.
 
 The peers are called through `backend="peer"`, as a model calls them (kernels/selective_scan/__init__.py,
 kernels/causal_conv1d/__init__.py), not directly: a mistake in how we hand them our arguments (B and C, delta_bias,
@@ -26,7 +26,8 @@ import torch
 from archlab.kernels.checking import compare_with_reference
 from archlab.kernels.registry import KernelOp, kernel_ops
 
-PEER_PACKAGES = {"selective_scan": "mamba_ssm", "causal_conv1d": "causal_conv1d", "ssd": "mamba_ssm"}
+PEER_PACKAGES = {"selective_scan": "mamba_ssm", "causal_conv1d": "causal_conv1d", "ssd": "mamba_ssm",
+                 "gated_delta": "fla"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

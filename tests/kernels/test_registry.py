@@ -80,8 +80,8 @@ def test_importing_the_kernels_registers_every_shipped_op():
     code = ("import archlab.kernels.registry as r; "
             "print(list(r.kernel_ops()), list(r.kernel_benches()))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split("\n")[0] == "['attention', 'selective_scan', 'causal_conv1d', 'ssd'] ['attention', " \
-                                           "'scan', 'conv1d', 'ssd']"
+    assert result.stdout.split("\n")[0] == "['attention', 'selective_scan', 'causal_conv1d', 'ssd', 'gated_delta'] " \
+                                           "['attention', 'scan', 'conv1d', 'ssd', 'gated_delta']"
     for op in kernel_ops().values():
         assert op.conformance.tolerances and op.layout and op.bench.load()
 
@@ -94,7 +94,8 @@ def test_toy_op_is_a_config_key_and_a_backend_check(registered_toy, tmp_path):
         check_backend("toy_cumsum", "triton")
     cfg = load_config(None, ["kernels.toy_cumsum=reference"])
     assert cfg.kernels.toy_cumsum == "reference" and cfg.kernels.model_dump()["toy_cumsum"] == "reference"
-    assert list(cfg.kernels.model_dump()) == ["attention", "selective_scan", "causal_conv1d", "ssd", "toy_cumsum"]
+    assert list(cfg.kernels.model_dump()) == ["attention", "selective_scan", "causal_conv1d", "ssd", "gated_delta",
+                                                 "toy_cumsum"]
     assert load_config(None).kernels.model_dump()["toy_cumsum"] == "auto"
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
