@@ -9,4 +9,5 @@
   launch.py      CUDA's grid limits for our Triton launches: every kernel's programs on grid axis 0
   inputs.py      the kernel ops' shared input checks (one device, a float dtype)
   autotune.py    triton.autotune that first prunes the configs whose shared memory does not fit the device
+  tiles.py       Triton helpers the ops' kernels share (needs triton: imported by their triton.py only)
 """

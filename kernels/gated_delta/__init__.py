@@ -13,8 +13,10 @@ fla.
 use_qk_l2norm normalises q and k (reference.l2norm) in PyTorch before our backends run, in float32, so autograd
 differentiates it; the peer normalises inside its kernel (fla's use_qk_l2norm_in_kernel).
 
-Backends (kernels/backend.py decides): torch = chunked.py (CPU training; what `auto` picks on CPU), reference = the
-sequential definition, peer = fla's `chunk_gated_delta_rule` (CUDA; `auto` takes it first where fla is installed).
+Backends (kernels/backend.py decides): torch = chunked.py (CPU training; what `auto` picks on CPU), triton = our
+kernels (op.py, triton.py: a chunked WY forward and a deterministic per-position backward; key and value dims up to
+TRITON_MAX_HEAD_DIM), reference = the sequential definition, peer = fla's `chunk_gated_delta_rule` (CUDA; `auto`
+takes it first where fla is installed, then ours).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from archlab.kernels.backend import resolve_backend
 from archlab.kernels.common.inputs import check_device, check_float_dtype
 from archlab.kernels.gated_delta.chunked import gated_delta_chunked
 from archlab.kernels.gated_delta.conformance import CONFORMANCE
+from archlab.kernels.gated_delta.op import gated_delta_triton  # registers the custom ops; no triton import
 from archlab.kernels.gated_delta.reference import gated_delta_reference, gated_delta_step, l2norm, value_heads_of
 from archlab.kernels.registry import KernelBench, KernelOp, register
 
@@ -51,9 +54,12 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
     if name == "triton":
         _check_triton_head_dims(k, v)
     if use_qk_l2norm and name != "peer":  # the peer normalises in its kernel
-        q, k = l2norm(q.float()), l2norm(k.float())
+        # in float32; the Triton kernel then reads them in their own type, as fla's l2norm hands them over
+        q, k = (l2norm(t.float()).to(t.dtype if name == "triton" else torch.float32) for t in (q, k))
     if name == "torch":
         o, final_state = gated_delta_chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, CHUNK_SIZE)
+    elif name == "triton":
+        o, final_state = gated_delta_triton(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     elif name == "peer":
         o, final_state = _peer_gated_delta(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm)
     else:
@@ -184,7 +190,8 @@ def _check_triton_head_dims(k: Tensor, v: Tensor) -> None:
 
 
 register(KernelOp(
-    name="gated_delta", backends=("torch", "reference", "peer"), auto_on_cuda=("peer", "torch"), peer_package="fla",
+    name="gated_delta", backends=("triton", "torch", "reference", "peer"), auto_on_cuda=("peer", "triton", "torch"),
+    peer_package="fla",
     layout="q, k (batch, length, heads, key_dim); v (batch, length, value_heads, value_dim); g, beta (batch, length, "
            "value_heads); states (n, value_heads, key_dim, value_dim); cu_seqlens (n + 1,) with batch 1; o like v",
     dispatch=gated_delta_rule, reference=partial(gated_delta_rule, backend="reference"), conformance=CONFORMANCE,

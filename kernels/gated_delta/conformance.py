@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from archlab.kernels.gated_delta.op import GPU_CHUNK_LEN
 from archlab.kernels.gated_delta.reference import l2norm
 from archlab.kernels.registry import Conformance, ConformanceCase, Tolerance
 
@@ -91,8 +92,35 @@ def self_check_cases(dtype: torch.dtype) -> list[ConformanceCase]:
 # (tests/kernels/test_peer_parity.py will): set from that rounding, about 8 units in bf16 and 4 in fp16 and tf32.
 PEER_TOLERANCES = {torch.float32: Tolerance(rtol=5e-3, atol=2e-3), torch.bfloat16: Tolerance(rtol=3e-2, atol=3e-2),
                    torch.float16: Tolerance(rtol=5e-3, atol=2e-3)}
-CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, tolerances={
+# Our Triton kernel on a GPU takes q k^T and k k^T on the half-precision tiles as loaded, like the SSD kernel's
+# matmuls: their tolerance in half precision (in the interpreter, and for fp32 inputs, it computes in true fp32).
+TRITON_TOLERANCES = {torch.bfloat16: Tolerance(rtol=2e-2, atol=1.6e-2), torch.float16: Tolerance(rtol=5e-3, atol=2e-3)}
+
+
+def compile_launches(as_gpu) -> None:
+    """A Gated DeltaNet layer's launches in bf16 (B1 L256 H4 HV8 K=V=128: two value heads per key head; two packed
+    sequences, the second starting inside a chunk; fp32 g and beta as a model computes them), forward and backward
+    at the GPU's chunk length, with an initial state and a final-state gradient: the heaviest variants."""
+    from archlab.kernels.gated_delta.triton import gated_delta_bwd as backward
+    from archlab.kernels.gated_delta.triton import gated_delta_fwd as forward
+
+    length, heads, value_heads, key_dim, value_dim = 256, 4, 8, 128, 128
+
+    def empty(*shape, dtype=torch.bfloat16):
+        return as_gpu(torch.empty(shape, dtype=dtype))
+
+    q, k = empty(1, length, heads, key_dim), empty(1, length, heads, key_dim)
+    v = empty(1, length, value_heads, value_dim)
+    g, beta = empty(1, length, value_heads, dtype=torch.float32), empty(1, length, value_heads, dtype=torch.float32)
+    cu_seqlens = as_gpu(torch.tensor([0, 100, length], dtype=torch.int32))
+    initial = empty(2, value_heads, key_dim, value_dim, dtype=torch.float32)
+    out, final = forward(q, k, v, g, beta, key_dim ** -0.5, initial, cu_seqlens, GPU_CHUNK_LEN)
+    backward(torch.empty_like(out), torch.empty_like(final), q, k, v, g, beta, key_dim ** -0.5, initial, cu_seqlens,
+             GPU_CHUNK_LEN)
+
+
+CONFORMANCE = Conformance(draw_case, self_check=self_check_cases, compile_launches=compile_launches, tolerances={
     torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
     torch.bfloat16: Tolerance(rtol=1e-2, atol=1e-4),
     torch.float16: Tolerance(rtol=1.5e-3, atol=1e-4),
-}, backend_tolerances={"peer": PEER_TOLERANCES})
+}, backend_tolerances={"triton": TRITON_TOLERANCES, "peer": PEER_TOLERANCES})

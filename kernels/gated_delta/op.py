@@ -87,25 +87,3 @@ def _gated_delta_grad(ctx, grad_out, grad_final):
 
 
 gated_delta_fwd.register_autograd(_gated_delta_grad, setup_context=_save_for_backward)
-
-
-def compile_launches(as_gpu) -> None:
-    """A Gated DeltaNet layer's launches in bf16 (B1 L256 H4 HV8 K=V=128: two value heads per key head; two packed
-    sequences, the second starting inside a chunk; fp32 g and beta as a model computes them), forward and backward
-    at the GPU's chunk length, with an initial state and a final-state gradient: the heaviest variants."""
-    from archlab.kernels.gated_delta.triton import gated_delta_bwd as backward
-    from archlab.kernels.gated_delta.triton import gated_delta_fwd as forward
-
-    length, heads, value_heads, key_dim, value_dim = 256, 4, 8, 128, 128
-
-    def empty(*shape, dtype=torch.bfloat16):
-        return as_gpu(torch.empty(shape, dtype=dtype))
-
-    q, k = empty(1, length, heads, key_dim), empty(1, length, heads, key_dim)
-    v = empty(1, length, value_heads, value_dim)
-    g, beta = empty(1, length, value_heads, dtype=torch.float32), empty(1, length, value_heads, dtype=torch.float32)
-    cu_seqlens = as_gpu(torch.tensor([0, 100, length], dtype=torch.int32))
-    initial = empty(2, value_heads, key_dim, value_dim, dtype=torch.float32)
-    out, final = forward(q, k, v, g, beta, key_dim ** -0.5, initial, cu_seqlens, GPU_CHUNK_LEN)
-    backward(torch.empty_like(out), torch.empty_like(final), q, k, v, g, beta, key_dim ** -0.5, initial, cu_seqlens,
-             GPU_CHUNK_LEN)

@@ -40,11 +40,12 @@ from torch import Tensor
 from archlab.kernels.backend import triton_interpreting
 from archlab.kernels.common.autotune import autotune
 from archlab.kernels.common.launch import flat_grid
-from archlab.kernels.ssd.triton import _state_or_zeros  # a (key_dim, value tile) fp32 state tile, or zeros
+from archlab.kernels.common.tiles import device_function as _device
+from archlab.kernels.common.tiles import state_or_zeros
+from archlab.kernels.gated_delta import TRITON_MAX_HEAD_DIM
 
 __all__ = ["gated_delta_fwd", "gated_delta_bwd"]
 
-TRITON_MAX_HEAD_DIM = 256  # key and value dims; the key dim is whole in every program (padded to a power of 2)
 AUTOTUNE = True
 FIXED_BLOCK_V = 16  # interpreter: the smallest tl.dot tile, so tests cross value tiles
 # value tiles on a GPU (ptxas -v, key_dim 128, 32-position chunks): the forward holds (chunk x key_dim) and
@@ -53,9 +54,6 @@ FIXED_BLOCK_V = 16  # interpreter: the smallest tl.dot tile, so tests cross valu
 # its tile shrinks as key_dim grows (key_dim * tile elements; no spills at 4096)
 GPU_BLOCK_V = 16
 GPU_GRAD_TILE_ELEMENTS = 4096
-# Under the interpreter the device functions run as plain Python (see kernels/ssd/triton.py: re-patching
-# triton.language at every nested @triton.jit call costs ~3 ms)
-_device = (lambda fn: fn) if triton_interpreting() else triton.jit
 _sum, _cumsum = ((f.fn if triton_interpreting() else f) for f in (tl.sum, tl.cumsum))
 
 
@@ -124,7 +122,7 @@ def _forward_kernel(Q, K, V, G, Beta, Init, Out, Final, States, Bounds, FirstChu
     seq, hv, h, v_tile, cols_k, cols_v, k_mask, v_mask, state_offsets, state_mask = _program(
         tl.program_id(0).to(tl.int64), n_heads, value_heads, key_dim, value_dim, BLOCK_K, BLOCK_V)
     size = key_dim * value_dim
-    state = _state_or_zeros(Init + (seq * value_heads + hv) * size, state_offsets, state_mask, HAS_INIT, BLOCK_K,
+    state = state_or_zeros(Init + (seq * value_heads + hv) * size, state_offsets, state_mask, HAS_INIT, BLOCK_K,
                             BLOCK_V)
     bos, eos = tl.load(Bounds + seq), tl.load(Bounds + seq + 1)
     first_chunk = tl.load(FirstChunk + seq)
@@ -174,7 +172,7 @@ def _backward_kernel(Q, K, V, G, Beta, dOut, dFinal, States, Scratch, Bounds, Fi
         pid, n_heads, value_heads, key_dim, value_dim, BLOCK_K, BLOCK_V)
     size = key_dim * value_dim
     scratch = Scratch + pid * CHUNK * BLOCK_K * BLOCK_V + cols_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    grad = _state_or_zeros(dFinal + (seq * value_heads + hv) * size, state_offsets, state_mask, HAS_DFINAL, BLOCK_K,
+    grad = state_or_zeros(dFinal + (seq * value_heads + hv) * size, state_offsets, state_mask, HAS_DFINAL, BLOCK_K,
                            BLOCK_V)
     bos, eos = tl.load(Bounds + seq), tl.load(Bounds + seq + 1)
     first_chunk = tl.load(FirstChunk + seq)

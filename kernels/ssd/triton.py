@@ -50,6 +50,8 @@ from torch import Tensor
 from archlab.kernels.backend import triton_interpreting
 from archlab.kernels.common.autotune import autotune
 from archlab.kernels.common.launch import flat_grid
+from archlab.kernels.common.tiles import device_function as _device
+from archlab.kernels.common.tiles import state_or_zeros
 
 __all__ = ["ssd_fwd", "ssd_bwd"]
 
@@ -61,9 +63,6 @@ FIXED_BLOCK = 16  # interpreter: the smallest tl.dot tile, so tests cross head_d
 # sm_80/86/89/120, whose mma keeps its accumulators in registers)
 GPU_BLOCK_P, GPU_GRAD_BLOCK_P, GPU_BLOCK_N = 64, 16, 32
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's F.softplus: above it softplus(x) == x
-# Under the interpreter the device functions run as plain Python, as if inlined: it re-patches triton.language at
-# every call of a nested @triton.jit function (~3 ms each), which made most of the tests' time.
-_device = (lambda fn: fn) if triton_interpreting() else triton.jit
 # ... and the standard library's sum, cumsum and sigmoid, @triton.jit functions too, are called by their bodies
 _sum, _cumsum, _sigmoid = ((f.fn if triton_interpreting() else f) for f in (tl.sum, tl.cumsum, tl.sigmoid))
 
@@ -209,16 +208,6 @@ def _state_tile(pid, n_heads, head_dim, d_state, BLOCK_P: tl.constexpr, BLOCK_N:
     return seq, h, p, n, mask, offsets, n_heads * head_dim * d_state
 
 
-@_device
-def _state_or_zeros(ptr, offsets, mask, GIVEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A (BLOCK_P, BLOCK_N) float32 state tile from ptr where GIVEN, else zeros."""
-    if GIVEN:
-        state = tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    return state
-
-
 # -- forward ----------------------------------------------------------------------------------------------
 @triton.jit
 def _chunk_states_kernel(X, Dt, A, Bm, DtBias, Init, States, Final, Chunks, Seqs,
@@ -231,7 +220,7 @@ def _chunk_states_kernel(X, Dt, A, Bm, DtBias, Init, States, Final, Chunks, Seqs
     seq, h, p, n, state_mask, state_offsets, size = _state_tile(tl.program_id(0).to(tl.int64), n_heads, head_dim,
                                                                  d_state, BLOCK_P, BLOCK_N)
     steps = tl.arange(0, CHUNK)
-    state = _state_or_zeros(Init + seq * size, state_offsets, state_mask, HAS_INIT, BLOCK_P, BLOCK_N)
+    state = state_or_zeros(Init + seq * size, state_offsets, state_mask, HAS_INIT, BLOCK_P, BLOCK_N)
     first, count = tl.load(Seqs + seq * 2).to(tl.int64), tl.load(Seqs + seq * 2 + 1)
     for index in range(count):
         chunk = first + index
@@ -308,7 +297,7 @@ def _state_grads_kernel(dOut, Z, Dt, A, Cm, DtBias, DFinal, DStates, DInit, Chun
     seq, h, p, n, state_mask, state_offsets, size = _state_tile(tl.program_id(0).to(tl.int64), n_heads, head_dim,
                                                                  d_state, BLOCK_P, BLOCK_N)
     steps = tl.arange(0, CHUNK)
-    grad = _state_or_zeros(DFinal + seq * size, state_offsets, state_mask, HAS_DFINAL, BLOCK_P, BLOCK_N)
+    grad = state_or_zeros(DFinal + seq * size, state_offsets, state_mask, HAS_DFINAL, BLOCK_P, BLOCK_N)
     first, count = tl.load(Seqs + seq * 2).to(tl.int64), tl.load(Seqs + seq * 2 + 1)
     for index in range(count):
         chunk = first + count - 1 - index
