@@ -29,7 +29,7 @@ from archlab.kernels.common.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHLAB = [sys.executable, "-m", "archlab.compare.cli"]
-PEERS = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}  # module: package
+PEERS = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d", "fla": "fla-core"}  # module: package
 
 
 @dataclass
@@ -131,15 +131,19 @@ def run_step(step: Step, out: Path, env: dict) -> None:
 
 def peer_step(step: Step, out: Path, dry_run: bool, env: dict) -> None:
     """Peers installed: nothing to do. Else scripts/build_peers.sh build with what was carried in .peers/ (it
-    reuses wheels built for this GPU and torch, else builds the sources: about 9 minutes); with nothing carried, a
-    note. A dry run only says what it would do."""
+    reuses wheels built for this GPU and torch, else builds the sources: about 9 minutes, and installs fla's wheel),
+    or, with fla alone missing, its carried wheel installed; with nothing carried, a note. A dry run only says what
+    it would do."""
     start = time.perf_counter()
     missing = [package for module, package in PEERS.items() if importlib.util.find_spec(module) is None]
     carried = [*(ROOT / ".peers" / "wheels").glob("*/*.whl"), *(ROOT / ".peers" / "sdist").glob("*.tar.gz")]
     if not missing:
-        step.status, step.result = "ok", "mamba-ssm and causal-conv1d installed"
+        step.status, step.result = "ok", f"{', '.join(PEERS.values())} installed"
     elif carried:
-        command = ["bash", "scripts/build_peers.sh", "build"]
+        fla_wheels = [str(path) for path in carried if path.name.startswith("fla_core-")]
+        # fla alone missing: its wheel is pure Python, nothing to build; else build (or reuse) what was carried
+        command = ([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *fla_wheels]
+                   if missing == [PEERS["fla"]] and fla_wheels else ["bash", "scripts/build_peers.sh", "build"])
         if dry_run:
             step.status, step.result = "skipped (dry run)", f"would run: {' '.join(command)}"
         else:

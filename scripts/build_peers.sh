@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the peer kernels (mamba-ssm, causal-conv1d) for this machine's GPU architecture only and installs
-# them into the current Python. Their setup.py files compile for every arch from sm_75 up (an hour or more);
-# one arch takes about 9 minutes on the H100 box, so run this once in the background and reuse the wheels.
+# them into the current Python, with fla (fla-core: pure Python, Triton kernels, nothing to build) beside them.
+# Their setup.py files compile for every arch from sm_75 up (an hour or more); one arch takes about 9 minutes on
+# the H100 box, so run this once in the background and reuse the wheels.
 #
-#   scripts/build_peers.sh download [DIR]   fetch the two sdists into DIR (default .peers/sdist; needs pip
-#                                           to reach an index) - do this where there is a network
+#   scripts/build_peers.sh download [DIR]   fetch the two sdists into DIR (default .peers/sdist) and fla-core's
+#                                           wheel into .peers/wheels/any (needs pip to reach an index) - do this
+#                                           where there is a network
 #   scripts/build_peers.sh build [DIR]      build wheels from the sdists in DIR for the local GPU and install
 #                                           them; wheels are kept in .peers/wheels/<arch>-torch<version>
 #
@@ -24,7 +26,8 @@ download() {
     # the SKIP flags only let pip read the metadata without nvcc; nothing is compiled here
     MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
         "$PYTHON" -m pip download --no-deps --no-build-isolation --no-binary :all: -d "$SDIST_DIR" "${PACKAGES[@]}"
-    ls -l "$SDIST_DIR"
+    "$PYTHON" -m pip download --no-deps --only-binary :all: -d "$ROOT/.peers/wheels/any" fla-core
+    ls -l "$SDIST_DIR" "$ROOT/.peers/wheels/any"
 }
 
 # Keeps only the -gencode pair for $1 (e.g. 90) in a setup.py, adding it if the file never lists it.
@@ -83,6 +86,12 @@ build() {
     done
     "$PYTHON" -m pip install --no-deps --no-index "$wheels"/*.whl
     "$PYTHON" -c "import causal_conv1d, mamba_ssm; print('peers installed:', mamba_ssm.__version__, causal_conv1d.__version__)"
+    if ls "$ROOT"/.peers/wheels/any/fla_core-*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install --no-deps --no-index "$ROOT"/.peers/wheels/any/fla_core-*.whl
+        "$PYTHON" -c "import fla; print('fla installed:', fla.__version__)"
+    else
+        echo "no fla-core wheel in .peers/wheels/any: the gated_delta bench compares with our kernels only"
+    fi
 }
 
 case "$MODE" in

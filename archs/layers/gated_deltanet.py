@@ -41,7 +41,7 @@ from archlab.archs.layers.mixer import (
     writes_residual,
 )
 from archlab.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
-from archlab.kernels.gated_delta import TRITON_MAX_HEAD_DIM, gated_delta_rule, gated_delta_state_update
+from archlab.kernels.gated_delta import CHUNK_SIZE, TRITON_MAX_HEAD_DIM, gated_delta_rule, gated_delta_state_update
 
 
 class GatedDeltaNetSettings(MixerSettings):
@@ -97,8 +97,9 @@ class GatedDeltaNetSettings(MixerSettings):
                              "or expand_v, or use kernels.gated_delta=auto")
 
     def narrowed(self, heads: int | None = None) -> "GatedDeltaNetSettings":
-        """A predictor at half the width keeps the head count: half the head dim (`heads` counts attention's)."""
-        return self.model_copy(update={"head_dim": max(1, self.head_dim // 2)})
+        """A predictor at half the width keeps the head count: half the head dim (`heads` counts attention's),
+        validated again (head_dim * expand_v must stay whole)."""
+        return self.model_validate(self.model_dump() | {"head_dim": max(1, self.head_dim // 2)})
 
 
 BIDIRECTIONAL_DECODING = ("a bidirectional Gated DeltaNet cannot decode (each output reads later positions); "
@@ -186,7 +187,6 @@ class GatedDeltaNetMixer(Mixer):
     settings = GatedDeltaNetSettings
     kernel_ops = ("gated_delta", "causal_conv1d")
     bidirectional = "built"
-    CHUNK_SIZE = 64  # the torch path's chunk (kernels/gated_delta): what flops_per_token counts
 
     def __init__(self, d_model: int, settings: GatedDeltaNetSettings, *, causal: bool = True,
                  kernels: Mapping[str, str] | None = None):
@@ -259,7 +259,7 @@ class GatedDeltaNetMixer(Mixer):
         d = self.in_proj.in_features
         directions = 1 if self.delta_reversed is None else 2
         return (2 * d * self.in_proj.out_features + 2 * self.delta.value_dim * d
-                + directions * self.delta.flops_per_token(seq_len, self.CHUNK_SIZE))
+                + directions * self.delta.flops_per_token(seq_len, CHUNK_SIZE))  # the kernels' chunk length
 
     def state_bytes(self, batch_size: int, seq_len: int, *, dtype: torch.dtype = torch.bfloat16) -> int:
         """The conv window (activation dtype) and the float32 delta-rule state: the same at every seq_len."""

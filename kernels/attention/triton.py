@@ -156,12 +156,14 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, L
         k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, window, qk_scale, MASKED,
                                     CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
         # Without a window every row sees key 0 in the first block, so m_new is finite from then on. With one,
-        # a row may see no key of its first masked blocks: subtract 0 instead of -inf there (-inf - -inf is NaN).
+        # a row may see no key of its first masked blocks: subtract 0 instead of -inf there (-inf - -inf is NaN),
+        # while the running max stays the true one (a stand-in of 0 would underflow rows of very negative scores).
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = m_new
         if WINDOWED and MASKED:
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new

@@ -17,3 +17,19 @@ def check_device(op: str, name: str, t: Tensor, first_name: str, first: Tensor) 
 def check_float_dtype(op: str, name: str, t: Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+
+
+def check_cu_seqlens_bounds(op: str, cu_seqlens: Tensor, length: int) -> None:
+    """Packed sequences' cumulative lengths must rise strictly from 0 to the packed length. Not checked under
+    torch.compile: reading the values would break the graph (and sync a GPU)."""
+    if torch.compiler.is_compiling():
+        return
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != length or any(e <= s for s, e in zip(bounds[:-1], bounds[1:], strict=False)):
+        raise ValueError(f"{op}: cu_seqlens must rise strictly from 0 to the packed length {length} (no empty "
+                         f"sequences), got {bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
+
+
+def shape_as_passed(shape: tuple, unpacked: bool) -> tuple:
+    """A shape as the caller passed it: a decoding step's (batch, ...) tensors are checked as (batch, 1, ...)."""
+    return tuple(shape[:1]) + tuple(shape[2:]) if unpacked else tuple(shape)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from archlab.kernels.backend import resolve_backend
-from archlab.kernels.common.inputs import check_device, check_float_dtype
+from archlab.kernels.common.inputs import check_cu_seqlens_bounds, check_device, check_float_dtype, shape_as_passed
 from archlab.kernels.gated_delta.chunked import gated_delta_chunked
 from archlab.kernels.gated_delta.conformance import CONFORMANCE
 from archlab.kernels.gated_delta.op import gated_delta_triton  # registers the custom ops; no triton import
@@ -51,8 +51,12 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
     value_heads, key_dim, value_dim)) with output_final_state. scale defaults to key_dim ** -0.5."""
     _check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     name = resolve_backend("gated_delta", backend, q.device, q.dtype)
-    if name == "triton":
-        _check_triton_head_dims(k, v)
+    if name == "triton" and max(k.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+        if backend != "auto":
+            raise ValueError(f"gated_delta: the triton backend takes key_dim and value_dim up to "
+                             f"{TRITON_MAX_HEAD_DIM}, got key_dim={k.shape[-1]}, value_dim={v.shape[-1]}; use backend "
+                             "auto or torch")
+        name = "torch"  # auto: our kernel does not tile these head dims, the chunked torch path does
     if use_qk_l2norm and name != "peer":  # the peer normalises in its kernel
         # in float32; the Triton kernel then reads them in their own type, as fla's l2norm hands them over
         q, k = (l2norm(t.float()).to(t.dtype if name == "triton" else torch.float32) for t in (q, k))
@@ -81,12 +85,14 @@ def gated_delta_state_update(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: 
         raise ValueError(f"gated_delta_state_update: state must be float32 of shape {want} on {q.device}, got "
                          f"{getattr(state, 'dtype', type(state).__name__)} {tuple(getattr(state, 'shape', ()))} on "
                          f"{getattr(state, 'device', None)}")
-    q_c, k_c = q.float(), k.float()
-    if use_qk_l2norm:
-        q_c, k_c = l2norm(q_c), l2norm(k_c)
-    value_heads = v.shape[1]
-    q_c = value_heads_of(q_c, value_heads) * (k.shape[-1] ** -0.5 if scale is None else scale)
-    o, new_state = gated_delta_step(state, q_c, value_heads_of(k_c, value_heads), v.float(), g.float(), beta.float())
+    with torch.autocast(q.device.type, enabled=False):  # the float32 state must not take bf16 matmul products
+        q_c, k_c = q.float(), k.float()
+        if use_qk_l2norm:
+            q_c, k_c = l2norm(q_c), l2norm(k_c)
+        value_heads = v.shape[1]
+        q_c = value_heads_of(q_c, value_heads) * (k.shape[-1] ** -0.5 if scale is None else scale)
+        o, new_state = gated_delta_step(state, q_c, value_heads_of(k_c, value_heads), v.float(), g.float(),
+                                        beta.float())
     state.copy_(new_state)
     return o.to(v.dtype)
 
@@ -128,8 +134,8 @@ def _check_streams(op, q, k, v, g, beta, scale, *, layout: str, unpacked: bool):
         check_device(op, name, t, "q", q)
         check_float_dtype(op, name, t)
 
-    def shown(shape) -> tuple:
-        return _shape(shape, unpacked)
+    def shown(shape: tuple) -> tuple:
+        return shape_as_passed(shape, unpacked)
 
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or g.ndim != 3 or beta.ndim != 3:
         raise ValueError(f"{op}: expected {layout}; got q {shown(q.shape)}, k {shown(k.shape)}, v {shown(v.shape)}, "
@@ -157,10 +163,6 @@ def _check_streams(op, q, k, v, g, beta, scale, *, layout: str, unpacked: bool):
     return batch, length, heads, key_dim
 
 
-def _shape(shape: tuple, unpacked: bool) -> tuple:
-    """A shape as the caller sees it (the decoding step's tensors are checked with a length-1 dim added)."""
-    return tuple(shape[:1]) + tuple(shape[2:]) if unpacked else tuple(shape)
-
 
 def _check_cu_seqlens(cu_seqlens, q: Tensor) -> int:
     """Checks cu_seqlens against q; returns the number of sequences."""
@@ -173,20 +175,8 @@ def _check_cu_seqlens(cu_seqlens, q: Tensor) -> int:
     if q.shape[0] != 1:
         raise ValueError(f"gated_delta: with cu_seqlens the sequences are packed in a batch of 1, got batch "
                          f"{q.shape[0]}")
-    if not torch.compiler.is_compiling():  # reading the values would break the graph (and sync a GPU) under compile
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(e <= s for s, e in zip(bounds[:-1], bounds[1:],
-                                                                                     strict=False)):
-            raise ValueError(f"gated_delta: cu_seqlens must rise strictly from 0 to the packed length {q.shape[1]} "
-                             "(no empty sequences), got "
-                             f"{bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
+    check_cu_seqlens_bounds("gated_delta", cu_seqlens, q.shape[1])
     return cu_seqlens.numel() - 1
-
-
-def _check_triton_head_dims(k: Tensor, v: Tensor) -> None:
-    if max(k.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"gated_delta: the triton backend takes key_dim and value_dim up to {TRITON_MAX_HEAD_DIM}, "
-                         f"got key_dim={k.shape[-1]}, value_dim={v.shape[-1]}; use backend torch or peer")
 
 
 register(KernelOp(

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
-from archlab.kernels.common.inputs import check_device, check_float_dtype
+from archlab.kernels.common.inputs import check_cu_seqlens_bounds, check_device, check_float_dtype, shape_as_passed
 from archlab.kernels.registry import KernelBench, KernelOp, register
 from archlab.kernels.ssd.chunked import ssd_chunked
 from archlab.kernels.ssd.conformance import CONFORMANCE
@@ -136,24 +136,27 @@ def _check_streams(op, x, dt, A, B, C, D, z, dt_bias, dt_limit, *, layout: str, 
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         check_device(op, name, t, "x", x)
         check_float_dtype(op, name, t)
+
+    def shown(t: Tensor) -> tuple:
+        return shape_as_passed(t.shape, unpacked)
+
     if x.ndim != 4 or dt.ndim != 3 or B.ndim != 4:
-        raise ValueError(f"{op}: expected {layout}; got x {_shape(x, unpacked)}, dt {_shape(dt, unpacked)}, "
-                         f"B {_shape(B, unpacked)}")
+        raise ValueError(f"{op}: expected {layout}; got x {shown(x)}, dt {shown(dt)}, B {shown(B)}")
     batch, length, heads, head_dim = x.shape
     groups, n_state = B.shape[2], B.shape[3]
     if 0 in (batch, length, heads, head_dim, groups, n_state):
-        raise ValueError(f"{op}: empty inputs (x {_shape(x, unpacked)}, B {_shape(B, unpacked)}); every size must "
+        raise ValueError(f"{op}: empty inputs (x {shown(x)}, B {shown(B)}); every size must "
                          "be >= 1")
     if dt.shape != (batch, length, heads):
         raise ValueError(f"{op}: dt must be {(batch, length, heads)[unpacked:]} like x's leading dims, got "
-                         f"{_shape(dt, unpacked)}")
+                         f"{shown(dt)}")
     if B.shape[:2] != (batch, length) or C.shape != B.shape:
         raise ValueError(f"{op}: B and C must both be {(batch, length, 'groups', 'state')[unpacked:]}, got "
-                         f"{_shape(B, unpacked)} and {_shape(C, unpacked)}")
+                         f"{shown(B)} and {shown(C)}")
     if heads % groups:
         raise ValueError(f"{op}: B and C have {groups} groups, which must divide heads={heads}")
     if z is not None and z.shape != x.shape:
-        raise ValueError(f"{op}: z must have x's shape {_shape(x, unpacked)}, got {_shape(z, unpacked)}")
+        raise ValueError(f"{op}: z must have x's shape {shown(x)}, got {shown(z)}")
     if A.shape != (heads,):
         raise ValueError(f"{op}: A must be (heads,) = ({heads},), got {tuple(A.shape)}")
     if dt_bias is not None and dt_bias.shape != (heads,):
@@ -164,11 +167,6 @@ def _check_streams(op, x, dt, A, B, C, D, z, dt_bias, dt_limit, *, layout: str, 
     if len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
         raise ValueError(f"{op}: dt_limit must be (min, max) with min <= max, got {tuple(dt_limit)}")
     return batch, length, heads, head_dim
-
-
-def _shape(t: Tensor, unpacked: bool) -> tuple:
-    """t's shape as the caller passed it (the decoding step's tensors are checked with a length-1 dim added)."""
-    return tuple(t.shape[:1]) + tuple(t.shape[2:]) if unpacked else tuple(t.shape)
 
 
 def _check_cu_seqlens(cu_seqlens, x: Tensor, initial_states) -> None:
@@ -183,12 +181,7 @@ def _check_cu_seqlens(cu_seqlens, x: Tensor, initial_states) -> None:
     if initial_states is not None:
         raise ValueError("ssd: initial_states with cu_seqlens is not supported; every packed sequence starts from "
                          "zero (run a sequence alone to continue it from a state)")
-    if torch.compiler.is_compiling():  # reading the values would break the graph (and sync a GPU) under compile
-        return
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(e <= s for s, e in zip(bounds[:-1], bounds[1:], strict=False)):
-        raise ValueError(f"ssd: cu_seqlens must rise strictly from 0 to the packed length {x.shape[1]} (no empty "
-                         f"sequences), got {bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
+    check_cu_seqlens_bounds("ssd", cu_seqlens, x.shape[1])
 
 
 register(KernelOp(

@@ -280,11 +280,27 @@ def test_bad_inputs_fail_in_one_line(changes, message):
     assert "\n" not in str(error.value)
 
 
-def test_head_dims_past_the_triton_kernel_fail_in_one_line(monkeypatch):
-    monkeypatch.setattr(gated_delta_module, "resolve_backend", lambda op, backend, device, dtype: "triton")
+def test_head_dims_past_the_triton_kernel_fail_in_one_line_or_auto_takes_torch(monkeypatch):
+    """As on a GPU without fla, where auto resolves to triton."""
+    monkeypatch.setattr(gated_delta_module, "resolve_backend",
+                        lambda op, backend, device, dtype: "triton" if backend in ("auto", "triton") else backend)
+    wide = _bad(v=torch.randn(1, 6, 4, 257), initial_state=None)
     with pytest.raises(ValueError, match="gated_delta: the triton backend takes key_dim and value_dim up to 256, got "
-                                         "key_dim=8, value_dim=257; use backend torch or peer"):
-        _call_with(_bad(v=torch.randn(1, 6, 4, 257), initial_state=None))
+                                         "key_dim=8, value_dim=257; use backend auto or torch"):
+        _call_with(dict(wide), backend="triton")
+    torch.testing.assert_close(_call_with(dict(wide), backend="auto"), _call_with(dict(wide), backend="reference"))
+
+
+def test_a_decode_step_under_autocast_keeps_float32_products():
+    """Sampling runs under the trainer's autocast: the state's update must not take bf16 matmul products."""
+    inputs = {k: v.detach() for k, v in make_inputs(2, 1, 2, 4, 64, 64).items()}
+    steps = []
+    for autocast in (False, True):
+        state = inputs["initial_state"].clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o = gated_delta_state_update(state, *(inputs[n][:, 0] for n in STREAMS), use_qk_l2norm=True)
+        steps.append((o, state))
+    torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=0)
 
 
 def test_peer_needs_cuda():
