@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from archlab.archs.layers.mamba import conv_parameters, initial_dt_bias
 from archlab.archs.layers.mixer import (
-    Mixer,
+    BuiltDirectionMixer,
     MixerSettings,
+    RecurrentState,
     backend_for,
     no_weight_decay,
     register_mixer,
@@ -102,11 +103,7 @@ class GatedDeltaNetSettings(MixerSettings):
         return self.model_validate(self.model_dump() | {"head_dim": max(1, self.head_dim // 2)})
 
 
-BIDIRECTIONAL_DECODING = ("a bidirectional Gated DeltaNet cannot decode (each output reads later positions); "
-                          "sample from a causal model")
-
-
-class GatedDeltaNetState:
+class GatedDeltaNetState(RecurrentState):
     """Decoding state of one causal Gated DeltaNet mixer after `length` positions: fixed-size, whatever the length.
 
     conv_state (B, 2 H K + HV V, d_conv - 1) holds the last pre-conv q, k, v (activation dtype); delta_state
@@ -115,10 +112,9 @@ class GatedDeltaNetState:
 
     def __init__(self, batch_size: int, conv_dim: int, d_conv: int, value_heads: int, head_dim: int,
                  value_head_dim: int, *, dtype: torch.dtype, device: torch.device | str):
-        self.conv_state = torch.zeros(batch_size, conv_dim, d_conv - 1, dtype=dtype, device=device)
+        super().__init__(batch_size, conv_dim, d_conv, dtype=dtype, device=device)
         self.delta_state = torch.zeros(batch_size, value_heads, head_dim, value_head_dim, dtype=torch.float32,
                                        device=device)
-        self.length = 0
 
 
 class DeltaDirection(nn.Module):
@@ -180,13 +176,13 @@ class DeltaDirection(nn.Module):
 
 
 @register_mixer
-class GatedDeltaNetMixer(Mixer):
+class GatedDeltaNetMixer(BuiltDirectionMixer):
     """u (B, L, d) -> (B, L, d). Built causal or bidirectional (their weights differ); decoding is causal only."""
 
     name = "gated_deltanet"
+    title = "Gated DeltaNet"
     settings = GatedDeltaNetSettings
     kernel_ops = ("gated_delta", "causal_conv1d")
-    bidirectional = "built"
 
     def __init__(self, d_model: int, settings: GatedDeltaNetSettings, *, causal: bool = True,
                  kernels: Mapping[str, str] | None = None):
@@ -207,12 +203,7 @@ class GatedDeltaNetMixer(Mixer):
     def forward(self, u: Tensor, *, causal: bool, state: GatedDeltaNetState | None = None) -> Tensor:
         """With a state, u holds the positions after the `state.length` already seen: an empty state is filled by
         one pass over u (prefill), a filled one is advanced position by position."""
-        if causal != (self.delta_reversed is None):
-            built = "causal" if self.delta_reversed is None else "bidirectional"
-            raise ValueError(f"this Gated DeltaNet layer was built {built} but is called with causal={causal}; "
-                             "build the model with the causal setting it runs with (build_model does)")
-        if state is not None:
-            self._check_state(state, u.shape[0])
+        self.check_call(causal, state, u.shape[0])
         # one matmul per part (rows of in_proj's weight): qkv comes out contiguous, which the conv reads channel-last
         qkv, gate, a, b = (F.linear(u, weight) for weight in self.in_proj.weight.split(self.parts))
         beta = torch.sigmoid(b.float()) * (2 if self.cfg.allow_neg_eigval else 1)
@@ -235,18 +226,10 @@ class GatedDeltaNetMixer(Mixer):
             out = out * F.silu(rearrange(gate, "... (h v) -> ... h v", v=o.shape[-1]).float())
         return out.to(o.dtype)
 
-    def _check_state(self, state: GatedDeltaNetState, batch_size: int) -> None:
-        if self.delta_reversed is not None:
-            raise ValueError(BIDIRECTIONAL_DECODING)
-        if state.conv_state.shape[0] != batch_size:
-            raise ValueError(f"Gated DeltaNet state was made for batch {state.conv_state.shape[0]} but got "
-                             f"{batch_size}; make a new cache for this batch")
-
     def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype,
                   device: torch.device | str) -> GatedDeltaNetState:
         """The state is fixed-size, so max_len bounds nothing here (the sampler watches `.length`)."""
-        if self.delta_reversed is not None:
-            raise ValueError(BIDIRECTIONAL_DECODING)
+        self.check_decodes()
         cfg = self.cfg
         return GatedDeltaNetState(batch_size, self.conv_dim, cfg.d_conv, cfg.value_heads, cfg.head_dim,
                                   cfg.value_head_dim, dtype=dtype, device=device)
@@ -257,7 +240,7 @@ class GatedDeltaNetMixer(Mixer):
         the l2 norms, gates, softplus, the output norm and the direction average are O(width) and left out. The
         direction is fixed at construction (a bidirectional mixer runs twice)."""
         d = self.in_proj.in_features
-        directions = 1 if self.delta_reversed is None else 2
+        directions = 1 if self.built_causal else 2
         return (2 * d * self.in_proj.out_features + 2 * self.delta.value_dim * d
                 + directions * self.delta.flops_per_token(seq_len, CHUNK_SIZE))  # the kernels' chunk length
 

@@ -25,8 +25,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from archlab.archs.layers.mixer import (
-    Mixer,
+    BuiltDirectionMixer,
     MixerSettings,
+    RecurrentState,
     backend_for,
     no_weight_decay,
     register_mixer,
@@ -56,11 +57,7 @@ class MambaSettings(MixerSettings):
         return self.model_copy(update={"dt_rank": None})  # the default rank of the narrower width
 
 
-BIDIRECTIONAL_DECODING = ("a bidirectional Mamba cannot decode (each output reads later positions); "
-                          "sample from a causal model")
-
-
-class MambaState:
+class MambaState(RecurrentState):
     """Decoding state of one causal Mamba mixer after `length` positions: fixed-size, whatever the length.
 
     conv_state (B, E, d_conv - 1) holds the last pre-conv inputs (activation dtype), ssm_state (B, E, N)
@@ -69,9 +66,8 @@ class MambaState:
 
     def __init__(self, batch_size: int, d_inner: int, d_conv: int, d_state: int, *,
                  dtype: torch.dtype, device: torch.device | str):
-        self.conv_state = torch.zeros(batch_size, d_inner, d_conv - 1, dtype=dtype, device=device)
+        super().__init__(batch_size, d_inner, d_conv, dtype=dtype, device=device)
         self.ssm_state = torch.zeros(batch_size, d_inner, d_state, dtype=torch.float32, device=device)
-        self.length = 0
 
 
 def conv_parameters(channels: int, width: int, bias: bool) -> tuple[nn.Parameter, nn.Parameter | None]:
@@ -155,35 +151,29 @@ class SelectiveSSM(nn.Module):
 
 
 @register_mixer
-class MambaMixer(Mixer):
+class MambaMixer(BuiltDirectionMixer):
     """u (B, L, d) -> (B, L, d). Built causal or bidirectional (their weights differ); decoding is causal only."""
 
     name = "mamba"
+    title = "Mamba"
     settings = MambaSettings
     kernel_ops = ("selective_scan", "causal_conv1d")
-    bidirectional = "built"
 
     def __init__(self, d_model: int, settings: MambaSettings, *, causal: bool = True,
                  kernels: Mapping[str, str] | None = None):
         super().__init__(d_model, settings, causal=causal, kernels=kernels)
         scan_backend, conv_backend = backend_for(kernels, "selective_scan"), backend_for(kernels, "causal_conv1d")
-        self.two_directions = not causal  # built bidirectional
         self.d_inner, self.d_conv, self.d_state = settings.expand * d_model, settings.d_conv, settings.d_state
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.ssm = SelectiveSSM(d_model, settings, scan_backend=scan_backend, conv_backend=conv_backend)
-        self.ssm_reversed = (SelectiveSSM(d_model, settings, scan_backend=scan_backend, conv_backend=conv_backend)
-                             if self.two_directions else None)
+        self.ssm_reversed = (None if causal else
+                             SelectiveSSM(d_model, settings, scan_backend=scan_backend, conv_backend=conv_backend))
         self.out_proj = writes_residual(nn.Linear(self.d_inner, d_model, bias=False))
 
     def forward(self, u: Tensor, *, causal: bool, state: MambaState | None = None) -> Tensor:
         """With a state, u holds the positions after the `state.length` already seen: an empty state is
         filled by one pass over u (prefill), a filled one is advanced position by position."""
-        if causal == self.two_directions:
-            built = "bidirectional" if self.two_directions else "causal"
-            raise ValueError(f"this Mamba layer was built {built} but is called with causal={causal}; "
-                             "build the model with the causal setting it runs with (build_model does)")
-        if state is not None:
-            self._check_state(state, u.shape[0])
+        self.check_call(causal, state, u.shape[0])
         # two views of one (B, L, 2E) tensor; chunk's backward writes both gradients into one buffer (one copy),
         # where unpacking a "b l (two e) -> two b e l" view stacked them first (two copies)
         x, z = (rearrange(half, "b l e -> b e l") for half in self.in_proj(u).chunk(2, dim=-1))
@@ -197,18 +187,10 @@ class MambaMixer(Mixer):
             state.length += u.shape[1]
         return self.out_proj(rearrange(y, "b e l -> b l e"))
 
-    def _check_state(self, state: MambaState, batch_size: int) -> None:
-        if self.two_directions:
-            raise ValueError(BIDIRECTIONAL_DECODING)
-        if state.conv_state.shape[0] != batch_size:
-            raise ValueError(f"Mamba state was made for batch {state.conv_state.shape[0]} but got {batch_size}; "
-                             "make a new cache for this batch")
-
     def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype,
                   device: torch.device | str) -> MambaState:
         """The state is fixed-size, so max_len bounds nothing here (the sampler watches `.length`)."""
-        if self.two_directions:
-            raise ValueError(BIDIRECTIONAL_DECODING)
+        self.check_decodes()
         return MambaState(batch_size, self.d_inner, self.d_conv, self.d_state, dtype=dtype, device=device)
 
     def flops_per_token(self, seq_len: int, *, causal: bool) -> int:
@@ -217,7 +199,7 @@ class MambaMixer(Mixer):
         plus each direction's conv, x_proj, dt_proj and scan (SelectiveSSM.flops_per_token); gating, softplus
         and the direction average are O(E) and left out."""
         d = self.in_proj.in_features
-        directions = 2 if self.two_directions else 1
+        directions = 1 if self.built_causal else 2
         return 2 * d * 2 * self.d_inner + 2 * self.d_inner * d + directions * self.ssm.flops_per_token()
 
     def state_bytes(self, batch_size: int, seq_len: int, *, dtype: torch.dtype = torch.bfloat16) -> int:

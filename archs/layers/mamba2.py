@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 from archlab.archs.layers.mamba import conv_parameters, initial_dt_bias
 from archlab.archs.layers.mixer import (
-    Mixer,
+    BuiltDirectionMixer,
     MixerSettings,
+    RecurrentState,
     backend_for,
     no_weight_decay,
     register_mixer,
@@ -95,11 +96,7 @@ class Mamba2Settings(MixerSettings):
         return self.model_copy(update={"head_dim": max(1, self.head_dim // 2)})
 
 
-BIDIRECTIONAL_DECODING = ("a bidirectional Mamba-2 cannot decode (each output reads later positions); "
-                          "sample from a causal model")
-
-
-class Mamba2State:
+class Mamba2State(RecurrentState):
     """Decoding state of one causal Mamba-2 mixer after `length` positions: fixed-size, whatever the length.
 
     conv_state (B, E + 2 G N, d_conv - 1) holds the last pre-conv inputs (activation dtype), ssm_state
@@ -108,9 +105,8 @@ class Mamba2State:
 
     def __init__(self, batch_size: int, conv_dim: int, d_conv: int, heads: int, head_dim: int, d_state: int, *,
                  dtype: torch.dtype, device: torch.device | str):
-        self.conv_state = torch.zeros(batch_size, conv_dim, d_conv - 1, dtype=dtype, device=device)
+        super().__init__(batch_size, conv_dim, d_conv, dtype=dtype, device=device)
         self.ssm_state = torch.zeros(batch_size, heads, head_dim, d_state, dtype=torch.float32, device=device)
-        self.length = 0
 
 
 class SSDDirection(nn.Module):
@@ -178,13 +174,13 @@ class SSDDirection(nn.Module):
 
 
 @register_mixer
-class Mamba2Mixer(Mixer):
+class Mamba2Mixer(BuiltDirectionMixer):
     """u (B, L, d) -> (B, L, d). Built causal or bidirectional (their weights differ); decoding is causal only."""
 
     name = "mamba2"
+    title = "Mamba-2"
     settings = Mamba2Settings
     kernel_ops = ("ssd", "causal_conv1d")
-    bidirectional = "built"
 
     def __init__(self, d_model: int, settings: Mamba2Settings, *, causal: bool = True,
                  kernels: Mapping[str, str] | None = None):
@@ -203,12 +199,7 @@ class Mamba2Mixer(Mixer):
     def forward(self, u: Tensor, *, causal: bool, state: Mamba2State | None = None) -> Tensor:
         """With a state, u holds the positions after the `state.length` already seen: an empty state is
         filled by one pass over u (prefill), a filled one is advanced position by position."""
-        if causal != (self.ssd_reversed is None):
-            built = "causal" if self.ssd_reversed is None else "bidirectional"
-            raise ValueError(f"this Mamba-2 layer was built {built} but is called with causal={causal}; "
-                             "build the model with the causal setting it runs with (build_model does)")
-        if state is not None:
-            self._check_state(state, u.shape[0])
+        self.check_call(causal, state, u.shape[0])
         # one matmul per part (rows of in_proj's weight): xBC comes out contiguous, which the conv reads and writes
         # channel-last without copies (a view into the joint output cost the layer ~1.5x its conv time on CPU)
         z, xBC, dt = (F.linear(u, weight) for weight in
@@ -243,18 +234,10 @@ class Mamba2Mixer(Mixer):
             out = out * gate
         return out.to(y.dtype)
 
-    def _check_state(self, state: Mamba2State, batch_size: int) -> None:
-        if self.ssd_reversed is not None:
-            raise ValueError(BIDIRECTIONAL_DECODING)
-        if state.conv_state.shape[0] != batch_size:
-            raise ValueError(f"Mamba-2 state was made for batch {state.conv_state.shape[0]} but got {batch_size}; "
-                             "make a new cache for this batch")
-
     def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype,
                   device: torch.device | str) -> Mamba2State:
         """The state is fixed-size, so max_len bounds nothing here (the sampler watches `.length`)."""
-        if self.ssd_reversed is not None:
-            raise ValueError(BIDIRECTIONAL_DECODING)
+        self.check_decodes()
         return Mamba2State(batch_size, self.conv_dim, self.cfg.d_conv, self.heads, self.cfg.head_dim,
                            self.cfg.d_state, dtype=dtype, device=device)
 
@@ -263,7 +246,7 @@ class Mamba2Mixer(Mixer):
         direction's conv and SSD (SSDDirection.flops_per_token); gating, softplus, the norm and the direction
         average are O(E) and left out. The direction is fixed at construction (a bidirectional mixer scans twice)."""
         d = self.in_proj.in_features
-        directions = 1 if self.ssd_reversed is None else 2
+        directions = 1 if self.built_causal else 2
         return (2 * d * self.in_proj.out_features + 2 * self.d_inner * d
                 + directions * self.ssd.flops_per_token(seq_len))
 

@@ -10,8 +10,9 @@ decorates it with `@register_mixer`. It owns:
   - which parameters take no weight decay (`no_weight_decay(param)`, mamba_ssm's `_no_weight_decay` marker)
     and which linear layers write into the residual stream (`writes_residual(linear)`: scaled at init);
   - `bidirectional`: "per_call" (the same weights run either way, e.g. attention), "built" (a bidirectional
-    layer has other weights, e.g. Mamba's reversed scan), or "no" (it can only run causally); settings can narrow
-    it further (`MixerSettings.causal_only`: attention with a sliding window runs causally only).
+    layer has other weights, e.g. Mamba's reversed scan: subclass `BuiltDirectionMixer`), or "no" (it can only run
+    causally); settings can narrow it further (`MixerSettings.causal_only`: attention with a sliding window runs
+    causally only).
 Blocks, stacks, configs, FLOPs accounting and `archlab model` find everything through this interface.
 """
 from __future__ import annotations
@@ -83,6 +84,45 @@ class Mixer(nn.Module):
         """Bytes of decoding state after seq_len positions (a KV cache grows with it, an SSM state does not);
         `dtype` is the activations' (states kept in float32 count as such)."""
         raise NotImplementedError(f"mixer {self.name} does not report its state size")  # pragma: no cover
+
+
+class RecurrentState:
+    """Decoding state of a conv + recurrence mixer (Mamba, Mamba-2, Gated DeltaNet): `conv_state` (B, channels,
+    width - 1), the last pre-conv inputs in the activations' dtype; subclasses add the recurrence's state."""
+
+    def __init__(self, batch_size: int, channels: int, conv_width: int, *, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.conv_state = torch.zeros(batch_size, channels, conv_width - 1, dtype=dtype, device=device)
+        self.length = 0
+
+
+class BuiltDirectionMixer(Mixer):
+    """A mixer whose bidirectional layers hold weights of their own (bidirectional = "built", e.g. Mamba's reversed
+    scan): a layer runs only the way it was built, and only a causal one decodes. `title` names it in errors."""
+
+    bidirectional = "built"
+    title: ClassVar[str]
+
+    def __init__(self, d_model: int, settings: MixerSettings, *, causal: bool, kernels: Mapping[str, str] | None):
+        super().__init__(d_model, settings, causal=causal, kernels=kernels)
+        self.built_causal = causal
+
+    def check_call(self, causal: bool, state: RecurrentState | None, batch_size: int) -> None:
+        """Where forward starts: the direction it was built for; with a state, a causal layer and the state's batch."""
+        if causal != self.built_causal:
+            built = "causal" if self.built_causal else "bidirectional"
+            raise ValueError(f"this {self.title} layer was built {built} but is called with causal={causal}; "
+                             "build the model with the causal setting it runs with (build_model does)")
+        if state is not None:
+            self.check_decodes()
+            if state.conv_state.shape[0] != batch_size:
+                raise ValueError(f"{self.title} state was made for batch {state.conv_state.shape[0]} but got "
+                                 f"{batch_size}; make a new cache for this batch")
+
+    def check_decodes(self) -> None:
+        if not self.built_causal:
+            raise ValueError(f"a bidirectional {self.title} cannot decode (each output reads later positions); "
+                             "sample from a causal model")
 
 
 MIXERS: dict[str, type[Mixer]] = {}

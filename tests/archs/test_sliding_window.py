@@ -33,12 +33,14 @@ def test_a_window_at_least_the_length_is_full_attention():
     assert not torch.equal(windowed(x, causal=True), full(x, causal=True))
 
 
+@pytest.mark.parametrize("window", [1, 4, 20])
 @pytest.mark.parametrize("cuts", [(0, 9, 10, 11, 12, 13), (0, 2, 7, 13), tuple(range(14))],
                          ids=["long-prefill-then-steps", "chunks", "one-by-one"])
-def test_ring_buffer_decoding_equals_the_full_forward(cuts):
-    """Window 4 over 13 positions: a prefill longer than the window, chunks that read the window before them back
-    from the ring and wrap around it, and single steps from the start."""
-    cfg = ModelConfig(layers="attention,swa*2", d_model=D_MODEL, init_std=0.2, swa={"n_heads": 2, "window": 4})
+def test_ring_buffer_decoding_equals_the_full_forward(cuts, window):
+    """Windows of 1 and 4 over 13 positions: a prefill longer than the window, chunks that read the window before them
+    back from the ring and wrap around it, and single steps from the start; a window of 20 never fills its ring
+    (the cache holds min(window, max_len) positions)."""
+    cfg = ModelConfig(layers="attention,swa*2", d_model=D_MODEL, init_std=0.2, swa={"n_heads": 2, "window": window})
     torch.manual_seed(0)
     stack = ResidualStack(cfg, causal=True, kernels={"attention": "torch"})
     x = torch.randn(2, 13, D_MODEL)
@@ -47,7 +49,7 @@ def test_ring_buffer_decoding_equals_the_full_forward(cuts):
         cache = stack.new_cache(2, 13, dtype=torch.float32)
         pieces = [stack(x[:, a:b], causal=True, cache=cache) for a, b in itertools.pairwise(cuts)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
-    assert [layer.keys.shape[2] for layer in cache] == [13, 4, 4]  # full attention keeps all, swa its window
+    assert [layer.keys.shape[2] for layer in cache] == [13, *[min(window, 13)] * 2]  # full attention keeps all
 
 
 def test_cache_memory_is_bounded_by_the_window():
