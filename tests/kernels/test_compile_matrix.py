@@ -64,37 +64,42 @@ def _committed() -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _triton_kernels(op_name: str) -> dict[str, int]:
-    """The op's launchable kernels (`*_kernel`) with their config counts, over all autotuners wrapping them."""
+def _triton_kernels(op_name: str) -> dict[str, tuple[int, set[int]]]:
+    """The op's launchable kernels (`*_kernel`), each with (its config count over all autotuners wrapping it, the
+    config counts of those autotuners): a launch variant runs under one of them."""
     import importlib
 
     from triton.runtime.autotuner import Autotuner
 
     module = importlib.import_module(f"archlab.kernels.{op_name}.triton")
-    kernels = {name: 0 for name in vars(module) if name.endswith("_kernel")}
+    kernels = {name: [] for name in vars(module) if name.endswith("_kernel")}
     tuners = [v for value in vars(module).values() for v in (value.values() if isinstance(value, dict) else [value])
               if isinstance(v, Autotuner)]
     for tuner in tuners:
-        kernels[tuner.fn.__name__] += len(tuner.configs)
-    return {name: count or 1 for name, count in kernels.items()}  # a kernel with fixed blocks: one config
+        kernels[tuner.fn.__name__].append(len(tuner.configs))
+    # a kernel with fixed blocks: one config
+    return {name: (sum(counts) or 1, set(counts) or {1}) for name, counts in kernels.items()}
 
 
 def check_matrix(fresh: dict, committed: dict | None) -> None:
-    """Every launchable kernel of every op with a triton backend, in each of its configs, compiled for each
-    target; at least one config of each launch fits each target; and the committed table is this one."""
+    """Every launchable kernel of every op with a triton backend, each launch variant (its constexprs) in each of its
+    configs, compiled for each target; at least one config of each launch fits each target; and the committed table
+    is this one."""
     rows, targets = fresh["rows"], fresh["meta"]["targets"]
     assert set(CI_TARGETS).issubset(targets)
     for op in kernel_ops().values():
         if "triton" not in op.backends:
             continue
-        for kernel, n_configs in _triton_kernels(op.name).items():
+        for kernel, (n_configs, tuner_sizes) in _triton_kernels(op.name).items():
             mine = [r for r in rows if (r["op"], r["kernel"]) == (op.name, kernel)]
             assert mine, f"{op.name} {kernel} is not in the compile matrix: add it to its compile_launches"
             for target in targets:
                 here = [r for r in mine if r["target"] == target]
-                assert len({(r["constexprs"], r["config"]) for r in here}) == n_configs, (op.name, kernel, target)
-                for constexprs in {r["constexprs"] for r in here}:
-                    assert any(r["fits"] for r in here if r["constexprs"] == constexprs), \
+                assert len({(r["constexprs"], r["config"]) for r in here}) >= n_configs, (op.name, kernel, target)
+                for constexprs in {r["constexprs"] for r in here}:  # each launch variant (e.g. windowed or not)
+                    variant = [r for r in here if r["constexprs"] == constexprs]
+                    assert len({r["config"] for r in variant}) in tuner_sizes, (op.name, kernel, constexprs, target)
+                    assert any(r["fits"] for r in variant), \
                         f"no config of {op.name} {kernel} ({constexprs}) fits sm_{target}"
     assert all(r["fits"] == (r["shared_bytes"] <= SHARED_MEMORY_LIMIT[r["target"]]) for r in rows)
     if committed is not None:
