@@ -145,8 +145,8 @@ class DeltaDirection(nn.Module):
         """qkv (B, L, 2 H K + HV V), a and beta (B, L, HV) -> o (B, L, HV, V). A (fresh) `state` is filled for
         decoding onwards."""
         qkv = rearrange(qkv, "b l c -> b c l")
-        if state is not None:  # the last d_conv - 1 pre-conv inputs, zeros in front when L is shorter
-            state.conv_state.copy_(F.pad(qkv, (state.conv_state.shape[-1] - qkv.shape[-1], 0)))
+        if state is not None:
+            state.keep_conv_inputs(qkv)
         qkv = causal_conv1d(qkv, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend)
         q, k, v = self._split(rearrange(qkv, "b c l -> b l c"))
         out = gated_delta_rule(q, k, v, self.log_decay(a), beta, use_qk_l2norm=True,

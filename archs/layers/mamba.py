@@ -122,8 +122,8 @@ class SelectiveSSM(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor, state: MambaState | None = None) -> Tensor:
         """x, z (B, E, L) -> gated scan output (B, E, L). A (fresh) `state` is filled for decoding onwards."""
-        if state is not None:  # the last d_conv - 1 pre-conv inputs, zeros in front when L is shorter
-            state.conv_state.copy_(F.pad(x, (state.conv_state.shape[-1] - x.shape[-1], 0)))
+        if state is not None:
+            state.keep_conv_inputs(x)
         x = causal_conv1d(x, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend)
         dt, B, C = self._dt_B_C(rearrange(x, "b e l -> b l e"))
         out = selective_scan(x, rearrange(dt, "b l e -> b e l"), self.A(), rearrange(B, "b l n -> b n l"),

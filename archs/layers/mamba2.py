@@ -142,8 +142,8 @@ class SSDDirection(nn.Module):
         """xBC (B, L, E + 2 G N), dt (B, L, H), z (B, L, H, P) or None -> y (B, L, H, P). A (fresh) `state` is
         filled for decoding onwards."""
         xBC = rearrange(xBC, "b l c -> b c l")
-        if state is not None:  # the last d_conv - 1 pre-conv inputs, zeros in front when L is shorter
-            state.conv_state.copy_(F.pad(xBC, (state.conv_state.shape[-1] - xBC.shape[-1], 0)))
+        if state is not None:
+            state.keep_conv_inputs(xBC)
         xBC = causal_conv1d(xBC, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend)
         x, B, C = self._split(rearrange(xBC, "b c l -> b l c"))
         out = ssd(x, dt, self.A(), B, C, chunk_size=self.cfg.chunk_size, D=self.skip(), z=z, dt_bias=self.dt_bias,

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -94,6 +95,11 @@ class RecurrentState:
                  device: torch.device | str):
         self.conv_state = torch.zeros(batch_size, channels, conv_width - 1, dtype=dtype, device=device)
         self.length = 0
+
+    def keep_conv_inputs(self, x: Tensor) -> None:
+        """After a prefill: the last width - 1 pre-conv inputs of x (B, channels, L), zeros in front when L is
+        shorter, for the conv's decoding steps."""
+        self.conv_state.copy_(F.pad(x, (self.conv_state.shape[-1] - x.shape[-1], 0)))
 
 
 class BuiltDirectionMixer(Mixer):
