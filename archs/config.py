@@ -140,6 +140,8 @@ class ModelConfig(BaseModel):
                                    "(transformer = attention), or a pattern such as 'mamba*3,attention' or "
                                    "'(mamba*3,attention)*2' (archs/pattern.py)")
     d_model: int = Field(256, gt=0)
+    vocab_size: int = Field(BYTE_VOCAB_SIZE, ge=2, le=2 ** 32, description="token symbols: the trainer sets it from "
+                            "data.tokenizer (256 for bytes); an objective that needs more (a mask token) adds them")
     n_layers: int = Field(4, gt=0, description="blocks; set by the pattern when it has a count or a comma")
     mlp_hidden: Optional[int] = Field(None, gt=0, description="SwiGLU width of blocks with an MLP; None = 8/3 "
                                       "d_model rounded up to 64")
@@ -236,11 +238,6 @@ class ModelConfig(BaseModel):
     def d_model_multiple(self) -> int:
         """d_model must be a multiple of this for every mixer used (a study solving d_model steps by it)."""
         return math.lcm(*(settings.d_model_multiple() for settings in self.mixers.values()))
-
-    @property
-    def vocab_size(self) -> int:
-        """Byte symbols; an objective that needs extra symbols (a mask token) adds them itself."""
-        return BYTE_VOCAB_SIZE
 
     @property
     def runs_causally(self) -> bool:

@@ -2,8 +2,12 @@
 
 The trainer sees only `Model`: it calls `objective.loss` / `objective.evaluate` / `objective.sample`
 and the `after_optimizer_step` hook, and never branches on architecture names.
-Batches are LongTensors of byte ids, shape (B, seq_len + 1): each objective decides how to use them
-(autoregressive: inputs = batch[:, :-1], targets = batch[:, 1:]).
+Batches are LongTensors of token ids, shape (B, seq_len + 1): each objective decides how to use them
+(autoregressive: inputs = batch[:, :-1], targets = batch[:, 1:]). A batch of packed documents (data.packing:
+documents) is (B, 2, seq_len + 1): the token ids and each token's document id stacked, so that splitting rows
+(micro-batches, ranks) and moving to a device treat it as one tensor; `split_documents` takes it apart.
+Bits per byte divide nats by the UTF-8 bytes of the scored tokens, `Model.token_bytes` (all ones for bytes), so
+runs with any tokenizer are on one scale.
 """
 from __future__ import annotations
 
@@ -14,7 +18,11 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+
 from archlab.archs.config import ModelConfig
+from archlab.archs.documents import Documents
+
+IGNORE = -100  # a target cross-entropy skips (F.cross_entropy's ignore_index): see split_documents
 
 
 class Backbone(nn.Module):
@@ -24,8 +32,8 @@ class Backbone(nn.Module):
     #: the kernel ops (kernels/backend.py) it runs, whose configured backends must work on the device
     kernel_ops: tuple[str, ...] = ()
 
-    def forward(self, x: Tensor, *, causal: bool, cache=None) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def forward(self, x: Tensor, *, causal: bool, cache=None, documents: Documents | None = None) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
 
     def flops_per_token(self, seq_len: int, *, causal: bool) -> int:  # pragma: no cover - interface
         """Forward FLOPs per token of the backbone (matmuls + attention/scan), analytic."""
@@ -48,6 +56,8 @@ class Objective(nn.Module):
     quality_is_bound: bool = False
     #: further eval metrics the progress bar shows (e.g. JEPA's collapse monitors)
     progress_metrics: tuple[str, ...] = ()
+    #: whether it reads only one stream of bytes (no packed documents, no other tokenizer)
+    byte_streams_only: bool = False
     #: what a fresh probe on this objective's frozen representations predicts (`probe_features`): "next byte",
     #: "masked byte", or None where there is no fixed representation to probe
     probe_task: str | None = None
@@ -160,14 +170,29 @@ class Model(nn.Module):
         self.embedding = embedding
         self.backbone = backbone
         self.objective = objective
+        # UTF-8 bytes of each token (0 for special tokens); set from the tokenizer (set_token_bytes), not saved
+        self.register_buffer("token_bytes", torch.ones(cfg.vocab_size), persistent=False)
 
-    def forward(self, tokens: Tensor, cache=None) -> Tensor:
-        """tokens (B, L) byte ids -> hidden states (B, L, d). `cache` comes from backbone.new_cache.
+    def set_token_bytes(self, token_bytes) -> None:
+        """The tokenizer's UTF-8 byte count of each token id, (vocab_size,)."""
+        values = torch.as_tensor(token_bytes, dtype=torch.float32)
+        if values.shape != self.token_bytes.shape:
+            raise ValueError(f"the tokenizer has {values.numel()} tokens but the model was built for "
+                             f"{self.token_bytes.numel()}; set model.vocab_size from the tokenizer")
+        self.token_bytes.copy_(values)
+
+    def bytes_of(self, targets: Tensor) -> Tensor:
+        """The UTF-8 bytes of the target ids, IGNORE positions counting 0 (a 0-dim float tensor, no host sync)."""
+        return (self.token_bytes[targets.clamp(min=0)] * (targets != IGNORE)).sum()
+
+    def forward(self, tokens: Tensor, cache=None, documents: Documents | None = None) -> Tensor:
+        """tokens (B, L) byte ids -> hidden states (B, L, d). `cache` comes from backbone.new_cache; `documents`
+        (archs/documents.py) keeps the documents packed in each row apart.
 
         Objectives that put their own vectors in place of some bytes (a mask embedding) pass the embedded
         sequence (B, L, d) instead: they still go through forward, so torch.compile and wrappers see them."""
         embedded = tokens if tokens.is_floating_point() else self.embedding(tokens)
-        return self.backbone(embedded, causal=self.causal, cache=cache)
+        return self.backbone(embedded, causal=self.causal, cache=cache, documents=documents)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token, backbone + output head (training costs about 3x this)."""
@@ -204,13 +229,38 @@ def batch_seeded_generator(tokens: Tensor, salt: int) -> torch.Generator:
 
 
 def next_byte_features(model: Model, batch: Tensor) -> tuple[Tensor, Tensor]:
-    """A causal model's hidden state at every position (N = B * L, d) and the byte after each (N,)."""
-    inputs, next_bytes = split_batch(batch)
-    return model(inputs).detach().flatten(0, 1), next_bytes.flatten()
+    """A causal model's hidden state at every scored position (N, d) and the token after each (N,)."""
+    inputs, next_tokens, documents = split_documents(batch)
+    scored = next_tokens != IGNORE
+    return model(inputs, documents=documents).detach()[scored], next_tokens[scored]
 
 
 def split_batch(batch: Tensor) -> tuple[Tensor, Tensor]:
-    """A batch (B, L + 1) of byte ids -> (inputs batch[:, :-1], next bytes batch[:, 1:]), each (B, L)."""
-    if batch.ndim != 2 or batch.shape[1] < 2:
-        raise ValueError(f"batch must be (B, L + 1) byte ids with L >= 1, got shape {tuple(batch.shape)}")
-    return batch[:, :-1], batch[:, 1:]
+    """A batch (B, L + 1) of token ids (or a documents batch, whose ids it drops) -> (inputs batch[:, :-1],
+    next tokens batch[:, 1:]), each (B, L)."""
+    tokens = batch_tokens(batch)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def batch_tokens(batch: Tensor) -> Tensor:
+    """The token ids (B, L + 1) of a batch or a documents batch (B, 2, L + 1)."""
+    if batch.ndim not in (2, 3) or batch.shape[-1] < 2 or (batch.ndim == 3 and batch.shape[1] != 2):
+        raise ValueError("batch must be (B, L + 1) token ids, or (B, 2, L + 1) token and document ids, with L >= 1; "
+                         f"got shape {tuple(batch.shape)}")
+    return batch if batch.ndim == 2 else batch[:, 0]
+
+
+def split_documents(batch: Tensor) -> tuple[Tensor, Tensor, Documents | None]:
+    """(inputs (B, L), next tokens (B, L), the inputs' Documents or None for a plain batch). A next token from
+    another document than its input position is IGNORE: nothing in a document predicts the next one's first token."""
+    inputs, targets = split_batch(batch)
+    if batch.ndim == 2:
+        return inputs, targets, None
+    seq_idx = batch[:, 1]
+    crossing = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return inputs, targets.masked_fill(crossing, IGNORE), Documents(seq_idx[:, :-1])
+
+
+def documents_of_sequence(batch: Tensor) -> Documents | None:
+    """The Documents of batch[..., :-1], the sequence a bidirectional objective scores, or None."""
+    return None if batch.ndim == 2 else Documents(batch[:, 1, :-1])

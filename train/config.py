@@ -30,12 +30,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
+class PrepareConfig(_Section):
+    """data.prepare: raw sources that `archlab data prepare` turns into the prepared directory data.path when it is
+    missing (relative data.path: under the cache's datasets/ folder)."""
+
+    sources: list[str] = Field(min_length=1, description="text, JSONL, parquet or datasets dirs (data roots apply)")
+    tokenizer: Optional[str] = Field(None, description="bytes | tiktoken:<name> | hf:<tokenizer.json>")
+    train_tokenizer: Optional[int] = Field(None, gt=256, description="train a byte-level BPE of this vocabulary "
+                                           "on the train split instead")
+    split_on: Optional[str] = Field(None, description="plain text: a line matching this regex starts a document")
+
+    @model_validator(mode="after")
+    def _one_tokenizer(self) -> "PrepareConfig":
+        if (self.tokenizer is None) == (self.train_tokenizer is None):
+            raise ValueError("data.prepare needs exactly one of tokenizer and train_tokenizer")
+        return self
+
+
 class DataConfig(_Section):
-    path: str = Field("tinyshakespeare.txt", description="file, absolute or relative to a data root")
+    path: str = Field("tinyshakespeare.txt", description="text file or prepared dataset directory, absolute or "
+                      "relative to a data root")
     seq_len: int = Field(256, gt=0)
     val_fraction: float = Field(0.1, gt=0, lt=1, description="contiguous split after train")
     test_fraction: float = Field(0.0, ge=0, lt=1, description="contiguous split at the end")
     sha256: Optional[str] = Field(None, description="expected sha256 of the (decompressed) bytes")
+    tokenizer: Optional[str] = Field(None, description="None: bytes for a text file, a prepared dataset's own "
+                                     "tokenizer; bytes | tiktoken:<name> | hf:<tokenizer.json> need a prepared dataset")
+    packing: Literal["documents", "stream"] = Field("documents", description="documents: where the data has "
+                                                    "document boundaries, rows keep documents apart (masked attention, "
+                                                    "reset states, RoPE from 0); stream: one stream of tokens")
+    separator: Optional[str] = Field(None, description="text file: a line matching this regex starts a document")
+    prepare: Optional[PrepareConfig] = Field(None, description="build data.path with `archlab data prepare` first")
+    identity: Optional[str] = Field(None, description="set by the trainer: the prepared dataset's manifest sha256 "
+                                    "(a resume on other data is refused)")
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":

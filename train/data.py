@@ -237,7 +237,9 @@ class ByteCorpus:
 class ByteTokenizer:
     """The identity on UTF-8 bytes: 256 symbols, nothing to train, nothing unknown."""
 
+    spec = "bytes"
     vocab_size = 256
+    token_bytes = np.ones(256, dtype=np.int64)
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))
@@ -248,10 +250,19 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-def gather_windows(data: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
-    """(len(starts), length) LongTensor of data[s : s + length], with one fancy index on the memmap."""
-    rows = data[np.add.outer(starts, np.arange(length))]
-    return torch.from_numpy(np.asarray(rows)).long()
+def gather_windows(data, starts: np.ndarray, length: int, doc_starts: np.ndarray | None = None) -> torch.Tensor:
+    """(len(starts), length) LongTensor of data[s : s + length], with one fancy index on the memmap (or the
+    split's own `gather`, a prepared dataset's shards). With doc_starts (sorted offsets where documents start), a
+    documents batch (len(starts), 2, length): the tokens and each token's document number."""
+    positions = np.add.outer(starts, np.arange(length))
+    if isinstance(data, np.ndarray):
+        rows = torch.from_numpy(np.asarray(data[positions])).long()
+    else:
+        rows = data.gather(np.asarray(starts, dtype=np.int64), length)
+    if doc_starts is None:
+        return rows
+    document = torch.from_numpy(np.searchsorted(doc_starts, positions, side="right").astype(np.int64))
+    return torch.stack([rows, document], dim=1)
 
 
 # -- training windows -------------------------------------------------------------------------------
@@ -263,7 +274,7 @@ class WindowSampler:
     """
 
     def __init__(self, data: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, doc_starts: np.ndarray | None = None):
         if len(data) < seq_len + 1:
             raise DataError(f"data.seq_len={seq_len} needs {seq_len + 1} bytes but the training data has only "
                             f"{len(data)}; lower data.seq_len or use a larger data file")
@@ -273,12 +284,13 @@ class WindowSampler:
             raise DataError(f"rank {rank} is outside world_size {world_size}; launch with torchrun")
         self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.doc_starts = doc_starts  # packing: a window keeps whole and cut documents apart by their numbers
         self.next_index = 0
 
     def batch(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, self.rank, index])
         starts = rng.integers(0, len(self.data) - self.seq_len, size=self.batch_size)
-        return gather_windows(self.data, starts, self.seq_len + 1)
+        return gather_windows(self.data, starts, self.seq_len + 1, self.doc_starts)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
@@ -308,11 +320,13 @@ class WindowSampler:
 
 # -- the held-out set -------------------------------------------------------------------------------
 
-def eval_batches(data: np.ndarray, *, seq_len: int, batch_size: int, max_tokens: int | None) -> list[torch.Tensor]:
+def eval_batches(data: np.ndarray, *, seq_len: int, batch_size: int, max_tokens: int | None,
+                 doc_starts: np.ndarray | None = None) -> list[torch.Tensor]:
     """The fixed held-out windows every architecture is scored on, in batches (the last may be smaller).
 
     Window j is data[j * seq_len : j * seq_len + seq_len + 1], so windows tile the split and each byte is
-    predicted once. With max_tokens, at most max_tokens // seq_len windows, evenly spaced over the whole
+    predicted once (with doc_starts, documents batches: each document's first token is then context only).
+    With max_tokens, at most max_tokens // seq_len windows, evenly spaced over the whole
     split so the score represents all of it.
     """
     n_windows = (len(data) - 1) // seq_len
@@ -327,5 +341,5 @@ def eval_batches(data: np.ndarray, *, seq_len: int, batch_size: int, max_tokens:
                             "raise train.eval_tokens or lower data.seq_len")
         if keep < n_windows:
             chosen = np.arange(keep) * n_windows // keep
-    windows = gather_windows(data, chosen * seq_len, seq_len + 1)
+    windows = gather_windows(data, chosen * seq_len, seq_len + 1, doc_starts)
     return list(windows.split(batch_size))

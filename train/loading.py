@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from archlab.archs.model import Model
-from archlab.archs.registry import build_model
+from archlab.archs.registry import OBJECTIVES, build_model
 from archlab.kernels.backend import resolve_backend
 from archlab.train import checkpoint as ckpt
 from archlab.train.config import Config, run_config
-from archlab.train.data import ByteCorpus, ByteTokenizer, eval_batches, resolve_data_path
-from archlab.train.errors import CheckpointError, ConfigError
+from archlab.train.corpus import Corpus, open_corpus
+from archlab.train.data import ByteTokenizer, eval_batches
+from archlab.train.errors import CheckpointError, ConfigError, DataError
 from archlab.train.ngram import ByteNgrams
 
 
@@ -31,11 +32,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def open_corpus(cfg: Config) -> ByteCorpus:
-    """The run's corpus, its checksum and its splits' room for one window checked."""
-    corpus = ByteCorpus.open(resolve_data_path(cfg.data.path), val_fraction=cfg.data.val_fraction,
-                             test_fraction=cfg.data.test_fraction, sha256=cfg.data.sha256)
-    corpus.check_seq_len(cfg.data.seq_len)
+def open_run_corpus(cfg: Config) -> Corpus:
+    """The run's corpus (train/corpus.py), with what it decides written into cfg: model.vocab_size from the
+    tokenizer, data.identity from a prepared dataset. A config that already names another vocabulary or dataset
+    (a saved run's, or one set by hand) is refused in one line."""
+    corpus = open_corpus(cfg)
+    objective = cfg.model.objective
+    if OBJECTIVES[objective].byte_streams_only and (corpus.tokenizer.spec != "bytes" or corpus.has_documents):
+        raise ConfigError(f"objective {objective} reads one stream of bytes: set data.packing=stream and use a byte "
+                          "corpus (data.tokenizer=bytes)")
+    vocab = corpus.tokenizer.vocab_size
+    if "vocab_size" in cfg.model.model_fields_set and cfg.model.vocab_size != vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer ({corpus.tokenizer.spec}) has "
+                          f"{vocab} tokens; remove model.vocab_size (the tokenizer sets it)")
+    if cfg.data.identity is not None and cfg.data.identity != corpus.identity:
+        raise DataError(f"the run was trained on data with manifest sha256 {cfg.data.identity} but {cfg.data.path} "
+                        f"now has {corpus.identity}; point data.path at the run's dataset or start a new run.dir")
+    cfg.model.vocab_size, cfg.data.identity = vocab, corpus.identity
     return corpus
 
 
@@ -64,12 +77,18 @@ def autocast(dtype: torch.dtype | None, device: torch.device):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def eval_windows(corpus: ByteCorpus, cfg: Config, split: str = "val", *,
+def eval_windows(corpus: Corpus, cfg: Config, split: str = "val", *,
                  whole_split: bool = False) -> list[torch.Tensor]:
-    """The eval windows of a split (val, test) as the run's eval set is cut: train.eval_tokens bytes, or all."""
+    """The eval windows of a split (val, test) as the run's eval set is cut: train.eval_tokens tokens, or all."""
     return eval_batches(corpus.split(split), seq_len=cfg.data.seq_len,
                         batch_size=cfg.train.micro_batch_size or cfg.train.batch_size,
-                        max_tokens=None if whole_split else cfg.train.eval_tokens)
+                        max_tokens=None if whole_split else cfg.train.eval_tokens,
+                        doc_starts=corpus.doc_starts.get(split))
+
+
+def unigram_reference(corpus: Corpus) -> ByteNgrams:
+    """The train split's token frequencies, on the bits-per-byte scale of the run's tokenizer."""
+    return ByteNgrams(corpus.train, corpus.tokenizer.vocab_size, corpus.tokenizer.token_bytes)
 
 
 def byte_weighted_sums(score: Callable[[torch.Tensor], dict], batches: Iterable[torch.Tensor]) -> tuple[dict, int]:
@@ -86,11 +105,11 @@ def byte_weighted_sums(score: Callable[[torch.Tensor], dict], batches: Iterable[
 
 
 def sample_text(model: Model, cfg: Config, device: torch.device, dtype: torch.dtype | None, prompt: str,
-                n_tokens: int, *, temperature: float, top_k: int | None, seed: int, **options) -> str:
-    """`prompt` continued by `n_tokens` bytes; `options`: the objective's own sampler settings
-    (Objective.sample_options), e.g. diffusion steps."""
-    tokenizer = ByteTokenizer()
-    prompt_ids = tokenizer.encode(prompt)[None].to(device)
+                n_tokens: int, *, temperature: float, top_k: int | None, seed: int, tokenizer=None, **options) -> str:
+    """`prompt` continued by `n_tokens` tokens of `tokenizer` (default bytes), decoded through it; `options`: the
+    objective's own sampler settings (Objective.sample_options), e.g. diffusion steps."""
+    tokenizer = tokenizer or ByteTokenizer()
+    prompt_ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.long)[None].to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with autocast(dtype, device):
         out = model.objective.sample(model, prompt_ids, n_tokens, temperature=temperature, top_k=top_k,
@@ -104,7 +123,7 @@ class LoadedRun:
 
     cfg: Config
     model: Model
-    corpus: ByteCorpus
+    corpus: Corpus
     device: torch.device
     autocast_dtype: torch.dtype | None
     checkpoint: Path
@@ -128,10 +147,11 @@ class LoadedRun:
 
         totals, weight = byte_weighted_sums(score, batches)
         return {key: value / weight for key, value in totals.items()} | {
-            "unigram_bpb": ByteNgrams(self.corpus.train).unigram_bpb(batches)}
+            "unigram_bpb": unigram_reference(self.corpus).unigram_bpb(batches)}
 
     def sample_text(self, prompt: str, n_tokens: int, **settings) -> str:
-        return sample_text(self.model, self.cfg, self.device, self.autocast_dtype, prompt, n_tokens, **settings)
+        return sample_text(self.model, self.cfg, self.device, self.autocast_dtype, prompt, n_tokens,
+                           tokenizer=self.corpus.tokenizer, **settings)
 
 
 def load_run(run_dir: str | Path, device: str | None = None, *, checkpoint: str | Path | None = None,
@@ -144,8 +164,9 @@ def load_run(run_dir: str | Path, device: str | None = None, *, checkpoint: str 
         raise CheckpointError(f"{checkpoint} is not a checkpoint directory (no meta.json)")
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(Path(run_dir))
     where = resolve_device(cfg.train.device)
-    corpus = open_corpus(cfg)
+    corpus = open_run_corpus(cfg)
     model = build_model(cfg.model, kernels=cfg.kernels.model_dump())
+    model.set_token_bytes(corpus.tokenizer.token_bytes)
     check_kernel_backends(model, cfg, where)
     model = model.to(where)
     meta = ckpt.load_weights(path, model, cfg.model.model_dump(mode="json"))

@@ -5,9 +5,12 @@ byte frequencies reaches the unigram figure, one that knows only the previous by
 the same bytes the next-byte objectives score: batch[:, 1:] of each (B, L + 1) window, the bigram conditioning on
 batch[:, :-1].
 
-Smoothing, so that a byte unseen in train costs finite bits: unigram p(b) = (c(b) + 1/2) / (N + 128), add-half
-over the 256 byte values; bigram p(b | a) = (c(a, b) + p(b)) / (c(a) + 1), a Dirichlet prior of total weight 1
-centred on the unigram. On tinyshakespeare the choice moves either figure by less than 0.01 bits.
+With another tokenizer (a prepared dataset) the unigram counts its tokens and divides the bits by the scored tokens'
+UTF-8 bytes, as the objectives do; packed documents batches score only the tokens the objectives score.
+
+Smoothing, so that a byte unseen in train costs finite bits: unigram p(b) = (c(b) + 1/2) / (N + V / 2), add-half
+over the V token values (256 bytes); bigram p(b | a) = (c(a, b) + p(b)) / (c(a) + 1), a Dirichlet prior of total
+weight 1 centred on the unigram. On tinyshakespeare the choice moves either figure by less than 0.01 bits.
 """
 from __future__ import annotations
 
@@ -18,18 +21,23 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from archlab.archs.model import IGNORE, split_documents
+
 BYTE_VALUES = 256
 CHUNK = 1 << 24  # bytes counted at a time: counting converts to int64, 8x the chunk's size in memory
 
 
 class ByteNgrams:
-    def __init__(self, train: np.ndarray):
+    """`train`: the train split, an ndarray of byte ids or a prepared TokenSplit (read through its `gather`)."""
+
+    def __init__(self, train, vocab_size: int = BYTE_VALUES, token_bytes: np.ndarray | None = None):
         if len(train) < 2:
             raise ValueError("the train split needs at least 2 bytes for n-gram statistics")
         self.train = train
-        counts = sum(np.bincount(np.asarray(train[start:start + CHUNK]), minlength=BYTE_VALUES)
+        counts = sum(np.bincount(_chunk(train, start, CHUNK), minlength=vocab_size)
                      for start in range(0, len(train), CHUNK)).astype(np.float64)
-        self.unigram = (counts + 0.5) / (counts.sum() + 0.5 * BYTE_VALUES)
+        self.unigram = (counts + 0.5) / (counts.sum() + 0.5 * vocab_size)
+        self.token_bytes = np.ones(vocab_size) if token_bytes is None else np.asarray(token_bytes, dtype=np.float64)
 
     @functools.cached_property
     def bigram(self) -> np.ndarray:
@@ -46,11 +54,27 @@ class ByteNgrams:
         return float(-np.log(self.unigram[np.asarray(ids)]).mean() / math.log(2))
 
     def unigram_bpb(self, batches: Sequence[torch.Tensor]) -> float:
-        """Mean bits of the batches' next bytes under the unigram distribution."""
-        return self.unigram_bits(np.concatenate([batch[:, 1:].reshape(-1).numpy() for batch in batches]))
+        """Bits per byte of the batches' scored next tokens under the unigram distribution."""
+        scored = np.concatenate([_scored_targets(batch) for batch in batches])
+        bits = -np.log(self.unigram[scored]).sum() / math.log(2)
+        return float(bits / max(self.token_bytes[scored].sum(), 1))
 
-    def bigram_bpb(self, batches: Sequence[torch.Tensor]) -> float:
+    def bigram_bpb(self, batches: Sequence[torch.Tensor]) -> float:  # byte batches only (the linear probe's)
         """Mean bits of the batches' next bytes given the byte before each, under the bigram distribution."""
         previous = np.concatenate([batch[:, :-1].reshape(-1).numpy() for batch in batches])
         scored = np.concatenate([batch[:, 1:].reshape(-1).numpy() for batch in batches])
         return float(-np.log(self.bigram[previous, scored]).mean() / math.log(2))
+
+
+def _chunk(train, start: int, size: int) -> np.ndarray:
+    """train[start : start + size] as an ndarray of ids (a TokenSplit is read through its gather)."""
+    if isinstance(train, np.ndarray):
+        return np.asarray(train[start:start + size])
+    return train.gather(np.array([start]), min(size, len(train) - start))[0].numpy()
+
+
+def _scored_targets(batch: torch.Tensor) -> np.ndarray:
+    """The next tokens an objective scores: batch[:, 1:], less those of another document than their input."""
+    _, targets, _ = split_documents(batch)
+    targets = targets.reshape(-1).numpy()
+    return targets[targets != IGNORE]

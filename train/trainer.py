@@ -25,8 +25,7 @@ from archlab.train.data import WindowSampler
 from archlab.train.errors import CheckpointError, ConfigError, UserError
 from archlab.train.flops import peak_flops, training_flops_per_token
 from archlab.train.loading import (autocast, autocast_dtype, byte_weighted_sums, check_kernel_backends, eval_windows,
-                                   open_corpus, resolve_device, sample_text)
-from archlab.train.ngram import ByteNgrams
+                                   open_run_corpus, resolve_device, sample_text, unigram_reference)
 from archlab.train.run_log import MetricsLog, check_wandb_mode, start_wandb
 
 
@@ -84,15 +83,16 @@ class Trainer:
         distributed.check_batch(self.world, t.batch_size, t.micro_batch_size)
         self.device = distributed.device_for(self.world, resolve_device(t.device))
         self.run_dir = Path(cfg.run.dir)
+        self.corpus = open_run_corpus(cfg)  # sets model.vocab_size and data.identity, which a resume must match
         self.resume_from = self._resume_point()
         if checkpoint is not None:
             if not (Path(checkpoint) / "meta.json").exists():
                 raise CheckpointError(f"{checkpoint} is not a checkpoint directory (no meta.json)")
             self.resume_from = Path(checkpoint)
-        self.corpus = open_corpus(cfg)
         check_wandb_mode(cfg.run.wandb)
 
         model = initial_model(cfg)
+        model.set_token_bytes(self.corpus.tokenizer.token_bytes)
         check_kernel_backends(model, cfg, self.device)
         self.model = model.to(self.device)
         # weights load into the plain model, before FSDP2 may shard it
@@ -109,10 +109,12 @@ class Trainer:
         self.clip_groups = [group for group in (
             [p for p in self.model.parameters() if p.requires_grad and id(p) not in separate],
             [p for p in self.model.parameters() if id(p) in separate]) if group]
-        self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed)
+        self.sampler = WindowSampler(self.corpus.train, seq_len=cfg.data.seq_len, batch_size=t.batch_size, seed=t.seed,
+                                     doc_starts=self.corpus.doc_starts.get("train"))
         self.eval_set = eval_windows(self.corpus, cfg)
-        # the eval bytes' entropy under the train split's byte frequencies, every eval's reference figure
-        self.eval_unigram_bpb = ByteNgrams(self.corpus.train).unigram_bpb(self.eval_set)
+        # the eval tokens' bits per byte under the train split's token frequencies, every eval's reference figure
+        self.unigram = unigram_reference(self.corpus)
+        self.eval_unigram_bpb = self.unigram.unigram_bpb(self.eval_set)
         self.precision_name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_step = training_flops_per_token(self.model, cfg.data.seq_len) * self.tokens_per_step
@@ -217,8 +219,7 @@ class Trainer:
         self.model.train()
         if self.world.distributed and not self.sharded:
             totals, weight = distributed.sum_over_ranks(totals, weight, self.world)
-        unigram = self.eval_unigram_bpb if batches is self.eval_set else \
-            ByteNgrams(self.corpus.train).unigram_bpb(batches)
+        unigram = self.eval_unigram_bpb if batches is self.eval_set else self.unigram.unigram_bpb(batches)
         return {key: value / weight for key, value in totals.items()} | {"unigram_bpb": unigram}
 
     def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +370,7 @@ class Trainer:
                     **options) -> str:
         """`options`: the objective's own sampler settings (Objective.sample_options), e.g. diffusion steps."""
         return sample_text(self.model, self.cfg, self.device, self.autocast_dtype, prompt, n_tokens,
-                           temperature=temperature, top_k=top_k, seed=seed, **options)
+                           temperature=temperature, top_k=top_k, seed=seed, tokenizer=self.corpus.tokenizer, **options)
 
     def write_summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
         summary = {

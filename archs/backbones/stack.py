@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
+from archlab.archs.documents import Documents
 from archlab.archs.layers.mixer import MIXERS, Mixer, MixerSettings
 from archlab.archs.layers.mlp import SwiGLU
 from archlab.archs.layers.norm import rms_norm
@@ -44,8 +45,8 @@ class Block(nn.Module):
             self.mlp_norm = self.mlp = None
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
-    def forward(self, x: Tensor, *, causal: bool, cache=None) -> Tensor:
-        x = x + self.mixer(self.norm(x), causal=causal, state=cache)
+    def forward(self, x: Tensor, *, causal: bool, cache=None, documents: Documents | None = None) -> Tensor:
+        x = x + self.mixer(self.norm(x), causal=causal, state=cache, documents=documents)
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device):
@@ -93,11 +94,13 @@ class ResidualStack(Backbone):
                 scale = residual_scale if getattr(module, "writes_residual", False) else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
 
-    def forward(self, x: Tensor, *, causal: bool, cache: list | None = None) -> Tensor:
-        """x: (B, L, d) -> (B, L, d). `cache` (from new_cache) is advanced past these L positions."""
+    def forward(self, x: Tensor, *, causal: bool, cache: list | None = None,
+                documents: Documents | None = None) -> Tensor:
+        """x: (B, L, d) -> (B, L, d). `cache` (from new_cache) is advanced past these L positions; `documents`
+        keeps packed documents apart in every layer."""
         layer_caches = cache if cache is not None else [None] * self.n_layers
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
-            x = block(x, causal=causal, cache=layer_cache)
+            x = block(x, causal=causal, cache=layer_cache, documents=documents)
         return self.norm(x)
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,

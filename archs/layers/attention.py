@@ -16,7 +16,15 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
-from archlab.archs.layers.mixer import Mixer, MixerSettings, backend_for, register_mixer, writes_residual
+from archlab.archs.documents import Documents
+from archlab.archs.layers.mixer import (
+    Mixer,
+    MixerSettings,
+    backend_for,
+    check_documents,
+    register_mixer,
+    writes_residual,
+)
 from archlab.archs.layers.rope import RotaryEmbedding
 from archlab.kernels.attention import MAX_HEAD_DIM, TRITON_HEAD_DIMS, attention
 
@@ -136,16 +144,21 @@ class Attention(Mixer):
         self.o_proj = writes_residual(nn.Linear(settings.n_heads * self.head_dim, d_model, bias=False))
         self.rope = RotaryEmbedding(self.head_dim, settings.rope_theta)
 
-    def forward(self, x: Tensor, *, causal: bool, state: KVCache | None = None) -> Tensor:
-        """x: (B, L, d). With a cache, x holds the L positions after those already cached."""
+    def forward(self, x: Tensor, *, causal: bool, state: KVCache | None = None,
+                documents: Documents | None = None) -> Tensor:
+        """x: (B, L, d). With a cache, x holds the L positions after those already cached. With `documents`, each
+        position attends within its own document only, and RoPE counts positions from each document's start."""
+        if documents is not None:
+            check_documents(documents, state, x, "attention")
         q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         offset = 0 if state is None else state.length
-        q, k = self.rope(q, k, offset)
+        q, k = self.rope(q, k, offset, positions=None if documents is None else documents.positions)
         if state is not None:
             k, v = state.append(k, v)
-        out = attention(q, k, v, causal=causal, window=self.window, backend=self.attention_backend)
+        out = attention(q, k, v, causal=causal, window=self.window, backend=self.attention_backend,
+                        seq_idx=None if documents is None else documents.seq_idx)
         return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
 
     def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> KVCache:

@@ -31,6 +31,7 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from archlab.archs.documents import Documents
 from archlab.archs.layers.mamba import conv_parameters, initial_dt_bias
 from archlab.archs.layers.mixer import (
     BuiltDirectionMixer,
@@ -141,16 +142,25 @@ class DeltaDirection(nn.Module):
                 rearrange(k, "... (h d) -> ... h d", d=self.cfg.head_dim),
                 rearrange(v, "... (h d) -> ... h d", d=self.cfg.value_head_dim))
 
-    def forward(self, qkv: Tensor, a: Tensor, beta: Tensor, state: GatedDeltaNetState | None = None) -> Tensor:
+    def forward(self, qkv: Tensor, a: Tensor, beta: Tensor, state: GatedDeltaNetState | None = None,
+                documents: Documents | None = None) -> Tensor:
         """qkv (B, L, 2 H K + HV V), a and beta (B, L, HV) -> o (B, L, HV, V). A (fresh) `state` is filled for
-        decoding onwards."""
+        decoding onwards; with `documents` the conv and the delta rule restart at each document (the rule runs the
+        rows packed into one, cut at every document)."""
         qkv = rearrange(qkv, "b l c -> b c l")
         if state is not None:
             state.keep_conv_inputs(qkv)
-        qkv = causal_conv1d(qkv, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend)
+        qkv = causal_conv1d(qkv, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend,
+                            seq_idx=None if documents is None else documents.seq_idx)
         q, k, v = self._split(rearrange(qkv, "b c l -> b l c"))
-        out = gated_delta_rule(q, k, v, self.log_decay(a), beta, use_qk_l2norm=True,
-                               output_final_state=state is not None, backend=self.delta_backend)
+        g = self.log_decay(a)
+        if documents is not None:
+            q, k, v, g, beta = (documents.pack(t) for t in (q, k, v, g, beta))
+        out = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, output_final_state=state is not None,
+                               cu_seqlens=None if documents is None else documents.cu_seqlens,
+                               backend=self.delta_backend)
+        if documents is not None:
+            return documents.unpack(out)
         if state is None:
             return out
         out, final_state = out
@@ -200,10 +210,11 @@ class GatedDeltaNetMixer(BuiltDirectionMixer):
         self.norm = nn.RMSNorm(settings.value_head_dim, eps=settings.norm_eps)
         self.out_proj = writes_residual(nn.Linear(self.delta.value_dim, d_model, bias=False))
 
-    def forward(self, u: Tensor, *, causal: bool, state: GatedDeltaNetState | None = None) -> Tensor:
+    def forward(self, u: Tensor, *, causal: bool, state: GatedDeltaNetState | None = None,
+                documents: Documents | None = None) -> Tensor:
         """With a state, u holds the positions after the `state.length` already seen: an empty state is filled by
         one pass over u (prefill), a filled one is advanced position by position."""
-        self.check_call(causal, state, u.shape[0])
+        self.check_call(causal, state, u, documents)
         # one matmul per part (rows of in_proj's weight): qkv comes out contiguous, which the conv reads channel-last
         qkv, gate, a, b = (F.linear(u, weight) for weight in self.in_proj.weight.split(self.parts))
         beta = torch.sigmoid(b.float()) * (2 if self.cfg.allow_neg_eigval else 1)
@@ -211,9 +222,11 @@ class GatedDeltaNetMixer(BuiltDirectionMixer):
             o = torch.stack([self.delta.step(qkv[:, t], a[:, t], beta[:, t], state) for t in range(u.shape[1])],
                             dim=1)
         elif self.delta_reversed is None:
-            o = self.delta(qkv, a, beta, state)
+            o = self.delta(qkv, a, beta, state, documents)
         else:
-            o = (self.delta(qkv, a, beta) + self.delta_reversed(*(t.flip(1) for t in (qkv, a, beta))).flip(1)) / 2
+            reversed_documents = None if documents is None else documents.reversed
+            o = (self.delta(qkv, a, beta, documents=documents)
+                 + self.delta_reversed(*(t.flip(1) for t in (qkv, a, beta)), documents=reversed_documents).flip(1)) / 2
         if state is not None:
             state.length += u.shape[1]
         return self.out_proj(rearrange(self._gated_norm(o, gate), "b l h v -> b l (h v)"))

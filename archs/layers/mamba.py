@@ -24,6 +24,7 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
+from archlab.archs.documents import Documents
 from archlab.archs.layers.mixer import (
     BuiltDirectionMixer,
     MixerSettings,
@@ -120,16 +121,20 @@ class SelectiveSSM(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, x: Tensor, z: Tensor, state: MambaState | None = None) -> Tensor:
-        """x, z (B, E, L) -> gated scan output (B, E, L). A (fresh) `state` is filled for decoding onwards."""
+    def forward(self, x: Tensor, z: Tensor, state: MambaState | None = None,
+                documents: Documents | None = None) -> Tensor:
+        """x, z (B, E, L) -> gated scan output (B, E, L). A (fresh) `state` is filled for decoding onwards; with
+        `documents` the conv and the scan restart at each document."""
         if state is not None:
             state.keep_conv_inputs(x)
-        x = causal_conv1d(x, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend)
+        seq_idx = None if documents is None else documents.seq_idx
+        x = causal_conv1d(x, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend,
+                          seq_idx=seq_idx)
         dt, B, C = self._dt_B_C(rearrange(x, "b e l -> b l e"))
         out = selective_scan(x, rearrange(dt, "b l e -> b e l"), self.A(), rearrange(B, "b l n -> b n l"),
                              rearrange(C, "b l n -> b n l"), self.D.float(), z=z,
                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                             return_last_state=state is not None, backend=self.scan_backend)
+                             return_last_state=state is not None, backend=self.scan_backend, seq_idx=seq_idx)
         if state is None:
             return out
         out, last_state = out
@@ -170,19 +175,22 @@ class MambaMixer(BuiltDirectionMixer):
                              SelectiveSSM(d_model, settings, scan_backend=scan_backend, conv_backend=conv_backend))
         self.out_proj = writes_residual(nn.Linear(self.d_inner, d_model, bias=False))
 
-    def forward(self, u: Tensor, *, causal: bool, state: MambaState | None = None) -> Tensor:
+    def forward(self, u: Tensor, *, causal: bool, state: MambaState | None = None,
+                documents: Documents | None = None) -> Tensor:
         """With a state, u holds the positions after the `state.length` already seen: an empty state is
         filled by one pass over u (prefill), a filled one is advanced position by position."""
-        self.check_call(causal, state, u.shape[0])
+        self.check_call(causal, state, u, documents)
         # two views of one (B, L, 2E) tensor; chunk's backward writes both gradients into one buffer (one copy),
         # where unpacking a "b l (two e) -> two b e l" view stacked them first (two copies)
         x, z = (rearrange(half, "b l e -> b e l") for half in self.in_proj(u).chunk(2, dim=-1))
         if state is not None and state.length > 0:
             y = torch.stack([self.ssm.step(x[..., t], z[..., t], state) for t in range(x.shape[-1])], dim=-1)
         elif self.ssm_reversed is None:
-            y = self.ssm(x, z, state)
+            y = self.ssm(x, z, state, documents)
         else:
-            y = (self.ssm(x, z) + self.ssm_reversed(x.flip(-1), z.flip(-1)).flip(-1)) / 2
+            flipped = None if documents is None else documents.reversed
+            y = (self.ssm(x, z, documents=documents)
+                 + self.ssm_reversed(x.flip(-1), z.flip(-1), documents=flipped).flip(-1)) / 2
         if state is not None:
             state.length += u.shape[1]
         return self.out_proj(rearrange(y, "b e l -> b l e"))

@@ -26,6 +26,7 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from archlab.archs.documents import Documents
 from archlab.archs.layers.mamba import conv_parameters, initial_dt_bias
 from archlab.archs.layers.mixer import (
     BuiltDirectionMixer,
@@ -138,17 +139,24 @@ class SSDDirection(nn.Module):
         return (rearrange(x, "... (h p) -> ... h p", h=self.heads), rearrange(B, "... (g n) -> ... g n", g=groups),
                 rearrange(C, "... (g n) -> ... g n", g=groups))
 
-    def forward(self, xBC: Tensor, dt: Tensor, z: Tensor | None, state: Mamba2State | None = None) -> Tensor:
+    def forward(self, xBC: Tensor, dt: Tensor, z: Tensor | None, state: Mamba2State | None = None,
+                documents: Documents | None = None) -> Tensor:
         """xBC (B, L, E + 2 G N), dt (B, L, H), z (B, L, H, P) or None -> y (B, L, H, P). A (fresh) `state` is
-        filled for decoding onwards."""
+        filled for decoding onwards; with `documents` the conv and the SSD restart at each document (the SSD runs
+        the rows packed into one, cut at every document)."""
         xBC = rearrange(xBC, "b l c -> b c l")
         if state is not None:
             state.keep_conv_inputs(xBC)
-        xBC = causal_conv1d(xBC, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend)
+        xBC = causal_conv1d(xBC, self.conv_weight, self.conv_bias, activation="silu", backend=self.conv_backend,
+                            seq_idx=None if documents is None else documents.seq_idx)
         x, B, C = self._split(rearrange(xBC, "b c l -> b l c"))
+        if documents is not None:
+            x, dt, B, C, z = (None if t is None else documents.pack(t) for t in (x, dt, B, C, z))
         out = ssd(x, dt, self.A(), B, C, chunk_size=self.cfg.chunk_size, D=self.skip(), z=z, dt_bias=self.dt_bias,
                   dt_softplus=True, dt_limit=self.dt_limit, return_final_states=state is not None,
-                  backend=self.ssd_backend)
+                  cu_seqlens=None if documents is None else documents.cu_seqlens, backend=self.ssd_backend)
+        if documents is not None:
+            return documents.unpack(out)
         if state is None:
             return out
         out, final_states = out
@@ -196,10 +204,11 @@ class Mamba2Mixer(BuiltDirectionMixer):
         self.norm = nn.RMSNorm(self.d_inner, eps=1e-5) if settings.rmsnorm else None
         self.out_proj = writes_residual(nn.Linear(self.d_inner, d_model, bias=False))
 
-    def forward(self, u: Tensor, *, causal: bool, state: Mamba2State | None = None) -> Tensor:
+    def forward(self, u: Tensor, *, causal: bool, state: Mamba2State | None = None,
+                documents: Documents | None = None) -> Tensor:
         """With a state, u holds the positions after the `state.length` already seen: an empty state is
         filled by one pass over u (prefill), a filled one is advanced position by position."""
-        self.check_call(causal, state, u.shape[0])
+        self.check_call(causal, state, u, documents)
         # one matmul per part (rows of in_proj's weight): xBC comes out contiguous, which the conv reads and writes
         # channel-last without copies (a view into the joint output cost the layer ~1.5x its conv time on CPU)
         z, xBC, dt = (F.linear(u, weight) for weight in
@@ -210,10 +219,12 @@ class Mamba2Mixer(BuiltDirectionMixer):
             y = torch.stack([self.ssd.step(xBC[:, t], dt[:, t], None if gate_in_ssd is None else gate_in_ssd[:, t],
                                            state) for t in range(u.shape[1])], dim=1)
         elif self.ssd_reversed is None:
-            y = self.ssd(xBC, dt, gate_in_ssd, state)
+            y = self.ssd(xBC, dt, gate_in_ssd, state, documents)
         else:
             flipped = [None if t is None else t.flip(1) for t in (xBC, dt, gate_in_ssd)]
-            y = (self.ssd(xBC, dt, gate_in_ssd) + self.ssd_reversed(*flipped).flip(1)) / 2
+            reversed_documents = None if documents is None else documents.reversed
+            y = (self.ssd(xBC, dt, gate_in_ssd, documents=documents)
+                 + self.ssd_reversed(*flipped, documents=reversed_documents).flip(1)) / 2
         if state is not None:
             state.length += u.shape[1]
         y = rearrange(y, "b l h p -> b l (h p)")

@@ -9,6 +9,8 @@ decorates it with `@register_mixer`. It owns:
   - `flops_per_token(seq_len, causal=)` and `state_bytes(batch_size, seq_len)`;
   - which parameters take no weight decay (`no_weight_decay(param)`, mamba_ssm's `_no_weight_decay` marker)
     and which linear layers write into the residual stream (`writes_residual(linear)`: scaled at init);
+  - `forward(x, causal=, state=, documents=)`: with `documents` (packed rows) it keeps documents apart: no
+    position reads another document and recurrent state restarts at each one (archs/documents.py);
   - `bidirectional`: "per_call" (the same weights run either way, e.g. attention), "built" (a bidirectional
     layer has other weights, e.g. Mamba's reversed scan: subclass `BuiltDirectionMixer`), or "no" (it can only run
     causally); settings can narrow it further (`MixerSettings.causal_only`: attention with a sliding window runs
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from archlab.archs.documents import Documents
 from archlab.kernels.backend import check_backend
 
 
@@ -70,8 +73,10 @@ class Mixer(nn.Module):
         to a backend name (missing = auto)."""
         super().__init__()
 
-    def forward(self, x: Tensor, *, causal: bool, state=None) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def forward(self, x: Tensor, *, causal: bool, state=None, documents: Documents | None = None) -> Tensor:
+        """`documents` (training on packed rows, never with a state): no position may read another document,
+        and recurrences restart at each document (archs/documents.py)."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device):
         """Empty decoding state for up to max_len positions; it has a `.length` (positions seen)."""
@@ -113,12 +118,17 @@ class BuiltDirectionMixer(Mixer):
         super().__init__(d_model, settings, causal=causal, kernels=kernels)
         self.built_causal = causal
 
-    def check_call(self, causal: bool, state: RecurrentState | None, batch_size: int) -> None:
-        """Where forward starts: the direction it was built for; with a state, a causal layer and the state's batch."""
+    def check_call(self, causal: bool, state: RecurrentState | None, u: Tensor,
+                   documents: Documents | None = None) -> None:
+        """Where forward starts: the direction it was built for; with a state, a causal layer and the state's batch;
+        documents that describe u (B, L, d), and never with a state."""
+        batch_size = u.shape[0]
         if causal != self.built_causal:
             built = "causal" if self.built_causal else "bidirectional"
             raise ValueError(f"this {self.title} layer was built {built} but is called with causal={causal}; "
                              "build the model with the causal setting it runs with (build_model does)")
+        if documents is not None:
+            check_documents(documents, state, u, self.title)
         if state is not None:
             self.check_decodes()
             if state.conv_state.shape[0] != batch_size:
@@ -129,6 +139,14 @@ class BuiltDirectionMixer(Mixer):
         if not self.built_causal:
             raise ValueError(f"a bidirectional {self.title} cannot decode (each output reads later positions); "
                              "sample from a causal model")
+
+
+def check_documents(documents: Documents, state, x: Tensor, title: str) -> None:
+    """Packed documents describe x's (batch, length) and come without a decoding state."""
+    if state is not None:
+        raise ValueError(f"{title}: packed documents are for training and scoring, not decoding; call without "
+                         "documents when passing a state")
+    documents.check_matches(x, title)
 
 
 MIXERS: dict[str, type[Mixer]] = {}

@@ -19,11 +19,15 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.theta = theta
 
-    def forward(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
-        """q (B, H, L, D) and k (B, H_kv, L, D) at absolute positions offset .. offset + L - 1."""
+    def forward(self, q: Tensor, k: Tensor, offset: int = 0, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """q (B, H, L, D) and k (B, H_kv, L, D) at absolute positions offset .. offset + L - 1, or at `positions`
+        (B, L) given per row (packed documents, each starting from 0)."""
         exponents = torch.arange(0, self.head_dim, 2, device=q.device, dtype=torch.float32) / self.head_dim
-        positions = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.theta ** -exponents)
+        if positions is None:
+            positions = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float32)
+        else:
+            positions = positions.to(torch.float32).unsqueeze(1)  # (B, 1, L): one angle table for all heads
+        angles = positions.unsqueeze(-1) * self.theta ** -exponents
         cos, sin = angles.cos(), angles.sin()
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -1,4 +1,5 @@
-"""Next-byte prediction: cross-entropy on batch[:, 1:] given batch[:, :-1]; KV-cached sampling."""
+"""Next-token prediction: cross-entropy on batch[:, 1:] given batch[:, :-1] (within each packed document); bits
+per byte over the scored tokens' UTF-8 bytes; KV-cached sampling."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
-from archlab.archs.model import Model, Objective, inference, next_byte_features, split_batch
+from archlab.archs.model import IGNORE, Model, Objective, inference, next_byte_features, split_documents
 
 
 class AutoregressiveObjective(Objective):
@@ -27,32 +28,34 @@ class AutoregressiveObjective(Objective):
     def head_weight(self, model: Model) -> Tensor:
         return model.embedding.weight if self.lm_head is None else self.lm_head.weight
 
-    def logits(self, model: Model, tokens: Tensor, cache=None) -> Tensor:
-        """tokens (B, L) -> float32 logits (B, L, vocab) for the byte after each position."""
-        return self.project(model, model(tokens, cache=cache))
+    def logits(self, model: Model, tokens: Tensor, cache=None, documents=None) -> Tensor:
+        """tokens (B, L) -> float32 logits (B, L, vocab) for the token after each position."""
+        return self.project(model, model(tokens, cache=cache, documents=documents))
 
     def project(self, model: Model, hidden: Tensor) -> Tensor:
-        """hidden states (..., d) -> float32 next-byte logits (..., vocab)."""
+        """hidden states (..., d) -> float32 next-token logits (..., vocab)."""
         # float32 even under autocast: a bf16 softmax over the vocabulary loses too much precision
         with torch.autocast(hidden.device.type, enabled=False):
             return F.linear(hidden.float(), self.head_weight(model).float())
 
-    def _cross_entropy(self, model: Model, batch: Tensor) -> tuple[Tensor, int]:
-        inputs, targets = split_batch(batch)
-        logits = self.logits(model, inputs)
-        loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v"), rearrange(targets, "b l -> (b l)"))
-        return loss, targets.numel()
+    def _nats(self, model: Model, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(summed cross-entropy in nats, tokens scored, their UTF-8 bytes): 0-dim tensors, no host sync."""
+        inputs, targets, documents = split_documents(batch)
+        logits = self.logits(model, inputs, documents=documents)
+        nats = F.cross_entropy(rearrange(logits, "b l v -> (b l) v"), rearrange(targets, "b l -> (b l)"),
+                               ignore_index=IGNORE, reduction="sum")
+        return nats, (targets != IGNORE).sum(), model.bytes_of(targets)
 
     def loss(self, model: Model, batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean next-byte cross-entropy in nats; metrics (detached, no host sync) also give bits per byte."""
-        loss, _ = self._cross_entropy(model, batch)
-        return loss, {"loss": loss.detach(), "bpb": loss.detach() / math.log(2)}
+        """Mean next-token cross-entropy in nats; metrics (detached, no host sync) also give bits per byte."""
+        nats, n_tokens, n_bytes = self._nats(model, batch)
+        loss = nats / n_tokens.clamp(min=1)
+        return loss, {"loss": loss.detach(), "bpb": nats.detach() / (math.log(2) * n_bytes.clamp(min=1))}
 
     @torch.no_grad()
     def evaluate(self, model: Model, batch: Tensor) -> dict[str, float]:
-        loss, n_bytes = self._cross_entropy(model, batch)
-        value = loss.item()
-        return {"loss": value, "bpb": value / math.log(2), "n_bytes": n_bytes}
+        nats, n_tokens, n_bytes = (value.item() for value in self._nats(model, batch))
+        return {"loss": nats / max(n_tokens, 1), "bpb": nats / (math.log(2) * max(n_bytes, 1)), "n_bytes": n_bytes}
 
     def head_flops_per_token(self, d_model: int) -> int:
         return 2 * d_model * self.vocab_size

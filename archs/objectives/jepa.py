@@ -138,6 +138,7 @@ def normalise_targets(z: Tensor, how: str) -> Tensor:
 
 
 class JepaObjective(Objective):
+    byte_streams_only = True  # its probes and monitors are byte-level, one stream
     progress_metrics = ("effective_rank", "target_std", "sequence_share")
 
     def __init__(self, cfg: ModelConfig):

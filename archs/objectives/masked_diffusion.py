@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.archs.config import ModelConfig
-from archlab.archs.model import Model, Objective, batch_seeded_generator, inference, split_batch
+from archlab.archs.documents import Documents
+from archlab.archs.model import (
+    Model,
+    Objective,
+    batch_seeded_generator,
+    documents_of_sequence,
+    inference,
+    split_batch,
+)
 
 EPS = 1e-3  # smallest diffusion time drawn
 EVAL_SEED = 20240607  # mixed with a checksum of the eval batch: the same batch always gets the same (t, mask) draws
@@ -88,8 +96,8 @@ class MaskedDiffusionObjective(Objective):
         x = model.embedding(z.clamp(max=self.vocab_size - 1))
         return torch.where((z == self.mask_id).unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
 
-    def hidden(self, model: Model, z: Tensor) -> Tensor:
-        return model(self.embed(model, z))
+    def hidden(self, model: Model, z: Tensor, documents: Documents | None = None) -> Tensor:
+        return model(self.embed(model, z), documents=documents)
 
     def head(self, model: Model, hidden: Tensor) -> Tensor:
         # float32 even under autocast: a bf16 softmax over the vocabulary loses too much precision
@@ -102,24 +110,28 @@ class MaskedDiffusionObjective(Objective):
 
     # -- loss and evaluation ------------------------------------------------------------------------
     @staticmethod
-    def _sequence(batch: Tensor) -> Tensor:
-        return split_batch(batch)[0]
+    def _sequence(batch: Tensor) -> tuple[Tensor, Documents | None]:
+        """The scored sequence batch[:, :-1] and, for packed documents, its Documents (each one denoised alone)."""
+        return split_batch(batch)[0], documents_of_sequence(batch)
 
-    def weighted_nll(self, model: Model, x: Tensor, t: Tensor, mask: Tensor) -> Tensor:
+    def weighted_nll(self, model: Model, x: Tensor, t: Tensor, mask: Tensor,
+                     documents: Documents | None = None) -> Tensor:
         """sum over rows b and masked positions i of w(t_b) * -log p(x_bi | z_t): the head runs on masked ones only."""
         z = x.masked_fill(mask, self.mask_id)
-        logits = self.head(model, self.hidden(model, z)[mask])
+        logits = self.head(model, self.hidden(model, z, documents)[mask])
         nll = F.cross_entropy(logits, x[mask], reduction="none")
         weights = self.loss_weight(t).unsqueeze(1).expand(mask.shape)[mask]
         return (weights * nll).sum()
 
     def loss(self, model: Model, batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """NELBO per byte in nats (one (t, mask) draw per row, t stratified across the batch; global RNG)."""
-        x = self._sequence(batch)
+        """NELBO per token in nats (one (t, mask) draw per row, t stratified across the batch; global RNG); the bpb
+        metric divides the same sum by the tokens' UTF-8 bytes."""
+        x, documents = self._sequence(batch)
         t = self.draw_times(x.shape[0], device=x.device)
         mask = torch.rand(x.shape, device=x.device) < self.mask_prob(t).unsqueeze(1)
-        loss = self.weighted_nll(model, x, t, mask) / x.numel()
-        metrics = {"loss": loss.detach(), "bpb": loss.detach() / math.log(2),
+        nats = self.weighted_nll(model, x, t, mask, documents)
+        loss = nats / x.numel()
+        metrics = {"loss": loss.detach(), "bpb": nats.detach() / (math.log(2) * model.bytes_of(x).clamp(min=1)),
                    "masked_fraction": mask.float().mean()}
         return loss, metrics
 
@@ -131,7 +143,7 @@ class MaskedDiffusionObjective(Objective):
         gives the same figure on every run and device, whatever the global RNG state, and different batches
         get independent draws. The times are stratified over all rows x draws.
         """
-        x = self._sequence(batch)
+        x, documents = self._sequence(batch)
         generator = batch_seeded_generator(x, EVAL_SEED)
         draws = self.eval_draws
         times = self.draw_times(x.shape[0] * draws, generator=generator)
@@ -139,9 +151,10 @@ class MaskedDiffusionObjective(Objective):
         for d in range(draws):
             t = times[d::draws]
             mask = torch.rand(x.shape, generator=generator) < self.mask_prob(t).unsqueeze(1)
-            total += self.weighted_nll(model, x, t.to(x.device), mask.to(x.device)).item()
-        loss = total / (draws * x.numel())
-        return {"loss": loss, "bpb": loss / math.log(2), "n_bytes": x.numel(), "bound": 1.0}
+            total += self.weighted_nll(model, x, t.to(x.device), mask.to(x.device), documents).item()
+        n_bytes = max(model.bytes_of(x).item(), 1)
+        return {"loss": total / (draws * x.numel()), "bpb": total / (draws * math.log(2) * n_bytes), "n_bytes": n_bytes,
+                "bound": 1.0}
 
     def head_flops_per_token(self, d_model: int) -> int:
         return 2 * d_model * self.vocab_size
