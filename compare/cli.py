@@ -8,6 +8,7 @@ layer below; the handlers import what they run, so `archlab --help` starts witho
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -142,6 +143,8 @@ def cmd_report(args) -> None:
 def cmd_bench(args) -> None:
     if args.what == "trainer":
         _bench_trainer(args)
+    elif args.what == "packing":
+        _bench_packing(args)
     elif args.what == "decode":
         _bench_decode(args)
     else:
@@ -159,6 +162,24 @@ def _bench_trainer(args) -> None:
     if args.out:
         atomic_write(Path(args.out), json_text(result))
     print(json.dumps(result))
+
+
+def _bench_packing(args) -> None:
+    from archlab.kernels.common.files import atomic_write, json_text
+    from archlab.kernels.common.provenance import git_commit
+    from archlab.kernels.common.files import slug
+    from archlab.train.bench import SPEECHES, bench_packing
+
+    config, overrides = args.config or "configs/quickstart.yaml", list(args.overrides)
+    if "=" in config:
+        config, overrides = "configs/quickstart.yaml", [config, *overrides]
+    result = bench_packing(config, overrides, separator=SPEECHES, steps=args.steps, repeats=args.repeats)
+    result |= {"commit": git_commit() or "unknown", "date": datetime.date.today().isoformat()}
+    name = f"packing-{slug(result['device'])}-{result['date']}-{result['commit']}.json"
+    out = Path(args.out or "compare/results") / name
+    atomic_write(out, json_text(result))
+    print(json.dumps(result))
+    print(f"wrote {out}")
 
 
 def _bench_decode(args) -> None:
@@ -182,7 +203,8 @@ def _bench_kernel(args) -> None:
 
     bench = kernel_benches().get(args.what)
     if bench is None:
-        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, decode, {', '.join(kernel_benches())}")
+        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, packing, decode, "
+                        f"{', '.join(kernel_benches())}")
     if args.config or args.overrides:
         raise UserError(f"archlab bench {args.what} takes no config or overrides")
     if bench.needs_cuda and not torch.cuda.is_available():
@@ -318,18 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(handler=cmd_data_fetch)
 
     bench = sub.add_parser("bench", add_help=False,
-                           help="benchmarks: `trainer` (trainer overhead vs a bare loop), "
+                           help="benchmarks: `trainer` (trainer overhead vs a bare loop), `packing` (trainer "
+                                "tokens/s on packed documents vs stream windows), "
                                 "`decode RUN_DIFFUSION RUN_AR` (masked-diffusion vs autoregressive "
                                 "sampling: tokens/s vs generative bpb), and one per kernel op (listed by "
                                 "`archlab bench --help`)")
     bench.add_argument("-h", "--help", action=_BenchHelp)
-    bench.add_argument("what", help="trainer, decode, or a kernel benchmark listed below")
+    bench.add_argument("what", help="trainer, packing, decode, or a kernel benchmark listed below")
     bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG}); "
                                                  "decode: the masked_diffusion run directory")
     bench.add_argument("overrides", nargs="*", help="trainer: dotted overrides; decode: the autoregressive run "
                                                     "directory")
-    bench.add_argument("--steps", type=int, default=50, help="trainer: steps per timed chunk")
-    bench.add_argument("--repeats", type=int, default=6, help="trainer: timed chunks of each loop, interleaved")
+    bench.add_argument("--steps", type=int, default=50, help="trainer, packing: steps per timed chunk")
+    bench.add_argument("--repeats", type=int, default=6, help="trainer, packing: timed chunks of each, interleaved")
     bench.add_argument("--tokens", type=int, default=96, help="decode: bytes generated after each prompt")
     bench.add_argument("--samples", type=int, default=8, help="decode: prompts, sampled together as one batch")
     bench.add_argument("--prompt-len", type=int, default=32, help="decode: prompt bytes (val-split windows)")

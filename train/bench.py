@@ -1,4 +1,5 @@
 """`archlab bench trainer`: steps/s of the full trainer against a bare PyTorch loop on the same model.
+`archlab bench packing`: the trainer's tokens/s on packed documents against the same run on stream windows.
 
 The bare loop is the least a training loop can do (forward, backward, AdamW step, zero_grad on one fixed
 batch). The trainer adds data sampling, gradient accumulation bookkeeping, clipping, the lr schedule,
@@ -65,3 +66,46 @@ def bench_trainer(config: str, overrides: list[str], *, steps: int, repeats: int
         result["mfu"] = round(trainer_sps * trainer.flops_per_step / peak, 4)
     return result
 
+
+
+# tinyshakespeare's speeches: a speaker's line ("First Citizen:") starts a document, about 300 bytes each
+SPEECHES = r"^[A-Z][A-Za-z' ]*:$"
+
+
+def bench_packing(config: str, overrides: list[str], *, separator: str, steps: int, repeats: int) -> dict:
+    """Trainer tokens/s with data.packing=documents (documents start where a line matches `separator`) against
+    data.packing=stream on the same config: chunks of `steps` steps, interleaved, medians compared."""
+    with tempfile.TemporaryDirectory() as tmp:
+        total = (repeats + 1) * steps
+        common = list(overrides) + [
+            "run.wandb=disabled", "run.resume=false", f"train.max_steps={10 * total}",
+            f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}", "train.eval_tokens=8192",
+            f"data.separator={separator}"]
+        trainers = {packing: Trainer(load_config(config, common + [f"data.packing={packing}",
+                                                                   f"run.dir={Path(tmp) / packing}"]))
+                    for packing in ("stream", "documents")}
+        device = trainers["stream"].device
+        first = trainers["documents"].sampler.batch(0)
+        cut = (first[:, 1, 1:] != first[:, 1, :-1]).sum().item() / first.shape[0]
+
+        def chunk(trainer: Trainer) -> float:
+            return steps * trainer.tokens_per_step / timed(lambda: trainer.train(until_step=trainer.step + steps),
+                                                           device)[1]
+
+        rates: dict[str, list[float]] = {packing: [] for packing in trainers}
+        for trainer in trainers.values():
+            chunk(trainer)  # warm-up (and the step-0 eval)
+        for repeat in range(repeats):  # alternate which goes first
+            order = list(trainers) if repeat % 2 == 0 else list(reversed(trainers))
+            for packing in order:
+                rates[packing].append(chunk(trainers[packing]))
+    stream, documents = (statistics.median(rates[p]) for p in ("stream", "documents"))
+    return {
+        "benchmark": "packing", "config": config, "overrides": list(overrides), "separator": separator,
+        "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "seq_len": trainers["stream"].cfg.data.seq_len, "batch_size": trainers["stream"].cfg.train.batch_size,
+        "boundaries_per_row": round(cut, 2), "steps_per_chunk": steps, "repeats": repeats,
+        "stream_tokens_per_s": round(stream), "documents_tokens_per_s": round(documents),
+        "packing_cost_pct": round(100 * (1 - documents / stream), 2),
+        "stream_rates": [round(r) for r in rates["stream"]], "documents_rates": [round(r) for r in rates["documents"]],
+    }

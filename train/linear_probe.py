@@ -254,6 +254,10 @@ def probe_run(run_dir: str | Path, *, baseline: str | Path | None = None, mlp: b
     run_dir = str(run_dir)
     loaded = load_run(run_dir, device, checkpoint=checkpoint, purpose="probe")
     cfg = loaded.cfg
+    if loaded.corpus.tokenizer.spec != "bytes" or loaded.corpus.has_documents:
+        raise UserError(f"the linear probe reads one stream of bytes, but {run_dir} trained on "
+                        f"{loaded.corpus.tokenizer.spec} tokens or packed documents; probe a byte-stream run "
+                        "(data.packing=stream on a text file)")
     run = Encoder("trained", run_dir, loaded.step, loaded.model, loaded.device)
     with torch.random.fork_rng(devices=[]):  # rebuilding the step-0 weights reseeds the RNG: not the caller's
         start_model = initial_model(cfg)

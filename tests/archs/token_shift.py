@@ -33,9 +33,11 @@ class TokenShift(Mixer):
         no_weight_decay(self.mix)
         self.out_proj = writes_residual(nn.Linear(d_model, d_model, bias=False))
 
-    def forward(self, x, *, causal, state=None):
+    def forward(self, x, *, causal, state=None, documents=None):
         first = torch.zeros_like(x[:, :1]) if state is None else state.last.to(x.dtype)
         previous = torch.cat([first, x[:, :-1]], dim=1)
+        if documents is not None:  # a document's first position has no previous one
+            previous = previous.masked_fill(documents.starts.unsqueeze(-1), 0)
         if state is not None:
             state.last, state.length = x[:, -1:].detach().clone(), state.length + x.shape[1]
         return self.out_proj(torch.lerp(x, previous, self.mix.to(x.dtype)))
