@@ -98,8 +98,8 @@ class ByteTokenizer(Tokenizer):
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken Encoding; special tokens in the text are encoded as plain text (encode_ordinary)."""
 
-    def __init__(self, spec: str, identity: dict, encoding, bos_id: int | None):
-        self.spec, self.identity, self.encoding, self.bos_id = spec, identity, encoding, bos_id
+    def __init__(self, spec: str, identity: dict, path: Path, encoding, bos_id: int | None):
+        self.spec, self.identity, self.path, self.encoding, self.bos_id = spec, identity, path, encoding, bos_id
         self.vocab_size = encoding.n_vocab
         _check_vocab_size(spec, self.vocab_size)
 
@@ -228,7 +228,7 @@ def _load_tiktoken(spec: str, name: str, root: Path | None) -> TiktokenTokenizer
                         f"encoding: download {TIKTOKEN_URL.format(ranks_name)} again")
     ranks = parse_tiktoken_ranks(path)
     encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-    return TiktokenTokenizer(spec, {"spec": spec, "sha256": sha256}, encoding, specials["<|endoftext|>"])
+    return TiktokenTokenizer(spec, {"spec": spec, "sha256": sha256}, path, encoding, specials["<|endoftext|>"])
 
 
 def parse_tiktoken_ranks(path: Path) -> dict[bytes, int]:
