@@ -76,7 +76,7 @@ def _encode_batch(batch: list[tuple[int, str]]) -> dict:
     prefix = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     parts: dict[str, list] = {name: [] for name in SPLITS}
     n_bytes = dict.fromkeys(SPLITS, 0)
-    for (position, text), ids in zip(kept, encoded):
+    for (position, text), ids in zip(kept, encoded, strict=True):
         data = text.encode("utf-8")
         name = split_of(position, data, _worker["cuts"])
         parts[name].append(prefix + ids)
@@ -284,13 +284,13 @@ def prepare_dataset(sources: Sequence[str | Path], out: str | Path, *, tokenizer
     records = _finished_groups(out)
     start = records[-1]["next_document"] if records else 0
     docs = _batches(_document_stream(opened, text_field, pattern), start, settings["batch_chars"])
-    done_chars = sum(len(text) for _, text in zip(range(start), _document_stream(opened, text_field, pattern)))
+    done_chars = sum(map(len, itertools.islice(_document_stream(opened, text_field, pattern), start)))
     workers = workers or os.cpu_count() or 1
     with tqdm(total=total_chars, initial=done_chars, unit="char", unit_scale=True, desc="prepare",
               disable=not progress) as bar:
-        for result_group in _write_groups(out, _encoded(docs, workers, (local_spec, str(out), cuts, dtype)),
+        for record in _write_groups(out, _encoded(docs, workers, (local_spec, str(out), cuts, dtype)),
                                           len(records), start, shard_tokens, bar):
-            records.append(result_group)
+            records.append(record)
     manifest = _manifest(wanted, local_spec, tok, dtype, records)
     empty = manifest["documents"]["empty_skipped"]
     if empty:

@@ -38,7 +38,7 @@ class TokenSplit:
         if not self._records:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.memmap(self._folder / shard["index_file"], dtype=np.int64, mode="r") + offset
-                               for shard, offset in zip(self._records, self.offsets)])
+                               for shard, offset in zip(self._records, self.offsets, strict=False)])
 
     def gather(self, starts: np.ndarray, length: int) -> torch.Tensor:
         """(len(starts), length) LongTensor: row i is tokens [starts[i], starts[i] + length) of the split."""
@@ -48,7 +48,7 @@ class TokenSplit:
                              f"{self.name} split's {len(self)} tokens")
         rows = np.empty((len(starts), length), dtype=np.int64)
         shard_of = np.searchsorted(self.offsets, starts, side="right") - 1
-        for row, (start, shard) in enumerate(zip(starts, shard_of)):
+        for row, (start, shard) in enumerate(zip(starts, shard_of, strict=True)):
             filled, position = 0, start - self.offsets[shard]
             while filled < length:  # more than once only for a window that crosses into the next shard
                 piece = self.shards[shard][position: position + length - filled]

@@ -130,10 +130,10 @@ class HFTokenizer(Tokenizer):
         except Exception as err:  # the library's parse errors have no common type
             raise DataError(f"{path} is not a valid tokenizer.json ({str(err).splitlines()[0]}); point the "
                             "tokenizer spec at a Hugging Face tokenizer.json") from None
-        self.vocab_size = self.model.get_vocab_size(with_added_tokens=True)
+        vocab = self.model.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1  # ids may leave gaps
         _check_vocab_size(spec, self.vocab_size)
         self.special_ids = {t["id"] for t in self.config.get("added_tokens", []) if t.get("special")}
-        vocab = self.model.get_vocab(with_added_tokens=True)
         self.bos_id = next((vocab[name] for name in BOS_CANDIDATES if vocab.get(name) in self.special_ids), None)
         self.fast = _tiktoken_twin(self.config, vocab, self.special_ids)
 
@@ -192,10 +192,10 @@ def _tiktoken_twin(config: dict, vocab: dict[str, int], special_ids: set[int]):
                   for pair in model.get("merges", [])]
     singles = sum(len(token) == 1 for token in ranks)
     if (singles != 256 or len(ranks) != 256 + len(merged_ids) or None in merged_ids
-            or any(a >= b for a, b in zip(merged_ids, merged_ids[1:]))):
+            or any(a >= b for a, b in zip(merged_ids, merged_ids[1:], strict=False))):
         return None
-    specials = {token: i for token, i in vocab.items() if i in special_ids}
-    return tiktoken.Encoding("archlab-bpe", pat_str=R50K_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    # only encode_ordinary is used (special tokens in text stay text, as with tokenizers' encode), so no specials
+    return tiktoken.Encoding("archlab-bpe", pat_str=R50K_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
 def _check_vocab_size(spec: str, vocab_size: int) -> None:
