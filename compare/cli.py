@@ -164,6 +164,12 @@ def cmd_bench(args) -> None:
         _bench_trainer(args)
     elif args.what == "decode":
         _bench_decode(args)
+    elif args.what == "prepare":
+        from archlab.train.prepare_bench import main as bench_prepare
+
+        if args.config or args.overrides:
+            raise UserError("archlab bench prepare takes no config or overrides")
+        bench_prepare(["--out", args.out or "compare/results"])
     else:
         _bench_kernel(args)
 
@@ -360,10 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", add_help=False,
                            help="benchmarks: `trainer` (trainer overhead vs a bare loop), "
                                 "`decode RUN_DIFFUSION RUN_AR` (masked-diffusion vs autoregressive "
-                                "sampling: tokens/s vs generative bpb), and one per kernel op (listed by "
+                                "sampling: tokens/s vs generative bpb), `prepare` (archlab data prepare on "
+                                "refdocs: MB/s per core, peak RSS), and one per kernel op (listed by "
                                 "`archlab bench --help`)")
     bench.add_argument("-h", "--help", action=_BenchHelp)
-    bench.add_argument("what", help="trainer, decode, or a kernel benchmark listed below")
+    bench.add_argument("what", help="trainer, decode, prepare, or a kernel benchmark listed below")
     bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG}); "
                                                  "decode: the masked_diffusion run directory")
     bench.add_argument("overrides", nargs="*", help="trainer: dotted overrides; decode: the autoregressive run "
@@ -374,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=int, default=8, help="decode: prompts, sampled together as one batch")
     bench.add_argument("--prompt-len", type=int, default=32, help="decode: prompt bytes (val-split windows)")
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], help="decode: where to load both runs")
-    bench.add_argument("--out", help="trainer: also write the JSON here; kernels: folder for JSON + Markdown; "
-                                     "decode: folder for JSON + Markdown + PNG (default compare/results)")
+    bench.add_argument("--out", help="trainer: also write the JSON here; kernels and prepare: folder for JSON + "
+                                     "Markdown; decode: folder for JSON + Markdown + PNG (default compare/results)")
     bench.set_defaults(handler=cmd_bench)
 
     doctor = sub.add_parser("doctor", help="what runs here: versions, GPU, per kernel op the usable backends, "
