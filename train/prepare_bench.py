@@ -4,9 +4,11 @@ Prepares refdocs (shared/data/refdocs.txt.xz, ~60 MB of dictionary entries and P
 16k byte-level BPE trained first on a sample, at 15 MB and at all ~60 MB of input, with workers = cores. Documents
 are the corpus's own units: a dictionary entry, or a documentation section (SPLIT_ON). Each run is a fresh child
 process, so its peak RSS is its own: the main process's, and the largest worker's (getrusage SELF and CHILDREN);
-the process tree held at most main + workers x worker. The BPE is encoded two ways: through tiktoken built from
-its ranks (what prepare uses) and through `tokenizers` itself; both must give identical shards. Also measured:
-each engine's single-thread encode speed alone (no prepare around it) on the 15 MB input.
+the process tree held at most main + workers x worker. Speed is input MB per second of wall time per core, and
+input MB per CPU second of the whole tree (main + workers: what a shared machine does not change much). The BPE
+is encoded two ways: through tiktoken built from its ranks (what prepare uses) and through `tokenizers` itself;
+both must give identical shards. Also measured: each engine's encode speed alone (one thread, MB per CPU second,
+no prepare around it) on the 15 MB input, the ceiling for prepare's MB per CPU second.
 """
 from __future__ import annotations
 
@@ -63,10 +65,11 @@ def _child(args: dict) -> dict:
                           workers=args["workers"], progress=False)
     wall = time.perf_counter() - start
     manifest = json.loads((out / "manifest.json").read_text())
-    main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"wall_s": wall, "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
-            "documents": manifest["documents"]["total"], "main_rss_mib": main_rss, "worker_rss_mib": worker_rss,
+    main, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = sum(usage.ru_utime + usage.ru_stime for usage in (main, workers))
+    return {"wall_s": wall, "cpu_s": cpu_s, "main_rss_mib": main.ru_maxrss / 1024,  # KiB -> MiB on Linux
+            "worker_rss_mib": workers.ru_maxrss / 1024, "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
+            "documents": manifest["documents"]["total"],
             "shards": {s["tokens_file"]: s["tokens_sha256"] for split in manifest["splits"].values()
                        for s in split["shards"]}}
 
@@ -78,7 +81,7 @@ def _run_child(args: dict) -> dict:
 
 
 def _encode_speed(engine: str, tokenizer_path: Path, source: Path) -> float:
-    """MB/s of one thread encoding the source's documents, nothing else (run in a child: see _use_engine)."""
+    """MB per CPU second of one thread encoding the source's documents, nothing else (in a child: _use_engine)."""
     script = ("import json, sys, time; from archlab.train import prepare_bench as b;"
               f"print(json.dumps(b._encode_only({engine!r}, {str(tokenizer_path)!r}, {str(source)!r})))")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
@@ -94,10 +97,10 @@ def _encode_only(engine: str, tokenizer_path: str, source: str) -> float:
     _use_engine(engine)
     tokenizer = load_tokenizer(f"hf:{tokenizer_path}")
     docs = list(documents(Source(Path(source), "text", (Path(source),)), "text", re.compile(SPLIT_ON)))
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the machine may be shared
     for i in range(0, len(docs), 256):
         tokenizer.encode_batch(docs[i: i + 256])
-    return sum(len(d.encode()) for d in docs) / 1e6 / (time.perf_counter() - start)
+    return sum(len(d.encode()) for d in docs) / 1e6 / (time.process_time() - start)
 
 
 def run_bench(out_dir: Path) -> tuple[Path, Path]:
@@ -130,7 +133,8 @@ def run_bench(out_dir: Path) -> tuple[Path, Path]:
                 rows.append({"engine": engine, "input_mb": round(input_mb, 1), "documents": run["documents"],
                              "tokens": run["tokens"], "workers": cores, "wall_s": round(run["wall_s"], 2),
                              "mb_per_s_per_core": round(input_mb / run["wall_s"] / cores, 2),
-                             "encode_only_mb_per_s_1_thread": round(speed, 2),
+                             "cpu_s": round(run["cpu_s"], 2), "mb_per_cpu_s": round(input_mb / run["cpu_s"], 2),
+                             "encode_only_mb_per_cpu_s": round(speed, 2),
                              "main_peak_rss_mib": round(run["main_rss_mib"]),
                              "worker_peak_rss_mib": round(run["worker_rss_mib"]),
                              "tree_peak_rss_bound_mib": round(run["main_rss_mib"] + cores * run["worker_rss_mib"])})
