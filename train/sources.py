@@ -3,7 +3,8 @@
 - plain text (.txt, .text, .md): the whole file is one document, or, with a split pattern, a new document starts at
   each line the pattern matches (re.search; that line starts the new document). Bytes that are not UTF-8 are read
   as U+FFFD (one warning per file), so a byte count always matches the text that is tokenized.
-- JSONL (.jsonl, .ndjson): one document per line, the text field of its JSON object; blank lines are skipped.
+- JSONL (.jsonl, .ndjson): one document per line, the text field of its JSON object; blank lines are skipped; a
+  lone surrogate (an escape like \ud800 without its pair) is read as U+FFFD.
 - parquet (.parquet): one document per row, the text column.
 - a `datasets.Dataset.save_to_disk` folder (state.json + arrow files): one document per row, the text column,
   read with pyarrow directly (a DatasetDict folder holds one such folder per split: name the split's folder).
@@ -147,6 +148,8 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             if text is not None and not isinstance(text, str):
                 raise DataError(f"line {number} of {path}: field {text_field!r} is a {type(text).__name__}, not "
                                 "text; pass --text-field with the field that holds the text")
+            if b"\\ud" in line or b"\\uD" in line:  # a JSON escape may name half a surrogate pair, which is no text
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             yield text or ""
 
 

@@ -155,11 +155,17 @@ class HFTokenizer(Tokenizer):
         """Exact for byte-level models (each character of a token stands for one byte); otherwise the UTF-8 length
         of the token decoded alone, which is what its text contributes once joined to its neighbours."""
         byte_level = (self.config.get("decoder") or {}).get("type") == "ByteLevel"
+        added = {t["id"] for t in self.config.get("added_tokens", [])}  # written as plain text, not byte characters
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in self.model.get_vocab(with_added_tokens=True).items():
             if i in self.special_ids:
                 continue
-            lengths[i] = len(token) if byte_level else len(self.model.decode([i]).encode("utf-8"))
+            if i in added:
+                lengths[i] = len(token.encode("utf-8"))
+            elif byte_level:
+                lengths[i] = len(token)
+            else:
+                lengths[i] = len(self.model.decode([i]).encode("utf-8"))
         return lengths
 
 

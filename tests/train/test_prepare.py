@@ -99,6 +99,14 @@ def test_text_split_on_and_gather_across_shards(tmp_path, bpe):
         dataset.split("test")
 
 
+def test_lone_surrogates_in_jsonl_are_read_as_replacement_characters(tmp_path):
+    path = write_text(tmp_path / "s.jsonl", '{"text": "a\\ud800b"}\n{"text": "ok \\ud83d\\ude00"}\n')
+    train = PreparedDataset.open(prepare_dataset([path], tmp_path / "out", tokenizer="bytes", val_fraction=0,
+                                                 **SMALL)).split("train")
+    text = bytes(train.gather(np.array([0]), len(train))[0].numpy().astype(np.uint8)).decode()
+    assert text == "a\ufffdbok \U0001f600" and train.n_bytes == len(text.encode())
+
+
 def test_split_is_deterministic_across_worker_counts(tmp_path, bpe):
     source = write_source(tmp_path, "jsonl")
     one = prepare_dataset([source], tmp_path / "one", tokenizer=f"hf:{bpe.path}", **SMALL)

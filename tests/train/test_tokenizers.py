@@ -65,6 +65,19 @@ def test_hf_tokenizer_without_the_fast_path_counts_bytes_too(tmp_path, bpe):
     assert int(slow.token_bytes[slow.encode(text)].sum()) == len(text.encode("utf-8"))
 
 
+def test_added_plain_tokens_count_their_text(tmp_path, bpe):
+    from tokenizers import Tokenizer as HFModel
+
+    model = HFModel.from_file(str(bpe.path))
+    model.add_tokens(["hello wörld"])
+    model.save(str(tmp_path / "added.json"))
+    added = load_tokenizer(f"hf:{tmp_path / 'added.json'}")
+    text = "say hello wörld twice: hello wörld" + NON_ASCII
+    ids = added.encode(text)
+    assert added.vocab_size - 1 in ids and added.token_bytes[added.vocab_size - 1] == len("hello wörld".encode())
+    assert int(added.token_bytes[ids].sum()) == len(text.encode())
+
+
 def test_single_byte_tokenizer_is_the_byte_tokenizer(tmp_path):
     single = single_byte_tokenizer(tmp_path / "bytes.json")
     byte = load_tokenizer("bytes")
