@@ -230,21 +230,25 @@ def _check_arguments(tokenizer, train_tokenizer, val_fraction, test_fraction, wo
         raise DataError(f"--split-on {split_on!r} is not a valid regular expression ({err})") from None
 
 
+def _holds(path: Path, wanted: dict) -> bool:
+    """Whether the JSON file at `path` has `wanted`'s keys with the same values (an unreadable one has not)."""
+    try:
+        found = json.loads(path.read_text())
+        return {key: found.get(key) for key in wanted} == wanted
+    except (ValueError, AttributeError):
+        return False
+
+
 def _check_out_dir(out: Path, wanted: dict) -> bool:
     """True when `out` already holds this exact dataset; False when it is new, empty or a partial run of it."""
     manifest, settings = out / "manifest.json", out / ".prepare" / "settings.json"
     if manifest.is_file():
-        try:
-            found = json.loads(manifest.read_text())
-            same = {key: found.get(key) for key in wanted} == wanted
-        except ValueError:
-            same = False
-        if not same:
+        if not _holds(manifest, wanted):
             raise DataError(f"{out} already holds a different prepared dataset (its manifest.json differs in sources "
                             "or settings); choose another --out or delete that folder")
         return True
     if settings.is_file():
-        if json.loads(settings.read_text()) != wanted:
+        if not _holds(settings, wanted):
             raise DataError(f"{out} holds an unfinished prepare with other sources or settings; rerun that command "
                             "to finish it, or choose another --out")
         return False
