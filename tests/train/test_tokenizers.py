@@ -88,6 +88,29 @@ def test_single_byte_tokenizer_is_the_byte_tokenizer(tmp_path):
     assert single.decode(byte.encode(text)) == text == byte.decode(byte.encode(text))
 
 
+def test_tiktoken_from_a_local_ranks_file(tmp_path, monkeypatch, bpe):
+    """A `tiktoken:<name>` encoding is built from `tokenizers/<name>.tiktoken` in a data root (here: the tiny BPE's
+    ranks under a test name registered with their sha256), and encodes like the BPE it was written from."""
+    import base64
+    import hashlib
+
+    from archlab.train import tokenizers
+
+    ranks = bpe.fast._mergeable_ranks
+    lines = b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks.items())
+    (tmp_path / "tokenizers").mkdir()
+    (tmp_path / "tokenizers" / "tiny.tiktoken").write_bytes(lines)
+    monkeypatch.setenv("ARCHLAB_DATA", str(tmp_path))
+    monkeypatch.setitem(tokenizers.TIKTOKEN_ENCODINGS, "tiny", (tokenizers.R50K_PATTERN, {"<|endoftext|>": 400}, "tiny",
+                                                                hashlib.sha256(lines).hexdigest()))
+    tiny = load_tokenizer("tiktoken:tiny")
+    text = real_text(20_000)
+    assert tiny.vocab_size == 401 and tiny.bos_id == 400 and tiny.token_bytes[400] == 0
+    assert tiny.encode(text) == bpe.encode(text) and tiny.decode(tiny.encode(text)) == text
+    assert int(tiny.token_bytes[tiny.encode(text)].sum()) == len(text.encode())
+    assert tiny.identity == {"spec": "tiktoken:tiny", "sha256": hashlib.sha256(lines).hexdigest()}
+
+
 def test_relative_hf_path_resolves_under_the_data_roots(tmp_path, monkeypatch, bpe):
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "t.json").write_bytes(bpe.path.read_bytes())
