@@ -1,5 +1,5 @@
-"""`archlab train | eval | sample | model | compare | report | data fetch | bench | doctor | compile-matrix` — the
-command line.
+"""`archlab train | eval | sample | model | compare | report | data | bench | doctor | compile-matrix` — the command
+line (`archlab data fetch | prepare | verify`).
 
 User errors (bad config, data, checkpoint, arguments) print one line `error: ...` and exit with code 2;
 `--debug` shows the traceback instead. It lives in compare/, the top layer, because it dispatches to every
@@ -124,6 +124,26 @@ def cmd_data_fetch(args) -> None:
     fetch_corpus(args.name, url=args.url, dest=Path(args.dest) if args.dest else None)
 
 
+def cmd_data_prepare(args) -> None:
+    from archlab.train.prepare import prepare_dataset
+
+    out = prepare_dataset(args.sources, args.out, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
+                          text_field=args.text_field, split_on=args.split_on, val_fraction=args.val_fraction,
+                          test_fraction=args.test_fraction, workers=args.workers, shard_tokens=args.shard_tokens)
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = ", ".join(f"{name} {split['tokens']:,} tokens / {split['documents']:,} documents"
+                       for name, split in manifest["splits"].items() if split["documents"])
+    print(f"{out}: {counts} ({manifest['dtype']}, tokenizer {manifest['tokenizer']['spec']})")
+
+
+def cmd_data_verify(args) -> None:
+    from archlab.train.prepared import PreparedDataset
+
+    dataset = PreparedDataset.open(args.dir)
+    dataset.verify()
+    print(f"{dataset.folder}: every shard matches its manifest (manifest sha256 {dataset.manifest_sha256})")
+
+
 def cmd_compare(args) -> None:
     from archlab.compare.runner import describe_plan, run_study
 
@@ -147,6 +167,12 @@ def cmd_bench(args) -> None:
         _bench_packing(args)
     elif args.what == "decode":
         _bench_decode(args)
+    elif args.what == "prepare":
+        from archlab.train.prepare_bench import main as bench_prepare
+
+        if args.config or args.overrides:
+            raise UserError("archlab bench prepare takes no config or overrides")
+        bench_prepare(["--out", args.out or "compare/results"])
     else:
         _bench_kernel(args)
 
@@ -203,7 +229,7 @@ def _bench_kernel(args) -> None:
 
     bench = kernel_benches().get(args.what)
     if bench is None:
-        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, packing, decode, "
+        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, packing, decode, prepare, "
                         f"{', '.join(kernel_benches())}")
     if args.config or args.overrides:
         raise UserError(f"archlab bench {args.what} takes no config or overrides")
@@ -338,15 +364,36 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--url", help="download from here instead of the canonical URL (file:// works)")
     fetch.add_argument("--dest", help="folder to write into (default: $ARCHLAB_DATA or ~/.cache/archlab/data)")
     fetch.set_defaults(handler=cmd_data_fetch)
+    prepare = data_sub.add_parser("prepare", help="tokenize text, JSONL, parquet or datasets folders into token "
+                                                  "shards + document index + manifest (parallel, resumable)")
+    prepare.add_argument("sources", nargs="+", metavar="SRC", help="source files or save_to_disk folders, in order")
+    prepare.add_argument("--out", required=True, help="the dataset folder to write (rerun to resume)")
+    chosen = prepare.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--tokenizer", help="bytes, tiktoken:<name> or hf:<path to tokenizer.json>")
+    chosen.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                        help="train a byte-level BPE of this vocabulary on the train split first, saved in --out")
+    prepare.add_argument("--text-field", default="text", help="JSONL field / parquet or arrow column (default text)")
+    prepare.add_argument("--split-on", metavar="REGEX", help="plain text: a line matching this starts a new document "
+                                                            "(default: one document per file)")
+    prepare.add_argument("--val-fraction", type=float, default=0.05, help="share of documents in val (default 0.05)")
+    prepare.add_argument("--test-fraction", type=float, default=0.0, help="share of documents in test (default 0)")
+    prepare.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
+    prepare.add_argument("--shard-tokens", type=int, default=100_000_000,
+                         help="tokens per shard group, about (default 100M)")
+    prepare.set_defaults(handler=cmd_data_prepare)
+    verify = data_sub.add_parser("verify", help="check every shard of a prepared dataset against its sha256")
+    verify.add_argument("dir", help="a folder written by archlab data prepare")
+    verify.set_defaults(handler=cmd_data_verify)
 
     bench = sub.add_parser("bench", add_help=False,
                            help="benchmarks: `trainer` (trainer overhead vs a bare loop), `packing` (trainer "
                                 "tokens/s on packed documents vs stream windows), "
                                 "`decode RUN_DIFFUSION RUN_AR` (masked-diffusion vs autoregressive "
-                                "sampling: tokens/s vs generative bpb), and one per kernel op (listed by "
+                                "sampling: tokens/s vs generative bpb), `prepare` (archlab data prepare on "
+                                "refdocs: MB/s per core, peak RSS), and one per kernel op (listed by "
                                 "`archlab bench --help`)")
     bench.add_argument("-h", "--help", action=_BenchHelp)
-    bench.add_argument("what", help="trainer, packing, decode, or a kernel benchmark listed below")
+    bench.add_argument("what", help="trainer, packing, decode, prepare, or a kernel benchmark listed below")
     bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG}); "
                                                  "decode: the masked_diffusion run directory")
     bench.add_argument("overrides", nargs="*", help="trainer: dotted overrides; decode: the autoregressive run "
@@ -357,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=int, default=8, help="decode: prompts, sampled together as one batch")
     bench.add_argument("--prompt-len", type=int, default=32, help="decode: prompt bytes (val-split windows)")
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], help="decode: where to load both runs")
-    bench.add_argument("--out", help="trainer: also write the JSON here; kernels: folder for JSON + Markdown; "
-                                     "decode: folder for JSON + Markdown + PNG (default compare/results)")
+    bench.add_argument("--out", help="trainer: also write the JSON here; kernels and prepare: folder for JSON + "
+                                     "Markdown; decode: folder for JSON + Markdown + PNG (default compare/results)")
     bench.set_defaults(handler=cmd_bench)
 
     doctor = sub.add_parser("doctor", help="what runs here: versions, GPU, per kernel op the usable backends, "
