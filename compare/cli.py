@@ -128,7 +128,8 @@ def cmd_data_prepare(args) -> None:
     from archlab.train.prepare import prepare_dataset
 
     out = prepare_dataset(args.sources, args.out, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
-                          text_field=args.text_field, split_on=args.split_on, val_fraction=args.val_fraction,
+                          text_field=args.text_field, split_on=args.split_on, max_doc_chars=args.max_doc_chars,
+                          val_fraction=args.val_fraction,
                           test_fraction=args.test_fraction, workers=args.workers, shard_tokens=args.shard_tokens)
     manifest = json.loads((out / "manifest.json").read_text())
     counts = ", ".join(f"{name} {split['tokens']:,} tokens / {split['documents']:,} documents"
@@ -375,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--text-field", default="text", help="JSONL field / parquet or arrow column (default text)")
     prepare.add_argument("--split-on", metavar="REGEX", help="plain text: a line matching this starts a new document "
                                                             "(default: one document per file)")
+    prepare.add_argument("--max-doc-chars", type=int, metavar="N", help="plain text: a document reaching N characters "
+                                                                        "ends at the next line (e.g. a long book)")
     prepare.add_argument("--val-fraction", type=float, default=0.05, help="share of documents in val (default 0.05)")
     prepare.add_argument("--test-fraction", type=float, default=0.0, help="share of documents in test (default 0)")
     prepare.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")

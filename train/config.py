@@ -39,6 +39,8 @@ class PrepareConfig(_Section):
     train_tokenizer: Optional[int] = Field(None, gt=256, description="train a byte-level BPE of this vocabulary "
                                            "on the train split instead")
     split_on: Optional[str] = Field(None, description="plain text: a line matching this regex starts a document")
+    max_doc_chars: Optional[int] = Field(None, gt=0, description="plain text: a document reaching this many "
+                                         "characters ends at the next line")
 
     @model_validator(mode="after")
     def _one_tokenizer(self) -> "PrepareConfig":

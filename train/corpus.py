@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from archlab.train.data import ByteCorpus, ByteTokenizer, cache_dir, resolve_data_path
+from archlab.train.data import ByteCorpus, cache_dir, resolve_data_path
+from archlab.train.tokenizers import ByteTokenizer
 from archlab.train.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -112,6 +113,7 @@ def prepared_path(cfg) -> Path | None:
             spec = data.prepare
             prepare_dataset([resolve_data_path(source) for source in spec.sources], out, tokenizer=spec.tokenizer,
                             train_tokenizer=spec.train_tokenizer, split_on=spec.split_on,
+                            max_doc_chars=spec.max_doc_chars,
                             val_fraction=data.val_fraction, test_fraction=data.test_fraction)
         return out
     path = resolve_data_path(data.path)

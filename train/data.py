@@ -232,23 +232,7 @@ class ByteCorpus:
                                 f"{self.path.name} has only {len(data)}; lower data.seq_len or use {more}")
 
 
-# -- tokens -----------------------------------------------------------------------------------------
-
-class ByteTokenizer:
-    """The identity on UTF-8 bytes: 256 symbols, nothing to train, nothing unknown."""
-
-    spec = "bytes"
-    vocab_size = 256
-    token_bytes = np.ones(256, dtype=np.int64)
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.from_numpy(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))
-
-    def decode(self, ids) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return bytes(ids).decode("utf-8", errors="replace")
-
+# -- windows ----------------------------------------------------------------------------------------
 
 def gather_windows(data, starts: np.ndarray, length: int, doc_starts: np.ndarray | None = None) -> torch.Tensor:
     """(len(starts), length) LongTensor of data[s : s + length], with one fancy index on the memmap (or the

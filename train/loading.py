@@ -19,7 +19,8 @@ from archlab.kernels.backend import resolve_backend
 from archlab.train import checkpoint as ckpt
 from archlab.train.config import Config, run_config
 from archlab.train.corpus import Corpus, open_corpus
-from archlab.train.data import ByteTokenizer, eval_batches
+from archlab.train.data import eval_batches
+from archlab.train.tokenizers import ByteTokenizer
 from archlab.train.errors import CheckpointError, ConfigError, DataError
 from archlab.train.ngram import ByteNgrams
 

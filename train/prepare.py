@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from archlab.kernels.common.files import atomic_path, atomic_write, json_text
 from archlab.train.errors import DataError
-from archlab.train.sources import Source, check_source, documents, open_source, source_record
+from archlab.train.sources import Source, TextSplitting, check_source, documents, open_source, source_record
 from archlab.train.tokenizers import Tokenizer, load_tokenizer, train_bpe_tokenizer
 
 FORMAT, VERSION = "archlab-prepared", 1
@@ -214,7 +214,8 @@ def _batches(docs: Iterator[str], start: int, batch_chars: int) -> Iterator[list
         yield batch
 
 
-def _check_arguments(tokenizer, train_tokenizer, val_fraction, test_fraction, workers, shard_tokens, split_on):
+def _check_arguments(tokenizer, train_tokenizer, val_fraction, test_fraction, workers, shard_tokens, split_on,
+                     max_doc_chars) -> TextSplitting:
     if (tokenizer is None) == (train_tokenizer is None):
         raise DataError("pass exactly one of --tokenizer SPEC and --train-tokenizer VOCAB")
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
@@ -224,8 +225,10 @@ def _check_arguments(tokenizer, train_tokenizer, val_fraction, test_fraction, wo
         raise DataError(f"--workers must be at least 1, got {workers}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be at least 1, got {shard_tokens}")
+    if max_doc_chars is not None and max_doc_chars < 1:
+        raise DataError(f"--max-doc-chars must be at least 1, got {max_doc_chars}")
     try:
-        return re.compile(split_on) if split_on is not None else None
+        return TextSplitting(re.compile(split_on) if split_on is not None else None, max_doc_chars)
     except re.error as err:
         raise DataError(f"--split-on {split_on!r} is not a valid regular expression ({err})") from None
 
@@ -259,19 +262,21 @@ def _check_out_dir(out: Path, wanted: dict) -> bool:
 
 def prepare_dataset(sources: Sequence[str | Path], out: str | Path, *, tokenizer: str | None = None,
                     train_tokenizer: int | None = None, text_field: str = "text", split_on: str | None = None,
+                    max_doc_chars: int | None = None,
                     val_fraction: float = 0.05, test_fraction: float = 0.0, workers: int | None = None,
                     shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True) -> Path:
     """Prepare `sources` into the folder `out` (see the module's docstring); returns `out`. Every check on the
     arguments, sources and tokenizer runs before anything is written."""
     out = Path(out).expanduser().resolve()
     pattern = _check_arguments(tokenizer, train_tokenizer, val_fraction, test_fraction, workers, shard_tokens,
-                               split_on)
+                               split_on, max_doc_chars)
     if not sources:
         raise DataError("archlab data prepare needs at least one source file")
     opened = [open_source(path) for path in sources]
     given = load_tokenizer(tokenizer) if tokenizer is not None else None
     total_chars = sum(check_source(source, text_field, pattern) for source in opened)
-    settings = {"text_field": text_field, "split_on": split_on, "val_fraction": val_fraction,
+    settings = {"text_field": text_field, "split_on": split_on, "max_doc_chars": max_doc_chars,
+                "val_fraction": val_fraction,
                 "test_fraction": test_fraction, "shard_tokens": shard_tokens,
                 "batch_chars": min(MAX_BATCH_CHARS, shard_tokens), "split_rule": "blake2b-64(document number, text)"}
     wanted = {"format": FORMAT, "version": VERSION, "sources": [source_record(s) for s in opened],

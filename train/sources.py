@@ -1,7 +1,8 @@
 """Documents from a corpus's source files, streamed: plain text, JSONL, parquet, or a Hugging Face `datasets` folder.
 
 - plain text (.txt, .text, .md): the whole file is one document, or, with a split pattern, a new document starts at
-  each line the pattern matches (re.search; that line starts the new document). Bytes that are not UTF-8 are read
+  each line the pattern matches (re.search; that line starts the new document), and with a size, at the first line
+  after a document reached it (`TextSplitting`). Bytes that are not UTF-8 are read
   as U+FFFD (one warning per file), so a byte count always matches the text that is tokenized.
 - JSONL (.jsonl, .ndjson): one document per line, the text field of its JSON object; blank lines are skipped; a
   lone surrogate (an escape like \ud800 without its pair) is read as U+FFFD.
@@ -84,7 +85,16 @@ def source_record(source: Source) -> dict:
     return {"path": str(source.path.resolve()), "format": source.format, "size": size, "sha256": digest.hexdigest()}
 
 
-def check_source(source: Source, text_field: str, split_on: re.Pattern | None) -> int:
+@dataclass(frozen=True)
+class TextSplitting:
+    """How a plain text file is cut into documents: a new one starts at each line `split_on` matches, and once a
+    document holds `max_chars` characters, at the next line (long books become pieces a split can share out)."""
+
+    split_on: re.Pattern | None = None
+    max_chars: int | None = None
+
+
+def check_source(source: Source, text_field: str, split_on: TextSplitting) -> int:
     """Read the source through once: a DataError on the first bad record; else the characters of text it holds."""
     if source.format == "text":
         _warn_if_not_utf8(source.path)
@@ -107,7 +117,7 @@ def _warn_if_not_utf8(path: Path) -> None:
             offset += len(chunk)
 
 
-def documents(source: Source, text_field: str, split_on: re.Pattern | None) -> Iterator[str]:
+def documents(source: Source, text_field: str, split_on: TextSplitting) -> Iterator[str]:
     """The source's documents in order; empty ones included (the caller counts and skips them)."""
     if source.format == "text":
         yield from _text_documents(source.path, split_on)
@@ -117,17 +127,20 @@ def documents(source: Source, text_field: str, split_on: re.Pattern | None) -> I
         yield from _table_documents(source, text_field)
 
 
-def _text_documents(path: Path, split_on: re.Pattern | None) -> Iterator[str]:
+def _text_documents(path: Path, splitting: TextSplitting) -> Iterator[str]:
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        if split_on is None:
+        if splitting.split_on is None and splitting.max_chars is None:
             yield f.read()
             return
         lines: list[str] = []
+        chars = 0
         for line in f:
-            if lines and split_on.search(line):
+            starts = splitting.split_on is not None and splitting.split_on.search(line)
+            if lines and (starts or splitting.max_chars is not None and chars >= splitting.max_chars):
                 yield "".join(lines)
-                lines = []
+                lines, chars = [], 0
             lines.append(line)
+            chars += len(line)
         if lines:
             yield "".join(lines)
 

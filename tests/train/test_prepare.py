@@ -1,6 +1,7 @@
 """`archlab data prepare` and the reader (train/prepare.py, train/sources.py, train/prepared.py): every source format
 gives the same shards, the split is deterministic, a killed run resumes to identical bytes, bad input is refused
 before anything is written."""
+import re
 import json
 from pathlib import Path
 
@@ -242,3 +243,17 @@ def test_a_different_dataset_in_out_is_refused(tmp_path, bpe):
     with pytest.raises(DataError, match="not an empty folder"):
         prepare_dataset([source], tmp_path / "other", tokenizer="bytes", **SMALL)
     assert shard_bytes(out) == before and prepare_dataset([source], out, tokenizer="bytes", **SMALL) == out
+
+
+def test_max_doc_chars_cuts_a_long_text_at_line_ends(tmp_path):
+    """A book without separators becomes pieces that end at the first line after max_doc_chars characters, so a
+    split by document can share it out; with split_on too, both rules cut."""
+    from archlab.train.sources import TextSplitting, documents, open_source
+
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"line {i:04d}\n" for i in range(10)) + "# part\n" + "tail\n")
+    pieces = list(documents(open_source(path), "text", TextSplitting(None, 25)))
+    assert "".join(pieces) == path.read_text()
+    assert [len(piece) for piece in pieces] == [30, 30, 30, 22]  # 3 lines of 10 reach 25, then the rest
+    both = list(documents(open_source(path), "text", TextSplitting(re.compile("^# part"), 25)))
+    assert both[-1] == "# part\ntail\n" and len(both) == 5
