@@ -59,13 +59,14 @@ class Corpus:
                 raise DataError(f"data.seq_len={seq_len} needs {seq_len + 1} tokens but the {name} split of "
                                 f"{self.name} has only {len(self.split(name))}; lower data.seq_len or use more data")
 
-    def long_documents(self, split: str, seq_len: int) -> int:
-        """How many documents of a split are longer than a window (they are split across rows)."""
-        starts = self.doc_starts.get(split)
-        if starts is None:
-            return 0
+    def describe_documents(self, split: str, seq_len: int) -> str:
+        """One line on a split's documents: how many, and how many are longer than a window (each of those is
+        split across rows: its later pieces start without its beginning)."""
+        starts = self.doc_starts[split]
         lengths = np.diff(np.append(starts, len(self.split(split))))
-        return int((lengths > seq_len + 1).sum())
+        long = int((lengths > seq_len + 1).sum())
+        return (f"{len(starts):,} {split} documents packed into rows of {seq_len + 1} tokens (median "
+                f"{int(np.median(lengths)):,} tokens); {long:,} longer than a row are split across rows")
 
 
 def separator_starts(data: np.ndarray, separator: str) -> np.ndarray:

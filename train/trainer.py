@@ -285,6 +285,8 @@ class Trainer:
         last_eval: dict[str, float] = {}
         try:
             if self.step == 0:
+                if main and self.corpus.has_documents:
+                    bar.write(f"data: {self.corpus.describe_documents('train', cfg.data.seq_len)}")
                 last_eval = self._eval_and_log(log, bar)
             # The clock runs only while training: eval and checkpoint time stay out of tokens/s and MFU.
             clock, rate_steps, rate_seconds = time.perf_counter(), 0, 0.0
