@@ -369,7 +369,8 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, chunk_states: Tensor,
-                       delta_softplus: bool, chunk_len: int, seq_idx: Tensor | None = None) -> tuple[Tensor | None, ...]:
+                       delta_softplus: bool, chunk_len: int,
+                       seq_idx: Tensor | None = None) -> tuple[Tensor | None, ...]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the dtypes and shapes of the inputs, None for an
     absent optional input; the same bits whatever the thread count."""
     batch, dim, length = u.shape
