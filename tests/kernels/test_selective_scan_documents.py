@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import archlab.kernels.selective_scan as scan_module
-from archlab.kernels.checking import compare_with_reference, outputs_and_grads
+from archlab.kernels.checking import compare_with_reference, leaf_on, map_tensors, outputs_and_grads
 from archlab.kernels.registry import kernel_ops
 from archlab.kernels.selective_scan import chunked, selective_scan
 from archlab.kernels.selective_scan.conformance import CONFORMANCE, draw_seq_idx, scan_case, seq_idx_of
-from tests.kernels.test_conformance import why_not_here
+from tests.kernels.test_conformance import DEVICE, why_not_here
 
 OP = kernel_ops()["selective_scan"]
 
@@ -43,16 +43,15 @@ def packed_cases(draw, max_elements=None):
 
 
 def run(case, backend, **changes):
-    """(out, last state, gradients of every differentiable input) of `case` on `backend` with `changes` to its
-    keyword arguments; the gradient fed to out is a seeded draw."""
-    kwargs = {**case.kwargs, **changes}
-    outputs, grads, _ = outputs_and_grads(lambda *a, **k: selective_scan(*a, **k, backend=backend),
-                                          type(case)(case.args, kwargs), None)
+    """(out, last state, gradients of every differentiable input) of `case` on `backend` on DEVICE with `changes`
+    to its keyword arguments; the gradient fed to out is a seeded draw."""
+    changed = map_tensors(type(case)(case.args, {**case.kwargs, **changes}), lambda t: leaf_on(t, DEVICE, upcast=False))
+    outputs, grads, _ = outputs_and_grads(lambda *a, **k: selective_scan(*a, **k, backend=backend), changed, None)
     return [*outputs, *grads]
 
 
 def check_matches_reference(case, backend, dtype=torch.float32):
-    problems = compare_with_reference(OP, backend, case, CONFORMANCE.tolerance(backend, dtype), torch.device("cpu"))
+    problems = compare_with_reference(OP, backend, case, CONFORMANCE.tolerance(backend, dtype), DEVICE)
     assert not problems, f"{backend}: " + "; ".join(problems)
 
 
@@ -173,6 +172,7 @@ def test_custom_op_with_seq_idx_passes_opcheck(backend):
     case = scan_case(1, 2, 6, 2, 0, True, True, True, True, torch.float32, torch.Generator().manual_seed(0),
                      seq_idx_of([2, 1, 3])[None])
     op = selective_scan_numba_fwd if backend == "numba" else selective_scan_fwd
-    torch.library.opcheck(op, (*case.args, case.kwargs["seq_idx"]), {"delta_softplus": True, "chunk_len": 4},
+    args = map_tensors(case, lambda t: leaf_on(t, DEVICE, upcast=False)).args
+    torch.library.opcheck(op, (*args, case.kwargs["seq_idx"].to(DEVICE)), {"delta_softplus": True, "chunk_len": 4},
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
