@@ -5,6 +5,9 @@ Layouts follow mamba_ssm: u, delta, z (batch, dim, L); A (dim, N) real; B, C (ba
 With delta' = softplus(delta + delta_bias) (bias and softplus optional) each channel runs the length-N recurrence
 h_t = exp(delta'_t A) h_{t-1} + delta'_t B_t u_t from h = 0, and out = (C_t . h_t + D u_t) * silu(z_t);
 reference.py holds the exact definition. Out comes back in u's dtype, the last state (batch, dim, N) in float32.
+Packed documents: seq_idx (batch, L) int32 or int64, the document id of each position; the state resets to zero
+where a document starts (t > 0 and seq_idx[t] != seq_idx[t - 1]), so each document scans as if alone, and the last
+state is the row's last document's. Every backend but peer takes it (mamba_ssm's selective_scan_fn has none).
 
 Backends (kernels/backend.py decides): numba = our fused CPU kernels (numba.py, custom ops in op.py; what `auto`
 picks on CPU where numba imports), torch = chunked.py (pure PyTorch; `auto` on CPU without numba), triton = our
@@ -32,19 +35,21 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
-    """out (batch, dim, L) in u's dtype, or (out, last state (batch, dim, N) float32) with return_last_state."""
-    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend("selective_scan", backend, u.device, u.dtype)
+                   return_last_state: bool = False, backend: str = "auto",
+                   seq_idx: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """out (batch, dim, L) in u's dtype, or (out, last state (batch, dim, N) float32) with return_last_state.
+    seq_idx (batch, L) int32/int64: document ids of packed documents, the state resets where they change."""
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    name = _resolve(backend, u, packed=seq_idx is not None)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if name == "torch":
-        out, last_state = selective_scan_chunked(*args)
+        out, last_state = selective_scan_chunked(*args, seq_idx)
     elif name == "reference":
-        out, last_state = selective_scan_reference(*args)
+        out, last_state = selective_scan_reference(*args, seq_idx)
     elif name == "triton":
-        out, last_state = selective_scan_triton(*args)
+        out, last_state = selective_scan_triton(*args, seq_idx)
     elif name == "numba":
-        out, last_state = selective_scan_numba(*args)
+        out, last_state = selective_scan_numba(*args, seq_idx)
     else:
         out, last_state = _peer_selective_scan(*args)
     return (out, last_state) if return_last_state else out
@@ -56,6 +61,20 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     """One decoding step: updates state (batch, dim, N) float32 in place, returns y (batch, dim) in x's dtype."""
     _check_update_inputs(state, x, dt, A, B, C, D, z, dt_bias)
     return selective_state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _resolve(backend: str, u: Tensor, packed: bool) -> str:
+    """The concrete backend; with packed documents never peer (no seq_idx there): auto takes ours instead."""
+    if packed and backend == "peer":
+        raise ValueError("selective_scan: the 'peer' backend (mamba_ssm's selective_scan_fn) has no seq_idx for "
+                         "packed documents; use auto, triton or torch")
+    name = resolve_backend("selective_scan", backend, u.device, u.dtype)
+    if not packed or name != "peer":
+        return name
+    try:  # auto's next choice on CUDA, if our kernel is usable here
+        return resolve_backend("selective_scan", "triton", u.device, u.dtype)
+    except ValueError:
+        return "torch"
 
 
 def _peer_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
@@ -71,10 +90,19 @@ def _peer_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) ->
 
 
 # -- input checks: one-line errors before any work ---------------------------------------------------------------
-def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx) -> None:
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     _check_shapes_and_dtypes("selective_scan", named, lead="u", like_lead=("delta", "z"), layout="(batch, dim, L)",
                              bc_layout="(batch, [G,] N, L)", bias="delta_bias")
+    if seq_idx is None:
+        return
+    if not isinstance(seq_idx, Tensor) or seq_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"selective_scan: seq_idx must be an int32 or int64 tensor of document ids, got "
+                        f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+    batch, _, length = u.shape
+    if seq_idx.shape != (batch, length) or seq_idx.device != u.device:
+        raise ValueError(f"selective_scan: seq_idx must be (batch, L) = {(batch, length)} on {u.device}, got "
+                         f"{tuple(seq_idx.shape)} on {seq_idx.device}")
 
 
 def _check_update_inputs(state, x, dt, A, B, C, D, z, dt_bias) -> None:

@@ -8,6 +8,8 @@ segment's (batch, dim, positions, N) temporaries stay around SEGMENT_ELEMENTS. I
   3. fix-up: h_t = local_t + (decay product since the chunk's start)_t * state entering the chunk.
 When batch x dim x N is large a segment holds a single chunk, which scans on from its entering state
 directly (no decay products, no fix-up).
+Packed documents (seq_idx): the decay is multiplied by 0 where a document starts, so every scan below (and the
+reverse one of the backward) restarts there, with no gradient across the cut.
 Only products of decays exp(delta A) <= 1 are ever formed, never exp of a positive sum, so long sequences with
 strong decay cannot overflow (they underflow towards 0, which is the right answer).
 
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+
+from archlab.kernels.selective_scan.reference import document_continues
 
 CHUNK = 16
 SEGMENT_ELEMENTS = 1 << 20
@@ -85,12 +89,16 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     return torch.mul(a, b, out=a.new_empty(torch.broadcast_shapes(a.shape, b.shape)))
 
 
-def _segment_terms(delta: Tensor, delta_u: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """decay exp(delta A) and input delta u B of one segment, both (CHUNK, batch, G, chunks, H, N).
+def _segment_terms(delta: Tensor, delta_u: Tensor, A: Tensor, B: Tensor,
+                   continues: Tensor | None) -> tuple[Tensor, Tensor]:
+    """decay exp(delta A) (times 0 where a document starts) and input delta u B of one segment, both
+    (CHUNK, batch, G, chunks, H, N).
 
-    delta, delta_u (CHUNK, batch, G, chunks, H, 1); A (G, 1, H, N); B (CHUNK, batch, G, chunks, 1, N).
+    delta, delta_u (CHUNK, batch, G, chunks, H, 1); A (G, 1, H, N); B (CHUNK, batch, G, chunks, 1, N);
+    continues None or (CHUNK, batch, 1, chunks, 1, 1).
     """
-    return _product(delta, A).exp_(), _product(delta_u, B)
+    decay = _product(delta, A).exp_()
+    return decay if continues is None else decay.mul_(continues), _product(delta_u, B)
 
 
 def _chunks(t: Tensor, start: int, end: int) -> Tensor:
@@ -113,11 +121,23 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
     return F.pad(t, (0, pad)) if pad else t
 
 
+def _continues(seq_idx: Tensor | None, pad: int, compute: torch.dtype) -> Tensor | None:
+    """None without seq_idx, else (batch, 1, 1, L + pad): 1 where the state carries on, 0 where a document starts
+    (padding carries on), in _chunks' layout."""
+    if seq_idx is None:
+        return None
+    return F.pad(document_continues(seq_idx).to(compute), (0, pad), value=1.0)[:, None, None]
+
+
+def _continues_chunks(continues: Tensor | None, start: int, end: int) -> Tensor | None:
+    return None if continues is None else _chunks(continues, start, end)
+
+
 class SelectiveScanFunction(torch.autograd.Function):
     """selective_scan's math (see reference.py) with inputs already checked; returns (out, last_state)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx):
         compute = torch.promote_types(u.dtype, torch.float32)
         batch, dim, length = u.shape
         groups = 1 if B.ndim == 3 else B.shape[1]
@@ -128,6 +148,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         grouped_du = rearrange(_pad_time(dt * u.to(compute), pad), "b (g h) l -> b g h l", g=groups)
         A_g = rearrange(A.to(compute), "(g h) n -> g h n", g=groups)
         B_t, C_t = (_pad_time(_grouped(t, compute), pad).transpose(-1, -2) for t in (B, C))  # (b, G, Lp, N)
+        continues = _continues(seq_idx, pad, compute)
 
         y = torch.empty_like(grouped)
         state = u.new_zeros(batch, groups, dim // groups, n_state, dtype=compute)
@@ -135,7 +156,8 @@ class SelectiveScanFunction(torch.autograd.Function):
         for start, end in _segments(batch, dim, n_state, length + pad):
             segment_states.append(state)
             decay, inputs = _segment_terms(_chunks(grouped, start, end), _chunks(grouped_du, start, end),
-                                           A_g[:, None], _bc_chunks(B_t, start, end))
+                                           A_g[:, None], _bc_chunks(B_t, start, end),
+                                           _continues_chunks(continues, start, end))
             states, state = _chunked_scan(decay, inputs, state)
             _chunks(y, start, end).copy_(states @ _bc_chunks(C_t, start, end).mT)
         y = rearrange(y[..., :length], "b g h l -> b (g h) l")
@@ -144,7 +166,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         out = y if z is None else y * F.silu(z.to(compute))
         last_state = rearrange(state, "b g h n -> b (g h) n")
 
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(segment_states),
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, torch.stack(segment_states),
                               y if z is not None else None)
         ctx.delta_softplus = delta_softplus
         ctx.mark_non_differentiable(last_state)
@@ -152,7 +174,7 @@ class SelectiveScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_last_state):
-        u, delta, A, B, C, D, z, delta_bias, segment_states, y_before_gate = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, segment_states, y_before_gate = ctx.saved_tensors
         needs = ctx.needs_input_grad
         compute = torch.promote_types(u.dtype, torch.float32)
         batch, dim, length = u.shape
@@ -179,6 +201,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         grouped_dy = rearrange(_pad_time(grad_y, pad), split, g=groups)
         A_g = rearrange(A.to(compute), "(g h) n -> g h n", g=groups)
         B_t, C_t = (_pad_time(_grouped(t, compute), pad).transpose(-1, -2) for t in (B, C))
+        continues = _continues(seq_idx, pad, compute)
 
         grad_dt, grad_u = torch.empty_like(grouped), torch.empty_like(grouped)
         grad_B = torch.empty_like(B_t) if needs[3] else None
@@ -191,7 +214,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             start, end = segments[index]
             dt_s, du_s, dy_s = (_chunks(t, start, end) for t in (grouped, grouped_du, grouped_dy))
             B_s, C_s = _bc_chunks(B_t, start, end), _bc_chunks(C_t, start, end)
-            decay, inputs = _segment_terms(dt_s, du_s, A_chunks, B_s)
+            decay, inputs = _segment_terms(dt_s, du_s, A_chunks, B_s, _continues_chunks(continues, start, end))
             states, _ = _chunked_scan(decay, inputs, segment_states[index])
             grads = _product(dy_s, C_s)
             future = _chunked_reverse_scan_(decay, grads, future)
@@ -221,7 +244,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                           for g, like in ((grad_B, B), (grad_C, C)))
         return (_cast(grad_u, u, needs[0]), _cast(grad_dt, delta, needs[1]),
                 _cast(rearrange(grad_A, "g h n -> (g h) n"), A, needs[2]), grad_B, grad_C, _cast(grad_D, D, needs[5]),
-                _cast(grad_z, z, needs[6]), _cast(grad_bias, delta_bias, needs[7]), None)
+                _cast(grad_z, z, needs[6]), _cast(grad_bias, delta_bias, needs[7]), None, None)
 
 
 def _delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, compute: torch.dtype) -> Tensor:
@@ -247,9 +270,10 @@ def _cast(grad: Tensor | None, like: Tensor | None, needed: bool) -> Tensor | No
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                            z: Tensor | None = None, delta_bias: Tensor | None = None,
-                           delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
-    """(out (batch, dim, L) in u's dtype, last state (batch, dim, N) float32, or float64 for float64 inputs)."""
-    return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+                           delta_softplus: bool = False, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out (batch, dim, L) in u's dtype, last state (batch, dim, N) float32, or float64 for float64 inputs);
+    seq_idx (batch, L) resets the state where a packed document starts."""
+    return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx)
 
 
 def selective_state_update_torch(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,

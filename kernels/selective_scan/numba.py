@@ -16,6 +16,9 @@ vectorise too. The tasks are cut into one contiguous range per torch thread (tor
 small thread pool: the kernels release the GIL. (numba.prange did the same 2-3x slower to compile, and its
 default OpenMP threads spin next to torch's.)
 
+Packed documents (seq_idx): where a document starts the forward zeroes the state tile before the position, and the
+backward's recomputed decays are 0 there, so neither the state nor the adjoint crosses the cut.
+
 The forward saves the states every `chunk_len` positions, (batch, dim, n_chunks, N) as the Triton kernel does.
 The backward walks the chunks last first: it recomputes the chunk's states, decays and pre-gate outputs from the
 saved states, then runs the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1} backwards through them, writing du, ddelta
@@ -37,6 +40,8 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor
+
+from archlab.kernels.selective_scan.reference import document_continues
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd"]
 
@@ -134,12 +139,15 @@ def _load(stream, b, first, start, into):
 
 _STREAM = "f4[:, :, :]"  # u, delta, z, grad_out: any strides
 _ROWS = "f4[:, :, :, ::1]"  # B, C as (batch, G, L, N)
-_INPUTS = f"{_STREAM}, {_STREAM}, f4[:, ::1], {_ROWS}, {_ROWS}, f4[::1], {_STREAM}, f4[::1], b1, b1, b1, b1, i8"
+# ..., z, bias, continues (batch, L): 1 where the state carries on, 0 where a document starts; has_d, has_z, has_bias,
+# has_seq_idx, softplus, chunk_len
+_INPUTS = (f"{_STREAM}, {_STREAM}, f4[:, ::1], {_ROWS}, {_ROWS}, f4[::1], {_STREAM}, f4[::1], f4[:, ::1], "
+           "b1, b1, b1, b1, b1, i8")
 
 
 @numba.njit(f"void({_INPUTS}, f4[:, :, ::1], f4[:, :, ::1], f4[:, :, :, ::1], i8, i8)",
             nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def _forward(u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, softplus, chunk_len,
+def _forward(u, delta, A, B, C, D, z, bias, continues, has_d, has_z, has_bias, has_seq_idx, softplus, chunk_len,
              out, last_state, chunk_states, first_task, end_task):
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], A.shape[1]
@@ -166,6 +174,8 @@ def _forward(u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, softplus, ch
             for j in range(size):
                 t = start + j
                 step, step_u, y = steps[j], step_us[j], outputs[j]
+                if has_seq_idx and continues[b, t] == 0.0:  # a document starts: its state starts from zero
+                    h[:] = 0.0
                 for n in range(n_state):
                     B_tn, C_tn, a_n, h_n = B[b, g, t, n], C[b, g, t, n], A_tile[n], h[n]
                     for c in range(width):
@@ -184,7 +194,8 @@ def _forward(u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, softplus, ch
 @numba.njit(f"void(f4[:, :, :], {_INPUTS}, f4[:, :, :, ::1], f4[:, :, ::1], f4[:, :, ::1], f4[:, :, ::1], "
             "f4[:, :, ::1], f4[:, :, :, :, ::1], f4[:, :, :, :, ::1], f4[:, ::1], f4[:, ::1], i8, i8)",
             nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def _backward(grad_out, u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, softplus, chunk_len, chunk_states,
+def _backward(grad_out, u, delta, A, B, C, D, z, bias, continues, has_d, has_z, has_bias, has_seq_idx, softplus,
+              chunk_len, chunk_states,
               du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, first_task, end_task):
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], A.shape[1]
@@ -219,11 +230,12 @@ def _backward(grad_out, u, delta, A, B, C, D, z, bias, has_d, has_z, has_bias, s
             for j in range(size):  # recompute the chunk, as the forward ran it
                 t = start + j
                 step, step_u, y = steps[j], step_us[j], outputs[j]
+                keep = continues[b, t] if has_seq_idx else np.float32(1.0)  # decay 0 where a document starts
                 for n in range(n_state):
                     B_tn, C_tn, a_n = B[b, g, t, n], C[b, g, t, n], A_tile[n]
                     before, after, decay = states[j, n], states[j + 1, n], decays[j, n]
                     for c in range(width):
-                        decay[c] = _exp(step[c] * a_n[c])
+                        decay[c] = _exp(step[c] * a_n[c]) * keep
                         after[c] = decay[c] * before[c] + step_u[c] * B_tn
                         y[c] += C_tn * after[c]
             _load(grad_out, b, first, start, grads[:size])
@@ -326,20 +338,23 @@ def _vector(t: Tensor | None) -> np.ndarray:
     return np.empty(0, np.float32) if t is None else t.detach().to(torch.float32).contiguous().numpy()
 
 
-def _inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk_len: int) -> tuple:
+def _inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus: bool, chunk_len: int) -> tuple:
     if chunk_len < 1:
         raise ValueError(f"numba selective_scan: chunk_len must be >= 1, got {chunk_len}")
     z_ = np.empty((0, 0, 0), np.float32) if z is None else _stream(z)
+    continues = np.empty((0, 0), np.float32) if seq_idx is None else \
+        document_continues(seq_idx).to(torch.float32).numpy()
     return (_stream(u), _stream(delta), A.detach().to(torch.float32).contiguous().numpy(), _rows(B), _rows(C),
-            _vector(D), z_, _vector(delta_bias), D is not None, z is not None, delta_bias is not None,
-            delta_softplus, chunk_len)
+            _vector(D), z_, _vector(delta_bias), continues, D is not None, z is not None, delta_bias is not None,
+            seq_idx is not None, delta_softplus, chunk_len)
 
 
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                       z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
-                       chunk_len: int) -> tuple[Tensor, Tensor, Tensor]:
+                       z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, chunk_len: int,
+                       seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Returns out (batch, dim, L) in u.dtype, the last state (batch, dim, N) float32 and the state at the start of
-    every chunk of `chunk_len` positions (batch, dim, n_chunks, N) float32, which the backward restarts from."""
+    every chunk of `chunk_len` positions (batch, dim, n_chunks, N) float32, which the backward restarts from.
+    seq_idx (batch, L): the state resets where the document id changes."""
     batch, dim, length = u.shape
     n_state, n_chunks = A.shape[1], -(-length // chunk_len)
     out = np.empty((batch, length, dim), np.float32)
@@ -347,13 +362,15 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     chunk_states = np.empty((batch, dim, n_chunks, n_state), np.float32)
     n_groups = B.shape[1] if B.ndim == 4 else 1
     _run_tasks(_forward, batch * n_groups * _blocks(dim // n_groups),
-               *_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len), out, last_state, chunk_states)
+               *_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, chunk_len), out, last_state,
+               chunk_states)
     return _streamed(out, u), torch.from_numpy(last_state), torch.from_numpy(chunk_states)
 
 
 def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, chunk_states: Tensor,
-                       delta_softplus: bool, chunk_len: int) -> tuple[Tensor | None, ...]:
+                       delta_softplus: bool, chunk_len: int,
+                       seq_idx: Tensor | None = None) -> tuple[Tensor | None, ...]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the dtypes and shapes of the inputs, None for an
     absent optional input; the same bits whatever the thread count."""
     batch, dim, length = u.shape
@@ -366,7 +383,7 @@ def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
     dC_part = np.empty_like(dB_part)
     dD_part, dbias_part = np.empty((batch, dim), np.float32), np.empty((batch, dim), np.float32)
     _run_tasks(_backward, batch * n_groups * n_blocks, _stream(grad_out),
-               *_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len),
+               *_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, chunk_len),
                chunk_states.detach().contiguous().numpy(), du, ddelta, dz, dA_part, dB_part, dC_part, dD_part,
                dbias_part)
 

@@ -12,6 +12,10 @@ tl.associative_scan along time composes the affine maps h -> a h + b, so h_t = (
 The running state (BLOCK_D, N) stays in registers across chunks. Padded positions get delta = 0 (a = 1, b = 0),
 so they carry the state through unchanged and the chunk's last column is the state after its last real position.
 
+Packed documents (seq_idx, a pointer with the HAS_SEQ_IDX flag, so seq_idx=None compiles the kernels without it):
+the decay a_t is 0 where a document starts (t > 0, id differs from position t - 1's), which the scans compose like
+any other decay, so neither the state nor the adjoint crosses the cut (and there h_t - b_t = 0: no decay gradient).
+
 The forward saves the state at the start of every chunk, (batch, dim, n_chunks, N) fp32. The backward walks the
 chunks in reverse: it recomputes the chunk's states from that saved start, runs the adjoint recurrence
 dh_t = C_t dy_t + a_{t+1} dh_{t+1} as a reverse scan (a_{t+1} comes from a second load of delta shifted by one
@@ -85,6 +89,25 @@ def _load_delta(Delta, offsets, mask, bias, HAS_DELTA_BIAS: tl.constexpr, SOFTPL
 
 
 @triton.jit
+def _document_starts(SeqIdx, positions, L, stride_sl):
+    """True where position t (of the row SeqIdx points to) starts a new document: 0 < t < L and its id differs from
+    position t - 1's. Only neighbours are compared, so a flipped seq_idx works the same."""
+    inside = (positions > 0) & (positions < L)
+    here = tl.load(SeqIdx + positions * stride_sl, mask=inside, other=0)
+    before = tl.load(SeqIdx + (positions - 1) * stride_sl, mask=inside, other=0)
+    return inside & (here != before)
+
+
+@triton.jit
+def _decays(delta, a_n, starts, HAS_SEQ_IDX: tl.constexpr):
+    """exp(delta' A_n) over a (BLOCK_D, CHUNK) tile, 0 at the positions where a document starts."""
+    decay = tl.exp(delta * a_n[:, None])
+    if HAS_SEQ_IDX:
+        decay = tl.where(starts[None, :], 0.0, decay)
+    return decay
+
+
+@triton.jit
 def _column(tile, cols, n):
     """Column n of a register tile whose column indices are `cols` (Triton tiles cannot be indexed): a state
     column of a (BLOCK_D, N_PAD) tile, or a time step of a (BLOCK_D, CHUNK) one."""
@@ -98,14 +121,14 @@ def _set_column(tile, cols, n, values):
 
 # -- forward ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkStates,
+def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, SeqIdx, Out, LastState, ChunkStates,
                 stride_ub, stride_ud, stride_ul, stride_deltab, stride_deltad, stride_deltal,
                 stride_ad, stride_an, stride_bb, stride_bg, stride_bn, stride_bl,
-                stride_cb, stride_cg, stride_cn, stride_cl, stride_zb, stride_zd, stride_zl,
+                stride_cb, stride_cg, stride_cn, stride_cl, stride_zb, stride_zd, stride_zl, stride_sb, stride_sl,
                 stride_ob, stride_od, stride_ol,
                 dim, dim_per_group, n_groups, L, N, n_chunks,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                N_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+                HAS_SEQ_IDX: tl.constexpr, N_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
     # int64 batch, channel and position indices, so every offset is int64: a batch offset overflows int32 in a
     # big batch, and so does position * stride_l in a channel-last view (stride 2 * dim for z in the Mamba block)
     block, bg = _program_block(dim_per_group, BLOCK_D)
@@ -118,6 +141,7 @@ def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkSta
     state_mask = d_mask[:, None] & (cols[None, :] < N)
     B += b * stride_bb + g * stride_bg
     C += b * stride_cb + g * stride_cg
+    SeqIdx += b * stride_sb
     bias = tl.load(DeltaBias + channels, mask=d_mask, other=0.0).to(tl.float32) if HAS_DELTA_BIAS else None
     skip = tl.load(Dskip + channels, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else None
     # (batch, dim, n_chunks, N) contiguous; rows of the state tile are channels
@@ -134,13 +158,14 @@ def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkSta
                                + positions[None, :] * stride_deltal, mask, bias, HAS_DELTA_BIAS, SOFTPLUS)
         delta_u = delta * u
         y = u * skip[:, None] if HAS_D else tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
+        starts = _document_starts(SeqIdx, positions, L, stride_sl) if HAS_SEQ_IDX else None
         for n in range(N):
             n64 = tl.cast(n, tl.int64)  # n * stride_bn overflows int32 once B's (N, L) slice reaches 2**31
             a_n = tl.load(A + channels * stride_ad + n64 * stride_an, mask=d_mask, other=0.0).to(tl.float32)
             b_n = tl.load(B + n64 * stride_bn + positions * stride_bl, mask=positions < L, other=0.0).to(tl.float32)
             c_n = tl.load(C + n64 * stride_cn + positions * stride_cl, mask=positions < L, other=0.0).to(tl.float32)
-            decay_prod, input_sum = tl.associative_scan((tl.exp(delta * a_n[:, None]), delta_u * b_n[None, :]),
-                                                        1, _compose)
+            decay_prod, input_sum = tl.associative_scan((_decays(delta, a_n, starts, HAS_SEQ_IDX),
+                                                         delta_u * b_n[None, :]), 1, _compose)
             h = decay_prod * _column(state, cols, n)[:, None] + input_sum
             y += h * c_n[None, :]
             state = _set_column(state, cols, n, _column(h, steps, CHUNK - 1))
@@ -155,15 +180,15 @@ def _fwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, Out, LastState, ChunkSta
 
 # -- backward ---------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
+def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, SeqIdx, dOut, ChunkStates,
                 dU, dDelta, dZ, dA_part, dB_part, dC_part, dD_part, dBias_part,
                 stride_ub, stride_ud, stride_ul, stride_deltab, stride_deltad, stride_deltal,
                 stride_ad, stride_an, stride_bb, stride_bg, stride_bn, stride_bl,
-                stride_cb, stride_cg, stride_cn, stride_cl, stride_zb, stride_zd, stride_zl,
+                stride_cb, stride_cg, stride_cn, stride_cl, stride_zb, stride_zd, stride_zl, stride_sb, stride_sl,
                 stride_gb, stride_gd, stride_gl,
                 dim, dim_per_group, n_groups, L, N, n_chunks,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                N_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+                HAS_SEQ_IDX: tl.constexpr, N_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
     block, bg = _program_block(dim_per_group, BLOCK_D)  # int64 offsets, as in the forward
     b, g = bg // n_groups, bg % n_groups
     in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -174,6 +199,7 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
     state_mask = d_mask[:, None] & (cols[None, :] < N)
     B += b * stride_bb + g * stride_bg
     C += b * stride_cb + g * stride_cg
+    SeqIdx += b * stride_sb
     # dB/dC partials (batch, G, n_blocks, N, L) fp32: this program's slot (bg, block), the flat program index;
     # summed over blocks by the launcher
     part_offset = tl.program_id(0).to(tl.int64) * N * L
@@ -212,18 +238,21 @@ def _bwd_kernel(U, Delta, A, B, C, Dskip, Z, DeltaBias, dOut, ChunkStates,
         du = dy * skip[:, None] if HAS_D else tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
         ddelta = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
         start_state = tl.load(chunk_state_ptrs + chunk * N, mask=state_mask, other=0.0)
+        starts = _document_starts(SeqIdx, positions, L, stride_sl) if HAS_SEQ_IDX else None
+        next_starts = _document_starts(SeqIdx, positions + 1, L, stride_sl) if HAS_SEQ_IDX else None
         for n in range(N):
             n64 = tl.cast(n, tl.int64)  # n * stride_bn overflows int32 once B's (N, L) slice reaches 2**31
             a_n = tl.load(A + channels * stride_ad + n64 * stride_an, mask=d_mask, other=0.0).to(tl.float32)
             b_n = tl.load(B + n64 * stride_bn + positions * stride_bl, mask=positions < L, other=0.0).to(tl.float32)
             c_n = tl.load(C + n64 * stride_cn + positions * stride_cl, mask=positions < L, other=0.0).to(tl.float32)
             inputs = delta_u * b_n[None, :]
-            decay_prod, input_sum = tl.associative_scan((tl.exp(delta * a_n[:, None]), inputs), 1, _compose)
+            decay_prod, input_sum = tl.associative_scan((_decays(delta, a_n, starts, HAS_SEQ_IDX), inputs), 1,
+                                                        _compose)
             h = decay_prod * _column(start_state, cols, n)[:, None] + input_sum
             y += h * c_n[None, :]
             # adjoint, run backwards in time: dh_t = C_t dy_t + a_{t+1} dh_{t+1}
-            carry_prod, carry_sum = tl.associative_scan((tl.exp(delta_next * a_n[:, None]), dy * c_n[None, :]),
-                                                        1, _compose, reverse=True)
+            carry_prod, carry_sum = tl.associative_scan((_decays(delta_next, a_n, next_starts, HAS_SEQ_IDX),
+                                                         dy * c_n[None, :]), 1, _compose, reverse=True)
             dh = carry_prod * _column(dh_carry, cols, n)[:, None] + carry_sum
             dh_carry = _set_column(dh_carry, cols, n, _column(dh, steps, 0))
             # a_t h_{t-1} = h_t - b_t: the decay's gradient term without a division or a shifted tile
@@ -275,9 +304,15 @@ def _contiguous_params(D: Tensor | None, delta_bias: Tensor | None) -> tuple[Ten
     return tuple(None if t is None else t.contiguous() for t in (D, delta_bias))
 
 
-def _common_args(u, delta, A, B, C, z):
+def _present_or(placeholder: Tensor, *optional: Tensor | None) -> tuple[Tensor, ...]:
+    """The optional inputs, `placeholder` for an absent one (its kernel flag keeps it unread)."""
+    return tuple(placeholder if t is None else t for t in optional)
+
+
+def _common_args(u, delta, A, B, C, z, seq_idx):
     zs = z.stride() if z is not None else (0, 0, 0)
-    return (*u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs)
+    seq_strides = seq_idx.stride() if seq_idx is not None else (0, 0)
+    return (*u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *seq_strides)
 
 
 def _shape_args(u: Tensor, A: Tensor, B: Tensor, chunk_len: int):
@@ -286,28 +321,29 @@ def _shape_args(u: Tensor, A: Tensor, B: Tensor, chunk_len: int):
     return batch, dim, length, n_groups, n_state, triton.cdiv(length, chunk_len)
 
 
-def _constexprs(D, z, delta_bias, delta_softplus: bool, n_state: int, chunk_len: int) -> dict:
+def _constexprs(D, z, delta_bias, seq_idx, delta_softplus: bool, n_state: int, chunk_len: int) -> dict:
     if chunk_len < 2 or chunk_len & (chunk_len - 1):
         raise ValueError(f"triton selective_scan: chunk_len must be a power of two >= 2, got {chunk_len}")
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-                SOFTPLUS=delta_softplus, N_PAD=triton.next_power_of_2(n_state), CHUNK=chunk_len)
+                SOFTPLUS=delta_softplus, HAS_SEQ_IDX=seq_idx is not None, N_PAD=triton.next_power_of_2(n_state),
+                CHUNK=chunk_len)
 
 
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                       z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
-                       chunk_len: int) -> tuple[Tensor, Tensor, Tensor]:
+                       z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, chunk_len: int,
+                       seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Returns out (batch, dim, L) in u.dtype, the last state (batch, dim, N) fp32 and the state at the start of
-    every chunk of `chunk_len` positions (batch, dim, n_chunks, N) fp32, which the backward restarts from."""
+    every chunk of `chunk_len` positions (batch, dim, n_chunks, N) fp32, which the backward restarts from.
+    seq_idx (batch, L) int32/int64: the state resets where the document id changes."""
     B, C = _with_group_axis(B), _with_group_axis(C)
     D, delta_bias = _contiguous_params(D, delta_bias)
     batch, dim, length, n_groups, n_state, n_chunks = _shape_args(u, A, B, chunk_len)
-    constexprs = _constexprs(D, z, delta_bias, delta_softplus, n_state, chunk_len)
+    constexprs = _constexprs(D, z, delta_bias, seq_idx, delta_softplus, n_state, chunk_len)
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     last_state = torch.empty(batch, dim, n_state, dtype=torch.float32, device=u.device)
     chunk_states = torch.empty(batch, dim, n_chunks, n_state, dtype=torch.float32, device=u.device)
-    args = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, out, last_state, chunk_states,
-            *_common_args(u, delta, A, B, C, z), *out.stride(),
+    args = (u, delta, A, B, C, *_present_or(u, D, z, delta_bias, seq_idx), out, last_state, chunk_states,
+            *_common_args(u, delta, A, B, C, z, seq_idx), *out.stride(),
             dim, dim // n_groups, n_groups, length, n_state, n_chunks)
     if _on_gpu(u):
         grid = lambda meta: flat_grid("selective_scan", triton.cdiv(dim // n_groups, meta["BLOCK_D"]),  # noqa: E731
@@ -321,14 +357,15 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, chunk_states: Tensor,
-                       delta_softplus: bool, chunk_len: int) -> tuple[Tensor | None, ...]:
+                       delta_softplus: bool, chunk_len: int,
+                       seq_idx: Tensor | None = None) -> tuple[Tensor | None, ...]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the dtypes and shapes of the inputs, None for an
     absent optional input; deterministic (every sum runs in a fixed order)."""
     grouped = B.ndim == 4
     B4, C4 = _with_group_axis(B), _with_group_axis(C)
     D, delta_bias = _contiguous_params(D, delta_bias)  # dD, ddelta_bias come back (dim,): the callers' shape
     batch, dim, length, n_groups, n_state, n_chunks = _shape_args(u, A, B4, chunk_len)
-    constexprs = _constexprs(D, z, delta_bias, delta_softplus, n_state, chunk_len)
+    constexprs = _constexprs(D, z, delta_bias, seq_idx, delta_softplus, n_state, chunk_len)
     chunk_states = chunk_states.contiguous()
     block_d = _bwd_block_d(u)
     n_blocks = triton.cdiv(dim // n_groups, block_d)
@@ -341,10 +378,9 @@ def selective_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
     dC_part = torch.empty(batch, n_groups, n_blocks, n_state, length, **f32)
     dD_part = torch.empty(batch, dim, **f32)
     dBias_part = torch.empty(batch, dim, **f32)
-    args = (u, delta, A, B4, C4, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, grad_out, chunk_states,
+    args = (u, delta, A, B4, C4, *_present_or(u, D, z, delta_bias, seq_idx), grad_out, chunk_states,
             du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dBias_part,
-            *_common_args(u, delta, A, B4, C4, z), *grad_out.stride(),
+            *_common_args(u, delta, A, B4, C4, z, seq_idx), *grad_out.stride(),
             dim, dim // n_groups, n_groups, length, n_state, n_chunks)
     grid = flat_grid("selective_scan", n_blocks, batch * n_groups)
     if _on_gpu(u):
