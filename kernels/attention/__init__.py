@@ -144,9 +144,10 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None,
     n_groups = q.shape[1] // k.shape[1]
     if n_groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-    if _SDPA_HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              enable_gqa=True)
+    if _SDPA_HAS_GQA and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+    # With a mask (window, documents) enable_gqa would leave SDPA only its math kernel (none of the fused ones a peer
+    # may use): repeat the kv heads instead, as older torch needs anyway.
     k, v = (repeat(t, "b h l d -> b (h g) l d", g=n_groups) for t in (k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
