@@ -11,8 +11,8 @@ Packed rows (issue 19): seq_idx (B, L), int32 or int64, is each position's docum
 holding several documents one after another (Lq == Lk == L; decoding with a KV cache never passes it). Query i sees
 key j only if seq_idx[b, i] == seq_idx[b, j], on top of the causal and window rules; causal=False gives
 block-diagonal bidirectional attention. Each document then attends exactly as if it ran alone. The Triton kernels
-mask by document and skip the key blocks of other documents; SDPA gets a boolean (B, 1, L, L) mask (on CPU no slower
-than is_causal; on a GPU it moves SDPA from its flash kernel to memory-efficient attention).
+mask by document and skip the key blocks of other documents; SDPA gets a boolean (B, 1, L, L) mask (on CPU about as
+fast as is_causal; on a GPU it moves SDPA from its flash kernel to cuDNN or memory-efficient attention).
 """
 from __future__ import annotations
 
