@@ -1,10 +1,18 @@
-"""Softmax attention with grouped-query heads: `attention(q, k, v, causal=..., window=None, backend="auto")`.
+"""Softmax attention with grouped-query heads: `attention(q, k, v, causal=..., window=None, seq_idx=None,
+backend="auto")`.
 
 Layout: q (B, H, Lq, D); k, v (B, H_kv, Lk, D) with H_kv dividing H (query head h reads kv head
 h // (H / H_kv)); out (B, H, Lq, D) in q's dtype. Causal masking is bottom-right aligned (query i sits
 at absolute position Lk - Lq + i), which is what decoding with a KV cache needs. A sliding window (causal only)
 lets the query at position p see the `window` keys p - window < j <= p, itself included; window >= Lk is full causal
 attention and runs its exact path. The Triton kernels skip the key blocks outside the window; SDPA gets a band mask.
+
+Packed rows (issue 19): seq_idx (B, L), int32 or int64, is each position's document id in self-attention over rows
+holding several documents one after another (Lq == Lk == L; decoding with a KV cache never passes it). Query i sees
+key j only if seq_idx[b, i] == seq_idx[b, j], on top of the causal and window rules; causal=False gives
+block-diagonal bidirectional attention. Each document then attends exactly as if it ran alone. The Triton kernels
+mask by document and skip the key blocks of other documents; SDPA gets a boolean (B, 1, L, L) mask (on CPU about as
+fast as is_causal; on a GPU it moves SDPA from its flash kernel to cuDNN or memory-efficient attention).
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from archlab.kernels.attention.conformance import CONFORMANCE
-from archlab.kernels.attention.reference import attention_reference, visible_keys
+from archlab.kernels.attention.reference import attention_reference, same_document, visible_keys
 from archlab.kernels.backend import refuse_double_backward, resolve_backend
 from archlab.kernels.registry import KernelBench, KernelOp, register
 
@@ -33,10 +41,12 @@ _SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
-              window: int | None = None, backend: str = "auto") -> Tensor:
+              window: int | None = None, backend: str = "auto", seq_idx: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention; `scale` defaults to D ** -0.5; `window` (causal only) is how many keys each
-    query sees, itself included (None = all). See the module docstring for layout."""
+    query sees, itself included (None = all); `seq_idx` (B, L) the document ids of packed rows (None = one document
+    per row). See the module docstring for layout."""
     _check_inputs(q, k, v, causal, window)
+    _check_seq_idx(seq_idx, q, k)
     if window is not None and window >= k.shape[2]:
         window = None  # every query already sees all its keys: the full causal path, exactly
     name = resolve_backend("attention", backend, q.device, q.dtype)
@@ -50,48 +60,51 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | N
         # and decoding-sized queries (a 64-row query tile would be mostly padding)
         name = "torch"
     if name == "triton":
-        return flash_attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        return flash_attention(q, k, v, seq_idx, causal=causal, scale=q.shape[-1] ** -0.5 if scale is None else scale,
                                window=window or 0)[0]
     if name == "reference":
-        return attention_reference(q, k, v, causal=causal, scale=scale, window=window)[0]
-    if name == "peer":
+        return attention_reference(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx)[0]
+    if name == "peer":  # with a mask (window, documents) SDPA leaves flash for cuDNN or memory-efficient attention
         with sdpa_kernel(PEER_SDPA_KERNELS):
-            return _sdpa(q, k, v, causal=causal, scale=scale, window=window)
-    return _sdpa(q, k, v, causal=causal, scale=scale, window=window)
+            return _sdpa(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx)
+    return _sdpa(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx)
 
 
 # -- our Triton kernels as a torch.library custom op: opaque to torch.compile, differentiable ------------
 # The op returns (out, lse); lse is there for tests and future fused consumers and is not differentiable.
-# Custom op arguments are simple types, so window 0 stands for none here.
+# Custom op arguments are simple types, so window 0 stands for none here; seq_idx, an optional tensor, is positional
+# (custom ops take no keyword-only tensors).
 # The kernel module is imported on first use, so machines without triton can still import this package.
 
 @torch.library.custom_op("archlab::flash_attention", mutates_args=())
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float,
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, seq_idx: Tensor | None = None, *, causal: bool, scale: float,
                     window: int = 0) -> tuple[Tensor, Tensor]:
     """Triton FlashAttention forward: (out (B, H, Lq, D) in q.dtype, lse (B, H, Lq) float32)."""
     from archlab.kernels.attention.triton import flash_attn_fwd
 
-    out, lse = flash_attn_fwd(q, k, v, causal=causal, scale=scale, window=window)
+    out, lse = flash_attn_fwd(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx)
     return out.contiguous(), lse.contiguous()
 
 
 @flash_attention.register_fake
-def _(q, k, v, *, causal, scale, window=0):
+def _(q, k, v, seq_idx=None, *, causal, scale, window=0):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("archlab::flash_attention_backward", mutates_args=())
-def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
-                             causal: bool, scale: float, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             seq_idx: Tensor | None = None, *, causal: bool, scale: float,
+                             window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Triton FlashAttention backward (deterministic: no atomics): (dq, dk, dv)."""
     from archlab.kernels.attention.triton import flash_attn_bwd
 
-    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, causal=causal, scale=scale, window=window)
+    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, causal=causal, scale=scale, window=window,
+                                seq_idx=seq_idx)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @flash_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, *, causal, scale, window=0):
+def _(grad_out, q, k, v, out, lse, seq_idx=None, *, causal, scale, window=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -99,38 +112,42 @@ refuse_double_backward(flash_attention_backward, "archlab::flash_attention", "ke
 
 
 def _save_for_backward(ctx, inputs, keyword_only_inputs, output):
-    q, k, v = inputs
+    q, k, v, seq_idx = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, seq_idx)
     ctx.causal, ctx.scale = keyword_only_inputs["causal"], keyword_only_inputs["scale"]
     ctx.window = keyword_only_inputs.get("window", 0)
     ctx.mark_non_differentiable(lse)
 
 
 def _flash_attention_grad(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return flash_attention_backward(grad_out, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
-                                    window=ctx.window)
+    q, k, v, out, lse, seq_idx = ctx.saved_tensors
+    return (*flash_attention_backward(grad_out, q, k, v, out, lse, seq_idx, causal=ctx.causal, scale=ctx.scale,
+                                      window=ctx.window), None)
 
 
 flash_attention.register_autograd(_flash_attention_grad, setup_context=_save_for_backward)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None, window: int | None) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None, window: int | None,
+          seq_idx: Tensor | None) -> Tensor:
     len_q, len_k = q.shape[2], k.shape[2]
     mask = None
-    if causal and (len_q != len_k or window is not None):
-        # SDPA's is_causal is top-left aligned and knows no window; a single query at the end sees every key
-        # anyway unless a window hides some.
+    if causal and (len_q != len_k or window is not None or seq_idx is not None):
+        # SDPA's is_causal is top-left aligned and knows no window or documents; a single query at the end sees
+        # every key anyway unless a window hides some.
         if len_q > 1 or window is not None:
             mask = visible_keys(len_q, len_k, window=window, device=q.device)
         causal = False
+    if seq_idx is not None:
+        mask = same_document(seq_idx) if mask is None else mask & same_document(seq_idx)
     n_groups = q.shape[1] // k.shape[1]
     if n_groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-    if _SDPA_HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              enable_gqa=True)
+    if _SDPA_HAS_GQA and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+    # With a mask (window, documents) enable_gqa would leave SDPA only its math kernel (none of the fused ones a peer
+    # may use): repeat the kv heads instead, as older torch needs anyway.
     k, v = (repeat(t, "b h l d -> b (h g) l d", g=n_groups) for t in (k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
@@ -170,6 +187,24 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | N
         if not causal:
             raise ValueError("attention: a window needs causal=True: it counts the keys up to each query's own "
                              "position, which a bidirectional query does not have")
+
+
+def _check_seq_idx(seq_idx: Tensor | None, q: Tensor, k: Tensor) -> None:
+    if seq_idx is None:
+        return
+    if not isinstance(seq_idx, Tensor):
+        raise TypeError(f"attention: seq_idx must be a torch.Tensor (batch, length) or None, "
+                        f"got {type(seq_idx).__name__}")
+    if seq_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"attention: seq_idx must be int32 or int64 document ids, got {seq_idx.dtype}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: seq_idx (packed documents) needs self-attention, len_q == len_k, got "
+                         f"{q.shape[2]} and {k.shape[2]}; decoding with a KV cache passes no seq_idx")
+    if seq_idx.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"attention: seq_idx must be (batch, length) = {(q.shape[0], q.shape[2])}, "
+                         f"got {tuple(seq_idx.shape)}")
+    if seq_idx.device != q.device:
+        raise ValueError(f"attention: seq_idx must be on q's device {q.device}, got {seq_idx.device}")
 
 
 register(KernelOp(  # auto on CUDA: SDPA, until a committed benchmark shows our kernel as fast (kernels/measured.py)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from torch import Tensor
 
 
@@ -13,14 +13,21 @@ def visible_keys(len_q: int, len_k: int, *, window: int | None, device) -> Tenso
     return visible if window is None else visible.triu(diagonal=len_k - len_q - window + 1)
 
 
+def same_document(seq_idx: Tensor) -> Tensor:
+    """(B, 1, L, L) bool from seq_idx (B, L): which positions of a packed row share a document (ids never repeat
+    in separate runs of a row, so equal ids are one document)."""
+    return rearrange(seq_idx, "b q -> b 1 q 1") == rearrange(seq_idx, "b k -> b 1 1 k")
+
+
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
-                        window: int | None = None) -> tuple[Tensor, Tensor]:
+                        window: int | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Returns (out, lse): out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 log-sum-exp of the scores.
 
     q is (B, H, Lq, D), k and v are (B, H_kv, Lk, D); query head h reads kv head h // (H / H_kv).
     Causal masking is bottom-right aligned: query i sits at absolute position Lk - Lq + i (as in
     FlashAttention), so a block of new queries attends to the whole KV cache before it. A window (causal only)
-    keeps each query to the last `window` keys up to its own position.
+    keeps each query to the last `window` keys up to its own position. seq_idx (B, L), with Lq == Lk == L, is
+    each position's document id in packed rows: a query sees only keys of its own document, on top of the rest.
     Math runs in float32 (float64 inputs stay float64, for gradcheck), and so does lse; autograd
     differentiates it.
     """
@@ -32,6 +39,8 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale:
     if causal:
         visible = visible_keys(*scores.shape[-2:], window=window, device=q.device)
         scores = scores.masked_fill(~visible, float("-inf"))
+    if seq_idx is not None:
+        scores = scores.masked_fill(~same_document(seq_idx), float("-inf"))
     lse = scores.logsumexp(dim=-1)
     probs = torch.exp(scores - lse[..., None])
     out = torch.einsum("bhqk,bhkd->bhqd", probs, v.to(compute_dtype))

@@ -3,7 +3,10 @@
 Layout as in `archlab.kernels.attention`: q (B, H, Lq, D); k, v (B, H_kv, Lk, D); query head h reads kv
 head h // (H // H_kv); causal masking is bottom-right aligned (query i sits at key position Lk - Lq + i). A
 sliding window (causal only) lets query position p see keys p - window < j <= p; `window` is a runtime argument (one
-compile serves every window) and WINDOWED a constexpr, so full attention compiles exactly as before.
+compile serves every window) and WINDOWED a constexpr, so full attention compiles exactly as before. Packed rows
+(seq_idx, Lq == Lk) keep each query to keys of its own document: DOCUMENTS is a constexpr too, and the kernels take
+each position's document start and end (computed from seq_idx by torch ops, no host sync), which say both the mask
+(equal starts) and the key blocks a query block can skip (kernels/attention/triton_blocks.py).
 
 Forward, one program per (query block, query head): stream the key blocks through an online softmax that
 keeps a running row max m, row sum l and an unnormalised fp32 accumulator, so the Lq x Lk score matrix
@@ -19,7 +22,9 @@ deterministic):
   3. one program per (query block, query head) accumulates dQ over the key blocks.
 Causal programs skip blocks that are entirely masked and only pay for the mask on the blocks that
 straddle the diagonal or the ragged end of the keys; windowed programs also skip the blocks wholly before the
-window and mask only the blocks that straddle its lower edge, so their work grows with window, not length.
+window and mask only the blocks that straddle its lower edge, so their work grows with window, not length;
+packed rows skip the blocks outside the documents of a block's positions and mask the blocks that straddle a
+document's edge.
 
 Under TRITON_INTERPRET=1 (the CPU tests) the kernels upcast tiles to fp32 before tl.dot, because the
 interpreter's bf16 dot is wrong, and fixed small blocks replace the autotuner, which needs a GPU driver.
@@ -30,16 +35,20 @@ overflows an index.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from archlab.kernels.attention import TRITON_HEAD_DIMS
+from archlab.kernels.attention.triton_backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
+from archlab.kernels.attention.triton_blocks import LOG2E, _documents, _key_block_scores, _key_range, _load, \
+    _program_block, _tile_ptrs
 from archlab.kernels.backend import triton_interpreting
 from archlab.kernels.common.autotune import autotune
 from archlab.kernels.common.launch import flat_grid
 
-__all__ = ["flash_attn_fwd", "flash_attn_bwd"]
+__all__ = ["flash_attn_fwd", "flash_attn_bwd", "document_bounds"]
 
 HEAD_DIMS = TRITON_HEAD_DIMS  # BLOCK_D == D: powers of two only
 # On a GPU the block sizes are autotuned. Without one (the interpreter), or with AUTOTUNE off (tests that
@@ -47,120 +56,24 @@ HEAD_DIMS = TRITON_HEAD_DIMS  # BLOCK_D == D: powers of two only
 # unequal, so the block bookkeeping never silently relies on BLOCK_M == BLOCK_N.
 AUTOTUNE = True
 FIXED_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * log2(e)), and exp2 is the native instruction
-
-
-# -- shared pieces ----------------------------------------------------------------------------------------
-@triton.jit
-def _load(ptrs, mask, UPCAST: tl.constexpr):
-    """Masked tile load, zero-padded; UPCAST dodges the interpreter's bf16 tl.dot."""
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _tile_ptrs(base, rows, stride_row, HEAD_DIM: tl.constexpr):
-    """Pointers to the (rows, head dim) tile at base. The row offsets are int64: in a (batch, length, heads, dim)
-    layout rows * stride_row overflows int32 once length * heads * head_dim reaches 2**31."""
-    return base + rows.to(tl.int64)[:, None] * stride_row + tl.arange(0, HEAD_DIM)[None, :]
-
-
-@triton.jit
-def _program_block(length, BLOCK: tl.constexpr):
-    """This program's (first position of its block, batch * head index). The grid is flat, blocks fastest
-    (kernels/common/launch.py: CUDA caps grid axis 1 at 65535); the index is int64 as its offsets overflow int32."""
-    n_blocks = tl.cdiv(length, BLOCK)
-    return tl.program_id(0) % n_blocks * BLOCK, (tl.program_id(0) // n_blocks).to(tl.int64)
-
-
-@triton.jit
-def _visible(rows, cols, Lq, Lk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
-    """Which (query row, key col) scores exist: the key is real and, if causal, not after the query; if
-    windowed, also fewer than `window` positions before it."""
-    mask = cols < Lk
-    if CAUSAL:
-        mask = mask & (cols <= rows + (Lk - Lq))
-    if WINDOWED:
-        mask = mask & (cols > rows + (Lk - Lq) - window)
-    return mask
-
-
-@triton.jit
-def _key_range(start_m, Lq, Lk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M), key blocks from `start` to `end` in three runs: keys in
-    [start, window_end) need the window's mask, every row sees all keys in [window_end, full_end), keys in
-    [full_end, end) need the causal mask; keys outside [start, end) are seen by no row. All but `end` are
-    block boundaries; without a window start == window_end == 0."""
-    if CAUSAL:
-        end = tl.minimum(start_m + BLOCK_M + (Lk - Lq), Lk)
-        full_end = tl.minimum(start_m + 1 + (Lk - Lq), Lk) // BLOCK_N * BLOCK_N
-    else:
-        end = Lk
-        full_end = Lk // BLOCK_N * BLOCK_N
-    start = 0
-    window_end = 0
-    if WINDOWED:  # the first row's window starts earliest, the last row's latest
-        start = tl.maximum(start_m + (Lk - Lq) - window + 1, 0) // BLOCK_N * BLOCK_N
-        last_row_start = tl.maximum(start_m + BLOCK_M - 1 + (Lk - Lq) - window + 1, 0)
-        window_end = tl.minimum(tl.cdiv(last_row_start, BLOCK_N) * BLOCK_N, full_end)
-    return start, window_end, full_end, end
-
-
-@triton.jit
-def _query_range(start_n, Lq, Lk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For keys [start_n, start_n + BLOCK_N), query rows from `lo` to `end` in three runs (block boundaries):
-    rows in [lo, mid) need the causal mask, rows in [mid, full_end) see all of the keys, rows in [full_end, end)
-    need the window's mask; rows outside [lo, end) see none of them. Without a window full_end == end."""
-    end = tl.cdiv(Lq, BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        # key j is seen by query rows i >= j - (Lk - Lq)
-        lo = tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
-        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Lk - Lq), 0), BLOCK_M) * BLOCK_M
-        mid = tl.minimum(mid, end)
-    else:
-        lo = 0
-        mid = 0
-    full_end = end
-    if WINDOWED:  # and key j by rows i < j - (Lk - Lq) + window: the block's first key leaves the window first
-        last_key_until = tl.maximum(start_n + BLOCK_N - 1 - (Lk - Lq) + window, 0)  # rows before it see some key
-        first_key_until = tl.maximum(start_n - (Lk - Lq) + window, 0)  # rows before it see every key
-        end = tl.maximum(tl.minimum(tl.cdiv(last_key_until, BLOCK_M) * BLOCK_M, end), mid)
-        full_end = tl.minimum(tl.maximum(first_key_until // BLOCK_M * BLOCK_M, mid), end)
-    return lo, mid, full_end, end
-
-
-@triton.jit
-def _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, window, qk_scale, MASKED: tl.constexpr,
-                      CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The key block at start_n: its K and V tiles and the (masked) scores q K^T * qk_scale."""
-    cols = start_n + tl.arange(0, BLOCK_N)
-    k = _load(_tile_ptrs(K, cols, stride_kn, HEAD_DIM), cols[:, None] < Lk, UPCAST)
-    v = _load(_tile_ptrs(V, cols, stride_vn, HEAD_DIM), cols[:, None] < Lk, UPCAST)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        s = tl.where(_visible(rows[:, None], cols[None, :], Lq, Lk, window, CAUSAL, WINDOWED), s, float("-inf"))
-    return k, v, s
 
 
 # -- forward ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, Lk, window, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, row_docs, DocStart, lo, hi, Lq, Lk, window,
+               qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, window, qk_scale, MASKED,
-                                    CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
-        # Without a window every row sees key 0 in the first block, so m_new is finite from then on. With one,
-        # a row may see no key of its first masked blocks: subtract 0 instead of -inf there (-inf - -inf is NaN),
-        # while the running max stays the true one (a stand-in of 0 would underflow rows of very negative scores).
+        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, row_docs, DocStart, start_n, Lq, Lk, window,
+                                    qk_scale, MASKED, CAUSAL, WINDOWED, DOCUMENTS, UPCAST, DOT_PRECISION, BLOCK_N,
+                                    HEAD_DIM)  # s in log2 units
+        # Without a window or documents every row sees key 0 in the first block, so m_new is finite from then on.
+        # With them, a row may see no key of its first masked blocks: subtract 0 instead of -inf there (-inf - -inf
+        # is NaN), while the running max stays the true one (a stand-in of 0 would underflow rows of very negative
+        # scores).
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
-        if WINDOWED and MASKED:
+        if (WINDOWED or DOCUMENTS) and MASKED:
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)  # rescales what was summed under the old max
@@ -171,12 +84,12 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, L
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse,
+def _fwd_kernel(Q, K, V, Out, Lse, DocStart, DocEnd,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 n_heads, n_groups, Lq, Lk, window, scale, Lq_key, Lk_key,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, bh = _program_block(Lq, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
     kvh = h // n_groups
@@ -185,152 +98,31 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     K += b * stride_kb + kvh * stride_kh
     V += b * stride_vb + kvh * stride_vh
     qk_scale = scale * LOG2E
+    if DOCUMENTS:  # (B, L) each, L == Lq == Lk
+        DocStart += b * Lk
+        DocEnd += b * Lk
+    row_docs = _documents(DocStart, rows, Lq, DOCUMENTS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    start, window_end, full_end, end = _key_range(start_m, Lq, Lk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
-    if WINDOWED:
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, start, window_end, Lq, Lk,
-                                   window, qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, window_end, full_end, Lq, Lk,
-                               window, qk_scale, False, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, full_end, end, Lq, Lk,
-                               window, qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    start, window_end, full_end, end = _key_range(start_m, Lq, Lk, window, DocStart, DocEnd, CAUSAL, WINDOWED,
+                                                  DOCUMENTS, BLOCK_M, BLOCK_N)
+    if WINDOWED or DOCUMENTS:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, row_docs, DocStart, start,
+                                   window_end, Lq, Lk, window, qk_scale, True, CAUSAL, WINDOWED, DOCUMENTS, UPCAST,
+                                   DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, row_docs, DocStart, window_end,
+                               full_end, Lq, Lk, window, qk_scale, False, CAUSAL, WINDOWED, DOCUMENTS, UPCAST,
+                               DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, row_docs, DocStart, full_end, end,
+                               Lq, Lk, window, qk_scale, True, CAUSAL, WINDOWED, DOCUMENTS, UPCAST, DOT_PRECISION,
+                               BLOCK_N, HEAD_DIM)
 
     out = acc / l_i[:, None]
     tl.store(_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, stride_om, HEAD_DIM),
              out.to(Out.dtype.element_ty), mask=rows[:, None] < Lq)
     tl.store(Lse + bh * Lq + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=rows < Lq)
-
-
-# -- backward ---------------------------------------------------------------------------------------------
-@triton.jit
-def _bwd_delta_kernel(Out, dOut, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                      n_heads, Lq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    start_m, bh = _program_block(Lq, BLOCK_M)
-    b, h = bh // n_heads, bh % n_heads
-    rows = start_m + tl.arange(0, BLOCK_M)
-    mask = rows[:, None] < Lq
-    o = tl.load(_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, stride_om, HEAD_DIM), mask=mask)
-    do = tl.load(_tile_ptrs(dOut + b * stride_dob + h * stride_doh, rows, stride_dom, HEAD_DIM), mask=mask)
-    tl.store(Delta + bh * Lq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < Lq)
-
-
-@triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, dO, Lse, Delta, stride_qm, stride_dom, cols, lo, hi, Lq, Lk, window, qk_scale,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load(_tile_ptrs(Q, rows, stride_qm, HEAD_DIM), rows[:, None] < Lq, UPCAST)
-        do = _load(_tile_ptrs(dO, rows, stride_dom, HEAD_DIM), rows[:, None] < Lq, UPCAST)
-        # Padded query rows get lse = +inf: their probabilities are exactly 0, so they need no mask.
-        lse = tl.load(Lse + rows, mask=rows < Lq, other=float("inf")) * LOG2E
-        delta = tl.load(Delta + rows, mask=rows < Lq, other=0.0)
-        # Work on S^T (keys x queries): dK and dV then come out of plain dots with this block's rows.
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            s_t = tl.where(_visible(rows[None, :], cols[:, None], Lq, Lk, window, CAUSAL, WINDOWED), s_t,
-                           float("-inf"))
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P * (dP - rowsum(dO * O))
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV,
-                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     n_heads, n_groups, Lq, Lk, window, scale, Lq_key, Lk_key,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n, bkv = _program_block(Lk, BLOCK_N)
-    n_kv_heads = n_heads // n_groups
-    b, kvh = bkv // n_kv_heads, bkv % n_kv_heads
-    cols = start_n + tl.arange(0, BLOCK_N)
-    kv_mask = cols[:, None] < Lk
-    k = _load(_tile_ptrs(K + b * stride_kb + kvh * stride_kh, cols, stride_kn, HEAD_DIM), kv_mask, UPCAST)
-    v = _load(_tile_ptrs(V + b * stride_vb + kvh * stride_vh, cols, stride_vn, HEAD_DIM), kv_mask, UPCAST)
-    qk_scale = scale * LOG2E
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo, mid, full_end, end = _query_range(start_n, Lq, Lk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
-    for g in range(n_groups):  # the query heads that read this kv head, summed in a fixed order
-        h = kvh * n_groups + g
-        Q_h = Q + b * stride_qb + h * stride_qh
-        dO_h = dOut + b * stride_dob + h * stride_doh
-        Lse_h = Lse + (b * n_heads + h) * Lq
-        Delta_h = Delta + (b * n_heads + h) * Lq
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, dO_h, Lse_h, Delta_h, stride_qm, stride_dom, cols, lo, mid, Lq,
-                             Lk, window, qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, dO_h, Lse_h, Delta_h, stride_qm, stride_dom, cols, mid, full_end,
-                             Lq, Lk, window, qk_scale, False, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_M,
-                             HEAD_DIM)
-        if WINDOWED:
-            dk, dv = _dkdv_inner(dk, dv, k, v, Q_h, dO_h, Lse_h, Delta_h, stride_qm, stride_dom, cols, full_end,
-                                 end, Lq, Lk, window, qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION,
-                                 BLOCK_M, HEAD_DIM)
-
-    dk *= scale  # S = scale * Q K^T
-    tl.store(_tile_ptrs(dK + b * stride_dkb + kvh * stride_dkh, cols, stride_dkn, HEAD_DIM),
-             dk.to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(_tile_ptrs(dV + b * stride_dvb + kvh * stride_dvh, cols, stride_dvn, HEAD_DIM),
-             dv.to(dV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, lo, hi, Lq, Lk, window, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        k, v, s = _key_block_scores(q, K, V, stride_kn, stride_vn, rows, start_n, Lq, Lk, window, qk_scale, MASKED,
-                                    CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)  # s in log2 units
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ,
-                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                   stride_dqb, stride_dqh, stride_dqm,
-                   n_heads, n_groups, Lq, Lk, window, scale, Lq_key, Lk_key,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, bh = _program_block(Lq, BLOCK_M)
-    b, h = bh // n_heads, bh % n_heads
-    kvh = h // n_groups
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_mask = rows[:, None] < Lq
-    q = _load(_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, stride_qm, HEAD_DIM), row_mask, UPCAST)
-    do = _load(_tile_ptrs(dOut + b * stride_dob + h * stride_doh, rows, stride_dom, HEAD_DIM), row_mask, UPCAST)
-    lse = tl.load(Lse + bh * Lq + rows, mask=rows < Lq, other=0.0) * LOG2E
-    delta = tl.load(Delta + bh * Lq + rows, mask=rows < Lq, other=0.0)
-    K += b * stride_kb + kvh * stride_kh
-    V += b * stride_vb + kvh * stride_vh
-    qk_scale = scale * LOG2E
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    start, window_end, full_end, end = _key_range(start_m, Lq, Lk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
-    if WINDOWED:
-        dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, start, window_end, Lq, Lk, window,
-                       qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, window_end, full_end, Lq, Lk, window,
-                   qk_scale, False, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, rows, full_end, end, Lq, Lk, window,
-                   qk_scale, True, CAUSAL, WINDOWED, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    dq *= scale
-    tl.store(_tile_ptrs(dQ + b * stride_dqb + h * stride_dqh, rows, stride_dqm, HEAD_DIM),
-             dq.to(dQ.dtype.element_ty), mask=row_mask)
 
 
 # -- launching --------------------------------------------------------------------------------------------
@@ -341,7 +133,7 @@ def _configs(block_ms, block_ns):
 
 # Lengths rounded up to a power of two: one tuning per bucket, not per length (decoding grows Lk by one
 # every step). The kernels take these as arguments only so the autotuner can key on them.
-_TUNE_KEY = ["Lq_key", "Lk_key", "HEAD_DIM", "CAUSAL", "WINDOWED"]
+_TUNE_KEY = ["Lq_key", "Lk_key", "HEAD_DIM", "CAUSAL", "WINDOWED", "DOCUMENTS"]
 # dK/dV programs own a key block and stream queries, dQ programs the reverse: the long side is the
 # block a program keeps in registers.
 _fwd_tuned = autotune(_configs((64, 128), (32, 64, 128)), key=_TUNE_KEY)(_fwd_kernel)
@@ -370,46 +162,66 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _constexprs(q: Tensor, causal: bool, window: int) -> dict:
+def _constexprs(q: Tensor, causal: bool, window: int, documents: bool) -> dict:
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"triton attention: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     # fp32 inputs get true fp32 dots (tf32 would cost them their point); half types use tensor cores anyway.
-    return dict(HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=window > 0, UPCAST=triton_interpreting(),
+    return dict(HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=window > 0, DOCUMENTS=documents,
+                UPCAST=triton_interpreting(),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _check_lengths(len_q: int, len_k: int, causal: bool, window: int) -> None:
+def _check_lengths(len_q: int, len_k: int, causal: bool, window: int, seq_idx: Tensor | None) -> None:
     if causal and len_q > len_k:  # the first queries would see no key at all
         raise ValueError(f"triton attention: causal needs len_q <= len_k, got {len_q} > {len_k}")
     if window < 0 or (window and not causal):
         raise ValueError(f"triton attention: window must be 0 (none) or >= 1 with causal=True, got {window}")
+    if seq_idx is not None and (len_q != len_k or seq_idx.shape[-1] != len_k):
+        raise ValueError(f"triton attention: seq_idx needs len_q == len_k == its length, got {len_q}, {len_k}, "
+                         f"{seq_idx.shape[-1]}")
 
 
-def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float,
-                   window: int = 0) -> tuple[Tensor, Tensor]:
+def document_bounds(seq_idx: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(start, end) int32 (B, L) from seq_idx (B, L): the first position of each position's document and the one
+    after its last (a document is a run of equal ids); (None, None) without seq_idx."""
+    if seq_idx is None:
+        return None, None
+    length = seq_idx.shape[1]
+    positions = torch.arange(length, dtype=torch.int32, device=seq_idx.device).expand_as(seq_idx)
+    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)  # position t begins a document
+    ends = F.pad(starts[:, 1:], (0, 1), value=True)  # position t ends one
+    start = torch.where(starts, positions, 0).cummax(dim=1).values
+    end = torch.where(ends, positions + 1, length).flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, window: int = 0,
+                   seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Returns out (B, H, Lq, D) in q.dtype and lse (B, H, Lq) float32, the natural-log logsumexp of the
-    scaled (and masked) scores; window 0 = none. See the module docstring for layout and causal alignment."""
+    scaled (and masked) scores; window 0 = none; seq_idx (B, L) the document ids of packed rows (Lq == Lk == L).
+    See the module docstring for layout and causal alignment."""
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     (batch, n_heads, len_q, _), (n_kv_heads, len_k) = q.shape, k.shape[1:3]
-    _check_lengths(len_q, len_k, causal, window)
+    _check_lengths(len_q, len_k, causal, window, seq_idx)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, len_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: flat_grid("attention", triton.cdiv(len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
-    _launch(_fwd_kernel, _fwd_tuned, grid, q, k, v, out, lse,
+    _launch(_fwd_kernel, _fwd_tuned, grid, q, k, v, out, lse, *document_bounds(seq_idx),
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             n_heads, n_heads // n_kv_heads, len_q, len_k, window, scale, *_tune_keys(len_q, len_k),
-            **_constexprs(q, causal, window))
+            **_constexprs(q, causal, window, seq_idx is not None))
     return out, lse
 
 
 def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, causal: bool,
-                   scale: float, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, window: int = 0, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv with the shapes and dtypes of q, k, v; deterministic (no atomics)."""
     do, q, k, v, out = (_unit_stride(t) for t in (do, q, k, v, out))
     (batch, n_heads, len_q, head_dim), (n_kv_heads, len_k) = q.shape, k.shape[1:3]
-    _check_lengths(len_q, len_k, causal, window)
-    constexprs = _constexprs(q, causal, window)
+    _check_lengths(len_q, len_k, causal, window, seq_idx)
+    constexprs = _constexprs(q, causal, window, seq_idx is not None)
+    bounds = document_bounds(seq_idx)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     delta_block = 64
@@ -419,11 +231,11 @@ def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     common = (n_heads, n_heads // n_kv_heads, len_q, len_k, window, scale, *_tune_keys(len_q, len_k))
     grid = lambda meta: flat_grid("attention", triton.cdiv(len_k, meta["BLOCK_N"]), batch * n_kv_heads)  # noqa: E731
-    _launch(_bwd_dkdv_kernel, _dkdv_tuned, grid, q, k, v, do, lse, delta, dk, dv,
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, grid, q, k, v, do, lse, delta, dk, dv, *bounds,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             *common, **constexprs)
     grid = lambda meta: flat_grid("attention", triton.cdiv(len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
-    _launch(_bwd_dq_kernel, _dq_tuned, grid, q, k, v, do, lse, delta, dq,
+    _launch(_bwd_dq_kernel, _dq_tuned, grid, q, k, v, do, lse, delta, dq, *bounds,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             *common, **constexprs)
     return dq, dk, dv
