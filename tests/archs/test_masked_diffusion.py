@@ -74,9 +74,9 @@ def test_masking_rate_and_weight_follow_the_schedule(schedule):
     seen = []
     captured = model.objective.weighted_nll
 
-    def spy(model_, x, t, mask):
+    def spy(model_, x, t, mask, documents=None):
         seen.append((t, mask))
-        return captured(model_, x, t, mask)
+        return captured(model_, x, t, mask, documents)
 
     model.objective.weighted_nll = spy
     _, metrics = model.objective.loss(model, torch.randint(0, 256, (len(times), 129)))
@@ -95,8 +95,8 @@ def test_only_masked_positions_count():
     reference, _ = model.objective.loss(model, batch)
     original = model.objective.hidden
 
-    def scrambled(model_, z):  # arbitrary hidden states (so predictions) wherever the input is not masked
-        h = original(model_, z)
+    def scrambled(model_, z, documents=None):  # arbitrary hidden states (so predictions) wherever not masked
+        h = original(model_, z, documents)
         return torch.where((z == MASK).unsqueeze(-1), h, 100 * torch.randn_like(h))
 
     model.objective.hidden = scrambled
