@@ -25,6 +25,10 @@ One program per (chunk of positions, block of channels, batch element) loops ove
 its dweight/dbias contributions in registers in a fixed order and writes them to its own row of a float32
 buffer that torch then sums: no atomics, so bitwise deterministic.
 
+Packed documents (seq_idx (batch, L), contiguous): a tap reads x[s] for output t only where seq_idx[s] == seq_idx[t],
+in the forward and in every backward term (dx's correlation, dweight); only equality counts, so a flipped row works.
+A constexpr HAS_SEQ_IDX compiles this in, so seq_idx=None runs the kernels exactly as before.
+
 Under TRITON_INTERPRET=1 (the CPU tests) fixed small blocks replace the autotuner, which needs a GPU.
 Offsets are int64 wherever a stride multiplies an index (the batch, the channel in channel-first, the position in
 channel-last, whose stride is 2 * dim for the Mamba block's in_proj view), so no size overflows int32. Grids are
@@ -92,14 +96,20 @@ def _load_taps(Weight, d, d_mask, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _same_document(SeqIdx, src, t, length):
+    """Whether positions src and t ([BLOCK_L] vectors) are in one document: equal ids in SeqIdx (this row's). Only
+    equality counts, so a flipped row works as well. Positions outside the row compare as whatever: callers mask
+    their loads there and store nothing for them."""
+    return tl.load(SeqIdx + src, mask=(src >= 0) & (src < length), other=0) == tl.load(SeqIdx + t, mask=t < length,
+                                                                                      other=0)
+
+
+@triton.jit
 def _tap_reads(SeqIdx, src, t, length, HAS_SEQ_IDX: tl.constexpr):
-    """Which pairs (src, t) of positions ([BLOCK_L] vectors) meet through a tap: src in the row, and with SeqIdx
-    (this row's document ids) in t's document. Only equality counts: a flipped row works as well. Where t is past
-    the row's end nothing is stored, so what is read there does not matter."""
+    """Whether output t reads input src through a tap: src is in the row and, with SeqIdx, in t's document."""
     reads = (src >= 0) & (src < length)
     if HAS_SEQ_IDX:
-        same = tl.load(SeqIdx + src, mask=reads, other=0) == tl.load(SeqIdx + t, mask=t < length, other=0)
-        reads = reads & same
+        reads = reads & _same_document(SeqIdx, src, t, length)
     return reads
 
 
@@ -255,8 +265,9 @@ def _bwd_kernel(X, Weight, Bias, SeqIdx, dOut, dX, PartialWeight, PartialBias,
             t_j = t + j
             pre = _preactivation(X, SeqIdx, taps, bias, d, t_j, d_mask, stride_xd, stride_xl, length, WIDTH,
                                  CHANNEL_LAST, HAS_SEQ_IDX, BLOCK_D, BLOCK_L)
-            # position t + j reads x at t (through tap WIDTH - 1 - j) when t + j is in the row and in t's document
-            mask = d_mask[:, None] & _tap_reads(SeqIdx, t_j, t, length, HAS_SEQ_IDX)[None, :]
+            mask = d_mask[:, None] & (t_j < length)[None, :]
+            if HAS_SEQ_IDX:  # and position t + j reads x at t only within t's document
+                mask = mask & _same_document(SeqIdx, t_j, t, length)[None, :]
             g = tl.load(dOut + _tile_offsets(d, t_j, stride_gd, stride_gl, DOUT_CHANNEL_LAST), mask=mask,
                         other=0.0).to(tl.float32)  # zero where it does not reach, so g is zero there too
             if SILU:

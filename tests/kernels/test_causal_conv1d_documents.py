@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archlab.kernels.causal_conv1d import causal_conv1d, causal_conv1d_reference
+from archlab.kernels.causal_conv1d import causal_conv1d, causal_conv1d_reference, causal_conv1d_triton
 from archlab.kernels.causal_conv1d.conformance import seq_idx_from_starts
 from tests.kernels.test_causal_conv1d import DEVICE, make_x, output_and_grads
 
@@ -103,6 +103,18 @@ def test_one_document_per_row_is_the_plain_conv(backend, layout):
         torch.testing.assert_close(q, p, **exact)
 
 
+def test_custom_op_with_seq_idx_passes_opcheck():
+    """The Triton op's schema, fake kernel and autograd registration with the optional seq_idx argument (not AOT
+    dispatch, which opcheck runs dynamic too: 20 s in the interpreter; the None case runs it in test_causal_conv1d)."""
+    torch.manual_seed(0)
+    x = make_x(2, 3, 9, torch.float32, "channel_last").to(DEVICE).requires_grad_()
+    weight = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 2, 3, 3, 3]] * 2, dtype=torch.int32, device=DEVICE)
+    with mock.patch.object(conv_triton, "AUTOTUNE", False):
+        torch.library.opcheck(causal_conv1d_triton, (x, weight, None, True, seq_idx),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def test_seq_idx_none_runs_the_plain_torch_path(monkeypatch):
     import archlab.kernels.causal_conv1d as conv_module
 
@@ -119,7 +131,7 @@ def _inputs():
 
 
 @pytest.mark.parametrize("seq_idx,error,message", [
-    (torch.zeros(2, 7, dtype=torch.int32), ValueError, r"seq_idx must have shape \(batch, L\) = \(2, 8\), got \(2, 7\)"),
+    (torch.zeros(2, 7, dtype=torch.int32), ValueError, r"must have shape \(batch, L\) = \(2, 8\), got \(2, 7\)"),
     (torch.zeros(16, dtype=torch.int32), ValueError, r"seq_idx must have shape \(batch, L\)"),
     (torch.zeros(2, 8), ValueError, "seq_idx has dtype torch.float32; use int32"),
     (torch.zeros(2, 8, dtype=torch.int16), ValueError, "seq_idx has dtype torch.int16"),
