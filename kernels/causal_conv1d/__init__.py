@@ -80,9 +80,10 @@ def _torch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | Non
 
 
 def _within_documents(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
-    """The pre-activation with seq_idx, in x's dtype: width masked shifted multiply-adds (as fast as the conv2d above
-    plus a sparse correction of the taps that cross a document start, or faster: 9.4 vs 14.8 ms forward + backward at
-    B32 D256 L128 width 4 on 2 CPU threads; the conv2d alone takes 6.9)."""
+    """The pre-activation with seq_idx, in x's dtype: width masked shifted multiply-adds. Faster than the conv2d above
+    plus a sparse correction of the taps that cross a document start: forward + backward at B32 D256 L128 width 4,
+    SiLU, ~4 documents a row, one-thread CPU time 20.7 vs 30.7 ms channel-last and 18.3 vs 26.7 ms channel-first
+    (the conv2d without seq_idx: 18.7 and 13.4 ms)."""
     width, length = weight.shape[1], x.shape[2]
     padded = F.pad(x, (width - 1, 0))
     weight = weight.to(x.dtype)
