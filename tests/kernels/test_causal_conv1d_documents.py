@@ -90,11 +90,11 @@ def test_one_document_per_row_is_the_plain_conv(backend, layout):
     """A single document per row computes what seq_idx=None does (the Triton kernels the same bits: every tap
     reads as before, in the same order); None keeps the plain path."""
     torch.manual_seed(0)
-    x = make_x(2, 5, 37, torch.float32, layout).to(DEVICE).requires_grad_()
+    x = make_x(1, 5, 37, torch.float32, layout).to(DEVICE).requires_grad_()
     weight = torch.randn(5, 4, device=DEVICE, requires_grad=True)
     bias = torch.randn(5, device=DEVICE, requires_grad=True)
     dout = torch.randn(x.shape, device=DEVICE)
-    one_document = torch.full((2, 37), 7, dtype=torch.int32, device=DEVICE)
+    one_document = torch.full((1, 37), 7, dtype=torch.int32, device=DEVICE)
     plain = output_and_grads(causal_conv1d, x, weight, bias, dout, activation="silu", backend=backend)
     packed = output_and_grads(causal_conv1d, x, weight, bias, dout, activation="silu", backend=backend,
                               seq_idx=one_document)
