@@ -20,7 +20,9 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None = Non
     padded = F.pad(x.to(compute), (width - 1, 0))
     taps = [padded[:, :, k:k + length] for k in range(width)]
     if seq_idx is not None:
-        taps = [tap * same[:, None] for tap, same in zip(taps, same_document_taps(seq_idx, width), strict=True)]
+        # where, not a product: another document's inf or NaN must not reach this one, as when it runs alone
+        taps = [torch.where(same[:, None], tap, 0.0) for tap, same in zip(taps, same_document_taps(seq_idx, width),
+                                                                           strict=True)]
     out = sum(weight[:, k, None].to(compute) * tap for k, tap in enumerate(taps))
     if bias is not None:
         out = out + bias.to(compute)[:, None]
