@@ -25,6 +25,10 @@ One program per (chunk of positions, block of channels, batch element) loops ove
 its dweight/dbias contributions in registers in a fixed order and writes them to its own row of a float32
 buffer that torch then sums: no atomics, so bitwise deterministic.
 
+Packed documents (seq_idx (batch, L), contiguous): a tap reads x[s] for output t only where seq_idx[s] == seq_idx[t],
+in the forward and in every backward term (dx's correlation, dweight); only equality counts, so a flipped row works.
+A constexpr HAS_SEQ_IDX compiles this in, so seq_idx=None runs the kernels exactly as before.
+
 Under TRITON_INTERPRET=1 (the CPU tests) fixed small blocks replace the autotuner, which needs a GPU.
 Offsets are int64 wherever a stride multiplies an index (the batch, the channel in channel-first, the position in
 channel-last, whose stride is 2 * dim for the Mamba block's in_proj view), so no size overflows int32. Grids are
@@ -92,13 +96,32 @@ def _load_taps(Weight, d, d_mask, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _preactivation(X, taps, bias, d, t, d_mask, stride_xd, stride_xl, length, WIDTH: tl.constexpr,
-                   CHANNEL_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+def _same_document(SeqIdx, src, t, length):
+    """Whether positions src and t ([BLOCK_L] vectors) are in one document: equal ids in SeqIdx (this row's). Only
+    equality counts, so a flipped row works as well. Positions outside the row compare as whatever: callers mask
+    their loads there and store nothing for them."""
+    return tl.load(SeqIdx + src, mask=(src >= 0) & (src < length), other=0) == tl.load(SeqIdx + t, mask=t < length,
+                                                                                      other=0)
+
+
+@triton.jit
+def _tap_reads(SeqIdx, src, t, length, HAS_SEQ_IDX: tl.constexpr):
+    """Whether output t reads input src through a tap: src is in the row and, with SeqIdx, in t's document."""
+    reads = (src >= 0) & (src < length)
+    if HAS_SEQ_IDX:
+        reads = reads & _same_document(SeqIdx, src, t, length)
+    return reads
+
+
+@triton.jit
+def _preactivation(X, SeqIdx, taps, bias, d, t, d_mask, stride_xd, stride_xl, length, WIDTH: tl.constexpr,
+                   CHANNEL_LAST: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_L: tl.constexpr):
     """bias + sum_k w_k x[t - (WIDTH - 1) + k] in fp32 for the tile (d, t), summed in the reference's order."""
     acc = tl.zeros([BLOCK_D, BLOCK_L], tl.float32)
     for k in tl.static_range(WIDTH):
         src = t - (WIDTH - 1) + k
-        mask = d_mask[:, None] & ((src >= 0) & (src < length))[None, :]
+        mask = d_mask[:, None] & _tap_reads(SeqIdx, src, t, length, HAS_SEQ_IDX)[None, :]
         x_k = tl.load(X + _tile_offsets(d, src, stride_xd, stride_xl, CHANNEL_LAST), mask=mask, other=0.0)
         acc += taps[k][:, None] * x_k.to(tl.float32)
     return acc + bias[:, None]
@@ -150,9 +173,10 @@ def _join_vectors(cs, V: tl.constexpr):
 
 
 @triton.jit
-def _fwd_channel_first_kernel(X, Weight, Bias, Out, stride_xb, stride_xd, stride_ob, stride_od, dim, length,
+def _fwd_channel_first_kernel(X, Weight, Bias, SeqIdx, Out, stride_xb, stride_xd, stride_ob, stride_od, dim, length,
                               length_key, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                              V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+                              HAS_SEQ_IDX: tl.constexpr, V: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_L: tl.constexpr):
     """L is the unit-stride axis. Shifted loads (x[t - 1], ...) would be misaligned and compile to one 2-byte
     load per element; instead the block is read as 16-byte vectors of V positions, plus the V positions
     before each vector (aligned too, and cached), and the taps pick their inputs among those registers."""
@@ -167,14 +191,23 @@ def _fwd_channel_first_kernel(X, Weight, Bias, Out, stride_xb, stride_xd, stride
     prev = _split_vectors(tl.load(x_ptrs - V, mask=prev_mask, other=0.0).to(tl.float32), V)
     taps = _load_taps(Weight, d, d_mask, WIDTH, BLOCK_D)
     bias = _load_bias(Bias, d, d_mask, HAS_BIAS)[:, None]
+    if HAS_SEQ_IDX:  # this row's document ids, split like x: [1, R] per position of the vector
+        SeqIdx += b * length
+        seq_cur = _split_vectors(tl.load(SeqIdx + t, mask=t < length, other=0), V)
+        seq_prev = _split_vectors(tl.load(SeqIdx + t - V, mask=(t >= V) & (t - V < length), other=0), V)
     outs = ()
     for c in tl.static_range(V):
         acc = tl.zeros([BLOCK_D, R], tl.float32)
         for k in tl.static_range(WIDTH):  # tap k of position c reads position c - (WIDTH - 1) + k of the vector
             if c + k >= WIDTH - 1:
-                acc += taps[k][:, None] * cur[c - (WIDTH - 1) + k]
+                x_k = cur[c - (WIDTH - 1) + k]
+                if HAS_SEQ_IDX:
+                    x_k = tl.where(seq_cur[c - (WIDTH - 1) + k] == seq_cur[c], x_k, 0.0)
             else:  # before the vector: the end of the previous one
-                acc += taps[k][:, None] * prev[V + c - (WIDTH - 1) + k]
+                x_k = prev[V + c - (WIDTH - 1) + k]
+                if HAS_SEQ_IDX:
+                    x_k = tl.where(seq_prev[V + c - (WIDTH - 1) + k] == seq_cur[c], x_k, 0.0)
+            acc += taps[k][:, None] * x_k
         acc += bias
         if SILU:
             acc = acc * tl.sigmoid(acc)
@@ -185,17 +218,17 @@ def _fwd_channel_first_kernel(X, Weight, Bias, Out, stride_xb, stride_xd, stride
 
 
 @triton.jit
-def _fwd_channel_last_kernel(X, Weight, Bias, Out, stride_xb, stride_xl, stride_ob, stride_ol, dim, length,
+def _fwd_channel_last_kernel(X, Weight, Bias, SeqIdx, Out, stride_xb, stride_xl, stride_ob, stride_ol, dim, length,
                              length_key, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+                             HAS_SEQ_IDX: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """dim is the unit-stride axis: the shifted tiles are other rows, aligned, so they are loaded directly."""
     position_block, d, b = _program_tile(tl.cdiv(length, BLOCK_L), dim, BLOCK_D)
     t = position_block * BLOCK_L + tl.arange(0, BLOCK_L)
     d_mask = d < dim
     taps = _load_taps(Weight, d, d_mask, WIDTH, BLOCK_D)
     bias = _load_bias(Bias, d, d_mask, HAS_BIAS)
-    pre = _preactivation(X + b * stride_xb, taps, bias, d, t, d_mask, 1, stride_xl, length, WIDTH, True,
-                         BLOCK_D, BLOCK_L)
+    pre = _preactivation(X + b * stride_xb, SeqIdx + b * length, taps, bias, d, t, d_mask, 1, stride_xl, length,
+                         WIDTH, True, HAS_SEQ_IDX, BLOCK_D, BLOCK_L)
     out = pre * tl.sigmoid(pre) if SILU else pre
     tl.store(Out + b * stride_ob + _tile_offsets(d, t, 1, stride_ol, True), out.to(Out.dtype.element_ty),
              mask=d_mask[:, None] & (t < length)[None, :])
@@ -203,18 +236,19 @@ def _fwd_channel_last_kernel(X, Weight, Bias, Out, stride_xb, stride_xl, stride_
 
 # -- backward ---------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_kernel(X, Weight, Bias, dOut, dX, PartialWeight, PartialBias,
+def _bwd_kernel(X, Weight, Bias, SeqIdx, dOut, dX, PartialWeight, PartialBias,
                 stride_xb, stride_xd, stride_xl, stride_gb, stride_gd, stride_gl,
                 stride_dxb, stride_dxd, stride_dxl,
                 batch, dim, length, chunk_len, length_key,
                 WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CHANNEL_LAST: tl.constexpr,
-                DOUT_CHANNEL_LAST: tl.constexpr, MAX_WIDTH: tl.constexpr,
+                DOUT_CHANNEL_LAST: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, MAX_WIDTH: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     chunk, d, b = _program_tile(tl.cdiv(length, chunk_len), dim, BLOCK_D)
     d_mask = d < dim
     X += b * stride_xb
     dOut += b * stride_gb
     dX += b * stride_dxb
+    SeqIdx += b * length
     taps = _load_taps(Weight, d, d_mask, WIDTH, BLOCK_D)
     bias = _load_bias(Bias, d, d_mask, HAS_BIAS)
     tap_index = tl.arange(0, MAX_WIDTH)
@@ -229,11 +263,13 @@ def _bwd_kernel(X, Weight, Bias, dOut, dX, PartialWeight, PartialBias,
         dx = tl.zeros([BLOCK_D, BLOCK_L], tl.float32)
         for j in tl.static_range(WIDTH):  # g at t + j meets x at t through tap WIDTH - 1 - j
             t_j = t + j
-            pre = _preactivation(X, taps, bias, d, t_j, d_mask, stride_xd, stride_xl, length, WIDTH,
-                                 CHANNEL_LAST, BLOCK_D, BLOCK_L)
+            pre = _preactivation(X, SeqIdx, taps, bias, d, t_j, d_mask, stride_xd, stride_xl, length, WIDTH,
+                                 CHANNEL_LAST, HAS_SEQ_IDX, BLOCK_D, BLOCK_L)
             mask = d_mask[:, None] & (t_j < length)[None, :]
+            if HAS_SEQ_IDX:  # and position t + j reads x at t only within t's document
+                mask = mask & _same_document(SeqIdx, t_j, t, length)[None, :]
             g = tl.load(dOut + _tile_offsets(d, t_j, stride_gd, stride_gl, DOUT_CHANNEL_LAST), mask=mask,
-                        other=0.0).to(tl.float32)  # zero past the end, so g is zero there too
+                        other=0.0).to(tl.float32)  # zero where it does not reach, so g is zero there too
             if SILU:
                 sig = tl.sigmoid(pre)
                 g = g * sig * (1.0 + pre * (1.0 - sig))
@@ -243,7 +279,7 @@ def _bwd_kernel(X, Weight, Bias, dOut, dX, PartialWeight, PartialBias,
                 dbias += tl.sum(g, 1)
                 for k in tl.static_range(WIDTH):
                     src = t - (WIDTH - 1) + k
-                    x_mask = d_mask[:, None] & ((src >= 0) & (src < length))[None, :]
+                    x_mask = d_mask[:, None] & _tap_reads(SeqIdx, src, t, length, HAS_SEQ_IDX)[None, :]
                     x_k = tl.load(X + _tile_offsets(d, src, stride_xd, stride_xl, CHANNEL_LAST), mask=x_mask,
                                   other=0.0).to(tl.float32)
                     dweight += tl.where(tap_index[None, :] == k, tl.sum(g * x_k, 1)[:, None], 0.0)
@@ -266,7 +302,7 @@ def _configs(block_ds, block_ls, min_per_thread, max_per_thread):
 
 
 # L rounded up to a power of two: one tuning per bucket, not per length. The kernels take it only as a key.
-_TUNE_KEY = ["dim", "length_key", "WIDTH", "SILU"]
+_TUNE_KEY = ["dim", "length_key", "WIDTH", "SILU", "HAS_SEQ_IDX"]
 # Tiles are long along the unit-stride axis (coalesced, vectorised loads) and short along the other.
 _fwd_kernels = {False: _fwd_channel_first_kernel, True: _fwd_channel_last_kernel}
 _fwd_tuned = {
@@ -294,14 +330,15 @@ def _readable(t: Tensor) -> Tensor:
     return t if t.stride(2) == 1 or t.stride(1) == 1 else t.contiguous()
 
 
-def _contiguous(bias: Tensor | None) -> Tensor | None:
-    """The kernels read bias[d] with unit stride; a (dim,) copy is free."""
-    return None if bias is None else bias.contiguous()
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    """The kernels read bias[d] and seq_idx[b, t] at offset d and b * L + t; a (dim,) or (batch, L) copy is cheap."""
+    return None if t is None else t.contiguous()
 
 
-def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
-    """out (batch, dim, L) in x's dtype and layout (see new_like_x)."""
-    x, weight, bias = _readable(x), weight.contiguous(), _contiguous(bias)
+def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool,
+                      seq_idx: Tensor | None = None) -> Tensor:
+    """out (batch, dim, L) in x's dtype and layout (see new_like_x). seq_idx (batch, L): document ids, or None."""
+    x, weight, bias, seq_idx = _readable(x), weight.contiguous(), _contiguous(bias), _contiguous(seq_idx)
     batch, dim, length = x.shape
     out = new_like_x(x)
     channel_last = is_channel_last(x)
@@ -311,16 +348,17 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
     # channel-first: V positions per 16-byte vector (block lengths are multiples of 8)
     vector = {} if channel_last else {"V": 16 // x.element_size()}
     _launch(_fwd_kernels[channel_last], _fwd_tuned[channel_last], grid, x, weight, weight if bias is None else bias,
-            out, *strides, dim, length, triton.next_power_of_2(length),
-            WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, **vector)
+            x if seq_idx is None else seq_idx, out, *strides, dim, length, triton.next_power_of_2(length),
+            WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, **vector)
     return out
 
 
-def causal_conv1d_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
-                      silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+def causal_conv1d_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool,
+                      seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dx in x's dtype and layout, dweight (dim, width) in weight's dtype, dbias (dim,) in bias's dtype,
     float32 without a bias); deterministic."""
-    x, grad_out, weight, bias = _readable(x), _readable(grad_out), weight.contiguous(), _contiguous(bias)
+    x, grad_out, weight = _readable(x), _readable(grad_out), weight.contiguous()
+    bias, seq_idx = _contiguous(bias), _contiguous(seq_idx)
     batch, dim, length = x.shape
     width = weight.shape[1]
     n_chunks = triton.cdiv(length, BWD_CHUNK_LEN)
@@ -329,12 +367,12 @@ def causal_conv1d_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor 
     partial_bias = torch.empty((n_chunks * batch, dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: flat_grid("causal_conv1d", n_chunks, triton.cdiv(dim, meta["BLOCK_D"]), batch)  # noqa: E731
     channel_last = is_channel_last(x)
-    _launch(_bwd_kernel, _bwd_tuned[channel_last], grid, x, weight,
-            weight if bias is None else bias, grad_out, dx, partial_weight, partial_bias,
+    _launch(_bwd_kernel, _bwd_tuned[channel_last], grid, x, weight, weight if bias is None else bias,
+            x if seq_idx is None else seq_idx, grad_out, dx, partial_weight, partial_bias,
             *x.stride(), *grad_out.stride(), *dx.stride(),
             batch, dim, length, BWD_CHUNK_LEN, triton.next_power_of_2(length),
             WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, CHANNEL_LAST=channel_last,
-            DOUT_CHANNEL_LAST=is_channel_last(grad_out), MAX_WIDTH=MAX_WIDTH)
+            DOUT_CHANNEL_LAST=is_channel_last(grad_out), HAS_SEQ_IDX=seq_idx is not None, MAX_WIDTH=MAX_WIDTH)
     dweight = partial_weight.sum(0).to(weight.dtype)
     dbias = partial_bias.sum(0).to(torch.float32 if bias is None else bias.dtype)
     return dx, dweight, dbias

@@ -19,6 +19,19 @@ def check_float_dtype(op: str, name: str, t: Tensor) -> None:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
 
 
+def check_seq_idx(op: str, seq_idx, batch: int, length: int, device: torch.device) -> None:
+    """seq_idx, the document id of each position of packed rows (issue 19's convention), must be an int32 or int64
+    (batch, L) tensor on the input's device."""
+    if not isinstance(seq_idx, Tensor):
+        raise TypeError(f"{op}: seq_idx must be a torch.Tensor of document ids or None, got {type(seq_idx).__name__}")
+    if seq_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: seq_idx has dtype {seq_idx.dtype}; use int32 (or int64) document ids")
+    if tuple(seq_idx.shape) != (batch, length):
+        raise ValueError(f"{op}: seq_idx must have shape (batch, L) = {(batch, length)}, got {tuple(seq_idx.shape)}")
+    if seq_idx.device != device:
+        raise ValueError(f"{op}: seq_idx is on {seq_idx.device} but the inputs are on {device}; move it there")
+
+
 def check_cu_seqlens_bounds(op: str, cu_seqlens: Tensor, length: int) -> None:
     """Packed sequences' cumulative lengths must rise strictly from 0 to the packed length. Not checked under
     torch.compile: reading the values would break the graph (and sync a GPU)."""

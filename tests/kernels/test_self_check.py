@@ -57,7 +57,7 @@ def test_the_check_ignores_the_callers_grad_and_autocast_modes(caller):
 def test_an_injected_fault_fails_the_check(broken_conv):
     verdict = self_check.run_self_check(kernel_ops()["causal_conv1d"], CPU, torch.float32)
     assert not verdict.passed
-    assert verdict.detail.startswith("case 1 of 4: output 0: ") and "values off" in verdict.detail
+    assert verdict.detail.startswith("case 1 of 6: output 0: ") and "values off" in verdict.detail
 
 
 def test_a_kernel_that_raises_fails_the_check(monkeypatch):
@@ -66,7 +66,7 @@ def test_a_kernel_that_raises_fails_the_check(monkeypatch):
 
     monkeypatch.setattr(conv_triton, "causal_conv1d_fwd", no_launch)
     verdict = self_check.run_self_check(kernel_ops()["causal_conv1d"], CPU, torch.float32)
-    assert not verdict.passed and verdict.detail == "case 1 of 4: RuntimeError: out of resource: shared memory"
+    assert not verdict.passed and verdict.detail == "case 1 of 6: RuntimeError: out of resource: shared memory"
 
 
 def pretend_cuda(monkeypatch):
@@ -90,7 +90,7 @@ def test_auto_falls_back_with_one_warning(broken_conv, monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("warning: kernels.causal_conv1d: our Triton kernel failed its self-check on NVIDIA "
-                               "H100 80GB HBM3 (sm_90) in float32 (case 1 of 4: output 0: ")
+                               "H100 80GB HBM3 (sm_90) in float32 (case 1 of 6: output 0: ")
     assert lines[0].endswith("; auto uses torch instead")
 
 
@@ -113,7 +113,7 @@ def test_explicit_triton_fails_in_one_line(broken_conv, monkeypatch):
     monkeypatch.setenv(self_check.MODE_VARIABLE, "always")
     x, weight = torch.randn(1, 3, 8), torch.randn(3, 4)
     with pytest.raises(ValueError, match=r"^our Triton kernel for causal_conv1d failed its self-check on cpu "
-                                         r"\(Triton interpreter\) in float32 \(case 1 of 4: ") as info:
+                                         r"\(Triton interpreter\) in float32 \(case 1 of 6: ") as info:
         causal_conv1d(x, weight, backend="triton")
     assert "\n" not in str(info.value) and str(info.value).endswith("use kernels.causal_conv1d=auto (it falls back) "
                                                                    "or torch")
