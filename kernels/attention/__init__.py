@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from archlab.kernels.attention.conformance import CONFORMANCE
 from archlab.kernels.attention.reference import attention_reference, same_document, visible_keys
 from archlab.kernels.backend import refuse_double_backward, resolve_backend
+from archlab.kernels.common.inputs import check_seq_idx
 from archlab.kernels.registry import KernelBench, KernelOp, register
 
 __all__ = ["attention", "attention_reference"]
@@ -192,19 +193,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | N
 def _check_seq_idx(seq_idx: Tensor | None, q: Tensor, k: Tensor) -> None:
     if seq_idx is None:
         return
-    if not isinstance(seq_idx, Tensor):
-        raise TypeError(f"attention: seq_idx must be a torch.Tensor (batch, length) or None, "
-                        f"got {type(seq_idx).__name__}")
-    if seq_idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"attention: seq_idx must be int32 or int64 document ids, got {seq_idx.dtype}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"attention: seq_idx (packed documents) needs self-attention, len_q == len_k, got "
                          f"{q.shape[2]} and {k.shape[2]}; decoding with a KV cache passes no seq_idx")
-    if seq_idx.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"attention: seq_idx must be (batch, length) = {(q.shape[0], q.shape[2])}, "
-                         f"got {tuple(seq_idx.shape)}")
-    if seq_idx.device != q.device:
-        raise ValueError(f"attention: seq_idx must be on q's device {q.device}, got {seq_idx.device}")
+    check_seq_idx("attention", seq_idx, q.shape[0], q.shape[2], q.device)
 
 
 register(KernelOp(  # auto on CUDA: SDPA, until a committed benchmark shows our kernel as fast (kernels/measured.py)

@@ -25,7 +25,7 @@ def check_seq_idx(op: str, seq_idx, batch: int, length: int, device: torch.devic
     if not isinstance(seq_idx, Tensor):
         raise TypeError(f"{op}: seq_idx must be a torch.Tensor of document ids or None, got {type(seq_idx).__name__}")
     if seq_idx.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: seq_idx has dtype {seq_idx.dtype}; use int32 (or int64) document ids")
+        raise TypeError(f"{op}: seq_idx has dtype {seq_idx.dtype}; use int32 (or int64) document ids")
     if tuple(seq_idx.shape) != (batch, length):
         raise ValueError(f"{op}: seq_idx must have shape (batch, L) = {(batch, length)}, got {tuple(seq_idx.shape)}")
     if seq_idx.device != device:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from archlab.kernels.backend import PEER_INSTALL_HINT, resolve_backend
+from archlab.kernels.common.inputs import check_seq_idx
 from archlab.kernels.registry import KernelBench, KernelOp, register
 from archlab.kernels.selective_scan.conformance import CONFORMANCE
 from archlab.kernels.selective_scan.chunked import selective_scan_chunked, selective_state_update_torch
@@ -94,15 +95,8 @@ def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, seq_idx) -> None:
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     _check_shapes_and_dtypes("selective_scan", named, lead="u", like_lead=("delta", "z"), layout="(batch, dim, L)",
                              bc_layout="(batch, [G,] N, L)", bias="delta_bias")
-    if seq_idx is None:
-        return
-    if not isinstance(seq_idx, Tensor) or seq_idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"selective_scan: seq_idx must be an int32 or int64 tensor of document ids, got "
-                        f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
-    batch, _, length = u.shape
-    if seq_idx.shape != (batch, length) or seq_idx.device != u.device:
-        raise ValueError(f"selective_scan: seq_idx must be (batch, L) = {(batch, length)} on {u.device}, got "
-                         f"{tuple(seq_idx.shape)} on {seq_idx.device}")
+    if seq_idx is not None:
+        check_seq_idx("selective_scan", seq_idx, u.shape[0], u.shape[2], u.device)
 
 
 def _check_update_inputs(state, x, dt, A, B, C, D, z, dt_bias) -> None:

@@ -129,11 +129,11 @@ def test_one_document_per_row_is_attention_without_seq_idx(backend):
 # -- bad seq_idx -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make_seq_idx,length_k,error,message", [
     (lambda: [[0, 0, 1, 1]], 4, TypeError, "seq_idx must be a torch.Tensor"),
-    (lambda: torch.zeros(2, 4), 4, TypeError, "seq_idx must be int32 or int64 document ids, got torch.float32"),
-    (lambda: torch.zeros(2, 5, dtype=torch.int32), 4, ValueError, r"seq_idx must be \(batch, length\) = \(2, 4\)"),
-    (lambda: torch.zeros(4, dtype=torch.int32), 4, ValueError, r"seq_idx must be \(batch, length\)"),
+    (lambda: torch.zeros(2, 4), 4, TypeError, "seq_idx has dtype torch.float32; use int32"),
+    (lambda: torch.zeros(2, 5, dtype=torch.int32), 4, ValueError, r"seq_idx must have shape \(batch, L\) = \(2, 4\)"),
+    (lambda: torch.zeros(4, dtype=torch.int32), 4, ValueError, r"seq_idx must have shape \(batch, L\)"),
     (lambda: torch.zeros(2, 4, dtype=torch.int32), 6, ValueError, "needs self-attention, len_q == len_k, got 4 and 6"),
-    (lambda: torch.zeros(2, 4, dtype=torch.int32, device="meta"), 4, ValueError, "seq_idx must be on q's device"),
+    (lambda: torch.zeros(2, 4, dtype=torch.int32, device="meta"), 4, ValueError, "seq_idx is on meta"),
 ], ids=["list", "float", "length", "1-D", "kv-cache", "device"])
 def test_bad_seq_idx_is_a_one_line_error(make_seq_idx, length_k, error, message):
     q, k = torch.randn(2, 2, 4, 16), torch.randn(2, 2, length_k, 16)

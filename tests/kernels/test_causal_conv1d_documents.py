@@ -133,8 +133,8 @@ def _inputs():
 @pytest.mark.parametrize("seq_idx,error,message", [
     (torch.zeros(2, 7, dtype=torch.int32), ValueError, r"must have shape \(batch, L\) = \(2, 8\), got \(2, 7\)"),
     (torch.zeros(16, dtype=torch.int32), ValueError, r"seq_idx must have shape \(batch, L\)"),
-    (torch.zeros(2, 8), ValueError, "seq_idx has dtype torch.float32; use int32"),
-    (torch.zeros(2, 8, dtype=torch.int16), ValueError, "seq_idx has dtype torch.int16"),
+    (torch.zeros(2, 8), TypeError, "seq_idx has dtype torch.float32; use int32"),
+    (torch.zeros(2, 8, dtype=torch.int16), TypeError, "seq_idx has dtype torch.int16"),
     (torch.zeros(2, 8, dtype=torch.int32, device="meta"), ValueError, "seq_idx is on meta but the inputs are on cpu"),
     ([[0] * 8] * 2, TypeError, "seq_idx must be a torch.Tensor of document ids or None, got list"),
 ])
