@@ -108,14 +108,12 @@ def prepared_path(cfg) -> Path | None:
     if data.prepare is not None:
         out = Path(data.path).expanduser()
         out = out if out.is_absolute() else cache_dir() / "datasets" / out
-        if not (out / MANIFEST).exists():
-            from archlab.train.prepare import prepare_dataset
+        from archlab.train.prepare import prepare_dataset
 
-            spec = data.prepare
-            prepare_dataset([resolve_data_path(source) for source in spec.sources], out, tokenizer=spec.tokenizer,
-                            train_tokenizer=spec.train_tokenizer, split_on=spec.split_on,
-                            max_doc_chars=spec.max_doc_chars,
-                            val_fraction=data.val_fraction, test_fraction=data.test_fraction)
+        spec = data.prepare  # prepares, resumes an unfinished prepare, or checks that out holds this very dataset
+        prepare_dataset([resolve_data_path(source) for source in spec.sources], out, tokenizer=spec.tokenizer,
+                        train_tokenizer=spec.train_tokenizer, split_on=spec.split_on, max_doc_chars=spec.max_doc_chars,
+                        val_fraction=data.val_fraction, test_fraction=data.test_fraction)
         return out
     path = resolve_data_path(data.path)
     return path if path.is_dir() and (path / MANIFEST).exists() else None

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from archlab.archs.model import Model
+from archlab.archs.config import BYTE_VOCAB_SIZE
 from archlab.archs.registry import OBJECTIVES, build_model
 from archlab.kernels.backend import resolve_backend
 from archlab.train import checkpoint as ckpt
@@ -35,15 +36,16 @@ def resolve_device(name: str) -> torch.device:
 
 def open_run_corpus(cfg: Config) -> Corpus:
     """The run's corpus (train/corpus.py), with what it decides written into cfg: model.vocab_size from the
-    tokenizer, data.identity from a prepared dataset. A config that already names another vocabulary or dataset
-    (a saved run's, or one set by hand) is refused in one line."""
+    tokenizer, data.identity from a prepared dataset. A config that already names another vocabulary (but the byte
+    default) or dataset (a saved run's, or one set by hand) is refused in one line."""
     corpus = open_corpus(cfg)
     objective = cfg.model.objective
     if OBJECTIVES[objective].byte_streams_only and (corpus.tokenizer.spec != "bytes" or corpus.has_documents):
         raise ConfigError(f"objective {objective} reads one stream of bytes: set data.packing=stream and use a byte "
                           "corpus (data.tokenizer=bytes)")
     vocab = corpus.tokenizer.vocab_size
-    if "vocab_size" in cfg.model.model_fields_set and cfg.model.vocab_size != vocab:
+    # 256 is the byte default a saved or dumped config (a study's arm) carries: the tokenizer replaces it
+    if cfg.model.vocab_size not in (BYTE_VOCAB_SIZE, vocab):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer ({corpus.tokenizer.spec}) has "
                           f"{vocab} tokens; remove model.vocab_size (the tokenizer sets it)")
     if cfg.data.identity is not None and cfg.data.identity != corpus.identity:
