@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from archlab.train.data import ByteCorpus, cache_dir, resolve_data_path
-from archlab.train.tokenizers import ByteTokenizer
 from archlab.train.errors import DataError
+from archlab.train.tokenizers import ByteTokenizer
 
 MANIFEST = "manifest.json"
 
@@ -70,12 +70,13 @@ class Corpus:
 
 
 def separator_starts(data: np.ndarray, separator: str) -> np.ndarray:
-    """Offsets where a document starts in a byte split: 0, and each line start whose line matches `separator`."""
+    """Offsets where a document starts in a byte split: 0, and the start of each line `separator` matches in."""
     try:
         pattern = re.compile(separator.encode(), re.MULTILINE)
     except re.error as err:
         raise DataError(f"data.separator {separator!r} is not a valid regex ({err}); fix it") from None
-    starts = [m.start() for m in pattern.finditer(bytes(data)) if m.start() == 0 or data[m.start() - 1] == 10]
+    text = bytes(data)
+    starts = [text.rfind(b"\n", 0, match.start()) + 1 for match in pattern.finditer(text)]  # the match's line
     return np.unique(np.asarray([0, *starts], dtype=np.int64))
 
 
@@ -122,6 +123,9 @@ def prepared_path(cfg) -> Path | None:
 def _open_prepared(path: Path, cfg) -> Corpus:
     from archlab.train.prepared import PreparedDataset
 
+    if cfg.data.separator is not None:
+        raise DataError(f"data.separator is for text files; {path} is a prepared dataset with its own documents: "
+                        "remove data.separator (prepare with --split-on to cut documents differently)")
     dataset = PreparedDataset.open(path)
     tokenizer = dataset.tokenizer
     if cfg.data.tokenizer is not None and cfg.data.tokenizer != tokenizer.spec and cfg.data.tokenizer != "dataset":
