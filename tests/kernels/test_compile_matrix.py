@@ -18,11 +18,11 @@ from archlab.kernels.common.autotune import SHARED_MEMORY_LIMIT, autotune, fitti
 from archlab.kernels.registry import kernel_ops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[2] / "compare" / "results"
-# The targets compiled in CI (~400 CPU-seconds): Ampere, Ada (99 KB of shared memory) and Hopper. sm_86, which
-# issue 16 also named, gives rows identical to sm_89's (same shared-memory limit; checked on the whole committed table
-# of triton 3.9.0), so CI leaves it to `archlab compile-matrix`, whose committed table has all six targets; this test
-# compares the rows of these three.
-CI_TARGETS = (80, 89, 90)
+# The target compiled in CI: Hopper. Since issue 19's packed-document variants the matrix holds 166 compiles per target
+# (~260 s of a 2-core CI machine each), so CI compiles one target and compares its rows with the committed table,
+# which `archlab compile-matrix` writes for all six (sm_80, 86, 89, 90, 100, 120): a kernel change that does not
+# regenerate it fails here, and the other targets' fits and spills are read from that table.
+CI_TARGETS = (90,)
 
 
 def _configs(*blocks):
