@@ -100,6 +100,8 @@ def bench_packing(config: str, overrides: list[str], *, separator: str, steps: i
             for packing in order:
                 rates[packing].append(chunk(trainers[packing]))
     stream, documents = (statistics.median(rates[p]) for p in ("stream", "documents"))
+    # each repeat's two chunks ran back to back: their ratio is what drift in the machine's speed disturbs least
+    paired = statistics.median(d / s for s, d in zip(rates["stream"], rates["documents"], strict=True))
     return {
         "benchmark": "packing", "config": config, "overrides": list(overrides), "separator": separator,
         "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -107,5 +109,6 @@ def bench_packing(config: str, overrides: list[str], *, separator: str, steps: i
         "boundaries_per_row": round(cut, 2), "steps_per_chunk": steps, "repeats": repeats,
         "stream_tokens_per_s": round(stream), "documents_tokens_per_s": round(documents),
         "packing_cost_pct": round(100 * (1 - documents / stream), 2),
+        "paired_packing_cost_pct": round(100 * (1 - paired), 2),
         "stream_rates": [round(r) for r in rates["stream"]], "documents_rates": [round(r) for r in rates["documents"]],
     }

@@ -45,7 +45,7 @@ def one_layer(mixer: str, causal: bool, backend: str) -> ResidualStack:
 
 
 @pytest.mark.parametrize("mixer,causal,backend", CASES)
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(lengths=ragged_rows)
 def test_packed_documents_run_as_if_alone(mixer, causal, backend, lengths):
     x = torch.randn(len(lengths), LENGTH, D_MODEL)
