@@ -12,6 +12,7 @@ a (B, 2, L + 1) documents batch (archs/model.py); otherwise (B, L + 1) as before
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,9 @@ def prepared_path(cfg) -> Path | None:
     if data.prepare is not None:
         out = Path(data.path).expanduser()
         out = out if out.is_absolute() else cache_dir() / "datasets" / out
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (out / MANIFEST).exists():
+            raise DataError(f"{out} is not prepared yet, and every process of a torchrun launch would prepare it at "
+                            "once; run `archlab data prepare` (or this config in one process) first")
         from archlab.train.prepare import prepare_dataset
 
         spec = data.prepare  # prepares, resumes an unfinished prepare, or checks that out holds this very dataset
