@@ -262,7 +262,7 @@ CASES = [
                                                 ARCHLAB_DATA="data-root"), "is not in any data root"),
     ("data: empty file", train_data("empty.bin", b""), "is empty"),
     ("data: a directory", lambda ctx: train("data.sha256=null", f"data.path={ctx.tmp}")(ctx), "is a directory"),
-    ("data: shorter than one window", train_data("short.bin", b"\x00\xff" * 10), "data.seq_len=32 needs 33 bytes"),
+    ("data: shorter than one window", train_data("short.bin", b"\x00\xff" * 10), "data.seq_len=32 needs 33 tokens"),
     ("data: checksum mismatch", train("data.sha256=" + "ab" * 32), "but data.sha256 is abab"),
     ("data: test split too small", train("data.test_fraction=0.000001"), "test split of tinyshakespeare.txt has only"),
     ("data: window longer than the corpus", train("data.seq_len=2000000"), "data.seq_len=2000000 needs"),

@@ -61,15 +61,14 @@ def _qkv(batch, n_heads, n_kv_heads, len_q, len_k, head_dim, transposed, dtype, 
 # (batch, heads, kv_heads, len_q, len_k, head_dim, causal, transposed, scale, window, documents): causal and not,
 # GQA and MQA, ragged and bottom-right aligned lengths, one query (decoding), every head dim the kernel compiles,
 # several blocks on a GPU, a sliding window that skips blocks behind it on a prefill chunk after a cache, and packed
-# rows (each row's document lengths) causal with and without a window and bidirectional, documents shorter and
-# longer than a GPU block
+# rows (each row's document lengths) causal and bidirectional, documents shorter and longer than a GPU block (small:
+# the interpreter runs these in CI)
 SELF_CHECK_SHAPES = (
     (1, 2, 2, 37, 37, 16, False, False, None, None, None), (2, 4, 2, 150, 150, 32, True, False, None, None, None),
     (1, 4, 1, 5, 70, 64, True, True, 0.3, None, None), (1, 2, 1, 70, 19, 128, False, False, None, None, None),
     (1, 2, 2, 1, 33, 64, True, False, None, None, None), (1, 4, 2, 100, 230, 64, True, False, None, 40, None),
-    (2, 4, 2, 300, 300, 64, True, False, None, None, ((7, 150, 1, 142), (300,))),
-    (1, 2, 1, 300, 300, 128, True, True, None, 90, ((200, 37, 63),)),
-    (2, 2, 2, 200, 200, 32, False, False, None, None, ((64, 1, 135), (129, 71))))
+    (2, 4, 2, 150, 150, 64, True, False, None, None, ((7, 70, 1, 72), (150,))),
+    (1, 2, 2, 100, 100, 32, False, False, None, None, ((64, 1, 35),)))
 
 
 def self_check_cases(dtype: torch.dtype) -> list[ConformanceCase]:

@@ -92,7 +92,8 @@ def _within_documents(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     return out if bias is None else out + bias.to(x.dtype)[:, None]
 
 
-def _peer(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None, seq_idx: Tensor | None) -> Tensor:
+def _peer(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+          seq_idx: Tensor | None = None) -> Tensor:
     try:
         from causal_conv1d import causal_conv1d_fn
     except ImportError as error:
