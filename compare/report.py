@@ -16,7 +16,7 @@ import numpy as np
 
 from archlab.compare import plots
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
-from archlab.kernels.common.files import atomic_path, atomic_write_all
+from archlab.kernels.common.files import atomic_write_all
 from archlab.kernels.common.markdown import table, table_row
 from archlab.train.errors import UserError
 from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE
@@ -30,7 +30,6 @@ ARM_COLUMNS = ["arm", "seeds", "params", "FLOPs/token", "tokens", "train FLOPs",
 FIT_COLUMNS = ["arm", "E", "A", "α", "points", "rmse"]
 PROBE_COLUMNS = ["run", "probe", "trained encoder", "its step-0 encoder", "baseline run", "own figure", "unigram",
                  "bigram", "training added"]
-SYNTHETIC_COLUMNS = ["arm", "d_model", "params", "setting", "seeds", "accuracy"]
 SPREAD = "± half the range over seeds, (max − min) / 2"
 FLAG_NOTES = {"probe": "JEPA: bpb of a linear byte probe on frozen features, not a likelihood of the model",
               "bound": "diffusion: the NELBO, an upper bound on the true bpb"}
@@ -48,17 +47,15 @@ LINEAR_PROBE_NOTE = (
     "give. Training added = step-0 encoder's bpb − trained encoder's bpb. Own figure = the run's final quality "
     "metric (a JEPA's online probe, trained alongside the encoder; an LM's own head).")
 PARETO_COST_TOLERANCE = 0.02  # runs matched to one budget land within a step of it: equal cost, not cheaper
-# keys of a synthetic row that are not part of its task setting (what the table groups seeds under)
-SYNTHETIC_FIXED_KEYS = {"arm", "backbone", "d_model", "params", "seed", "accuracy", "train_steps", "train_seconds",
-                        "setting", "final_train_loss", "model", "steps", "lr", "batch_size", "prefix_losses"}
-
 
 def write_report(out_dir: Path) -> dict[str, Path]:
     """Write the report files into out_dir; returns {file name: path} of what was written."""
     out_dir = Path(out_dir)
     study = _read_study(out_dir)
     if study.get("kind") == "synthetic":
-        return _write_synthetic(study, out_dir)
+        from archlab.compare.synthetic_report import write_synthetic_report  # it imports this module's helpers
+
+        return write_synthetic_report(study, out_dir)
     loaded = [(entry.get("name", "?"), *_load_run(out_dir, entry)) for entry in study["runs"]]
     runs = [run for _, run, _ in loaded if run is not None]
     skipped = [(name, reason) for name, run, reason in loaded if run is None]
@@ -328,35 +325,6 @@ def _reading(groups: list[dict]) -> str:
     text.append("Pareto front (FLOPs): " + (", ".join(g["label"] for g in ranked if g["pareto_flops"]) or "–")
                 + "; (wall-clock): " + (", ".join(g["label"] for g in ranked if g["pareto_time"]) or "–") + ".")
     return " ".join(text)
-
-
-def _write_synthetic(study: dict, out_dir: Path) -> dict[str, Path]:
-    """Synthetic-task studies: accuracy by arm x width x setting (mean over seeds), the rows as CSV, a plot."""
-    rows = study.get("synthetic") or []
-    if not rows:
-        raise UserError(f"{out_dir / 'study.json'} has no synthetic rows yet; let `archlab compare` finish a task")
-    by_setting: dict[tuple, list[dict]] = {}
-    for row in rows:
-        setting = ", ".join(f"{k}={row[k]}" for k in sorted(row) if k not in SYNTHETIC_FIXED_KEYS)
-        by_setting.setdefault((row["arm"], row["d_model"], setting), []).append(row)
-    table_rows = []
-    for (arm, width, setting), members in by_setting.items():
-        acc = [m["accuracy"] for m in members]
-        table_rows.append([arm, width, _fmt(_mean(m.get("params") for m in members), "int"), setting, len(members),
-                      f"{np.mean(acc):.3f} ± {(max(acc) - min(acc)) / 2:.3f}"])
-    lines = [f"# Study report: {study['study']} (synthetic tasks)", "", *_metadata(study), "",
-             *table(SYNTHETIC_COLUMNS, table_rows, compact_rule=True)]
-    lines += ["", f"Accuracy over the test set's answer positions: mean over seeds {SPREAD}.", "",
-              "![accuracy vs width](synthetic.png)", ""]
-    from archlab.compare.synthetic import plot_accuracy_vs_width  # lazy: only synthetic studies need it
-
-    columns = [key for key in dict.fromkeys(k for row in rows for k in row) if key != "prefix_losses"]
-    # the plot is drawn before the other files are written: one that fails leaves the directory as it was
-    with atomic_path(out_dir / "synthetic.png") as plot:
-        plot_accuracy_vs_width(rows, plot)
-        written = _write_files(out_dir, {"results.csv": _csv(rows, columns),
-                                         "report.md": ("\n".join(lines) + "\n").encode()})
-    return {**written, "synthetic.png": out_dir / "synthetic.png"}
 
 
 def _write_files(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:

@@ -220,12 +220,13 @@ def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, A
     Each row records everything that made it (the model settings, the task, steps, lr, batch size, seed): on
     --resume a row is reused only when all of that is unchanged, and rows the study no longer plans are refused."""
     from archlab.archs.config import ModelConfig, fit_to_new_stack
-    from archlab.compare.synthetic import SyntheticTask
+    from archlab.compare.synthetic import SyntheticMixture, SyntheticTask
     from archlab.train.config import deep_merge, validate_config
 
     settings = study.synthetic
-    tasks = [validate_config(task, source=f"study {study.study} task", section=SyntheticTask)
-             for task in settings.tasks]
+    tasks = [validate_config(task, source=f"study {study.study} task {i}",
+                             section=SyntheticMixture if "train" in task else SyntheticTask)
+             for i, task in enumerate(settings.tasks)]
     _check_out_dir(out, resume, study)
     device = resolve_device("auto")
     plan = []
@@ -263,12 +264,16 @@ def _score_rows(study: Study, out: Path, planned: dict, done: set, saved: list, 
         if row_key in done:
             continue
         result = train_and_score(model_cfg, task, seed=seed, device=device, **training)
-        record["synthetic"].append({
-            "arm": arm, "backbone": model_cfg.stack_name, "d_model": model_cfg.d_model, "seed": seed,
-            "setting": task.model_dump_json(), **task.model_dump(), **training,
-            "model": model_cfg.model_dump(mode="json"), **result})
-        print(f"{task.task} L={task.seq_len} n={task.n_pairs} {arm} d={model_cfg.d_model} seed={seed}: "
-              f"accuracy {result['accuracy']:.3f}", flush=True)
+        scores = result.pop("scores")
+        for score in scores:  # one row per test setting, each with the model's state bytes at its seq_len
+            record["synthetic"].append({
+                "arm": arm, "backbone": model_cfg.stack_name, "mixers": sorted(set(model_cfg.layer_mixers)),
+                "d_model": model_cfg.d_model, "seed": seed, "setting": task.model_dump_json(), "task": task.task,
+                "power_a": task.power_a, "train_examples": task.train_examples, "test_examples": task.test_examples,
+                **training, "model": model_cfg.model_dump(mode="json"), **result, **score,
+                "state_dtype": "float32"})
+        print(f"{task.task} trained on {result['trained_on']} {arm} d={model_cfg.d_model} seed={seed}: accuracy "
+              + ", ".join(f"L{s['seq_len']}×{s['n_pairs']} {s['accuracy']:.3f}" for s in scores), flush=True)
         atomic_write(out / STUDY_FILE, json_text(record))
     atomic_write(out / STUDY_FILE, json_text(record))
     return record

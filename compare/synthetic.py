@@ -1,4 +1,4 @@
-"""Synthetic recall tasks (Zoology-style): MQAR, selective copying, induction heads; train, score, plot.
+"""Synthetic recall tasks (Zoology-style): MQAR, selective copying, induction heads; train and score.
 
 Every token id is a byte (0..255). The ranges are disjoint, so a key can never be mistaken for filler:
   0         COPY_MARKER  selective copy: "now write the data tokens back"
@@ -11,6 +11,10 @@ Every token id is a byte (0..255). The ranges are disjoint, so a key can never b
 Targets follow the autoregressive objective's alignment: position t predicts token t + 1, so
 targets[b, t] = inputs[b, t + 1] at scored positions and -100 elsewhere. The answer itself is in the
 input (as text would have it), right after the position that must predict it.
+
+A mixture (SyntheticMixture, Zoology's multi-query setup) trains one model on several (seq_len, n_pairs) settings
+of a task at once, shorter sequences padded with BLANK (unscored; a causal model's earlier outputs never see the
+padding), and scores each test setting apart.
 
 Layouts (L = seq_len, n = n_pairs):
   mqar            [k1 v1 ... kn vn] then L - 2n positions of FILLER holding n queries, each a key followed by
@@ -26,9 +30,8 @@ Layouts (L = seq_len, n = n_pairs):
 """
 from __future__ import annotations
 
-import math
 import time
-from typing import Literal
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +40,7 @@ from torch import Tensor
 
 from archlab.archs.config import ModelConfig
 from archlab.archs.registry import build_model
-from archlab.kernels.common.files import atomic_write
-from archlab.kernels.common.plotting import png_bytes, pyplot
+from archlab.archs.summary import describe_stack
 from archlab.kernels.common.schedule import lr_at
 from archlab.train.trainer import parameter_groups
 
@@ -66,14 +68,16 @@ class SyntheticTask(BaseModel):
     train_examples: int = Field(gt=0)
     test_examples: int = Field(gt=0)
     power_a: float = Field(0.01, gt=0, le=1, description="mqar: power law of the query offsets (1 = uniform)")
+    vocab: Optional[int] = Field(None, gt=0, le=len(VALUES), description="mqar: distinct key ids and value ids drawn "
+                                 "from (the first of each range); None = all")
 
     @model_validator(mode="after")
     def _fits(self) -> "SyntheticTask":
         n, length = self.n_pairs, self.seq_len
         if self.task == "mqar":
-            if n > min(len(KEYS), len(VALUES)):
-                raise ValueError(f"mqar n_pairs={n} exceeds the {min(len(KEYS), len(VALUES))} distinct values "
-                                 "available in the byte vocabulary; use fewer pairs")
+            if n > self.vocab_size:
+                raise ValueError(f"mqar n_pairs={n} exceeds the {self.vocab_size} distinct values available "
+                                 "(vocab); use fewer pairs or a larger vocab")
             if 4 * n > length:
                 raise ValueError(f"mqar needs seq_len >= 4 * n_pairs (pairs then one query + answer per pair), "
                                  f"got seq_len={length}, n_pairs={n}")
@@ -89,6 +93,89 @@ class SyntheticTask(BaseModel):
                 raise ValueError(f"induction_heads needs seq_len >= 4 * n_pairs (each trigger + answer twice), "
                                  f"got seq_len={length}, n_pairs={n}")
         return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab or min(len(KEYS), len(VALUES))
+
+
+class Setting(BaseModel):
+    """One (seq_len, n_pairs) point of a mixture."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = Field(gt=1, le=65536)
+    n_pairs: int = Field(gt=0)
+
+    @property
+    def label(self) -> str:
+        return f"L{self.seq_len}×{self.n_pairs}"
+
+
+class SyntheticMixture(BaseModel):
+    """Zoology's multi-query setup: one model trained on every `train` setting of a task at once (train_examples
+    each, shuffled together), scored on each `test` setting apart (test_examples each; default: the train ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["mqar", "selective_copy", "induction_heads"]
+    train: list[Setting] = Field(min_length=1)
+    test: Optional[list[Setting]] = Field(None, min_length=1)
+    train_examples: int = Field(gt=0, description="per train setting")
+    test_examples: int = Field(gt=0, description="per test setting")
+    power_a: float = Field(0.01, gt=0, le=1, description="mqar: power law of the query offsets (1 = uniform)")
+    vocab: Optional[int] = Field(None, gt=0, le=len(VALUES), description="mqar: as SyntheticTask.vocab")
+
+    @model_validator(mode="after")
+    def _every_setting_fits(self) -> "SyntheticMixture":
+        for role, settings in (("train", self.train), ("test", self.test or [])):
+            for setting in settings:
+                try:
+                    self._part(setting, self.train_examples)
+                except ValueError as err:  # pydantic's own message, less its "1 validation error" header
+                    reason = err.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(err, "errors") else err
+                    raise ValueError(f"{role} setting {setting.label}: {reason}") from None
+        return self
+
+    def _part(self, setting: Setting, examples: int) -> SyntheticTask:
+        return SyntheticTask(task=self.task, seq_len=setting.seq_len, n_pairs=setting.n_pairs, train_examples=examples,
+                             test_examples=self.test_examples, power_a=self.power_a, vocab=self.vocab)
+
+    @property
+    def train_tasks(self) -> list[SyntheticTask]:
+        return [self._part(setting, self.train_examples) for setting in self.train]
+
+    @property
+    def test_tasks(self) -> list[SyntheticTask]:
+        return [self._part(setting, self.train_examples) for setting in self.test or self.train]
+
+    @property
+    def trained_on(self) -> str:
+        return ", ".join(setting.label for setting in self.train)
+
+
+class _Single:
+    """A plain SyntheticTask seen as a mixture of one setting."""
+
+    def __init__(self, task: SyntheticTask):
+        self.train_tasks = self.test_tasks = [task]
+        self.trained_on = Setting(seq_len=task.seq_len, n_pairs=task.n_pairs).label
+
+
+Spec = Union[SyntheticTask, SyntheticMixture]
+
+
+def parse_task(fields: dict) -> Spec:
+    """A study's task entry: a mixture when it has train settings, else one setting."""
+    return SyntheticMixture.model_validate(fields) if "train" in fields else SyntheticTask.model_validate(fields)
+
+
+def _parts(spec: Spec) -> SyntheticMixture | _Single:
+    return spec if isinstance(spec, SyntheticMixture) else _Single(spec)
+
+
+def _first(id_range: range, count: int) -> range:
+    return range(id_range.start, id_range.start + count)
 
 
 def _distinct(id_range: range, n_rows: int, k: int, gen: torch.Generator) -> Tensor:
@@ -122,8 +209,8 @@ def _score(inputs: Tensor, answer_positions: Tensor) -> Tensor:
 
 def mqar_batch(task: SyntheticTask, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     pairs, length = task.n_pairs, task.seq_len
-    keys = _distinct(KEYS, n, pairs, gen)
-    values = _distinct(VALUES, n, pairs, gen)
+    keys = _distinct(_first(KEYS, task.vocab_size), n, pairs, gen)
+    values = _distinct(_first(VALUES, task.vocab_size), n, pairs, gen)
     inputs = _uniform(FILLER, (n, length), gen)
     inputs[:, 0:2 * pairs:2], inputs[:, 1:2 * pairs:2] = keys, values
     offsets = (length - 2 * pairs) // 2
@@ -191,9 +278,24 @@ def _accuracy(model, inputs: Tensor, targets: Tensor, batch_size: int) -> float:
 
 
 PREFIX_STEPS = 20  # a row keeps its first training losses: a committed study's prefix check retrains only these
+PART_SEED_STRIDE = 10_007  # a mixture's setting i draws from seed + i * stride (setting 0: the plain task's stream)
 
 
-def _setup(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float, seed: int,
+def mixture_train_set(spec: Spec, *, seed: int) -> tuple[Tensor, Tensor]:
+    """Every train setting's examples, right-padded with BLANK (targets -100) to the longest, concatenated."""
+    parts = [generate(task, task.train_examples, seed=seed + i * PART_SEED_STRIDE)
+             for i, task in enumerate(_parts(spec).train_tasks)]
+    longest = max(inputs.shape[1] for inputs, _ in parts)
+    return (torch.cat([F.pad(inputs, (0, longest - inputs.shape[1]), value=BLANK) for inputs, _ in parts]),
+            torch.cat([F.pad(targets, (0, longest - targets.shape[1]), value=IGNORE) for _, targets in parts]))
+
+
+def state_bytes(model, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+    """Decoding state per sequence after seq_len positions, summed over blocks (a KV cache grows with seq_len)."""
+    return describe_stack(model, seq_len, dtype=dtype)[-1]["state_bytes"]
+
+
+def _setup(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, lr: float, seed: int,
            device: torch.device, kernels):
     """The seeded model, its optimizer and the train set (on `device`)."""
     if model_cfg.objective != "autoregressive":
@@ -205,7 +307,7 @@ def _setup(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_siz
     model = build_model(model_cfg, kernels=kernels).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, decay_embeddings=False), lr=lr,
                                   betas=(0.9, 0.98))
-    inputs, targets = generate(task, task.train_examples, seed=seed)
+    inputs, targets = mixture_train_set(spec, seed=seed)
     return model, optimizer, inputs.to(device), targets.to(device)
 
 
@@ -231,13 +333,15 @@ def _training_losses(model, optimizer, inputs: Tensor, targets: Tensor, *, steps
         yield loss
 
 
-def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float,
+def train_and_score(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, lr: float,
                     seed: int, device: str | torch.device = "cpu", kernels=None) -> dict:
-    """Trains a fresh model on a fixed train set (loss on answer positions only), scores exact-match
-    argmax accuracy on a held-out test set. Deterministic given the seed on the CPU. The result keeps the first
-    PREFIX_STEPS training losses (`prefix_losses`)."""
+    """Trains a fresh model on a fixed train set (a task's, or a mixture's settings shuffled together; loss on
+    answer positions only), then scores exact-match argmax accuracy on each test setting's held-out set.
+    Deterministic given the seed on the CPU. `scores` holds one entry per test setting: its seq_len, n_pairs,
+    accuracy and the model's decoding state bytes per sequence at that seq_len (float32, as trained here); the
+    result also keeps the first PREFIX_STEPS training losses (`prefix_losses`)."""
     device = torch.device(device)
-    model, optimizer, inputs, targets = _setup(model_cfg, task, steps=steps, batch_size=batch_size, lr=lr,
+    model, optimizer, inputs, targets = _setup(model_cfg, spec, steps=steps, batch_size=batch_size, lr=lr,
                                                seed=seed, device=device, kernels=kernels)
     started = time.perf_counter()
     prefix = []
@@ -248,56 +352,22 @@ def train_and_score(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, 
     final_loss = loss.item()
     train_seconds = time.perf_counter() - started
     model.eval()
-    test_inputs, test_targets = generate(task, task.test_examples, seed=seed + TEST_SEED_OFFSET)
-    accuracy = _accuracy(model, test_inputs.to(device), test_targets.to(device), batch_size)
-    return {"accuracy": accuracy, "params": model.num_parameters(), "train_steps": steps,
-            "train_seconds": train_seconds, "final_train_loss": final_loss, "prefix_losses": prefix}
+    scores = []
+    for i, task in enumerate(_parts(spec).test_tasks):
+        test_seed = seed + TEST_SEED_OFFSET + i * PART_SEED_STRIDE
+        test_inputs, test_targets = generate(task, task.test_examples, seed=test_seed)
+        scores.append({"seq_len": task.seq_len, "n_pairs": task.n_pairs,
+                       "accuracy": _accuracy(model, test_inputs.to(device), test_targets.to(device), batch_size),
+                       "state_bytes": state_bytes(model, task.seq_len)})
+    return {"scores": scores, "trained_on": _parts(spec).trained_on, "params": model.num_parameters(),
+            "train_steps": steps, "train_seconds": train_seconds, "final_train_loss": final_loss,
+            "prefix_losses": prefix}
 
 
-def prefix_losses(model_cfg: ModelConfig, task: SyntheticTask, *, steps: int, batch_size: int, lr: float, seed: int,
+def prefix_losses(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, lr: float, seed: int,
                   device: str | torch.device = "cpu", kernels=None) -> list[float]:
     """The first PREFIX_STEPS training losses of train_and_score with these settings, without the rest."""
-    model, optimizer, inputs, targets = _setup(model_cfg, task, steps=steps, batch_size=batch_size, lr=lr,
+    model, optimizer, inputs, targets = _setup(model_cfg, spec, steps=steps, batch_size=batch_size, lr=lr,
                                                seed=seed, device=torch.device(device), kernels=kernels)
     losses = _training_losses(model, optimizer, inputs, targets, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     return [loss.item() for _, loss in zip(range(PREFIX_STEPS), losses, strict=False)]  # stops the training early
-
-
-SETTING_KEYS = ("task", "seq_len", "n_pairs")
-
-
-def plot_accuracy_vs_width(rows: list[dict], path) -> None:
-    """Zoology-style figure: a panel per (task, seq_len, n_pairs), accuracy against d_model (log2), a line
-    per arm (mean over seeds). Written atomically."""
-    if not rows:
-        raise ValueError("no synthetic rows to plot; run the synthetic study first")
-    missing = {key for row in rows for key in (*SETTING_KEYS, "arm", "d_model", "accuracy") if key not in row}
-    if missing:
-        raise ValueError(f"synthetic rows lack {sorted(missing)}; each row needs task, seq_len, n_pairs, arm, "
-                         "d_model and accuracy")
-    settings = sorted({tuple(row[key] for key in SETTING_KEYS) for row in rows})
-    arms = sorted({row["arm"] for row in rows})
-    columns = min(4, len(settings))
-    n_rows = math.ceil(len(settings) / columns)
-    figure, axes = pyplot().subplots(n_rows, columns, figsize=(4 * columns, 3.4 * n_rows), squeeze=False)
-    for axis, setting in zip(axes.flat, settings, strict=False):
-        for arm in arms:
-            accuracy_by_width: dict[int, list[float]] = {}
-            for row in rows:
-                if row["arm"] == arm and tuple(row[key] for key in SETTING_KEYS) == setting:
-                    accuracy_by_width.setdefault(row["d_model"], []).append(row["accuracy"])
-            if accuracy_by_width:
-                widths = sorted(accuracy_by_width)
-                means = [sum(accuracy_by_width[w]) / len(accuracy_by_width[w]) for w in widths]
-                axis.plot(widths, means, marker="o", label=arm)
-        task, seq_len, n_pairs = setting
-        axis.set_title(f"{task}  seq_len={seq_len}  n_pairs={n_pairs}", fontsize=10)
-        axis.set_xscale("log", base=2)
-        axis.set_ylim(-0.02, 1.02)
-        axis.set_xlabel("model width (d_model)")
-        axis.set_ylabel("accuracy")
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
-    for axis in list(axes.flat)[len(settings):]:
-        axis.set_visible(False)
-    atomic_write(path, png_bytes(figure))

@@ -1,13 +1,13 @@
 import csv
 import json
-import sys
-import types
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
 from archlab.compare.report import write_report
+from archlab.compare.synthetic_report import accuracy_table, reading, summarize
+from tests.compare.test_synthetic import synthetic_rows
 from archlab.train.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -162,27 +162,38 @@ def test_scaling_study_gets_fits_and_scaling_plots(tmp_path, budget_kind):
     assert f"| {label} |" in report
 
 
-def test_synthetic_study_tables_accuracy_and_calls_the_plot(tmp_path, monkeypatch):
-    calls = []
-
-    def plot_accuracy_vs_width(rows, path):
-        calls.append(len(rows))
-        Path(path).write_bytes(PNG_SIGNATURE)
-
-    monkeypatch.setitem(sys.modules, "archlab.compare.synthetic",
-                        types.SimpleNamespace(plot_accuracy_vs_width=plot_accuracy_vs_width))
-    study = new_study("synthetic", kind="synthetic")
-    study["synthetic"] = [{"arm": arm, "backbone": arm, "d_model": width, "params": width * 1000, "task": "mqar",
-                           "seq_len": 64, "n_pairs": 8, "seed": seed, "accuracy": acc + 0.02 * seed,
-                           "train_steps": 400, "train_seconds": 12.3}
-                          for arm, acc in (("transformer", 0.9), ("mamba", 0.6)) for width in (32, 64)
-                          for seed in (0, 1)]
+def test_synthetic_report_tables_spread_marks_unresolved_and_reads_the_numbers(tmp_path):
+    study = new_study("recall", kind="synthetic")
+    study["synthetic"] = synthetic_rows()
     written = write_report(save(tmp_path, study))
-    assert calls == [8] and set(written) == {"report.md", "results.csv", "synthetic.png"}
+    assert set(written) == {"report.md", "results.csv", "recall_vs_state.png", "recall_vs_width.png"}
+    assert all(path.read_bytes()[:8] == PNG_SIGNATURE for name, path in written.items() if name.endswith(".png"))
     report = (tmp_path / "report.md").read_text()
-    assert "| mamba | 64 | 64,000 | n_pairs=8, seq_len=64, task=mqar | 2 | 0.610 ± 0.010 |" in report
+    # at d32: hybrid 0.41 ± 0.01 vs transformer 0.46 ± 0.01, a resolved gap; the smallest width first
+    assert "| hybrid | 32 | 3,200 | 2.0 KiB | 0.41 ± 0.01 | 0.41 ± 0.01 |" in report
+    assert "| transformer | 32 | 3,200 | 2.0 KiB | **0.46 ± 0.01** | **0.46 ± 0.01** |" in report
+    assert "d_model=32: best transformer 0.46 ± 0.01, then hybrid 0.41 ± 0.01 (-0.05)" in report
+    assert "Attention − mamba: +0.30 (transformer 0.46 ± 0.01 vs mamba 0.16 ± 0.01)" in report
+    assert "hybrid 0.41 ± 0.01 closes 83% of the gap from mamba to transformer" in report
     with (tmp_path / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 8
+        assert len(list(csv.DictReader(f))) == len(study["synthetic"])
+
+
+def test_synthetic_report_marks_one_seed_and_small_gaps_unresolved():
+    rows = synthetic_rows(seeds=(0,))
+    assert "| hybrid | 32 | 3,200 | 2.0 KiB | 0.40 ± 0.00 ~ |" in "\n".join(accuracy_table(summarize(rows)))
+    assert "(-0.05, unresolved)" in reading(rows) and "Attention − mamba: +0.30, unresolved" in reading(rows)
+    noisy = synthetic_rows(noise=0.2)  # seeds 0.2 apart: half-range 0.1 > the 0.05 gap
+    assert "hybrid 0.50 ± 0.10 (-0.05, unresolved)" in reading(noisy)
+    assert "| hybrid | 32 | 3,200 | 2.0 KiB | 0.50 ± 0.10 ~ |" in "\n".join(accuracy_table(summarize(noisy)))
+
+
+def test_synthetic_report_refuses_old_rows_and_writes_nothing(tmp_path):
+    study = new_study("recall", kind="synthetic")
+    study["synthetic"] = [{k: v for k, v in row.items() if k != "state_bytes"} for row in synthetic_rows()]
+    with pytest.raises(UserError, match="state_bytes"):
+        write_report(save(tmp_path, study))
+    assert [p.name for p in tmp_path.iterdir()] == ["study.json"]
 
 
 def test_missing_or_invalid_study_json_writes_nothing(tmp_path):

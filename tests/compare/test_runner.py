@@ -90,16 +90,20 @@ def test_synthetic_study_rows_resume_and_report(tmp_path, capsys):
              "arms": {"transformer": {"model": {"n_layers": 1, "n_heads": 2}},
                       "mamba": {"model": {"backbone": "mamba", "n_layers": 1, "d_state": 4}}},
              "synthetic": {"widths": [16, 32], "steps": 3, "batch_size": 4, "lr": 1e-3,
-                           "tasks": [{"task": "mqar", "seq_len": 16, "n_pairs": 2, "train_examples": 16,
-                                      "test_examples": 8}]}}
+                           "tasks": [{"task": "mqar", "train": [{"seq_len": 16, "n_pairs": 2}],
+                                      "test": [{"seq_len": 16, "n_pairs": 2}, {"seq_len": 32, "n_pairs": 4}],
+                                      "train_examples": 16, "test_examples": 8}]}}
     path, out = tmp_path / "recall.yaml", tmp_path / "out"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     run_study(path, out)
     rows = json.loads((out / "study.json").read_text())["synthetic"]
-    assert sorted((r["arm"], r["d_model"]) for r in rows) == [("mamba", 16), ("mamba", 32), ("transformer", 16),
-                                                              ("transformer", 32)]
-    assert all(0 <= r["accuracy"] <= 1 and r["task"] == "mqar" and r["n_pairs"] == 2 for r in rows)
-    assert (out / "synthetic.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert sorted((r["arm"], r["d_model"], r["seq_len"]) for r in rows) == [
+        (arm, width, length) for arm in ("mamba", "transformer") for width in (16, 32) for length in (16, 32)]
+    assert all(0 <= r["accuracy"] <= 1 and r["task"] == "mqar" and r["trained_on"] == "L16×2" for r in rows)
+    state = {(r["arm"], r["d_model"], r["seq_len"]): r["state_bytes"] for r in rows}
+    assert state["transformer", 16, 32] == 2 * state["transformer", 16, 16]  # a KV cache grows with the sequence
+    assert state["mamba", 16, 32] == state["mamba", 16, 16] > 0
+    assert (out / "recall_vs_state.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "mamba" in (out / "report.md").read_text()
     capsys.readouterr()
     run_study(path, out, resume=True)  # everything finished: no row is trained again

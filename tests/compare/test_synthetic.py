@@ -6,8 +6,12 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from archlab.archs.config import ModelConfig
-from archlab.compare.synthetic import (BLANK, COPY_MARKER, FILLER, IGNORE, KEYS, TRIGGERS, VALUES, SyntheticTask,
-                                       generate, plot_accuracy_vs_width, train_and_score)
+from archlab.archs.registry import build_model
+from archlab.compare.synthetic import (BLANK, COPY_MARKER, FILLER, IGNORE, KEYS, PART_SEED_STRIDE, TRIGGERS, VALUES,
+                                       SyntheticMixture, SyntheticTask, generate, mixture_train_set, parse_task,
+                                       state_bytes, train_and_score)
+from archlab.compare.synthetic_report import plot_accuracy_vs_state
+from archlab.train.errors import UserError
 
 matplotlib.use("Agg")
 
@@ -148,7 +152,7 @@ def test_train_and_score_learns_recall_and_is_deterministic():
     result = train_and_score(TINY_TRANSFORMER, spec, steps=300, batch_size=32, lr=1e-2, seed=0)
     # Uniform guessing among the 96 value ids scores ~1%; naming one of the 4 values in context scores ~25%;
     # exact recall of all four takes a few thousand steps for this model (too slow for a CPU test).
-    assert result["accuracy"] > 0.1, result
+    assert result["scores"][0]["accuracy"] > 0.1, result
     assert result["params"] > 0 and result["train_steps"] == 300 and result["train_seconds"] > 0
     short = dict(steps=5, batch_size=8, lr=1e-3, seed=1)
     first, again = (train_and_score(TINY_TRANSFORMER, spec, **short) for _ in range(2))
@@ -162,23 +166,81 @@ def test_train_and_score_needs_an_autoregressive_model():
         train_and_score(diffusion, task("mqar", 16, 2), steps=1, batch_size=2, lr=1e-3, seed=0)
 
 
+def mixture(train, test=None, **extra):
+    return SyntheticMixture(task="mqar", train=[dict(seq_len=length, n_pairs=n) for length, n in train],
+                            test=test and [dict(seq_len=length, n_pairs=n) for length, n in test],
+                            train_examples=6, test_examples=4, **extra)
+
+
+def test_mixture_train_set_pads_each_setting_to_the_longest():
+    spec = mixture([(16, 2), (32, 4), (24, 6)])
+    inputs, targets = mixture_train_set(spec, seed=5)
+    assert inputs.shape == targets.shape == (18, 32)
+    for i, part in enumerate(spec.train_tasks):
+        rows = slice(6 * i, 6 * i + 6)
+        alone = generate(part, 6, seed=5 + i * PART_SEED_STRIDE)
+        unpadded = slice(0, part.seq_len)
+        assert torch.equal(inputs[rows, unpadded], alone[0]) and torch.equal(targets[rows, unpadded], alone[1])
+        assert (inputs[rows, part.seq_len:] == BLANK).all() and (targets[rows, part.seq_len:] == IGNORE).all()
+        assert ((targets[rows] != IGNORE).sum(dim=1) == part.n_pairs).all()  # every query scored, no padding
+
+
+def test_parse_task_and_mixture_settings():
+    spec = parse_task({"task": "mqar", "train": [{"seq_len": 16, "n_pairs": 2}],
+                       "test": [{"seq_len": 32, "n_pairs": 4}], "train_examples": 4, "test_examples": 2})
+    assert isinstance(spec, SyntheticMixture) and spec.trained_on == "L16×2"
+    assert [(t.seq_len, t.n_pairs) for t in spec.test_tasks] == [(32, 4)]
+    assert [(t.seq_len, t.n_pairs) for t in mixture([(16, 2)]).test_tasks] == [(16, 2)]  # test defaults to train
+    assert isinstance(parse_task({"task": "mqar", "seq_len": 16, "n_pairs": 2, "train_examples": 4,
+                                  "test_examples": 2}), SyntheticTask)
+
+
+@pytest.mark.parametrize("train, test, message", [
+    ([(16, 2), (16, 8)], None, "train setting L16×8: mqar needs seq_len >= 4 \\* n_pairs"),
+    ([(16, 2)], [(64, 200)], "test setting L64×200: mqar n_pairs=200 exceeds"),
+    ([], None, "at least 1 item"),
+])
+def test_bad_mixture_settings_are_refused_in_one_line(train, test, message):
+    with pytest.raises(ValidationError, match=message) as raised:
+        mixture(train, test)
+    assert len(raised.value.errors()) == 1 and "\n" not in raised.value.errors()[0]["msg"]
+
+
+TINY_MAMBA = ModelConfig(layers="mamba", d_model=16, n_layers=2, mamba={"d_state": 4})
+
+
+def test_scores_carry_state_bytes_that_grow_with_length_for_attention_only():
+    spec = mixture([(16, 2)], test=[(16, 2), (32, 2)])
+    scores = train_and_score(TINY_TRANSFORMER, spec, steps=1, batch_size=4, lr=1e-3, seed=0)["scores"]
+    assert [(s["seq_len"], s["n_pairs"]) for s in scores] == [(16, 2), (32, 2)]
+    # a KV cache: keys and values, every position, every layer, float32
+    assert [s["state_bytes"] for s in scores] == [2 * 2 * length * 32 * 4 for length in (16, 32)]
+    # Mamba: conv window (d_conv - 1) and SSM state (d_state) per inner channel (expand 2 x d_model), float32
+    mamba = build_model(TINY_MAMBA)
+    assert state_bytes(mamba, 16) == state_bytes(mamba, 1024) == 2 * 32 * (3 + 4) * 4
+
+
+def synthetic_rows(arms=(("transformer", ("attention",), 0.9), ("mamba", ("mamba",), 0.3),
+                         ("hybrid", ("attention", "mamba"), 0.8)), seeds=(0, 1), noise=0.02):
+    return [{"arm": arm, "mixers": list(mixers), "backbone": arm, "d_model": d, "params": d * 100, "task": "mqar",
+             "trained_on": "L32×2, L64×8", "seq_len": length, "n_pairs": n, "seed": seed,
+             "accuracy": min(1.0, acc * d / 64 + noise * seed),
+             "state_bytes": d * (length if "attention" in mixers else 8)}
+            for arm, mixers, acc in arms for d in (32, 64) for length, n in ((32, 2), (64, 8)) for seed in seeds]
+
+
 def test_plot_writes_a_png(tmp_path):
-    rows = [{"arm": arm, "backbone": arm, "d_model": d, "task": name, "seq_len": 64, "n_pairs": 8, "seed": 0,
-             "accuracy": acc, "params": 1, "train_steps": 1, "train_seconds": 1.0}
-            for arm, shift in (("transformer", 0.3), ("mamba", 0.0))
-            for name in ("mqar", "induction_heads") for d, acc in ((32, 0.2), (64, 0.5), (128, 0.6))
-            for acc in [min(1.0, acc + shift)]]
-    path = tmp_path / "figures" / "synthetic.png"
-    plot_accuracy_vs_width(rows, path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path = tmp_path / "figures" / "recall.png"
+    plot_accuracy_vs_state(synthetic_rows(), path)
     image = matplotlib.pyplot.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    assert [p.name for p in path.parent.iterdir()] == ["synthetic.png"]  # no temporary file left behind
+    assert [p.name for p in path.parent.iterdir()] == ["recall.png"]  # no temporary file left behind
 
 
 def test_plot_refuses_incomplete_rows(tmp_path):
-    with pytest.raises(ValueError, match="no synthetic rows"):
-        plot_accuracy_vs_width([], tmp_path / "a.png")
-    with pytest.raises(ValueError, match="d_model"):
-        plot_accuracy_vs_width([{"arm": "x", "task": "mqar", "seq_len": 8, "n_pairs": 2, "accuracy": 1.0}],
+    with pytest.raises(UserError, match="no synthetic rows"):
+        plot_accuracy_vs_state([], tmp_path / "a.png")
+    with pytest.raises(UserError, match="state_bytes"):
+        plot_accuracy_vs_state([{"arm": "x", "task": "mqar", "seq_len": 8, "n_pairs": 2, "accuracy": 1.0}],
                                tmp_path / "a.png")
+    assert not list(tmp_path.iterdir())
