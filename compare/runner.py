@@ -8,11 +8,13 @@ or a kill redoes nothing that was finished. Everything is validated and sized be
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import fcntl
 import functools
 import json
+import multiprocessing
 import subprocess
 import sys
 import tempfile
@@ -256,27 +258,47 @@ def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, A
 
 
 def _score_rows(study: Study, out: Path, planned: dict, done: set, saved: list, device, training: dict) -> dict:
-    from archlab.compare.synthetic import train_and_score
-
+    """Trains every pending row, `synthetic.workers` at a time (each worker a process on one thread: tiny models
+    use a core better alone than split across two), saving study.json as each finishes."""
     record = _resumed_header(out, study, device_name(device))
     record["runs"], record["synthetic"] = [], saved
-    for row_key, (arm, model_cfg, task, seed) in planned.items():
-        if row_key in done:
-            continue
-        result = train_and_score(model_cfg, task, seed=seed, device=device, **training)
-        scores = result.pop("scores")
-        for score in scores:  # one row per test setting, each with the model's state bytes at its seq_len
-            record["synthetic"].append({
-                "arm": arm, "backbone": model_cfg.stack_name, "mixers": sorted(set(model_cfg.layer_mixers)),
-                "d_model": model_cfg.d_model, "seed": seed, "setting": task.model_dump_json(), "task": task.task,
-                "power_a": task.power_a, "train_examples": task.train_examples, "test_examples": task.test_examples,
-                **training, "model": model_cfg.model_dump(mode="json"), **result, **score,
-                "state_dtype": "float32"})
-        print(f"{task.task} trained on {result['trained_on']} {arm} d={model_cfg.d_model} seed={seed}: accuracy "
-              + ", ".join(f"L{s['seq_len']}×{s['n_pairs']} {s['accuracy']:.3f}" for s in scores), flush=True)
-        atomic_write(out / STUDY_FILE, json_text(record))
+    pending = [row for row_key, row in planned.items() if row_key not in done]
+    workers = study.synthetic.workers
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                initargs=(1,)))
+            futures = [pool.submit(_train_row, row, device, training) for row in pending]
+            finished = (future.result() for future in concurrent.futures.as_completed(futures))
+        else:
+            finished = (_train_row(row, device, training) for row in pending)
+        for (arm, model_cfg, task, seed), result in finished:
+            _add_rows(record, arm, model_cfg, task, seed, training, result)
+            atomic_write(out / STUDY_FILE, json_text(record))
     atomic_write(out / STUDY_FILE, json_text(record))
     return record
+
+
+def _train_row(row: tuple, device, training: dict) -> tuple[tuple, dict]:
+    from archlab.compare.synthetic import train_and_score
+
+    arm, model_cfg, task, seed = row
+    return row, train_and_score(model_cfg, task, seed=seed, device=device, **training)
+
+
+def _add_rows(record: dict, arm: str, model_cfg, task, seed: int, training: dict, result: dict) -> None:
+    """One row per test setting, each with the model's decoding state bytes at its seq_len."""
+    scores = result.pop("scores")
+    for score in scores:
+        record["synthetic"].append({
+            "arm": arm, "backbone": model_cfg.stack_name, "mixers": sorted(set(model_cfg.layer_mixers)),
+            "d_model": model_cfg.d_model, "seed": seed, "setting": task.model_dump_json(), "task": task.task,
+            "power_a": task.power_a, "vocab": task.vocab, "train_examples": task.train_examples,
+            "test_examples": task.test_examples, **training, "model": model_cfg.model_dump(mode="json"), **result,
+            **score, "state_dtype": "float32"})
+    print(f"{task.task} trained on {result['trained_on']} {arm} d={model_cfg.d_model} seed={seed}: accuracy "
+          + ", ".join(f"L{s['seq_len']}×{s['n_pairs']} {s['accuracy']:.3f}" for s in scores), flush=True)
 
 
 def run_study(path: str | Path, out: str | Path | None = None, *, resume: bool = False,

@@ -89,6 +89,7 @@ class SyntheticSettings(BaseModel):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
+    workers: int = Field(1, gt=0, description="rows trained at once, each in its own one-thread process")
 
 
 class Study(BaseModel):

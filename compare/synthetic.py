@@ -13,8 +13,8 @@ targets[b, t] = inputs[b, t + 1] at scored positions and -100 elsewhere. The ans
 input (as text would have it), right after the position that must predict it.
 
 A mixture (SyntheticMixture, Zoology's multi-query setup) trains one model on several (seq_len, n_pairs) settings
-of a task at once, shorter sequences padded with BLANK (unscored; a causal model's earlier outputs never see the
-padding), and scores each test setting apart.
+of a task at once, each batch drawn from one setting (so trained at its own length, unpadded; the batches of all
+settings shuffled together), and scores each test setting apart.
 
 Layouts (L = seq_len, n = n_pairs):
   mqar            [k1 v1 ... kn vn] then L - 2n positions of FILLER holding n queries, each a key followed by
@@ -281,13 +281,26 @@ PREFIX_STEPS = 20  # a row keeps its first training losses: a committed study's 
 PART_SEED_STRIDE = 10_007  # a mixture's setting i draws from seed + i * stride (setting 0: the plain task's stream)
 
 
-def mixture_train_set(spec: Spec, *, seed: int) -> tuple[Tensor, Tensor]:
-    """Every train setting's examples, right-padded with BLANK (targets -100) to the longest, concatenated."""
+def mixture_train_set(spec: Spec, *, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every train setting's examples, right-padded with BLANK (targets -100) to the longest, concatenated; and
+    each example's setting index."""
     parts = [generate(task, task.train_examples, seed=seed + i * PART_SEED_STRIDE)
              for i, task in enumerate(_parts(spec).train_tasks)]
     longest = max(inputs.shape[1] for inputs, _ in parts)
     return (torch.cat([F.pad(inputs, (0, longest - inputs.shape[1]), value=BLANK) for inputs, _ in parts]),
-            torch.cat([F.pad(targets, (0, longest - targets.shape[1]), value=IGNORE) for _, targets in parts]))
+            torch.cat([F.pad(targets, (0, longest - targets.shape[1]), value=IGNORE) for _, targets in parts]),
+            torch.cat([torch.full((len(inputs),), i) for i, (inputs, _) in enumerate(parts)]))
+
+
+def _epoch(setting_of: Tensor, batch_size: int, gen: torch.Generator) -> list[Tensor]:
+    """One epoch of batches: each setting's examples shuffled and cut into whole batches (a batch holds one
+    setting, so it is trained at that setting's length, unpadded), the batches in random order."""
+    batches = []
+    for setting in range(int(setting_of.max()) + 1):
+        members = (setting_of == setting).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        batches += list(members[:len(members) - len(members) % batch_size].split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen)]
 
 
 def state_bytes(model, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
@@ -297,35 +310,41 @@ def state_bytes(model, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
 
 def _setup(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, lr: float, seed: int,
            device: torch.device, kernels):
-    """The seeded model, its optimizer and the train set (on `device`)."""
+    """The seeded model, its optimizer and the train set (inputs and targets on `device`, each example's setting,
+    each setting's length)."""
     if model_cfg.objective != "autoregressive":
         raise ValueError(f"synthetic recall scores next-token predictions; objective={model_cfg.objective} "
                          "is not autoregressive, set model.objective=autoregressive")
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(f"steps={steps}, batch_size={batch_size} and lr={lr} must all be positive")
+    if batch_size > min(task.train_examples for task in _parts(spec).train_tasks):
+        raise ValueError(f"batch_size={batch_size} exceeds a train setting's train_examples: a batch holds one "
+                         "setting; lower batch_size or raise train_examples")
     torch.manual_seed(seed)
     model = build_model(model_cfg, kernels=kernels).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, decay_embeddings=False), lr=lr,
                                   betas=(0.9, 0.98))
-    inputs, targets = mixture_train_set(spec, seed=seed)
-    return model, optimizer, inputs.to(device), targets.to(device)
+    lengths = torch.tensor([task.seq_len for task in _parts(spec).train_tasks])
+    inputs, targets, setting_of = mixture_train_set(spec, seed=seed)
+    return model, optimizer, (inputs.to(device), targets.to(device), setting_of, lengths)
 
 
-def _training_losses(model, optimizer, inputs: Tensor, targets: Tensor, *, steps: int, batch_size: int, lr: float,
-                     seed: int):
+def _training_losses(model, optimizer, train_set: tuple, *, steps: int, batch_size: int, lr: float, seed: int):
     """Trains for `steps` optimizer steps, yielding each step's loss (a tensor: no host sync unless read)."""
+    inputs, targets, setting_of, lengths = train_set
     shuffle = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(len(inputs), generator=shuffle), 0
+    batches = []
     model.train()
     for step in range(steps):
-        if cursor + batch_size > len(inputs):  # next epoch; a batch never mixes two epochs
-            order, cursor = torch.randperm(len(inputs), generator=shuffle), 0
-        picked = order[cursor:cursor + batch_size].to(inputs.device)
-        cursor += batch_size
+        if not batches:
+            batches = _epoch(setting_of, batch_size, shuffle)
+        picked = batches.pop()
+        length = int(lengths[setting_of[picked[0]]])
+        picked = picked.to(inputs.device)
         for group in optimizer.param_groups:  # warmup over the first 10% of the steps, then cosine to 10% of lr
             group["lr"] = lr_at(step, lr=lr, warmup_steps=max(1, steps // 10), max_steps=steps, schedule="cosine",
                                 min_lr_ratio=0.1)
-        loss = _answer_loss(model, inputs[picked], targets[picked])
+        loss = _answer_loss(model, inputs[picked, :length], targets[picked, :length])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -341,12 +360,12 @@ def train_and_score(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_siz
     accuracy and the model's decoding state bytes per sequence at that seq_len (float32, as trained here); the
     result also keeps the first PREFIX_STEPS training losses (`prefix_losses`)."""
     device = torch.device(device)
-    model, optimizer, inputs, targets = _setup(model_cfg, spec, steps=steps, batch_size=batch_size, lr=lr,
-                                               seed=seed, device=device, kernels=kernels)
+    model, optimizer, train_set = _setup(model_cfg, spec, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                         device=device, kernels=kernels)
     started = time.perf_counter()
     prefix = []
-    for step, loss in enumerate(_training_losses(model, optimizer, inputs, targets, steps=steps,
-                                                 batch_size=batch_size, lr=lr, seed=seed)):
+    for step, loss in enumerate(_training_losses(model, optimizer, train_set, steps=steps, batch_size=batch_size,
+                                                 lr=lr, seed=seed)):
         if step < PREFIX_STEPS:
             prefix.append(loss.item())
     final_loss = loss.item()
@@ -367,7 +386,7 @@ def train_and_score(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_siz
 def prefix_losses(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, lr: float, seed: int,
                   device: str | torch.device = "cpu", kernels=None) -> list[float]:
     """The first PREFIX_STEPS training losses of train_and_score with these settings, without the rest."""
-    model, optimizer, inputs, targets = _setup(model_cfg, spec, steps=steps, batch_size=batch_size, lr=lr,
-                                               seed=seed, device=torch.device(device), kernels=kernels)
-    losses = _training_losses(model, optimizer, inputs, targets, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    model, optimizer, train_set = _setup(model_cfg, spec, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                         device=torch.device(device), kernels=kernels)
+    losses = _training_losses(model, optimizer, train_set, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     return [loss.item() for _, loss in zip(range(PREFIX_STEPS), losses, strict=False)]  # stops the training early

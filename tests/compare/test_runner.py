@@ -89,7 +89,7 @@ def test_synthetic_study_rows_resume_and_report(tmp_path, capsys):
     study = {"study": "recall", "kind": "synthetic", "seeds": [0],
              "arms": {"transformer": {"model": {"n_layers": 1, "n_heads": 2}},
                       "mamba": {"model": {"backbone": "mamba", "n_layers": 1, "d_state": 4}}},
-             "synthetic": {"widths": [16, 32], "steps": 3, "batch_size": 4, "lr": 1e-3,
+             "synthetic": {"widths": [16, 32], "steps": 3, "batch_size": 4, "lr": 1e-3, "workers": 2,
                            "tasks": [{"task": "mqar", "train": [{"seq_len": 16, "n_pairs": 2}],
                                       "test": [{"seq_len": 16, "n_pairs": 2}, {"seq_len": 32, "n_pairs": 4}],
                                       "train_examples": 16, "test_examples": 8}]}}

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from archlab.compare.study import Match, load_study, plan_runs, solve_size
-from archlab.compare.synthetic import SyntheticTask
+from archlab.compare.synthetic import parse_task
 from archlab.train.errors import ConfigError
 
 from ..train.conftest import TINY
@@ -134,10 +134,10 @@ def test_missing_or_malformed_study_file(tmp_path):
 def test_every_shipped_study_plans():
     """Each study in configs/studies loads; lm studies plan (validated and sized) without touching data."""
     studies = sorted((Path(__file__).resolve().parents[2] / "configs" / "studies").glob("*.yaml"))
-    assert {path.stem for path in studies} >= {"quick", "mqar", "scaling", "enwik8-small"}
+    assert {path.stem for path in studies} >= {"quick", "recall", "recall-gpu", "scaling", "enwik8-small"}
     for path in studies:
         study = load_study(path)
         if study.kind == "lm":
             assert plan_runs(study)
         else:
-            assert all(SyntheticTask.model_validate(task) for task in study.synthetic.tasks)
+            assert all(parse_task(task) for task in study.synthetic.tasks)

@@ -132,7 +132,9 @@ def test_generation_is_seeded(name):
     (dict(task="mqar", seq_len=32, n_pairs=0), "greater than 0"),
     (dict(task="mqar", seq_len=32, n_pairs=4, power_a=0.0), "power_a"),
     (dict(task="copy", seq_len=32, n_pairs=4), "task"),
-    (dict(task="mqar", seq_len=32, n_pairs=4, vocab=10), "vocab"),
+    (dict(task="mqar", seq_len=64, n_pairs=12, vocab=10), "exceeds the 10 distinct values"),
+    (dict(task="mqar", seq_len=32, n_pairs=4, vocab=97), "vocab"),
+    (dict(task="mqar", seq_len=32, n_pairs=4, keys=10), "keys"),
 ])
 def test_bad_settings_are_refused(fields, message):
     with pytest.raises(ValidationError, match=message):
@@ -174,8 +176,8 @@ def mixture(train, test=None, **extra):
 
 def test_mixture_train_set_pads_each_setting_to_the_longest():
     spec = mixture([(16, 2), (32, 4), (24, 6)])
-    inputs, targets = mixture_train_set(spec, seed=5)
-    assert inputs.shape == targets.shape == (18, 32)
+    inputs, targets, setting_of = mixture_train_set(spec, seed=5)
+    assert inputs.shape == targets.shape == (18, 32) and setting_of.tolist() == [0] * 6 + [1] * 6 + [2] * 6
     for i, part in enumerate(spec.train_tasks):
         rows = slice(6 * i, 6 * i + 6)
         alone = generate(part, 6, seed=5 + i * PART_SEED_STRIDE)
