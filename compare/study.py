@@ -15,6 +15,11 @@ A study YAML (configs/studies/*.yaml):
     linear_probe:                 # optional: after training, fresh probes on frozen features (train/linear_probe.py)
       arms: [transformer-jepa]    # these arms' runs, each beside its own step-0 encoder
       baseline: transformer-ar    # and beside this arm's run of the same seed, size and budget
+    synthetic:                    # kind: synthetic instead of a budget: every arm x width x task x seed
+      widths: [32, 64]            # model.d_model values
+      steps: 600                  # and batch_size, lr; workers: rows trained at once (one process, one thread each)
+      tasks:                      # compare.synthetic.SyntheticTask, or SyntheticMixture (train and test settings)
+        - {task: mqar, train: [{seq_len: 32, n_pairs: 4}], test: [...], train_examples: 20000, test_examples: 256}
 
 Budgets become train.max_steps through the trainer's own FLOPs counter (training_flops_per_token x tokens per
 step), so with a FLOPs or tokens budget every arm stops within one step of it; a seconds budget measures each

@@ -104,7 +104,21 @@ def reading(rows: list[dict]) -> str:
             text.append(f"{_figure(hybrid)} closes {closed:.0%} of the gap from {base['arm']} to "
                         f"{attention['arm']}" + ("" if resolved(hybrid, base) else " (unresolved from "
                                                  f"{base['arm']})") + ".")
+    text += _shortcut(rows, widths[-1])
     return " ".join(text)
+
+
+def _shortcut(rows: list[dict], width: int) -> list[str]:
+    """MQAR: naming one of the n_pairs values in context scores 1/n_pairs without recalling anything. Which arms
+    beat that by more than their seed spread in every test setting at `width`?"""
+    groups = [g for g in summarize(rows) if g["d_model"] == width and g["setting"][0] == "mqar"]
+    if not groups:
+        return []
+    arms = sorted({g["arm"] for g in groups})
+    above = [arm for arm in arms if all(g["mean"] - g["spread"] > 1 / g["setting"][3] for g in groups
+                                        if g["arm"] == arm)]
+    return [f"Naming one of the n_pairs values in context scores 1/n_pairs without recall; above it by more than "
+            f"the seed spread in every test setting at d_model={width}: {', '.join(above) or 'no arm'}."]
 
 
 def _bytes(value: int) -> str:
@@ -142,8 +156,8 @@ def accuracy_table(groups: list[dict]) -> list[str]:
 
 def _plot(groups: list[dict], settings: list[tuple], x_key: str, path: Path) -> None:
     """A panel per test setting, accuracy against x_key (log scale), a line per arm through its widths."""
-    columns = min(4, len(settings))
-    n_rows = math.ceil(len(settings) / columns)
+    columns = min(4, len(settings) + 1)  # one more panel holds the legend
+    n_rows = math.ceil((len(settings) + 1) / columns)
     figure, axes = pyplot().subplots(n_rows, columns, figsize=(4.2 * columns, 3.6 * n_rows), squeeze=False)
     arms = sorted({g["arm"] for g in groups})
     colors = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
@@ -154,6 +168,8 @@ def _plot(groups: list[dict], settings: list[tuple], x_key: str, path: Path) -> 
             if points:
                 x, mean, spread = zip(*points, strict=True)
                 axis.errorbar(x, mean, yerr=spread, marker="o", ms=4, capsize=2, color=colors[arm], label=arm)
+        if setting[0] == "mqar":
+            axis.axhline(1 / setting[3], color="gray", linestyle=":", lw=1, label="1/n_pairs: a value in context")
         axis.set_title(_setting_label(setting), fontsize=9)
         axis.set_xscale("log", base=2)
         axis.set_ylim(-0.03, 1.03)
@@ -162,10 +178,8 @@ def _plot(groups: list[dict], settings: list[tuple], x_key: str, path: Path) -> 
         axis.set_ylabel("accuracy")
         axis.grid(True, alpha=0.3)
     for axis in list(axes.flat)[len(settings):]:
-        axis.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(arms), 7), fontsize=8)
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
+        axis.axis("off")
+    axes.flat[len(settings)].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=9)
     atomic_write(path, png_bytes(figure))
 
 
