@@ -70,7 +70,7 @@ def _header(study: Study, device: str) -> dict[str, Any]:
     budget = [b.model_dump(exclude_none=True) for b in study.budgets]
     return {"study": study.study, "kind": study.kind, "budget": budget[0] if len(budget) == 1 else budget or None,
             "seeds": study.seeds, "created": datetime.date.today().isoformat(), "device": device,
-            "torch": torch.__version__, "commit": git_commit()}
+            "torch": torch.__version__, "commit": git_commit(), "resolved_by": study.resolved_by}
 
 
 @contextlib.contextmanager

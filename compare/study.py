@@ -15,6 +15,7 @@ A study YAML (configs/studies/*.yaml):
     linear_probe:                 # optional: after training, fresh probes on frozen features (train/linear_probe.py)
       arms: [transformer-jepa]    # these arms' runs, each beside its own step-0 encoder
       baseline: transformer-ar    # and beside this arm's run of the same seed, size and budget
+    resolved_by: configs/studies/quick-seeds.yaml   # optional: where more seeds resolve this study's differences
 
 Budgets become train.max_steps through the trainer's own FLOPs counter (training_flops_per_token x tokens per
 step), so with a FLOPs or tokens budget every arm stops within one step of it; a seconds budget measures each
@@ -103,6 +104,9 @@ class Study(BaseModel):
     nproc_per_node: int = Field(1, gt=0, description="processes (GPUs) per run: > 1 launches each run with torchrun")
     synthetic: Optional[SyntheticSettings] = None
     linear_probe: Optional[LinearProbeSettings] = None
+    resolved_by: Optional[str] = Field(None, description="a study file that runs these arms over more seeds: the "
+                                                         "report names it where one seed leaves differences "
+                                                         "unresolved")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Study":
