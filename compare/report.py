@@ -13,13 +13,19 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from archlab.archs.registry import build_model
+from archlab.archs.summary import decoding_state_bytes
 
 from archlab.compare import plots
 from archlab.compare.reading import ranked_groups, reading, seed_note, versus_best
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
 from archlab.kernels.common.files import atomic_path, atomic_write_all
 from archlab.kernels.common.markdown import table, table_row
+from archlab.train.config import run_config
 from archlab.train.errors import UserError
+from archlab.train.loading import autocast_dtype
 from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE
 from archlab.train.run_log import read_metrics
 
@@ -133,11 +139,23 @@ def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
     run = {key: entry.get(key) for key in ("name", "arm", "seed", "size", "budget", "flops_per_token")}
     run |= {key: summary.get(key, entry.get(key)) for key in ("backbone", "objective", "params")}
     run |= {key: summary.get(key) for key in ("tokens", "train_flops", "train_seconds", "tokens_per_s",
-                                              "peak_memory_mb", "state_bytes", "state_bytes_4x")}
+                                              "peak_memory_mb")}
+    run |= _state_bytes(summary, run_dir)
     return run | {"final": float(final), "quality_metric": metric, "bound": bool(entry.get("bound")),
                   "probe": bool(entry.get("probe") or summary.get("probe")), "unigram_bpb": unigram,
                   "linear_probe": _read_probe(run_dir / PROBE_FILE),
                   "curve": [(f, f * seconds_per_flop, v) for f, v in evals]}, ""
+
+
+def _state_bytes(summary: dict, run_dir: Path) -> dict:
+    """The summary's decoding-state figures; for runs from before summaries carried them, the same figures from
+    the run's saved config (the mixers' state_bytes need no weights)."""
+    if "state_bytes" in summary or "state_dtype" in summary or not (run_dir / "config.yaml").is_file():
+        return {key: summary.get(key) for key in ("state_bytes", "state_bytes_4x")}
+    cfg = run_config(run_dir)
+    dtype = autocast_dtype(cfg, torch.device(summary.get("device", "cpu"))) or torch.float32
+    state = decoding_state_bytes(build_model(cfg.model), cfg.data.seq_len, dtype=dtype) or {}
+    return {key: state.get(key) for key in ("state_bytes", "state_bytes_4x")}
 
 
 def _read_probe(path: Path) -> dict | None:
