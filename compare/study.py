@@ -108,7 +108,7 @@ class EvalSettings(BaseModel):
     directory and shown in the report."""
     model_config = ConfigDict(extra="forbid")
     arms: Optional[list[str]] = Field(None, min_length=1)
-    lengths: Optional[list[float]] = Field(None, min_length=1, description="multiples of the trained length "
+    lengths: Optional[list[int]] = Field(None, min_length=1, description="multiples of the trained length "
                                            "(`archlab eval RUN --lengths ... --per-position`)")
     passkey: bool = Field(True, description="with lengths: passkey retrieval at each length (autoregressive runs)")
     inference: Optional[InferenceSettings] = None
