@@ -71,8 +71,9 @@ def cmd_eval(args) -> None:
 
         if args.linear_probe:
             raise UserError("--lengths and --linear-probe are separate evaluations; run them one at a time")
+        trials = 20 if args.passkey_trials is None else args.passkey_trials
         result, path = evaluate_lengths(args.run_dir, parse_lengths(args.lengths), per_position=args.per_position,
-                                        passkey=args.passkey, trials=args.passkey_trials or 20, device=args.device,
+                                        passkey=args.passkey, trials=trials, device=args.device,
                                         checkpoint=args.checkpoint, split=args.split, whole_split=args.all)
         print(json.dumps(result))
         print(f"wrote {path}", file=sys.stderr)

@@ -196,21 +196,33 @@ def passkey_sequence(encode, data, total: int, rng: np.random.Generator) -> tupl
 @torch.no_grad()
 def passkey_scores(run: LoadedRun, data, length: int, trials: int) -> dict[str, Any]:
     """Greedy exact-match accuracy and mean bits per key digit over `trials` sequences of length + 1 tokens (the
-    same seeds, hence keys and depths, at every length)."""
+    same seeds, hence keys and depths, at every length). `digit_bits_per_digit`: the same bits with the model's
+    choice restricted to the ten digits (chance: exactly log2 10), which isolates recall from how unlikely the
+    model finds a digit there at all; None where the tokenizer does not give each digit its own token."""
     encode = run.corpus.tokenizer.encode
+    digit_ids = [encode(str(digit)) for digit in range(10)]
+    digits = torch.tensor([ids[0] for ids in digit_ids]) if all(len(ids) == 1 for ids in digit_ids) else None
     sequences, infos = zip(*(passkey_sequence(encode, data, length + 1, np.random.default_rng(PASSKEY_SEED + trial))
                              for trial in range(trials)))
-    hits, bits = 0, 0.0
-    rows = torch.stack(sequences)
-    for first in range(0, trials, max(1, BATCH_TOKENS // length)):
-        batch = rows[first:first + max(1, BATCH_TOKENS // length)]
+    if any(info["key_tokens"] != KEY_DIGITS for info in infos):
+        digits = None  # some key's digits were merged into fewer tokens
+    rows, per_batch = torch.stack(sequences), max(1, BATCH_TOKENS // length)
+    hits, bits, digit_bits = 0, 0.0, 0.0
+    for first in range(0, trials, per_batch):
+        batch = rows[first:first + per_batch]
         nats, _, logits = token_nats(run, batch)
-        for row, info in enumerate(infos[first:first + len(batch)]):
-            # the key's tokens are the row's last: the targets of the last key_tokens positions
-            key_targets = batch[row, -info["key_tokens"]:].to(logits.device)
-            hits += bool((logits[row, -info["key_tokens"]:].argmax(-1) == key_targets).all())
+        for row, info in enumerate(infos[first:first + per_batch]):
+            # the key's tokens end the row: the targets of its last key_tokens positions
+            key = batch[row, -info["key_tokens"]:].to(logits.device)
+            key_logits = logits[row, -info["key_tokens"]:]
+            hits += bool((key_logits.argmax(-1) == key).all())
             bits += float(nats[row, -info["key_tokens"]:].sum()) / math.log(2) / KEY_DIGITS
-    return {"accuracy": hits / trials, "bits_per_digit": bits / trials, "trials": trials}
+            if digits is not None:
+                among_digits = key_logits[:, digits.to(logits.device)].log_softmax(-1)
+                picked = (key[:, None] == digits.to(key.device)).float().argmax(-1)
+                digit_bits -= float(among_digits.gather(1, picked[:, None]).sum()) / math.log(2) / KEY_DIGITS
+    return {"accuracy": hits / trials, "bits_per_digit": bits / trials,
+            "digit_bits_per_digit": digit_bits / trials if digits is not None else None, "trials": trials}
 
 
 # -- report section ----------------------------------------------------------------------------------
@@ -243,7 +255,8 @@ def length_report_section(results: list[tuple[str, dict]], title: str) -> tuple[
              f"Each run scored at multiples of its trained length ({', '.join(map(str, seq_lens))} tokens) on the "
              f"same first {first['scored_tokens']:,} tokens of its {first['split']} split, one forward pass per "
              "window (`archlab eval RUN --lengths ... --per-position --passkey`; method in compare/length.py). "
-             + ("Passkey: accuracy (greedy exact match) / bits per key digit (chance 3.32), "
+             + ("Passkey: accuracy (greedy exact match) / bits per key digit / the same bits among the ten digits "
+                "only (chance 3.32), "
                 f"{first['lengths'][0].get('passkey', {}).get('trials', 0)} trials per length. " if has_passkey else ""),
              "", *table(columns, body), ""]
     lines += [f"![{name}]({name})" for name in images] + [""]
@@ -251,7 +264,11 @@ def length_report_section(results: list[tuple[str, dict]], title: str) -> tuple[
 
 
 def _passkey_cell(passkey: dict | None) -> str:
-    return "–" if passkey is None else f"{passkey['accuracy']:.0%} / {passkey['bits_per_digit']:.2f}"
+    if passkey is None:
+        return "–"
+    among_digits = passkey.get("digit_bits_per_digit")
+    return (f"{passkey['accuracy']:.0%} / {passkey['bits_per_digit']:.2f}"
+            + ("" if among_digits is None else f" / {among_digits:.2f}"))
 
 
 def main(argv: list[str] | None = None) -> None:

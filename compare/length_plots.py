@@ -23,17 +23,25 @@ def _trained_line(ax, seq_len: int) -> None:
 
 
 def _passkey_axes(axes, lines: list[tuple[str, list[int], list[dict]]]) -> None:
-    """Accuracy and bits per digit vs sequence length on two axes; `lines`: (label, tokens, passkey results)."""
-    accuracy, bits = axes
+    """Accuracy, bits per key digit and the same bits among the ten digits only, vs sequence length, on three axes;
+    `lines`: (label, tokens, passkey results)."""
+    accuracy, bits, digit_bits = axes
     ticks = sorted({n for _, tokens, _ in lines for n in tokens})
     for index, (label, tokens, scores) in enumerate(lines):
         style = {"color": f"C{index % 10}", "marker": "o", "markersize": 4, "label": label}
         accuracy.plot(tokens, [s["accuracy"] for s in scores], **style)
         bits.plot(tokens, [s["bits_per_digit"] for s in scores], **style)
-    bits.axhline(CHANCE_BITS, color="black", linestyle="--", linewidth=1, label="chance (log2 10)")
+        if all(s.get("digit_bits_per_digit") is not None for s in scores):
+            digit_bits.plot(tokens, [s["digit_bits_per_digit"] for s in scores], **style)
+    for ax in (bits, digit_bits):
+        ax.axhline(CHANCE_BITS, color="black", linestyle="--", linewidth=1, label="chance (log2 10)")
     accuracy.set_ylim(-0.03, 1.03)
     accuracy.set_ylabel("greedy exact match")
-    bits.set_ylabel("bits per key digit (lower is better)")
+    bits.set_ylabel("bits per key digit")
+    digit_bits.set_ylabel("bits per key digit, among the 10 digits")
+    accuracy.set_title("passkey: accuracy")
+    bits.set_title("bits per key digit (whole vocabulary)")
+    digit_bits.set_title("bits per key digit, choice among digits")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(n) for n in ticks])
@@ -46,7 +54,7 @@ def run_figure(result: dict) -> bytes:
     plt = pyplot()
     rows = result["lengths"]
     has_passkey = "passkey" in rows[0]
-    fig, axes = plt.subplots(1, 3 if has_passkey else 1, figsize=(15 if has_passkey else 7, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 4 if has_passkey else 1, figsize=(20 if has_passkey else 7, 4.2), squeeze=False)
     ax = axes[0][0]
     if "buckets" in rows[0]:
         for index, row in enumerate(rows):
@@ -64,8 +72,8 @@ def run_figure(result: dict) -> bytes:
     ax.legend()
     if has_passkey:
         _passkey_axes(axes[0][1:], [("passkey", [row["tokens"] for row in rows], [row["passkey"] for row in rows])])
-        axes[0][1].set_title(f"passkey retrieval, {rows[0]['passkey']['trials']} trials per length")
-        axes[0][2].legend()
+        axes[0][1].set_title(f"passkey: accuracy ({rows[0]['passkey']['trials']} trials per length)")
+        axes[0][3].legend()
     return png_bytes(fig)
 
 
@@ -114,10 +122,10 @@ def positions_plot(results: list[tuple[str, dict]], title: str) -> bytes:
 def passkey_plot(results: list[tuple[str, dict]], title: str) -> bytes:
     """Passkey accuracy and bits per digit vs length, a line per run."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     lines = [(label, [row["tokens"] for row in result["lengths"] if "passkey" in row],
               [row["passkey"] for row in result["lengths"] if "passkey" in row]) for label, result in results]
     _passkey_axes(axes, lines)
     fig.suptitle(f"{title}: passkey retrieval")
-    _legend_outside(axes[1])
+    _legend_outside(axes[2])
     return png_bytes(fig)
