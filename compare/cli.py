@@ -71,6 +71,8 @@ def cmd_eval(args) -> None:
 
         if args.linear_probe:
             raise UserError("--lengths and --linear-probe are separate evaluations; run them one at a time")
+        if args.passkey_trials is not None and not args.passkey:
+            raise UserError("--passkey-trials goes with --passkey; add it")
         trials = 20 if args.passkey_trials is None else args.passkey_trials
         result, path = evaluate_lengths(args.run_dir, parse_lengths(args.lengths), per_position=args.per_position,
                                         passkey=args.passkey, trials=trials, device=args.device,

@@ -273,7 +273,7 @@ def _passkey_cell(passkey: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m archlab.compare.length OUT RUN...`: the report section of runs already evaluated (each holds
-    length_eval.json), written to OUT/README.md with its PNGs and a copy of each run's JSON."""
+    length_eval.json), written to OUT/report.md with its PNGs, and each run's JSON and its own figure."""
     import argparse
     import json
 
@@ -285,8 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     results = [(Path(run).name, json.loads((Path(run) / LENGTH_FILE).read_text())) for run in args.runs]
     markdown, images = length_report_section(results, args.title)
     out = Path(args.out)
-    files = {out / "README.md": markdown, **{out / name: data for name, data in images.items()}}
-    files |= {out / f"{label}.json": json_text(result) for label, result in results}
+    files = {out / "report.md": markdown, **{out / name: data for name, data in images.items()}}
+    for label, result in results:
+        files |= {out / f"{label}.json": json_text(result), out / f"{label}.png": run_figure(result)}
     atomic_write_all(files)
     print(markdown)
 

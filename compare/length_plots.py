@@ -54,8 +54,9 @@ def run_figure(result: dict) -> bytes:
     plt = pyplot()
     rows = result["lengths"]
     has_passkey = "passkey" in rows[0]
-    fig, axes = plt.subplots(1, 4 if has_passkey else 1, figsize=(20 if has_passkey else 7, 4.2), squeeze=False)
-    ax = axes[0][0]
+    fig = plt.figure(figsize=(15, 8.4) if has_passkey else (8, 4.2))
+    grid = fig.add_gridspec(2 if has_passkey else 1, 3)
+    ax = fig.add_subplot(grid[0, :])  # the position curve across the top, the passkey panels below
     if "buckets" in rows[0]:
         for index, row in enumerate(rows):
             x, y = _midpoints(row["buckets"])
@@ -71,9 +72,10 @@ def run_figure(result: dict) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend()
     if has_passkey:
-        _passkey_axes(axes[0][1:], [("passkey", [row["tokens"] for row in rows], [row["passkey"] for row in rows])])
-        axes[0][1].set_title(f"passkey: accuracy ({rows[0]['passkey']['trials']} trials per length)")
-        axes[0][3].legend()
+        below = [fig.add_subplot(grid[1, column]) for column in range(3)]
+        _passkey_axes(below, [("passkey", [row["tokens"] for row in rows], [row["passkey"] for row in rows])])
+        below[0].set_title(f"passkey: accuracy ({rows[0]['passkey']['trials']} trials per length)")
+        below[2].legend()
     return png_bytes(fig)
 
 

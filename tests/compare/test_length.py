@@ -118,6 +118,7 @@ def test_a_diffusion_run_gives_its_bound_per_length_and_refuses_positions_and_pa
     (["--lengths", "1x", "--linear-probe"], "separate evaluations"),
     (["--lengths", "1x", "--passkey", "--passkey-trials", "0"], "--passkey-trials must be >= 1"),
     (["--lengths", "1x,8x", "--passkey"], "the passkey sentence and question take"),
+    (["--lengths", "8x", "--passkey-trials", "3"], "--passkey-trials goes with --passkey"),
 ])
 def test_bad_lengths_are_refused_before_anything_is_written(capsys, runs, argv, message):
     before = snapshot(runs / "ar")
