@@ -67,8 +67,10 @@ def evaluate_lengths(run_dir: str | Path, multiples: list[int], *, per_position:
                      split: str = "val", whole_split: bool = False) -> tuple[dict[str, Any], Path]:
     """Scores the run at each multiple of its data.seq_len and writes RUN/length_eval.json (+ .png); returns the
     result and the JSON's path. Bad input is a one-line UserError before any scoring and before anything is written."""
-    if not multiples:
-        raise UserError("no lengths to evaluate; give --lengths such as 1x,2x,4x,8x")
+    multiples = sorted(set(multiples))
+    if not multiples or multiples[0] < 1:
+        raise UserError(f"lengths must be whole multiples >= 1 of the trained length, got {multiples}; give --lengths "
+                        "such as 1x,2x,4x,8x")
     if passkey and trials < 1:
         raise UserError(f"--passkey-trials must be >= 1, got {trials}")
     run = load_run(run_dir, device, checkpoint=checkpoint)
@@ -88,8 +90,10 @@ def evaluate_lengths(run_dir: str | Path, multiples: list[int], *, per_position:
         except ValueError as err:
             raise UserError(f"length {length // seq_len}x ({length} tokens): {err}") from None
     if len(data) < lengths[-1] + 1:
+        longest = (len(data) - 1) // seq_len
         raise UserError(f"the {split} split has {len(data):,} tokens: a window of {lengths[-1]:,} ({multiples[-1]}x) "
-                        f"needs {lengths[-1] + 1:,}; the longest that fits is {(len(data) - 1) // seq_len}x")
+                        f"needs {lengths[-1] + 1:,}; " + (f"the longest that fits is {longest}x" if longest >= 1 else
+                                                          "not even 1x fits: evaluate another split"))
     if passkey and passkey_overhead(run) >= lengths[0]:
         raise UserError(f"the passkey sentence and question take {passkey_overhead(run)} tokens, more than a "
                         f"{multiples[0]}x window ({lengths[0]} tokens) holds; ask for longer lengths")

@@ -114,6 +114,7 @@ def test_a_diffusion_run_gives_its_bound_per_length_and_refuses_positions_and_pa
     (["--lengths", "1x,,2x"], "an empty entry"),
     (["--lengths", "2x,2x"], "names a length twice"),
     (["--lengths", "99999x"], "the longest that fits is"),
+    (["--lengths", "1x", "--split", "test"], "the test split of tinyshakespeare.txt is empty"),
     (["--per-position"], "go with --lengths"),
     (["--lengths", "1x", "--linear-probe"], "separate evaluations"),
     (["--lengths", "1x", "--passkey", "--passkey-trials", "0"], "--passkey-trials must be >= 1"),
