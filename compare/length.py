@@ -102,7 +102,7 @@ def evaluate_lengths(run_dir: str | Path, multiples: list[int], *, per_position:
     bucket = max(1, seq_len // 2)
 
     started, rows = time.perf_counter(), []
-    for multiple, length in zip(multiples, lengths):
+    for multiple, length in zip(multiples, lengths, strict=True):
         began = time.perf_counter()
         windows = gather_windows(data, np.arange(0, n_tokens, length), length + 1,
                                  run.corpus.doc_starts.get(split))
@@ -207,7 +207,7 @@ def passkey_scores(run: LoadedRun, data, length: int, trials: int) -> dict[str, 
     digit_ids = [encode(str(digit)) for digit in range(10)]
     digits = torch.tensor([ids[0] for ids in digit_ids]) if all(len(ids) == 1 for ids in digit_ids) else None
     sequences, infos = zip(*(passkey_sequence(encode, data, length + 1, np.random.default_rng(PASSKEY_SEED + trial))
-                             for trial in range(trials)))
+                             for trial in range(trials)), strict=True)
     if any(info["key_tokens"] != KEY_DIGITS for info in infos):
         digits = None  # some key's digits were merged into fewer tokens
     rows, per_batch = torch.stack(sequences), max(1, BATCH_TOKENS // length)
@@ -260,11 +260,14 @@ def length_report_section(results: list[tuple[str, dict]], title: str) -> tuple[
              f"same first {first['scored_tokens']:,} tokens of its {first['split']} split, one forward pass per "
              "window (`archlab eval RUN --lengths ... --per-position --passkey`; method in compare/length.py). "
              + ("Passkey: accuracy (greedy exact match) / bits per key digit / the same bits among the ten digits "
-                "only (chance 3.32), "
-                f"{first['lengths'][0].get('passkey', {}).get('trials', 0)} trials per length. " if has_passkey else ""),
+                f"only (chance 3.32), {_passkey_trials(results)} trials per length. " if has_passkey else ""),
              "", *table(columns, body), ""]
     lines += [f"![{name}]({name})" for name in images] + [""]
     return "\n".join(lines), images
+
+
+def _passkey_trials(results: list[tuple[str, dict]]) -> int:
+    return next(row["passkey"]["trials"] for _, result in results for row in result["lengths"] if "passkey" in row)
 
 
 def _passkey_cell(passkey: dict | None) -> str:

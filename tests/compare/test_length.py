@@ -41,7 +41,7 @@ def no_run_plot(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, one_thread):
+def runs(tmp_path_factory):
     """A tiny autoregressive run and a tiny masked-diffusion run, one training step each."""
     folder = tmp_path_factory.mktemp("length")
     for name, objective in {"ar": "autoregressive", "diffusion": "masked_diffusion"}.items():
@@ -74,7 +74,8 @@ def test_buckets_match_the_overall_bpb_and_1x_is_archlab_evals_score(capsys, run
 def test_1x_is_archlab_evals_score_on_the_same_windows(runs, no_run_plot):
     run = load_run(runs / "ar", "cpu")
     one_x, _ = evaluate_lengths(runs / "ar", [1], per_position=False, passkey=False, device="cpu")
-    same_windows = eval_batches(run.corpus.split("val")[:EVAL_TOKENS + 1], seq_len=SEQ_LEN, batch_size=8, max_tokens=None)
+    val = run.corpus.split("val")
+    same_windows = eval_batches(val[:EVAL_TOKENS + 1], seq_len=SEQ_LEN, batch_size=8, max_tokens=None)
     assert one_x["lengths"][0]["bpb"] == pytest.approx(run.evaluate(same_windows)["bpb"], rel=1e-5)
 
 
@@ -152,7 +153,8 @@ def test_report_section_has_a_row_per_run_and_its_plots():
     def result(bpb: float) -> dict:
         rows = [{"multiple": m, "tokens": 32 * m, "windows": 8 // m, "bpb": bpb * m,
                  "buckets": [[s, s + 16, bpb] for s in range(0, 32 * m, 16)],
-                 "passkey": {"accuracy": 0.5, "bits_per_digit": 2.0, "digit_bits_per_digit": 1.0, "trials": 4}} for m in (1, 2)]
+                 "passkey": {"accuracy": 0.5, "bits_per_digit": 2.0, "digit_bits_per_digit": 1.0, "trials": 4}}
+                for m in (1, 2)]
         return {"trained_seq_len": 32, "step": 7, "scored_tokens": 256, "split": "val", "bound": False,
                 "probe": False, "lengths": rows}
 
