@@ -64,6 +64,22 @@ def cmd_eval(args) -> None:
 
     if (args.mlp or args.baseline) and not args.linear_probe:
         raise UserError("--mlp and --baseline go with --linear-probe; add it")
+    if (args.per_position or args.passkey or args.passkey_trials is not None) and not args.lengths:
+        raise UserError("--per-position, --passkey and --passkey-trials go with --lengths; add e.g. --lengths 1x,2x,4x")
+    if args.lengths:
+        from archlab.compare.length import evaluate_lengths, parse_lengths
+
+        if args.linear_probe:
+            raise UserError("--lengths and --linear-probe are separate evaluations; run them one at a time")
+        if args.passkey_trials is not None and not args.passkey:
+            raise UserError("--passkey-trials goes with --passkey; add it")
+        trials = 20 if args.passkey_trials is None else args.passkey_trials
+        result, path = evaluate_lengths(args.run_dir, parse_lengths(args.lengths), per_position=args.per_position,
+                                        passkey=args.passkey, trials=trials, device=args.device,
+                                        checkpoint=args.checkpoint, split=args.split, whole_split=args.all)
+        print(json.dumps(result))
+        print(f"wrote {path}", file=sys.stderr)
+        return
     if args.linear_probe:
         from archlab.train.linear_probe import probe_run
 
@@ -325,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mlp", action="store_true", help="--linear-probe: also an MLP probe")
     evaluate.add_argument("--baseline", help="--linear-probe: another run whose features are probed the same way, "
                                              "e.g. the autoregressive arm of a study")
+    evaluate.add_argument("--lengths", metavar="1x,2x,...",
+                          help="length extrapolation: bits per byte of the same tokens in windows of these multiples "
+                               "of the trained data.seq_len; writes RUN/length_eval.json and .png")
+    evaluate.add_argument("--per-position", action="store_true",
+                          help="--lengths: also bits per byte in buckets of seq_len/2 positions (autoregressive runs)")
+    evaluate.add_argument("--passkey", action="store_true",
+                          help="--lengths: also passkey retrieval at each length (autoregressive runs)")
+    evaluate.add_argument("--passkey-trials", type=int, help="--passkey: sequences per length (default 20)")
     evaluate.set_defaults(handler=cmd_eval)
 
     model = sub.add_parser("model", help="print the stack a config builds: per block its mixer, parameters, "
