@@ -19,6 +19,7 @@ from archlab.archs.registry import build_model
 from archlab.archs.summary import decoding_state_bytes
 
 from archlab.compare import plots
+from archlab.compare.length import LENGTH_FILE, length_report_section
 from archlab.compare.reading import ranked_groups, reading, seed_note, versus_best
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
 from archlab.kernels.common.files import atomic_path, atomic_write_all
@@ -93,8 +94,14 @@ def write_report(out_dir: Path) -> dict[str, Path]:
     probed = [run for run in runs if run["linear_probe"] is not None]
     if probed:
         files["linear_probe.png"] = plots.linear_probe_plot(probed, study["study"])
+    sections = []
+    lengths = [(run["name"], run["length_eval"]) for run in runs if run["length_eval"]]
+    if lengths:
+        markdown, images = length_report_section(lengths, "Length: bits per byte past the trained length, passkey")
+        sections.append(markdown)
+        files |= images
     files["results.csv"] = _csv(runs, CSV_COLUMNS)
-    files["report.md"] = _report_md(study, groups, skipped, fits, files).encode()
+    files["report.md"] = _report_md(study, groups, skipped, fits, files, sections).encode()
     return _write_files(out_dir, files)
 
 
@@ -144,6 +151,7 @@ def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
     return run | {"final": float(final), "quality_metric": metric, "bound": bool(entry.get("bound")),
                   "probe": bool(entry.get("probe") or summary.get("probe")), "unigram_bpb": unigram,
                   "linear_probe": _read_probe(run_dir / PROBE_FILE),
+                  "length_eval": _read_result(run_dir / LENGTH_FILE, "lengths"),
                   "curve": [(f, f * seconds_per_flop, v) for f, v in evals]}, ""
 
 
@@ -156,6 +164,20 @@ def _state_bytes(summary: dict, run_dir: Path) -> dict:
     dtype = autocast_dtype(cfg, torch.device(summary.get("device", "cpu"))) or torch.float32
     state = decoding_state_bytes(build_model(cfg.model), cfg.data.seq_len, dtype=dtype) or {}
     return {key: state.get(key) for key in ("state_bytes", "state_bytes_4x")}
+
+
+def _read_result(path: Path, key: str) -> dict | None:
+    """A run's evaluation file (written by `evals:`), None when it has none; one that cannot be read or lacks
+    `key` fails here, before anything is written."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or not result.get(key):
+            raise ValueError("incomplete")
+        return result
+    except (OSError, ValueError):
+        raise UserError(f"{path} is unreadable; delete it and rerun `archlab compare --resume` to redo it") from None
 
 
 def _read_probe(path: Path) -> dict | None:
@@ -251,7 +273,8 @@ def _final(group: dict) -> str:
     return f"{group['mean']:.4f} ± {group['spread']:.4f}" if group["n"] > 1 else f"{group['mean']:.4f}"
 
 
-def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict) -> str:
+def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict,
+               sections: list[str]) -> str:
     best = next(iter(ranked_groups(groups)), None)
     lines = [f"# Study report: {study['study']}", "", *_metadata(study),
              f"- finished runs: {sum(g['n'] for g in groups)}, skipped: {len(skipped)}", "", "## Results per arm", "",
@@ -280,6 +303,7 @@ def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None
         if "scaling.png" in files:
             lines += ["", "![isoFLOP view](isoflop.png)", "", "![scaling fits](scaling.png)"]
         lines.append("")
+    lines += sections
     if skipped:
         lines += ["## Skipped runs", "", *(f"- {name}: {reason}" for name, reason in skipped), ""]
     lines += ["Per-run numbers: [results.csv](results.csv)."]
