@@ -1,0 +1,376 @@
+"""`archlab bench inference RUN [RUN ...]`: what generating costs each run against context length and batch size.
+
+A context C is the number of positions in the sequence when the last new token is produced: a run prefills
+C - n_tokens random token ids, then generates n_tokens, so its decoding state ends up holding C positions.
+- cache-decoding runs (autoregressive; JEPA next_latent, which samples through the same KV-cached loop): the
+  sampler's pieces (backbone.new_cache, objective.logits(model, tokens, cache=), objective.draw_tokens, greedy)
+  time the prefill (one forward over the prompt, filling the cache) and the decode (one single-position step per
+  new token);
+- masked diffusion: no cache, each denoising step re-runs the whole sequence: objective.sample at each step count
+  of decode_bench.step_grid (ancestral), timed as one call, reported per generated token;
+- memory: `cache_bytes`, the bytes of the distinct storages the decoding state's tensors hold after prefill +
+  decode (walked, not computed), beside `state_bytes`, the mixers' analytic count (archs/layers/mixer.py); and
+  `peak_bytes`, the peak of bytes allocated during one prefill + decode above what was allocated before it (the
+  weights): torch.cuda.max_memory_allocated on CUDA, on the CPU the allocation events of PyTorch's CPU allocator
+  recorded by torch.profiler (profile_memory), summed in time order (memory that libraries allocate outside
+  PyTorch's allocator, e.g. oneDNN scratch space, is not in it).
+Each setting runs once untimed (warm-up; memory is measured there), then `repeats` timed times: medians.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from archlab.archs.backbones.stack import activation_dtype
+from archlab.archs.model import inference
+from archlab.compare.decode_bench import AR_OBJECTIVE, DIFFUSION_OBJECTIVE, step_grid
+from archlab.kernels.bench import environment, error_note, markdown_table, result_stem
+from archlab.kernels.common.files import atomic_write_all, json_text
+from archlab.kernels.common.plotting import png_bytes, pyplot
+from archlab.kernels.common.timing import synchronize, timed
+from archlab.train.config import run_config
+from archlab.train.errors import UserError
+from archlab.train.loading import LoadedRun, load_run
+
+INFERENCE_FILE = "inference.json"  # a run's own measurement (measure_run_inference), beside its summary.json
+CONTEXTS = (128, 512, 1024, 2048, 4096)
+BATCH_SIZES = (1, 8)
+NEW_TOKENS = 16
+REPEATS = 3
+SEED = 0
+COLUMNS = ["run", "decoding", "steps", "context", "batch_size", "prefill_ms", "decode_ms_per_token",
+           "decode_tokens_per_s", "cache_bytes", "state_bytes", "peak_bytes"]
+
+
+# -- memory -----------------------------------------------------------------------------------------
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the distinct storages held by the tensors in `cache` (lists, tuples, dicts and objects' attributes
+    walked), so views of one buffer count once."""
+    storages: dict[tuple, int] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[(value.device, storage.data_ptr())] = storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif hasattr(value, "__dict__"):
+            for item in vars(value).values():
+                walk(item)
+
+    walk(cache)
+    return sum(storages.values())
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict whose `bytes` is set, on exit, to the peak of bytes allocated inside the block above what was
+    allocated when it began (see the module's docstring for what each device counts)."""
+    measured: dict[str, int] = {}
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield measured
+        synchronize(device)
+        measured["bytes"] = torch.cuda.max_memory_allocated(device) - before
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield measured
+    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                    if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU)
+    level = peak = 0
+    for _, nbytes in events:  # frees of blocks allocated before the block began are not recorded
+        level += nbytes
+        peak = max(peak, level)
+    measured["bytes"] = peak
+
+
+# -- one setting ------------------------------------------------------------------------------------
+
+def decode_with_cache(model, prompt: torch.Tensor, n_tokens: int) -> tuple[list, torch.Tensor, float, float]:
+    """The AR sampler's two phases, timed apart: prefill prompt (B, P) into a fresh cache for P + n_tokens
+    positions, then n_tokens greedy single-position steps. Returns (cache, last logits, prefill s, decode s)."""
+    objective, device = model.objective, prompt.device
+    cache = model.backbone.new_cache(prompt.shape[0], prompt.shape[1] + n_tokens, device=device)
+    logits, prefill_s = timed(lambda: objective.logits(model, prompt, cache=cache)[:, -1], device)
+
+    def decode() -> torch.Tensor:
+        next_logits = logits
+        for _ in range(n_tokens):
+            token = objective.draw_tokens(next_logits, 0.0, None, None)
+            next_logits = objective.logits(model, token, cache=cache)[:, -1]
+        return next_logits
+
+    last, decode_s = timed(decode, device)
+    return cache, last, prefill_s, decode_s
+
+
+def measure_cache_decoding(run: LoadedRun, context: int, batch_size: int, n_tokens: int, repeats: int) -> dict:
+    model, device = run.model, run.device
+    prompt = random_prompt(run, batch_size, context - n_tokens)
+    with inference(model), run.autocast():
+        with peak_memory(device) as peak:
+            cache, *_ = decode_with_cache(model, prompt, n_tokens)
+        measured_cache = cache_bytes(cache)
+        dtype = activation_dtype(model.backbone.norm.weight, device)  # what new_cache made the state in
+        del cache
+        times = [decode_with_cache(model, prompt, n_tokens)[2:] for _ in range(repeats)]
+    prefill_s = statistics.median(t[0] for t in times)
+    decode_s = statistics.median(t[1] for t in times)
+    return {"decoding": "cache", "steps": None, "prefill_ms": round(prefill_s * 1e3, 3),
+            "decode_ms_per_token": round(decode_s * 1e3 / n_tokens, 3),
+            "decode_tokens_per_s": round(batch_size * n_tokens / decode_s, 2), "cache_bytes": measured_cache,
+            "state_bytes": model.backbone.state_bytes(batch_size, context, dtype=dtype), "peak_bytes": peak["bytes"]}
+
+
+def random_prompt(run: LoadedRun, batch_size: int, length: int) -> torch.Tensor:
+    """(batch_size, length) token ids of the run's tokenizer, the same every call: cost does not depend on them."""
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, run.corpus.tokenizer.vocab_size, (batch_size, length), generator=generator).to(run.device)
+
+
+def measure_diffusion(run: LoadedRun, context: int, batch_size: int, n_tokens: int, steps: int,
+                      repeats: int) -> dict:
+    model, device = run.model, run.device
+    prompt = random_prompt(run, batch_size, context - n_tokens)
+
+    def call() -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(SEED)
+        with run.autocast():  # context_len None: beyond the trained length too, for its cost
+            return model.objective.sample(model, prompt, n_tokens, temperature=1.0, generator=generator,
+                                          steps=steps, strategy="ancestral")
+
+    with peak_memory(device) as peak:
+        call()
+    seconds = statistics.median(timed(call, device)[1] for _ in range(repeats))
+    return {"decoding": "diffusion", "steps": steps, "prefill_ms": None,
+            "decode_ms_per_token": round(seconds * 1e3 / n_tokens, 3),
+            "decode_tokens_per_s": round(batch_size * n_tokens / seconds, 2), "cache_bytes": None,
+            "state_bytes": None, "peak_bytes": peak["bytes"]}
+
+
+# -- runs -------------------------------------------------------------------------------------------
+
+def decoding_of(cfg) -> str | None:
+    """How a run's objective generates: "diffusion", "cache" (the KV-cached AR loop), or None (it cannot)."""
+    from archlab.archs.registry import OBJECTIVES
+
+    if cfg.model.objective == DIFFUSION_OBJECTIVE:
+        return "diffusion"
+    return "cache" if OBJECTIVES[cfg.model.objective].can_sample(cfg.model) else None
+
+
+def check_settings(contexts: Sequence[int], batch_sizes: Sequence[int], n_tokens: int, repeats: int) -> None:
+    if n_tokens < 1 or repeats < 1:
+        raise UserError(f"--new-tokens and --repeats must be >= 1, got {n_tokens} and {repeats}")
+    if not contexts or not batch_sizes or min(batch_sizes) < 1:
+        raise UserError(f"--batch-sizes must be >= 1 and both lists non-empty, got contexts {list(contexts)} and "
+                        f"batch sizes {list(batch_sizes)}")
+    if min(contexts) <= n_tokens:
+        raise UserError(f"every context must exceed --new-tokens={n_tokens} (it holds the prompt and the new "
+                        f"tokens), got {min(contexts)}; raise the context or lower --new-tokens")
+
+
+def check_runs(run_dirs: Sequence[str], contexts: Sequence[int], device: str | None) -> tuple[list[str], list[dict]]:
+    """(run dirs that can generate, skipped [{dir, reason}]), from their configs alone; one-line UserErrors for
+    contexts an objective refuses, and when no run can generate."""
+    usable, skipped = [], []
+    for run_dir in run_dirs:
+        cfg = run_config(run_dir, device, need_checkpoint="measure inference from")
+        if decoding_of(cfg) is None:
+            skipped.append({"dir": str(run_dir), "reason": f"model.objective={cfg.model.objective} cannot generate "
+                                                           "text with these settings"})
+            continue
+        from archlab.archs.registry import OBJECTIVES
+
+        for context in contexts:
+            try:
+                OBJECTIVES[cfg.model.objective].check_seq_len(cfg.model, context)
+            except ValueError as err:
+                raise UserError(f"{run_dir}: context {context}: {err}") from None
+        usable.append(str(run_dir))
+    if not usable:
+        raise UserError(f"none of the runs can generate ({'; '.join(s['reason'] for s in skipped)}); give an "
+                        "autoregressive, masked_diffusion or next_latent jepa run")
+    return usable, skipped
+
+
+def load_runs(run_dirs: Sequence[str], device: str | None) -> list[LoadedRun]:
+    """The runs at their latest checkpoints; refuses runs of different tokenizers (their tokens/s differ in what
+    a token is)."""
+    runs = [load_run(run_dir, device, purpose="measure inference from") for run_dir in run_dirs]
+    specs = {run.corpus.tokenizer.spec for run in runs}
+    if len(specs) > 1:
+        raise UserError(f"the runs use different tokenizers ({', '.join(sorted(specs))}): tokens/s are not "
+                        "comparable; compare runs of one tokenizer at a time")
+    return runs
+
+
+def run_name(run: LoadedRun) -> str:
+    return Path(run.cfg.run.dir).name
+
+
+def bench_inference(runs: Sequence[LoadedRun], *, contexts: Sequence[int] = CONTEXTS,
+                    batch_sizes: Sequence[int] = BATCH_SIZES, n_tokens: int = NEW_TOKENS, repeats: int = REPEATS,
+                    skipped: Sequence[dict] = ()) -> dict[str, Any]:
+    """The result dict (kernels/bench conventions): one row per run x context x batch size (x diffusion steps).
+    A setting that fails (e.g. out of memory) keeps its row with an `error`."""
+    check_settings(contexts, batch_sizes, n_tokens, repeats)
+    load_before = os.getloadavg()
+    rows = []
+    for run in runs:
+        kind = decoding_of(run.cfg)
+        for context in sorted(contexts):
+            for batch_size in sorted(batch_sizes):
+                key = {"run": run_name(run), "context": context, "batch_size": batch_size}
+                settings = step_grid(n_tokens) if kind == "diffusion" else [None]
+                for steps in settings:
+                    try:
+                        if steps is None:
+                            row = measure_cache_decoding(run, context, batch_size, n_tokens, repeats)
+                        else:
+                            row = measure_diffusion(run, context, batch_size, n_tokens, steps, repeats)
+                    except (RuntimeError, ValueError) as err:  # out of memory, a shape a kernel rejects
+                        row = {"decoding": kind, "steps": steps, "error": error_note(err)}
+                    rows.append({**key, **row})
+    device = runs[0].device
+    dtype = runs[0].autocast_dtype or torch.float32
+    return {
+        "benchmark": "inference", "title": "Inference cost: prefill, decode and memory against context length",
+        **environment(device, dtype), "threads": torch.get_num_threads(),
+        "load_average": {"before": [round(x, 2) for x in load_before],
+                         "after": [round(x, 2) for x in os.getloadavg()]},
+        "runs": [{"run": run_name(run), "dir": str(run.cfg.run.dir), "objective": run.cfg.model.objective,
+                  "layers": run.cfg.model.layers, "decoding": decoding_of(run.cfg),
+                  "tokenizer": run.corpus.tokenizer.spec, "trained_seq_len": run.cfg.data.seq_len,
+                  "parameters": run.model.num_parameters(), "step": run.step} for run in runs],
+        "skipped": list(skipped), "contexts": sorted(contexts), "batch_sizes": sorted(batch_sizes),
+        "n_tokens": n_tokens, "repeats": repeats, "seed": SEED,
+        "peak_memory_measure": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                                "torch.profiler CPU allocator events (profile_memory)"),
+        "notes": [
+            f"context C = positions held when the last new token is produced: a prompt of C - {n_tokens} random "
+            f"token ids, then {n_tokens} new tokens (greedy for cache decoding).",
+            "prefill_ms: one forward over the prompt filling a fresh cache; decode_ms_per_token: one single-position "
+            "step from that cache; decode_tokens_per_s = batch x new tokens / decode seconds. Diffusion: one "
+            "sample call (ancestral, `steps` network evals over the whole sequence) / new tokens, no prefill.",
+            "cache_bytes: distinct storages of the decoding state's tensors after prefill + decode (measured); "
+            "state_bytes: the mixers' analytic count at C; peak_bytes: peak allocated above the weights during "
+            "one prefill + decode (the warm-up call).",
+            f"medians of {repeats} timed calls after one untimed call; contexts beyond a run's trained length "
+            "time and size the model there, its outputs are out of distribution.",
+        ],
+        "columns": COLUMNS, "rows": rows,
+    }
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+def to_markdown(result: dict, plot_names: Sequence[str] = ()) -> str:
+    runs = ", ".join(f"{r['run']} ({r['layers']}, {r['objective']}, {r['decoding']})" for r in result["runs"])
+    lines = [f"# {result['title']} — {result['device']}, {result['date']}", "",
+             f"{result['dtype']}, torch {result['torch']}, {result['threads']} threads, commit {result['commit']}; "
+             f"load average before {result['load_average']['before']}, after {result['load_average']['after']}.",
+             f"Runs: {runs}.", *(f"- skipped {s['dir']}: {s['reason']}" for s in result["skipped"]),
+             f"- peak memory: {result['peak_memory_measure']}.", *(f"- {note}" for note in result["notes"]), "",
+             *markdown_table(result["columns"], result["rows"], first_metric="prefill_ms")]
+    lines += ["", *(f"![{name}]({name})" for name in plot_names)]
+    return "\n".join(lines) + "\n"
+
+
+PLOTS = {  # file suffix: (y key, y label, rows it applies to)
+    "memory": ("cache_bytes", "decoding state bytes, measured (log)", "cache"),
+    "peak": ("peak_bytes", "peak bytes allocated above the weights (log)", None),
+    "decode": ("decode_tokens_per_s", "decode tokens/s (log)", None),
+    "prefill": ("prefill_ms", "prefill latency, ms (log)", "cache"),
+}
+
+
+def plot(result: dict, key: str) -> bytes:
+    """PNG, log-log against context: one line per run and batch size (diffusion: per step count too)."""
+    y_key, y_label, decoding = PLOTS[key]
+    rows = [r for r in result["rows"] if "error" not in r and r.get(y_key) is not None
+            and (decoding is None or r["decoding"] == decoding)]
+    fig, ax = pyplot().subplots(figsize=(8.5, 5.2))
+    colors = {name: f"C{i}" for i, name in enumerate(r["run"] for r in result["runs"])}
+    lines = dict.fromkeys((r["run"], r["batch_size"], r["steps"]) for r in rows)
+    for run, batch_size, steps in lines:
+        points = sorted((r["context"], r[y_key]) for r in rows
+                        if (r["run"], r["batch_size"], r["steps"]) == (run, batch_size, steps))
+        label = f"{run}, batch {batch_size}" + ("" if steps is None else f", {steps} steps")
+        ax.plot(*zip(*points), marker="o" if batch_size == 1 else "s", color=colors[run],
+                linestyle="-" if batch_size == min(result["batch_sizes"]) else "--", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens, log)")
+    ax.set_ylabel(y_label)
+    ax.set_title(f"{y_label.removesuffix(' (log)')} vs context — {result['device']}, {result['date']}, commit "
+                 f"{result['commit']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return png_bytes(fig)
+
+
+def write_results(result: dict, out_dir: Path) -> dict[str, Path]:
+    """inference-<device>-<date>-<commit>.json, .md and one PNG per plot under out_dir, written atomically
+    together; returns {"json": path, "md": path, <plot>: path}."""
+    stem = result_stem(result, out_dir)
+    pngs = {key: stem.with_name(f"{stem.name}-{key}.png") for key in PLOTS}
+    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), **pngs}
+    atomic_write_all({**{path: plot(result, key) for key, path in pngs.items()},
+                      paths["json"]: json_text(result),
+                      paths["md"]: to_markdown(result, [path.name for path in pngs.values()])})
+    return paths
+
+
+def bench_runs(run_dirs: Sequence[str], *, contexts: Sequence[int] = CONTEXTS,
+               batch_sizes: Sequence[int] = BATCH_SIZES, n_tokens: int = NEW_TOKENS, repeats: int = REPEATS,
+               device: str | None = None) -> dict[str, Any]:
+    """Every check, then `bench_inference` on the runs that can generate (the others skipped with a note)."""
+    check_settings(contexts, batch_sizes, n_tokens, repeats)
+    usable, skipped = check_runs(run_dirs, contexts, device)
+    return bench_inference(load_runs(usable, device), contexts=contexts, batch_sizes=batch_sizes,
+                           n_tokens=n_tokens, repeats=repeats, skipped=skipped)
+
+
+def measure_run_inference(run_dir: str | Path, *, contexts: Sequence[int] = CONTEXTS, batch_size: int = 1,
+                          new_tokens: int = NEW_TOKENS, device: str | None = None) -> tuple[dict, Path]:
+    """One run's result, written to run_dir/INFERENCE_FILE (for a study's report); a run that cannot generate
+    is a UserError."""
+    result = bench_runs([str(run_dir)], contexts=contexts, batch_sizes=[batch_size], n_tokens=new_tokens,
+                        device=device)
+    path = Path(run_dir) / INFERENCE_FILE
+    atomic_write_all({path: json_text(result)})
+    return result, path
+
+
+def inference_cost(result: dict) -> dict[str, dict]:
+    """Per run, the costs a quality-vs-inference-cost Pareto front reads, at the largest context measured and the
+    smallest batch: decode ms per token, decode tokens/s, prefill ms, decoding state bytes (measured; 0 for
+    diffusion, which keeps none) and peak bytes. Diffusion: its largest step count (one token per step)."""
+    context, batch_size = max(result["contexts"]), min(result["batch_sizes"])
+    costs = {}
+    for row in result["rows"]:
+        if (row["context"], row["batch_size"]) != (context, batch_size) or "error" in row:
+            continue
+        if row["run"] in costs and (row["steps"] or 0) <= (costs[row["run"]]["steps"] or 0):
+            continue
+        costs[row["run"]] = {"context": context, "batch_size": batch_size, "steps": row["steps"],
+                             "decode_ms_per_token": row["decode_ms_per_token"],
+                             "decode_tokens_per_s": row["decode_tokens_per_s"], "prefill_ms": row["prefill_ms"],
+                             "state_bytes": row["cache_bytes"] or 0, "peak_bytes": row["peak_bytes"]}
+    return costs
