@@ -187,7 +187,8 @@ def _bench_trainer(args) -> None:
     config, overrides = args.config or DEFAULT_BENCH_CONFIG, list(args.overrides)
     if "=" in config:  # `archlab bench trainer key=value`: the config was left out
         config, overrides = DEFAULT_BENCH_CONFIG, [config, *overrides]
-    result = bench_trainer(config, overrides, steps=args.steps, repeats=args.repeats or 6)
+    repeats = 6 if args.repeats is None else args.repeats
+    result = bench_trainer(config, overrides, steps=args.steps, repeats=repeats)
     if args.out:
         atomic_write(Path(args.out), json_text(result))
     print(json.dumps(result))
@@ -202,7 +203,8 @@ def _bench_packing(args) -> None:
     config, overrides = args.config or "configs/quickstart.yaml", list(args.overrides)
     if "=" in config:
         config, overrides = "configs/quickstart.yaml", [config, *overrides]
-    result = bench_packing(config, overrides, separator=SPEECHES, steps=args.steps, repeats=args.repeats or 6)
+    repeats = 6 if args.repeats is None else args.repeats
+    result = bench_packing(config, overrides, separator=SPEECHES, steps=args.steps, repeats=repeats)
     result |= {"commit": git_commit() or "unknown", "date": datetime.date.today().isoformat()}
     name = f"packing-{slug(result['device'])}-{result['date']}-{result['commit']}.json"
     out = Path(args.out or "compare/results") / name
@@ -232,10 +234,10 @@ def _bench_inference(args) -> None:
         raise UserError("archlab bench inference takes one or more run directories")
     result = bench_runs([args.config, *args.overrides], contexts=args.contexts or CONTEXTS,
                         batch_sizes=args.batch_sizes or BATCH_SIZES, n_tokens=args.new_tokens,
-                        repeats=args.repeats or REPEATS, device=args.device)
-    paths = write_results(result, Path(args.out or "compare/results"))
-    print(to_markdown(result, [path.name for key, path in paths.items() if key not in ("json", "md")]))
-    print(f"wrote {', '.join(str(path) for path in paths.values())}")
+                        repeats=REPEATS if args.repeats is None else args.repeats, device=args.device)
+    json_path, md_path, png_path = write_results(result, Path(args.out or "compare/results"))
+    print(to_markdown(result, png_path.name))
+    print(f"wrote {json_path}, {md_path} and {png_path}")
 
 
 def _int_list(text: str) -> list[int]:
@@ -439,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=_int_list, help="inference: batch sizes, comma-separated (default 1,8)")
     bench.add_argument("--new-tokens", type=int, default=16, help="inference: tokens generated per setting")
     bench.add_argument("--out", help="trainer: also write the JSON here; kernels and prepare: folder for JSON + "
-                                     "Markdown; decode, inference: folder for JSON + Markdown + PNG (default compare/results)")
+                                     "Markdown; decode, inference: folder for JSON + Markdown + PNG "
+                                     "(default compare/results)")
     bench.set_defaults(handler=cmd_bench)
 
     doctor = sub.add_parser("doctor", help="what runs here: versions, GPU, per kernel op the usable backends, "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 
 from archlab.archs.backbones.stack import activation_dtype
 from archlab.archs.model import inference
-from archlab.compare.decode_bench import AR_OBJECTIVE, DIFFUSION_OBJECTIVE, step_grid
+from archlab.compare.decode_bench import DIFFUSION_OBJECTIVE, step_grid
 from archlab.kernels.bench import environment, error_note, markdown_table, result_stem
 from archlab.kernels.common.files import atomic_write_all, json_text
 from archlab.kernels.common.plotting import png_bytes, pyplot
@@ -101,22 +102,24 @@ def peak_memory(device: torch.device):
 
 # -- one setting ------------------------------------------------------------------------------------
 
-def decode_with_cache(model, prompt: torch.Tensor, n_tokens: int) -> tuple[list, torch.Tensor, float, float]:
+def decode_with_cache(model, prompt: torch.Tensor, n_tokens: int) -> tuple[list, torch.Tensor, torch.Tensor,
+                                                                            float, float]:
     """The AR sampler's two phases, timed apart: prefill prompt (B, P) into a fresh cache for P + n_tokens
-    positions, then n_tokens greedy single-position steps. Returns (cache, last logits, prefill s, decode s)."""
+    positions, then n_tokens greedy single-position steps. Returns (cache, the new tokens (B, n_tokens), the logits
+    after the last of them, prefill seconds, decode seconds)."""
     objective, device = model.objective, prompt.device
     cache = model.backbone.new_cache(prompt.shape[0], prompt.shape[1] + n_tokens, device=device)
     logits, prefill_s = timed(lambda: objective.logits(model, prompt, cache=cache)[:, -1], device)
 
-    def decode() -> torch.Tensor:
-        next_logits = logits
+    def decode() -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, next_logits = [], logits
         for _ in range(n_tokens):
-            token = objective.draw_tokens(next_logits, 0.0, None, None)
-            next_logits = objective.logits(model, token, cache=cache)[:, -1]
-        return next_logits
+            tokens.append(objective.draw_tokens(next_logits, 0.0, None, None))
+            next_logits = objective.logits(model, tokens[-1], cache=cache)[:, -1]
+        return torch.cat(tokens, dim=1), next_logits
 
-    last, decode_s = timed(decode, device)
-    return cache, last, prefill_s, decode_s
+    (tokens, last), decode_s = timed(decode, device)
+    return cache, tokens, last, prefill_s, decode_s
 
 
 def measure_cache_decoding(run: LoadedRun, context: int, batch_size: int, n_tokens: int, repeats: int) -> dict:
@@ -128,7 +131,7 @@ def measure_cache_decoding(run: LoadedRun, context: int, batch_size: int, n_toke
         measured_cache = cache_bytes(cache)
         dtype = activation_dtype(model.backbone.norm.weight, device)  # what new_cache made the state in
         del cache
-        times = [decode_with_cache(model, prompt, n_tokens)[2:] for _ in range(repeats)]
+        times = [decode_with_cache(model, prompt, n_tokens)[3:] for _ in range(repeats)]
     prefill_s = statistics.median(t[0] for t in times)
     decode_s = statistics.median(t[1] for t in times)
     return {"decoding": "cache", "steps": None, "prefill_ms": round(prefill_s * 1e3, 3),
@@ -247,6 +250,8 @@ def bench_inference(runs: Sequence[LoadedRun], *, contexts: Sequence[int] = CONT
                     except (RuntimeError, ValueError) as err:  # out of memory, a shape a kernel rejects
                         row = {"decoding": kind, "steps": steps, "error": error_note(err)}
                     rows.append({**key, **row})
+                    print(f"bench inference: {key['run']}, context {context}, batch {batch_size}"
+                          + ("" if steps is None else f", {steps} steps"), file=sys.stderr, flush=True)
     device = runs[0].device
     dtype = runs[0].autocast_dtype or torch.float32
     return {
@@ -280,7 +285,7 @@ def bench_inference(runs: Sequence[LoadedRun], *, contexts: Sequence[int] = CONT
 
 # -- output -----------------------------------------------------------------------------------------
 
-def to_markdown(result: dict, plot_names: Sequence[str] = ()) -> str:
+def to_markdown(result: dict, plot_name: str | None = None) -> str:
     runs = ", ".join(f"{r['run']} ({r['layers']}, {r['objective']}, {r['decoding']})" for r in result["runs"])
     lines = [f"# {result['title']} — {result['device']}, {result['date']}", "",
              f"{result['dtype']}, torch {result['torch']}, {result['threads']} threads, commit {result['commit']}; "
@@ -288,53 +293,54 @@ def to_markdown(result: dict, plot_names: Sequence[str] = ()) -> str:
              f"Runs: {runs}.", *(f"- skipped {s['dir']}: {s['reason']}" for s in result["skipped"]),
              f"- peak memory: {result['peak_memory_measure']}.", *(f"- {note}" for note in result["notes"]), "",
              *markdown_table(result["columns"], result["rows"], first_metric="prefill_ms")]
-    lines += ["", *(f"![{name}]({name})" for name in plot_names)]
+    if plot_name:
+        lines += ["", f"![inference cost vs context]({plot_name})"]
     return "\n".join(lines) + "\n"
 
 
-PLOTS = {  # file suffix: (y key, y label, rows it applies to)
-    "memory": ("cache_bytes", "decoding state bytes, measured (log)", "cache"),
-    "peak": ("peak_bytes", "peak bytes allocated above the weights (log)", None),
-    "decode": ("decode_tokens_per_s", "decode tokens/s (log)", None),
-    "prefill": ("prefill_ms", "prefill latency, ms (log)", "cache"),
-}
+PANELS = [  # (y key, y label, the decoding the panel applies to: None for all)
+    ("cache_bytes", "decoding state bytes (measured)", "cache"),
+    ("decode_tokens_per_s", "decode tokens/s", None),
+    ("prefill_ms", "prefill latency (ms)", "cache"),
+    ("peak_bytes", "peak bytes allocated above the weights", None),
+]
 
 
-def plot(result: dict, key: str) -> bytes:
-    """PNG, log-log against context: one line per run and batch size (diffusion: per step count too)."""
-    y_key, y_label, decoding = PLOTS[key]
-    rows = [r for r in result["rows"] if "error" not in r and r.get(y_key) is not None
-            and (decoding is None or r["decoding"] == decoding)]
-    fig, ax = pyplot().subplots(figsize=(8.5, 5.2))
+def plot(result: dict) -> bytes:
+    """PNG of four log-log panels against context, one line per run and batch size (diffusion: per step count
+    too): decoding state bytes, decode tokens/s, prefill latency, peak memory."""
+    rows = [r for r in result["rows"] if "error" not in r]
+    fig, axes = pyplot().subplots(2, 2, figsize=(13, 8.5))
     colors = {name: f"C{i}" for i, name in enumerate(r["run"] for r in result["runs"])}
-    lines = dict.fromkeys((r["run"], r["batch_size"], r["steps"]) for r in rows)
-    for run, batch_size, steps in lines:
-        points = sorted((r["context"], r[y_key]) for r in rows
-                        if (r["run"], r["batch_size"], r["steps"]) == (run, batch_size, steps))
-        label = f"{run}, batch {batch_size}" + ("" if steps is None else f", {steps} steps")
-        ax.plot(*zip(*points), marker="o" if batch_size == 1 else "s", color=colors[run],
-                linestyle="-" if batch_size == min(result["batch_sizes"]) else "--", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context length (tokens, log)")
-    ax.set_ylabel(y_label)
-    ax.set_title(f"{y_label.removesuffix(' (log)')} vs context — {result['device']}, {result['date']}, commit "
-                 f"{result['commit']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for ax, (y_key, y_label, decoding) in zip(axes.flat, PANELS, strict=True):
+        shown = [r for r in rows if r[y_key] is not None and decoding in (None, r["decoding"])]
+        for run, batch_size, steps in dict.fromkeys((r["run"], r["batch_size"], r["steps"]) for r in shown):
+            points = sorted((r["context"], r[y_key]) for r in shown
+                            if (r["run"], r["batch_size"], r["steps"]) == (run, batch_size, steps))
+            label = f"{run}, batch {batch_size}" + ("" if steps is None else f", {steps} steps")
+            first_batch = batch_size == min(result["batch_sizes"])
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o" if first_batch else "s", color=colors[run],
+                    linestyle="-" if first_batch else "--", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(y_label + ("" if decoding is None else " — cache-decoding runs"))
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes.flat[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"Inference cost vs context (log-log; solid: batch {min(result['batch_sizes'])}, dashed: larger) — "
+                 f"{result['device']}, {result['dtype']}, {result['date']}, commit {result['commit']}", fontsize=10)
     return png_bytes(fig)
 
 
-def write_results(result: dict, out_dir: Path) -> dict[str, Path]:
-    """inference-<device>-<date>-<commit>.json, .md and one PNG per plot under out_dir, written atomically
-    together; returns {"json": path, "md": path, <plot>: path}."""
+def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path]:
+    """inference-<device>-<date>-<commit>.json, .md and .png under out_dir, written atomically all three together."""
     stem = result_stem(result, out_dir)
-    pngs = {key: stem.with_name(f"{stem.name}-{key}.png") for key in PLOTS}
-    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), **pngs}
-    atomic_write_all({**{path: plot(result, key) for key, path in pngs.items()},
-                      paths["json"]: json_text(result),
-                      paths["md"]: to_markdown(result, [path.name for path in pngs.values()])})
-    return paths
+    json_path, md_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
+    atomic_write_all({png_path: plot(result), json_path: json_text(result),
+                      md_path: to_markdown(result, png_path.name)})
+    return json_path, md_path, png_path
 
 
 def bench_runs(run_dirs: Sequence[str], *, contexts: Sequence[int] = CONTEXTS,
