@@ -376,3 +376,14 @@ def inference_cost(result: dict) -> dict[str, dict]:
                              "decode_tokens_per_s": row["decode_tokens_per_s"], "prefill_ms": row["prefill_ms"],
                              "state_bytes": row["cache_bytes"] or 0, "peak_bytes": row["peak_bytes"]}
     return costs
+
+
+def inference_section(results: Sequence[dict]) -> str:
+    """A report's Markdown table of `inference_cost` over several results (e.g. each run's INFERENCE_FILE)."""
+    columns = ["run", "context", "batch_size", "steps", "decode_ms_per_token", "decode_tokens_per_s", "prefill_ms",
+               "state_bytes", "peak_bytes"]
+    rows = [{"run": run, **cost} for result in results for run, cost in inference_cost(result).items()]
+    devices = ", ".join(sorted({f"{result['device']} ({result['date']}, commit {result['commit']})"
+                                for result in results}))
+    return "\n".join([f"Inference cost at the largest context measured, smallest batch — {devices}:", "",
+                      *markdown_table(columns, rows, first_metric="decode_ms_per_token")]) + "\n"

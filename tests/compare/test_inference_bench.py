@@ -16,6 +16,7 @@ from archlab.compare.inference_bench import (
     check_runs,
     decode_with_cache,
     inference_cost,
+    inference_section,
     load_runs,
     measure_cache_decoding,
     measure_run_inference,
@@ -101,6 +102,8 @@ def test_files_cost_and_the_run_file(runs, tmp_path):
     own, path = measure_run_inference(run_dir, contexts=[16], batch_size=1, new_tokens=N_TOKENS, device="cpu")
     assert path == run_dir / INFERENCE_FILE and json.loads(path.read_text()) == own
     assert set(inference_cost(own)) == {"mamba"}
+    section = inference_section([result, own])
+    assert all(f"| {name} |" in section for name in ("attention", "diffusion", "mamba"))
 
 
 def _masked_jepa(run_dir, tmp_path):
