@@ -276,8 +276,9 @@ def bench_inference(runs: Sequence[LoadedRun], *, contexts: Sequence[int] = CONT
             "cache_bytes: distinct storages of the decoding state's tensors after prefill + decode (measured); "
             "state_bytes: the mixers' analytic count at C; peak_bytes: peak allocated above the weights during "
             "one prefill + decode (the warm-up call).",
-            f"medians of {repeats} timed calls after one untimed call; contexts beyond a run's trained length "
-            "time and size the model there, its outputs are out of distribution.",
+            (f"medians of {repeats} timed calls" if repeats > 1 else "one timed call") + " after one untimed "
+            "call; contexts beyond a run's trained length time and size the model there, its outputs are out of "
+            "distribution.",
         ],
         "columns": COLUMNS, "rows": rows,
     }
@@ -310,9 +311,11 @@ def plot(result: dict) -> bytes:
     """PNG of four log-log panels against context, one line per run and batch size (diffusion: per step count
     too): decoding state bytes, decode tokens/s, prefill latency, peak memory."""
     rows = [r for r in result["rows"] if "error" not in r]
-    fig, axes = pyplot().subplots(2, 2, figsize=(13, 8.5))
+    fig, axes = pyplot().subplot_mosaic([[0, 1, "legend"], [2, 3, "legend"]], figsize=(15, 8.5),
+                                         width_ratios=[1, 1, 0.4])
     colors = {name: f"C{i}" for i, name in enumerate(r["run"] for r in result["runs"])}
-    for ax, (y_key, y_label, decoding) in zip(axes.flat, PANELS, strict=True):
+    for panel, (y_key, y_label, decoding) in enumerate(PANELS):
+        ax = axes[panel]
         shown = [r for r in rows if r[y_key] is not None and decoding in (None, r["decoding"])]
         for run, batch_size, steps in dict.fromkeys((r["run"], r["batch_size"], r["steps"]) for r in shown):
             points = sorted((r["context"], r[y_key]) for r in shown
@@ -323,12 +326,13 @@ def plot(result: dict) -> bytes:
             ax.plot(xs, ys, marker="o" if first_batch else "s", color=colors[run],
                     linestyle="-" if first_batch else "--", label=label)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(result["contexts"], [str(context) for context in result["contexts"]])
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.set_title(y_label + ("" if decoding is None else " — cache-decoding runs"))
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes.flat[1].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes["legend"].axis("off")  # the decode panel has a line for every run and batch size
+    axes["legend"].legend(*axes[1].get_legend_handles_labels(), fontsize=8, loc="center left")
     fig.suptitle(f"Inference cost vs context (log-log; solid: batch {min(result['batch_sizes'])}, dashed: larger) — "
                  f"{result['device']}, {result['dtype']}, {result['date']}, commit {result['commit']}", fontsize=10)
     return png_bytes(fig)
