@@ -9,20 +9,21 @@ C - n_tokens random token ids, then generates n_tokens, so its decoding state en
 - masked diffusion: no cache, each denoising step re-runs the whole sequence: objective.sample at each step count
   of decode_bench.step_grid (ancestral), timed as one call, reported per generated token;
 - memory: `cache_bytes`, the bytes of the distinct storages the decoding state's tensors hold after prefill +
-  decode (walked, not computed), beside `state_bytes`, the mixers' analytic count (archs/layers/mixer.py); and
-  `peak_bytes`, the peak of bytes allocated during one prefill + decode above what was allocated before it (the
-  weights): torch.cuda.max_memory_allocated on CUDA, on the CPU the allocation events of PyTorch's CPU allocator
-  recorded by torch.profiler (profile_memory), summed in time order (memory that libraries allocate outside
-  PyTorch's allocator, e.g. oneDNN scratch space, is not in it).
+  decode (walked, not computed), beside `state_bytes`, the mixers' analytic count (archs/layers/mixer.py);
+  `decode_peak_bytes`, the peak of bytes allocated while decoding (from the end of the prefill: the cache and each
+  step's transients) and `peak_bytes`, over prefill + decode (the prefill's activations grow with the context for
+  every mixer), both above what was allocated before the prefill (the weights): torch.cuda.max_memory_allocated on
+  CUDA; on the CPU the allocation events of PyTorch's CPU allocator recorded by torch.profiler (profile_memory),
+  summed in time order (memory that libraries allocate outside PyTorch's allocator, e.g. oneDNN scratch space, is
+  not in it). Diffusion has no prefill: both are the peak of one sample call.
 Each setting runs once untimed (warm-up; memory is measured there), then `repeats` timed times: medians.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ NEW_TOKENS = 16
 REPEATS = 3
 SEED = 0
 COLUMNS = ["run", "decoding", "steps", "context", "batch_size", "prefill_ms", "decode_ms_per_token",
-           "decode_tokens_per_s", "cache_bytes", "state_bytes", "peak_bytes"]
+           "decode_tokens_per_s", "cache_bytes", "state_bytes", "decode_peak_bytes", "peak_bytes"]
 
 
 # -- memory -----------------------------------------------------------------------------------------
@@ -74,42 +75,77 @@ def cache_bytes(cache: Any) -> int:
     return sum(storages.values())
 
 
-@contextlib.contextmanager
-def peak_memory(device: torch.device):
-    """Yields a dict whose `bytes` is set, on exit, to the peak of bytes allocated inside the block above what was
-    allocated when it began (see the module's docstring for what each device counts)."""
-    measured: dict[str, int] = {}
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        yield measured
-        synchronize(device)
-        measured["bytes"] = torch.cuda.max_memory_allocated(device) - before
-        return
-    from torch.profiler import ProfilerActivity, profile
+class PeakMemory:
+    """`with PeakMemory(device) as peak:` sets `peak.bytes`, the peak of bytes allocated inside the block above what
+    was allocated when it began, and `peak.after_mark`, the same peak from the moment `peak.mark()` was called (the
+    decode phase after a prefill: the cache it holds, and each step's transients), or None without a mark. See
+    the module's docstring for what each device counts."""
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        yield measured
-    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
-                    if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU)
-    level = peak = 0
-    for _, nbytes in events:  # frees of blocks allocated before the block began are not recorded
-        level += nbytes
-        peak = max(peak, level)
-    measured["bytes"] = peak
+    MARK = "archlab: inference bench mark"
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes, self.after_mark = device, 0, None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start, self.before_mark = torch.cuda.memory_allocated(self.device), None
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.profile.__enter__()
+        return self
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.before_mark = torch.cuda.max_memory_allocated(self.device) - self.start
+            torch.cuda.reset_peak_memory_stats(self.device)  # its peak restarts at what is allocated now
+        else:
+            from torch.profiler import record_function
+
+            with record_function(self.MARK):  # an event on the profiler's clock: where the mark falls
+                pass
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - self.start
+            self.bytes = peak if self.before_mark is None else max(peak, self.before_mark)
+            self.after_mark = None if self.before_mark is None else peak
+            return
+        self.profile.__exit__(*exc)
+        events = self.profile.profiler.kineto_results.events()
+        marks = [event.start_ns() for event in events if event.name() == self.MARK]
+        memory = sorted((event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]"
+                        and event.device_type() == torch.autograd.DeviceType.CPU)
+        level = 0
+        for start_ns, nbytes in memory:  # frees of blocks allocated before the block began are not recorded
+            if marks and self.after_mark is None and start_ns >= marks[0]:
+                self.after_mark = level
+            level += nbytes
+            self.bytes = max(self.bytes, level)
+            if self.after_mark is not None:
+                self.after_mark = max(self.after_mark, level)
+        if marks and self.after_mark is None:
+            self.after_mark = level
 
 
 # -- one setting ------------------------------------------------------------------------------------
 
-def decode_with_cache(model, prompt: torch.Tensor, n_tokens: int) -> tuple[list, torch.Tensor, torch.Tensor,
-                                                                            float, float]:
+def decode_with_cache(model, prompt: torch.Tensor, n_tokens: int, after_prefill: Callable[[], None] | None = None,
+                      ) -> tuple[list, torch.Tensor, torch.Tensor, float, float]:
     """The AR sampler's two phases, timed apart: prefill prompt (B, P) into a fresh cache for P + n_tokens
-    positions, then n_tokens greedy single-position steps. Returns (cache, the new tokens (B, n_tokens), the logits
-    after the last of them, prefill seconds, decode seconds)."""
+    positions, (call after_prefill,) then n_tokens greedy single-position steps. Returns (cache, the new tokens
+    (B, n_tokens), the logits after the last of them, prefill seconds, decode seconds)."""
     objective, device = model.objective, prompt.device
     cache = model.backbone.new_cache(prompt.shape[0], prompt.shape[1] + n_tokens, device=device)
-    logits, prefill_s = timed(lambda: objective.logits(model, prompt, cache=cache)[:, -1], device)
+    # the last position's logits, copied: a view would keep the prompt's (B, P, vocab) logits alive while decoding
+    logits, prefill_s = timed(lambda: objective.logits(model, prompt, cache=cache)[:, -1].clone(), device)
+    if after_prefill is not None:
+        after_prefill()
 
     def decode() -> tuple[torch.Tensor, torch.Tensor]:
         tokens, next_logits = [], logits
@@ -126,8 +162,8 @@ def measure_cache_decoding(run: LoadedRun, context: int, batch_size: int, n_toke
     model, device = run.model, run.device
     prompt = random_prompt(run, batch_size, context - n_tokens)
     with inference(model), run.autocast():
-        with peak_memory(device) as peak:
-            cache, *_ = decode_with_cache(model, prompt, n_tokens)
+        with PeakMemory(device) as peak:
+            cache, *_ = decode_with_cache(model, prompt, n_tokens, after_prefill=peak.mark)
         measured_cache = cache_bytes(cache)
         dtype = activation_dtype(model.backbone.norm.weight, device)  # what new_cache made the state in
         del cache
@@ -137,7 +173,8 @@ def measure_cache_decoding(run: LoadedRun, context: int, batch_size: int, n_toke
     return {"decoding": "cache", "steps": None, "prefill_ms": round(prefill_s * 1e3, 3),
             "decode_ms_per_token": round(decode_s * 1e3 / n_tokens, 3),
             "decode_tokens_per_s": round(batch_size * n_tokens / decode_s, 2), "cache_bytes": measured_cache,
-            "state_bytes": model.backbone.state_bytes(batch_size, context, dtype=dtype), "peak_bytes": peak["bytes"]}
+            "state_bytes": model.backbone.state_bytes(batch_size, context, dtype=dtype), "peak_bytes": peak.bytes,
+            "decode_peak_bytes": peak.after_mark}
 
 
 def random_prompt(run: LoadedRun, batch_size: int, length: int) -> torch.Tensor:
@@ -157,13 +194,13 @@ def measure_diffusion(run: LoadedRun, context: int, batch_size: int, n_tokens: i
             return model.objective.sample(model, prompt, n_tokens, temperature=1.0, generator=generator,
                                           steps=steps, strategy="ancestral")
 
-    with peak_memory(device) as peak:
+    with PeakMemory(device) as peak:
         call()
     seconds = statistics.median(timed(call, device)[1] for _ in range(repeats))
     return {"decoding": "diffusion", "steps": steps, "prefill_ms": None,
             "decode_ms_per_token": round(seconds * 1e3 / n_tokens, 3),
             "decode_tokens_per_s": round(batch_size * n_tokens / seconds, 2), "cache_bytes": None,
-            "state_bytes": None, "peak_bytes": peak["bytes"]}
+            "state_bytes": None, "peak_bytes": peak.bytes, "decode_peak_bytes": peak.bytes}
 
 
 # -- runs -------------------------------------------------------------------------------------------
@@ -274,8 +311,8 @@ def bench_inference(runs: Sequence[LoadedRun], *, contexts: Sequence[int] = CONT
             "step from that cache; decode_tokens_per_s = batch x new tokens / decode seconds. Diffusion: one "
             "sample call (ancestral, `steps` network evals over the whole sequence) / new tokens, no prefill.",
             "cache_bytes: distinct storages of the decoding state's tensors after prefill + decode (measured); "
-            "state_bytes: the mixers' analytic count at C; peak_bytes: peak allocated above the weights during "
-            "one prefill + decode (the warm-up call).",
+            "state_bytes: the mixers' analytic count at C; decode_peak_bytes / peak_bytes: peak allocated above "
+            "the weights while decoding / over prefill + decode (the warm-up call).",
             (f"medians of {repeats} timed calls" if repeats > 1 else "one timed call") + " after one untimed "
             "call; contexts beyond a run's trained length time and size the model there, its outputs are out of "
             "distribution.",
@@ -303,7 +340,7 @@ PANELS = [  # (y key, y label, the decoding the panel applies to: None for all)
     ("cache_bytes", "decoding state bytes (measured)", "cache"),
     ("decode_tokens_per_s", "decode tokens/s", None),
     ("prefill_ms", "prefill latency (ms)", "cache"),
-    ("peak_bytes", "peak bytes allocated above the weights", None),
+    ("decode_peak_bytes", "peak bytes allocated while decoding (above the weights)", None),
 ]
 
 
@@ -367,7 +404,8 @@ def measure_run_inference(run_dir: str | Path, *, contexts: Sequence[int] = CONT
 def inference_cost(result: dict) -> dict[str, dict]:
     """Per run, the costs a quality-vs-inference-cost Pareto front reads, at the largest context measured and the
     smallest batch: decode ms per token, decode tokens/s, prefill ms, decoding state bytes (measured; 0 for
-    diffusion, which keeps none) and peak bytes. Diffusion: its largest step count (one token per step)."""
+    diffusion, which keeps none), peak bytes while decoding and over prefill + decode. Diffusion: its largest
+    step count (one token per step)."""
     context, batch_size = max(result["contexts"]), min(result["batch_sizes"])
     costs = {}
     for row in result["rows"]:
@@ -378,14 +416,15 @@ def inference_cost(result: dict) -> dict[str, dict]:
         costs[row["run"]] = {"context": context, "batch_size": batch_size, "steps": row["steps"],
                              "decode_ms_per_token": row["decode_ms_per_token"],
                              "decode_tokens_per_s": row["decode_tokens_per_s"], "prefill_ms": row["prefill_ms"],
-                             "state_bytes": row["cache_bytes"] or 0, "peak_bytes": row["peak_bytes"]}
+                             "state_bytes": row["cache_bytes"] or 0, "decode_peak_bytes": row["decode_peak_bytes"],
+                             "peak_bytes": row["peak_bytes"]}
     return costs
 
 
 def inference_section(results: Sequence[dict]) -> str:
     """A report's Markdown table of `inference_cost` over several results (e.g. each run's INFERENCE_FILE)."""
     columns = ["run", "context", "batch_size", "steps", "decode_ms_per_token", "decode_tokens_per_s", "prefill_ms",
-               "state_bytes", "peak_bytes"]
+               "state_bytes", "decode_peak_bytes", "peak_bytes"]
     rows = [{"run": run, **cost} for result in results for run, cost in inference_cost(result).items()]
     devices = ", ".join(sorted({f"{result['device']} ({result['date']}, commit {result['commit']})"
                                 for result in results}))
