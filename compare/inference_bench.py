@@ -31,6 +31,7 @@ import torch
 
 from archlab.archs.backbones.stack import activation_dtype
 from archlab.archs.model import inference
+from archlab.archs.registry import OBJECTIVES
 from archlab.compare.decode_bench import DIFFUSION_OBJECTIVE, step_grid
 from archlab.kernels.bench import environment, error_note, markdown_table, write_results_with_plot
 from archlab.kernels.common.files import atomic_write_all, json_text
@@ -207,8 +208,6 @@ def measure_diffusion(run: LoadedRun, context: int, batch_size: int, n_tokens: i
 
 def decoding_of(cfg) -> str | None:
     """How a run's objective generates: "diffusion", "cache" (the KV-cached AR loop), or None (it cannot)."""
-    from archlab.archs.registry import OBJECTIVES
-
     if cfg.model.objective == DIFFUSION_OBJECTIVE:
         return "diffusion"
     return "cache" if OBJECTIVES[cfg.model.objective].can_sample(cfg.model) else None
@@ -235,8 +234,6 @@ def check_runs(run_dirs: Sequence[str], contexts: Sequence[int], device: str | N
             skipped.append({"dir": str(run_dir), "reason": f"model.objective={cfg.model.objective} cannot generate "
                                                            "text with these settings"})
             continue
-        from archlab.archs.registry import OBJECTIVES
-
         for context in contexts:
             try:
                 OBJECTIVES[cfg.model.objective].check_seq_len(cfg.model, context)
