@@ -388,11 +388,12 @@ def bench_runs(run_dirs: Sequence[str], *, contexts: Sequence[int] = CONTEXTS,
 
 
 def measure_run_inference(run_dir: str | Path, *, contexts: Sequence[int] = CONTEXTS, batch_size: int = 1,
-                          new_tokens: int = NEW_TOKENS, device: str | None = None) -> tuple[dict, Path]:
+                          new_tokens: int = NEW_TOKENS, device: str | None = None,
+                          repeats: int = REPEATS) -> tuple[dict, Path]:
     """One run's result, written to run_dir/INFERENCE_FILE (for a study's report); a run that cannot generate
-    is a UserError."""
+    (`decoding_of(cfg)` is None) is a UserError."""
     result = bench_runs([str(run_dir)], contexts=contexts, batch_sizes=[batch_size], n_tokens=new_tokens,
-                        device=device)
+                        repeats=repeats, device=device)
     path = Path(run_dir) / INFERENCE_FILE
     atomic_write_all({path: json_text(result)})
     return result, path
