@@ -19,6 +19,7 @@ from archlab.archs.registry import build_model
 from archlab.archs.summary import decoding_state_bytes
 
 from archlab.compare import plots
+from archlab.compare.inference_bench import INFERENCE_FILE, inference_cost, inference_section
 from archlab.compare.length import LENGTH_FILE, length_report_section
 from archlab.compare.reading import ranked_groups, reading, seed_note, versus_best
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
@@ -35,6 +36,7 @@ CSV_COLUMNS = ["name", "arm", "seed", "size", "budget", "backbone", "objective",
                "final", "quality_metric", "probe", "bound"]
 ARM_COLUMNS = ["arm", "seeds", "final metric", "metric", "flags", "vs best", "Pareto FLOPs", "Pareto time",
                "Pareto state"]
+PARETO_MARKS = ["pareto_flops", "pareto_time", "pareto_state"]
 COST_COLUMNS = ["arm", "params", "FLOPs/token", "tokens", "train FLOPs", "train tokens/s", "peak memory MB",
                 "state @L", "state @4L"]
 FIT_COLUMNS = ["arm", "E", "A", "α", "points", "rmse"]
@@ -60,6 +62,13 @@ LINEAR_PROBE_NOTE = (
 STATE_NOTE = ("State @L / @4L: one sequence's decoding state (KV cache or recurrent state, from the mixers' "
               "state_bytes) after the trained length and after 4x it, in the run's activation dtype; – for a "
               "bidirectional model, whose sampler reruns the whole sequence.")
+INFERENCE_NOTE = ("Measured by `evals: {inference: ...}` (`archlab bench inference RUN`; method in "
+                  "compare/inference_bench.py): one timed call per setting, so read times as ±50% on a shared CPU; "
+                  "state and peak bytes are exact. Pareto decode in the table above: final val bpb vs decode ms per "
+                  "token at that context.")
+# the inference-cost axes of quality_vs_inference.png: (group key, axis label)
+INFERENCE_COSTS = [("state_bytes_4x", "decoding state per sequence at 4x the trained length, bytes"),
+                   ("decode_ms", "decode ms per token at the largest measured context")]
 PARETO_COST_TOLERANCE = 0.02  # runs matched to one budget land within a step of it: equal cost, not cheaper
 # keys of a synthetic row that are not part of its task setting (what the table groups seeds under)
 SYNTHETIC_FIXED_KEYS = {"arm", "backbone", "d_model", "params", "seed", "accuracy", "train_steps", "train_seconds",
@@ -100,6 +109,12 @@ def write_report(out_dir: Path) -> dict[str, Path]:
         markdown, images = length_report_section(lengths, "Length: bits per byte past the trained length, passkey")
         sections.append(markdown)
         files |= images
+    measured = [run["inference"] for run in runs if run["inference"]]
+    if measured:
+        sections.append("## Inference cost\n\n" + inference_section(measured) + "\n" + INFERENCE_NOTE + "\n\n"
+                        "![quality vs inference cost](quality_vs_inference.png)\n")
+        files["quality_vs_inference.png"] = plots.quality_cost_plot(
+            [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]], INFERENCE_COSTS, study["study"])
     files["results.csv"] = _csv(runs, CSV_COLUMNS)
     files["report.md"] = _report_md(study, groups, skipped, fits, files, sections).encode()
     return _write_files(out_dir, files)
@@ -152,6 +167,7 @@ def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
                   "probe": bool(entry.get("probe") or summary.get("probe")), "unigram_bpb": unigram,
                   "linear_probe": _read_probe(run_dir / PROBE_FILE),
                   "length_eval": _read_result(run_dir / LENGTH_FILE, "lengths"),
+                  "inference": _read_result(run_dir / INFERENCE_FILE, "rows"),
                   "curve": [(f, f * seconds_per_flop, v) for f, v in evals]}, ""
 
 
@@ -222,15 +238,28 @@ def _aggregate(runs: list[dict]) -> list[dict]:
         for key in ("params", "flops_per_token", "tokens", "train_flops", "train_seconds", "tokens_per_s",
                     "peak_memory_mb", "state_bytes", "state_bytes_4x"):
             group[key] = _mean(m[key] for m in members)
+        group["decode_ms"] = _mean(_decode_cost(m) for m in members)
         groups.append(group)
     # a probe's bpb is not the model's likelihood: it never competes on the front
     comparable = [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]]
     costs = [("train_flops", "pareto_flops"), ("train_seconds", "pareto_time"), ("state_bytes_4x", "pareto_state")]
+    if any(g["decode_ms"] is not None for g in comparable):
+        costs.append(("decode_ms", "pareto_decode"))
     for cost, mark in costs:
+        for group in groups:
+            group.setdefault(mark, False)
         points = [(g[cost] if g[cost] is not None else math.nan, g["mean"]) for g in comparable]
         for index in pareto_front(points, cost_tolerance=PARETO_COST_TOLERANCE):
             comparable[index][mark] = True
     return groups
+
+
+def _decode_cost(run: dict) -> float | None:
+    """Decode milliseconds per token at the largest context the run's inference.json measured (batch 1)."""
+    if run["inference"] is None:
+        return None
+    costs = list(inference_cost(run["inference"]).values())
+    return costs[0]["decode_ms_per_token"] if costs else None
 
 
 def _fit_arms(groups: list[dict]) -> dict[str, dict | str]:
@@ -276,9 +305,11 @@ def _final(group: dict) -> str:
 def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict,
                sections: list[str]) -> str:
     best = next(iter(ranked_groups(groups)), None)
+    decode = any("pareto_decode" in g for g in groups)
+    marks, columns = PARETO_MARKS + ["pareto_decode"] * decode, ARM_COLUMNS + ["Pareto decode"] * decode
     lines = [f"# Study report: {study['study']}", "", *_metadata(study),
              f"- finished runs: {sum(g['n'] for g in groups)}, skipped: {len(skipped)}", "", "## Results per arm", "",
-             *table(ARM_COLUMNS, [_arm_cells(g, best) for g in groups], compact_rule=True)]
+             *table(columns, [_arm_cells(g, best, marks) for g in groups], compact_rule=True)]
     lines += ["", f"Final metric: mean over seeds {SPREAD}. Lower is better. Flags: "
               + "; ".join(f"**{k}** = {v}" for k, v in FLAG_NOTES.items()) + ".",
               seed_note(groups, study.get("resolved_by")),
@@ -317,10 +348,10 @@ def _fit_row(arm: str, fit: dict | str) -> str:
                       f"{fit['alpha']:.4f} ± {fit['alpha_se']:.2g}", fit["n_points"], f"{fit['rmse']:.3g}"])
 
 
-def _arm_cells(g: dict, best: dict | None) -> list:
+def _arm_cells(g: dict, best: dict | None, marks: list[str]) -> list:
     flags = ", ".join(flag for flag in ("probe", "bound") if g[flag]) or "–"
     return [g["label"], g["n"], _final(g), f"val_{g['quality_metric']}", flags, versus_best(g, best),
-            *("★" if g[mark] else "" for mark in ("pareto_flops", "pareto_time", "pareto_state"))]
+            *("★" if g.get(mark) else "" for mark in marks)]
 
 
 def _cost_cells(g: dict) -> list:

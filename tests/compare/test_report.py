@@ -140,6 +140,30 @@ def test_one_seed_leaves_every_difference_unresolved_and_names_the_study_that_re
     assert "**not resolved** (one seed)" in report.split("## Reading")[1]
 
 
+def write_inference(run_dir: Path, decode_ms: float, state: int) -> None:
+    """A run's inference.json (compare/inference_bench.py's schema) at one context."""
+    row = {"run": run_dir.name, "decoding": "cache", "steps": None, "context": 4096, "batch_size": 1,
+           "prefill_ms": 100.0, "decode_ms_per_token": decode_ms, "decode_tokens_per_s": 1000 / decode_ms,
+           "cache_bytes": state, "state_bytes": state, "decode_peak_bytes": state, "peak_bytes": 2 * state}
+    result = {"contexts": [4096], "batch_sizes": [1], "rows": [row], "device": "cpu", "date": "2026-12-07",
+              "commit": "abc1234"}
+    (run_dir / "inference.json").write_text(json.dumps(result))
+
+
+def test_inference_results_add_a_pareto_front_a_section_and_a_plot(arms_study):
+    # mamba-ar decodes faster but is worse: both on the decode front; its 2 seeds average their costs
+    write_inference(arms_study / "runs/transformer-ar-s0", 20.0, 2**24)
+    write_inference(arms_study / "runs/mamba-ar-s0", 10.0, 2**17)
+    write_inference(arms_study / "runs/mamba-ar-s1", 14.0, 2**17)
+    written = write_report(arms_study)
+    report = (arms_study / "report.md").read_text()
+    assert "| Pareto decode |" in report.split("## Results per arm")[1].splitlines()[2]
+    assert table_row(report, "transformer-ar")[-1] == table_row(report, "mamba-ar")[-1] == "★"
+    assert table_row(report, "transformer-diffusion")[-1] == ""
+    assert "## Inference cost" in report and "decode_ms_per_token" in report and "(decode latency)" in report
+    check_png(written["quality_vs_inference.png"])
+
+
 def test_results_csv_has_one_row_per_finished_run(arms_study):
     write_report(arms_study)
     with (arms_study / "results.csv").open() as f:
