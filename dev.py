@@ -50,7 +50,7 @@ def main() -> None:
     commands = {
         # the quick study (configs/studies/quick.yaml); --resume makes a second call finish or re-report it
         "quickstart": [str(PYTHON), "-m", "archlab.compare.cli", "compare", "configs/studies/quick.yaml", "--resume"],
-        "test": [str(PYTHON), "-m", "pytest", "-q"],
+        "test": [str(PYTHON), "-m", "pytest", "-q", "--durations=25"],  # the slowest tests: the CI time budget
     }
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python3 dev.py {{{'|'.join(commands)}}} [extra arguments]")

@@ -64,6 +64,22 @@ def cmd_eval(args) -> None:
 
     if (args.mlp or args.baseline) and not args.linear_probe:
         raise UserError("--mlp and --baseline go with --linear-probe; add it")
+    if (args.per_position or args.passkey or args.passkey_trials is not None) and not args.lengths:
+        raise UserError("--per-position, --passkey and --passkey-trials go with --lengths; add e.g. --lengths 1x,2x,4x")
+    if args.lengths:
+        from archlab.compare.length import evaluate_lengths, parse_lengths
+
+        if args.linear_probe:
+            raise UserError("--lengths and --linear-probe are separate evaluations; run them one at a time")
+        if args.passkey_trials is not None and not args.passkey:
+            raise UserError("--passkey-trials goes with --passkey; add it")
+        trials = 20 if args.passkey_trials is None else args.passkey_trials
+        result, path = evaluate_lengths(args.run_dir, parse_lengths(args.lengths), per_position=args.per_position,
+                                        passkey=args.passkey, trials=trials, device=args.device,
+                                        checkpoint=args.checkpoint, split=args.split, whole_split=args.all)
+        print(json.dumps(result))
+        print(f"wrote {path}", file=sys.stderr)
+        return
     if args.linear_probe:
         from archlab.train.linear_probe import probe_run
 
@@ -168,6 +184,8 @@ def cmd_bench(args) -> None:
         _bench_packing(args)
     elif args.what == "decode":
         _bench_decode(args)
+    elif args.what == "inference":
+        _bench_inference(args)
     elif args.what == "prepare":
         from archlab.train.prepare_bench import main as bench_prepare
 
@@ -185,7 +203,8 @@ def _bench_trainer(args) -> None:
     config, overrides = args.config or DEFAULT_BENCH_CONFIG, list(args.overrides)
     if "=" in config:  # `archlab bench trainer key=value`: the config was left out
         config, overrides = DEFAULT_BENCH_CONFIG, [config, *overrides]
-    result = bench_trainer(config, overrides, steps=args.steps, repeats=args.repeats)
+    repeats = 6 if args.repeats is None else args.repeats
+    result = bench_trainer(config, overrides, steps=args.steps, repeats=repeats)
     if args.out:
         atomic_write(Path(args.out), json_text(result))
     print(json.dumps(result))
@@ -200,7 +219,8 @@ def _bench_packing(args) -> None:
     config, overrides = args.config or "configs/quickstart.yaml", list(args.overrides)
     if "=" in config:
         config, overrides = "configs/quickstart.yaml", [config, *overrides]
-    result = bench_packing(config, overrides, separator=SPEECHES, steps=args.steps, repeats=args.repeats)
+    repeats = 6 if args.repeats is None else args.repeats
+    result = bench_packing(config, overrides, separator=SPEECHES, steps=args.steps, repeats=repeats)
     result |= {"commit": git_commit() or "unknown", "date": datetime.date.today().isoformat()}
     name = f"packing-{slug(result['device'])}-{result['date']}-{result['commit']}.json"
     out = Path(args.out or "compare/results") / name
@@ -223,6 +243,26 @@ def _bench_decode(args) -> None:
     print(f"wrote {json_path}, {md_path} and {png_path}")
 
 
+def _bench_inference(args) -> None:
+    from archlab.compare.inference_bench import BATCH_SIZES, CONTEXTS, REPEATS, bench_runs, to_markdown, write_results
+
+    if not args.config:
+        raise UserError("archlab bench inference takes one or more run directories")
+    result = bench_runs([args.config, *args.overrides], contexts=args.contexts or CONTEXTS,
+                        batch_sizes=args.batch_sizes or BATCH_SIZES, n_tokens=args.new_tokens,
+                        repeats=REPEATS if args.repeats is None else args.repeats, device=args.device)
+    json_path, md_path, png_path = write_results(result, Path(args.out or "compare/results"))
+    print(to_markdown(result, png_path.name))
+    print(f"wrote {json_path}, {md_path} and {png_path}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _bench_kernel(args) -> None:
     import torch
 
@@ -230,7 +270,7 @@ def _bench_kernel(args) -> None:
 
     bench = kernel_benches().get(args.what)
     if bench is None:
-        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, packing, decode, prepare, "
+        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, packing, decode, inference, prepare, "
                         f"{', '.join(kernel_benches())}")
     if args.config or args.overrides:
         raise UserError(f"archlab bench {args.what} takes no config or overrides")
@@ -325,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mlp", action="store_true", help="--linear-probe: also an MLP probe")
     evaluate.add_argument("--baseline", help="--linear-probe: another run whose features are probed the same way, "
                                              "e.g. the autoregressive arm of a study")
+    evaluate.add_argument("--lengths", metavar="1x,2x,...",
+                          help="length extrapolation: bits per byte of the same tokens in windows of these multiples "
+                               "of the trained data.seq_len; writes RUN/length_eval.json and .png")
+    evaluate.add_argument("--per-position", action="store_true",
+                          help="--lengths: also bits per byte in buckets of seq_len/2 positions (autoregressive runs)")
+    evaluate.add_argument("--passkey", action="store_true",
+                          help="--lengths: also passkey retrieval at each length (autoregressive runs)")
+    evaluate.add_argument("--passkey-trials", type=int, help="--passkey: sequences per length (default 20)")
     evaluate.set_defaults(handler=cmd_eval)
 
     model = sub.add_parser("model", help="print the stack a config builds: per block its mixer, parameters, "
@@ -392,23 +440,33 @@ def build_parser() -> argparse.ArgumentParser:
                            help="benchmarks: `trainer` (trainer overhead vs a bare loop), `packing` (trainer "
                                 "tokens/s on packed documents vs stream windows), "
                                 "`decode RUN_DIFFUSION RUN_AR` (masked-diffusion vs autoregressive "
-                                "sampling: tokens/s vs generative bpb), `prepare` (archlab data prepare on "
+                                "sampling: tokens/s vs generative bpb), `inference RUN [RUN ...]` (prefill, "
+                                "decode tokens/s, cache and peak memory against context length and batch size), "
+                                "`prepare` (archlab data prepare on "
                                 "refdocs: MB/s per core, peak RSS), and one per kernel op (listed by "
                                 "`archlab bench --help`)")
     bench.add_argument("-h", "--help", action=_BenchHelp)
-    bench.add_argument("what", help="trainer, packing, decode, prepare, or a kernel benchmark listed below")
+    bench.add_argument("what", help="trainer, packing, decode, inference, prepare, or a kernel benchmark listed "
+                                    "below")
     bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG}); "
-                                                 "decode: the masked_diffusion run directory")
+                                                 "decode: the masked_diffusion run directory; inference: a run "
+                                                 "directory")
     bench.add_argument("overrides", nargs="*", help="trainer: dotted overrides; decode: the autoregressive run "
-                                                    "directory")
+                                                    "directory; inference: more run directories")
     bench.add_argument("--steps", type=int, default=50, help="trainer, packing: steps per timed chunk")
-    bench.add_argument("--repeats", type=int, default=6, help="trainer, packing: timed chunks of each, interleaved")
+    bench.add_argument("--repeats", type=int, help="trainer, packing: timed chunks of each, interleaved (default 6); "
+                                                   "inference: timed calls per setting after a warm-up (default 3)")
     bench.add_argument("--tokens", type=int, default=96, help="decode: bytes generated after each prompt")
     bench.add_argument("--samples", type=int, default=8, help="decode: prompts, sampled together as one batch")
     bench.add_argument("--prompt-len", type=int, default=32, help="decode: prompt bytes (val-split windows)")
-    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], help="decode: where to load both runs")
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], help="decode, inference: where to load the runs")
+    bench.add_argument("--contexts", type=_int_list, help="inference: context lengths in tokens, comma-separated "
+                                                          "(default 128,512,1024,2048,4096)")
+    bench.add_argument("--batch-sizes", type=_int_list, help="inference: batch sizes, comma-separated (default 1,8)")
+    bench.add_argument("--new-tokens", type=int, default=16, help="inference: tokens generated per setting")
     bench.add_argument("--out", help="trainer: also write the JSON here; kernels and prepare: folder for JSON + "
-                                     "Markdown; decode: folder for JSON + Markdown + PNG (default compare/results)")
+                                     "Markdown; decode, inference: folder for JSON + Markdown + PNG "
+                                     "(default compare/results)")
     bench.set_defaults(handler=cmd_bench)
 
     doctor = sub.add_parser("doctor", help="what runs here: versions, GPU, per kernel op the usable backends, "

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from archlab.archs.model import inference
-from archlab.kernels.bench import error_note, markdown_table, result_stem
-from archlab.kernels.common.files import atomic_write_all, json_text
+from archlab.kernels.bench import error_note, markdown_table, write_results_with_plot
 from archlab.kernels.common.plotting import png_bytes, pyplot
 from archlab.kernels.common.timing import timed
 from archlab.train.config import run_config
@@ -285,8 +284,4 @@ def plot(result: dict) -> bytes:
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path]:
     """decode-<device>-<date>-<commit>.json, .md and .png under out_dir, written atomically all three together."""
-    stem = result_stem(result, out_dir)
-    json_path, md_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
-    atomic_write_all({png_path: plot(result), json_path: json_text(result),
-                      md_path: to_markdown(result, png_path.name)})
-    return json_path, md_path, png_path
+    return write_results_with_plot(result, out_dir, plot, to_markdown)

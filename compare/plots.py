@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from archlab.compare.scaling import isoflop_groups, power_law
+from archlab.compare.scaling import isoflop_groups, pareto_front, power_law
 from archlab.kernels.common.plotting import png_bytes, pyplot
 
 
@@ -168,6 +168,29 @@ def linear_probe_plot(runs: list[dict], study_name: str) -> bytes:
     ax.set_title(f"{study_name}: linear evaluation", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return png_bytes(fig)
+
+
+def quality_cost_plot(groups: list[dict], costs: list[tuple[str, str]], study_name: str) -> bytes:
+    """Final val bpb against each inference cost (a panel per (group key, label)), a point per arm, the Pareto
+    front of each panel as a step line; arms without that cost are left out of its panel."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(costs), figsize=(6 * len(costs) + 2.5, 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], costs, strict=True):
+        points = [(g[key], g["mean"], g) for g in groups if g.get(key)]
+        for index, (cost, value, group) in enumerate(points):
+            ax.errorbar(cost, value, yerr=group["spread"] or None, fmt="o", capsize=3,
+                        label=group["label"], color=f"C{index % 10}")
+        front = sorted((points[i][0], points[i][1]) for i in pareto_front([(c, v) for c, v, _ in points]))
+        if len(front) > 1:
+            ax.step(*zip(*front, strict=True), where="post", color="grey", linestyle="--", linewidth=1,
+                    label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(label, fontsize=9)
+        ax.set_ylabel("final val bits per byte (lower is better)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.suptitle(f"{study_name}: quality vs inference cost (error bars: seed half-range)", fontsize=10)
     return png_bytes(fig)
 
 

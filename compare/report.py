@@ -13,20 +13,32 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from archlab.archs.registry import build_model
+from archlab.archs.summary import decoding_state_bytes
 
 from archlab.compare import plots
+from archlab.compare.inference_bench import INFERENCE_FILE, inference_cost, inference_section
+from archlab.compare.length import LENGTH_FILE, length_report_section
+from archlab.compare.reading import ranked_groups, reading, seed_note, versus_best
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
 from archlab.kernels.common.files import atomic_write_all
 from archlab.kernels.common.markdown import table, table_row
+from archlab.train.config import run_config
 from archlab.train.errors import UserError
+from archlab.train.loading import autocast_dtype
 from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE
 from archlab.train.run_log import read_metrics
 
 CSV_COLUMNS = ["name", "arm", "seed", "size", "budget", "backbone", "objective", "params", "flops_per_token", "tokens",
-               "train_flops", "train_seconds", "tokens_per_s", "peak_memory_mb", "final", "quality_metric", "probe",
-               "bound"]
-ARM_COLUMNS = ["arm", "seeds", "params", "FLOPs/token", "tokens", "train FLOPs", "train tokens/s", "peak memory MB",
-               "final metric", "metric", "flags", "Pareto FLOPs", "Pareto time"]
+               "train_flops", "train_seconds", "tokens_per_s", "peak_memory_mb", "state_bytes", "state_bytes_4x",
+               "final", "quality_metric", "probe", "bound"]
+ARM_COLUMNS = ["arm", "seeds", "final metric", "metric", "flags", "vs best", "Pareto FLOPs", "Pareto time",
+               "Pareto state"]
+PARETO_MARKS = ["pareto_flops", "pareto_time", "pareto_state"]
+COST_COLUMNS = ["arm", "params", "FLOPs/token", "tokens", "train FLOPs", "train tokens/s", "peak memory MB",
+                "state @L", "state @4L"]
 FIT_COLUMNS = ["arm", "E", "A", "α", "points", "rmse"]
 PROBE_COLUMNS = ["run", "probe", "trained encoder", "its step-0 encoder", "baseline run", "own figure", "unigram",
                  "bigram", "training added"]
@@ -46,6 +58,16 @@ LINEAR_PROBE_NOTE = (
     "bigram: the eval bytes' entropy under the train split's byte (pair) frequencies, what byte statistics alone "
     "give. Training added = step-0 encoder's bpb − trained encoder's bpb. Own figure = the run's final quality "
     "metric (a JEPA's online probe, trained alongside the encoder; an LM's own head).")
+STATE_NOTE = ("State @L / @4L: one sequence's decoding state (KV cache or recurrent state, from the mixers' "
+              "state_bytes) after the trained length and after 4x it, in the run's activation dtype; – for a "
+              "bidirectional model, whose sampler reruns the whole sequence.")
+INFERENCE_NOTE = ("Measured by `evals: {inference: ...}` (`archlab bench inference RUN`; method in "
+                  "compare/inference_bench.py): one timed call per setting, so read times as ±50% on a shared CPU; "
+                  "state and peak bytes are exact. Pareto decode in the table above: final val bpb vs decode ms per "
+                  "token at that context.")
+# the inference-cost axes of quality_vs_inference.png: (group key, axis label)
+INFERENCE_COSTS = [("state_bytes_4x", "decoding state per sequence at 4x the trained length, bytes"),
+                   ("decode_ms", "decode ms per token at the largest measured context")]
 PARETO_COST_TOLERANCE = 0.02  # runs matched to one budget land within a step of it: equal cost, not cheaper
 
 def write_report(out_dir: Path) -> dict[str, Path]:
@@ -78,8 +100,20 @@ def write_report(out_dir: Path) -> dict[str, Path]:
     probed = [run for run in runs if run["linear_probe"] is not None]
     if probed:
         files["linear_probe.png"] = plots.linear_probe_plot(probed, study["study"])
+    sections = []
+    lengths = [(run["name"], run["length_eval"]) for run in runs if run["length_eval"]]
+    if lengths:
+        markdown, images = length_report_section(lengths, "Length: bits per byte past the trained length, passkey")
+        sections.append(markdown)
+        files |= images
+    measured = [run["inference"] for run in runs if run["inference"]]
+    if measured:
+        sections.append("## Inference cost\n\n" + inference_section(measured) + "\n" + INFERENCE_NOTE + "\n\n"
+                        "![quality vs inference cost](quality_vs_inference.png)\n")
+        files["quality_vs_inference.png"] = plots.quality_cost_plot(
+            [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]], INFERENCE_COSTS, study["study"])
     files["results.csv"] = _csv(runs, CSV_COLUMNS)
-    files["report.md"] = _report_md(study, groups, skipped, fits, files).encode()
+    files["report.md"] = _report_md(study, groups, skipped, fits, files, sections).encode()
     return _write_files(out_dir, files)
 
 
@@ -125,10 +159,38 @@ def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
     run |= {key: summary.get(key, entry.get(key)) for key in ("backbone", "objective", "params")}
     run |= {key: summary.get(key) for key in ("tokens", "train_flops", "train_seconds", "tokens_per_s",
                                               "peak_memory_mb")}
+    run |= _state_bytes(summary, run_dir)
     return run | {"final": float(final), "quality_metric": metric, "bound": bool(entry.get("bound")),
                   "probe": bool(entry.get("probe") or summary.get("probe")), "unigram_bpb": unigram,
                   "linear_probe": _read_probe(run_dir / PROBE_FILE),
+                  "length_eval": _read_result(run_dir / LENGTH_FILE, "lengths"),
+                  "inference": _read_result(run_dir / INFERENCE_FILE, "rows"),
                   "curve": [(f, f * seconds_per_flop, v) for f, v in evals]}, ""
+
+
+def _state_bytes(summary: dict, run_dir: Path) -> dict:
+    """The summary's decoding-state figures; for runs from before summaries carried them, the same figures from
+    the run's saved config (the mixers' state_bytes need no weights)."""
+    if "state_bytes" in summary or "state_dtype" in summary or not (run_dir / "config.yaml").is_file():
+        return {key: summary.get(key) for key in ("state_bytes", "state_bytes_4x")}
+    cfg = run_config(run_dir)
+    dtype = autocast_dtype(cfg, torch.device(summary.get("device", "cpu"))) or torch.float32
+    state = decoding_state_bytes(build_model(cfg.model), cfg.data.seq_len, dtype=dtype) or {}
+    return {key: state.get(key) for key in ("state_bytes", "state_bytes_4x")}
+
+
+def _read_result(path: Path, key: str) -> dict | None:
+    """A run's evaluation file (written by `evals:`), None when it has none; one that cannot be read or lacks
+    `key` fails here, before anything is written."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or not result.get(key):
+            raise ValueError("incomplete")
+        return result
+    except (OSError, ValueError):
+        raise UserError(f"{path} is unreadable; delete it and rerun `archlab compare --resume` to redo it") from None
 
 
 def _read_probe(path: Path) -> dict | None:
@@ -168,18 +230,33 @@ def _aggregate(runs: list[dict]) -> list[dict]:
         group = {"label": label, "arm": arm, "size": size, "runs": members, "n": len(members),
                  "mean": float(np.mean(finals)), "spread": (max(finals) - min(finals)) / 2,
                  "quality_metric": members[0]["quality_metric"], "probe": any(m["probe"] for m in members),
-                 "bound": any(m["bound"] for m in members), "pareto_flops": False, "pareto_time": False}
+                 "bound": any(m["bound"] for m in members), "pareto_flops": False, "pareto_time": False,
+                 "pareto_state": False}
         for key in ("params", "flops_per_token", "tokens", "train_flops", "train_seconds", "tokens_per_s",
-                    "peak_memory_mb"):
+                    "peak_memory_mb", "state_bytes", "state_bytes_4x"):
             group[key] = _mean(m[key] for m in members)
+        group["decode_ms"] = _mean(_decode_cost(m) for m in members)
         groups.append(group)
     # a probe's bpb is not the model's likelihood: it never competes on the front
     comparable = [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]]
-    for cost, mark in (("train_flops", "pareto_flops"), ("train_seconds", "pareto_time")):
+    costs = [("train_flops", "pareto_flops"), ("train_seconds", "pareto_time"), ("state_bytes_4x", "pareto_state")]
+    if any(g["decode_ms"] is not None for g in comparable):
+        costs.append(("decode_ms", "pareto_decode"))
+    for cost, mark in costs:
+        for group in groups:
+            group.setdefault(mark, False)
         points = [(g[cost] if g[cost] is not None else math.nan, g["mean"]) for g in comparable]
         for index in pareto_front(points, cost_tolerance=PARETO_COST_TOLERANCE):
             comparable[index][mark] = True
     return groups
+
+
+def _decode_cost(run: dict) -> float | None:
+    """Decode milliseconds per token at the largest context the run's inference.json measured (batch 1)."""
+    if run["inference"] is None:
+        return None
+    costs = list(inference_cost(run["inference"]).values())
+    return costs[0]["decode_ms_per_token"] if costs else None
 
 
 def _fit_arms(groups: list[dict]) -> dict[str, dict | str]:
@@ -222,19 +299,26 @@ def _final(group: dict) -> str:
     return f"{group['mean']:.4f} ± {group['spread']:.4f}" if group["n"] > 1 else f"{group['mean']:.4f}"
 
 
-def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict) -> str:
+def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict,
+               sections: list[str]) -> str:
+    best = next(iter(ranked_groups(groups)), None)
+    decode = any("pareto_decode" in g for g in groups)
+    marks, columns = PARETO_MARKS + ["pareto_decode"] * decode, ARM_COLUMNS + ["Pareto decode"] * decode
     lines = [f"# Study report: {study['study']}", "", *_metadata(study),
              f"- finished runs: {sum(g['n'] for g in groups)}, skipped: {len(skipped)}", "", "## Results per arm", "",
-             *table(ARM_COLUMNS, [_arm_cells(g) for g in groups], compact_rule=True)]
+             *table(columns, [_arm_cells(g, best, marks) for g in groups], compact_rule=True)]
     lines += ["", f"Final metric: mean over seeds {SPREAD}. Lower is better. Flags: "
               + "; ".join(f"**{k}** = {v}" for k, v in FLAG_NOTES.items()) + ".",
-              "★ = on the Pareto front of final val bpb vs total training FLOPs (Pareto FLOPs) or vs training "
-              f"wall-clock (Pareto time): no other arm is both cheaper and better (costs within "
-              f"{PARETO_COST_TOLERANCE:.0%} count as equal; probe arms are left out)."]
+              seed_note(groups, study.get("resolved_by")),
+              "★ = on the Pareto front of final val bpb vs total training FLOPs (Pareto FLOPs), vs training "
+              "wall-clock (Pareto time) or vs one sequence's decoding state at 4x the trained length (Pareto state): "
+              f"no other arm is both cheaper and better (costs within {PARETO_COST_TOLERANCE:.0%} count as equal; "
+              "probe arms are left out, and bidirectional models, which keep no decoding state, from Pareto state)."]
     others = [g["label"] for g in groups if g["quality_metric"] != "bpb"]
     if others:
         lines.append(f"Not bpb, so kept out of the plots and the Pareto fronts: {', '.join(others)}.")
-    lines += ["", "## Reading", "", _reading(groups), ""]
+    lines += ["", "## Reading", "", reading(groups, _fmt), "", "## Costs", "",
+              *table(COST_COLUMNS, [_cost_cells(g) for g in groups], compact_rule=True), "", STATE_NOTE, ""]
     probed = [run for g in groups for run in g["runs"] if run["linear_probe"] is not None]
     if probed:
         lines += _linear_probe_md(probed)
@@ -247,6 +331,7 @@ def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None
         if "scaling.png" in files:
             lines += ["", "![isoFLOP view](isoflop.png)", "", "![scaling fits](scaling.png)"]
         lines.append("")
+    lines += sections
     if skipped:
         lines += ["## Skipped runs", "", *(f"- {name}: {reason}" for name, reason in skipped), ""]
     lines += ["Per-run numbers: [results.csv](results.csv)."]
@@ -260,11 +345,25 @@ def _fit_row(arm: str, fit: dict | str) -> str:
                       f"{fit['alpha']:.4f} ± {fit['alpha_se']:.2g}", fit["n_points"], f"{fit['rmse']:.3g}"])
 
 
-def _arm_cells(g: dict) -> list:
+def _arm_cells(g: dict, best: dict | None, marks: list[str]) -> list:
     flags = ", ".join(flag for flag in ("probe", "bound") if g[flag]) or "–"
-    return [g["label"], g["n"], _fmt(g["params"], "int"), _fmt(g["flops_per_token"]), _fmt(g["tokens"], "int"),
-            _fmt(g["train_flops"]), _fmt(g["tokens_per_s"], "int"), _fmt(g["peak_memory_mb"], "int"), _final(g),
-            f"val_{g['quality_metric']}", flags, "★" if g["pareto_flops"] else "", "★" if g["pareto_time"] else ""]
+    return [g["label"], g["n"], _final(g), f"val_{g['quality_metric']}", flags, versus_best(g, best),
+            *("★" if g.get(mark) else "" for mark in marks)]
+
+
+def _cost_cells(g: dict) -> list:
+    return [g["label"], _fmt(g["params"], "int"), _fmt(g["flops_per_token"]), _fmt(g["tokens"], "int"),
+            _fmt(g["train_flops"]), _fmt(g["tokens_per_s"], "int"), _fmt(g["peak_memory_mb"], "int"),
+            _bytes(g["state_bytes"]), _bytes(g["state_bytes_4x"])]
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "–"
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 def _linear_probe_md(runs: list[dict]) -> list[str]:
@@ -294,37 +393,6 @@ def _metadata(study: dict) -> list[str]:
     return [f"- kind: {study.get('kind', 'lm')}; budget per run: {budget or '–'}",
             f"- device: {study.get('device', '–')}; torch {study.get('torch', '–')}; commit {study.get('commit', '–')}",
             f"- created: {study.get('created', '–')}"]
-
-
-def _reading(groups: list[dict]) -> str:
-    """Facts only: the ranking by final metric with the gaps (probe arms apart: not likelihoods), the Pareto arms."""
-    ranked = sorted((g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]), key=lambda g: g["mean"])
-    probes = [g for g in groups if g["quality_metric"] == "bpb" and g["probe"]]
-    probe_note = ("Probe figures, left out of the ranking (a byte probe on frozen features, not the model's "
-                  "likelihood): " + ", ".join(f"{g['label']} {g['mean']:.4f}" for g in probes) + ".") if probes else ""
-    if not ranked:
-        return probe_note or "No arm reports val bpb; see the table."
-    best = ranked[0]
-    text = [f"Lowest final val bpb: **{best['label']}** at {best['mean']:.4f} ({best['n']} seed(s)) after "
-            f"{_fmt(best['train_flops'])} training FLOPs and {_fmt(best['train_seconds'], 'int')} s of training."]
-    if len(ranked) > 1:
-        second, worst = ranked[1], ranked[-1]
-        gap = second["mean"] - best["mean"]
-        text.append(f"Next: **{second['label']}** at {second['mean']:.4f}, {gap:.4f} bpb "
-                    f"({gap / best['mean']:.1%} above the lowest), after {_fmt(second['train_flops'])} FLOPs.")
-        if gap <= best["spread"] + second["spread"]:
-            text.append("That gap is within the sum of their seed half-ranges.")
-        if len(ranked) > 2:
-            text.append(f"Highest: **{worst['label']}** at {worst['mean']:.4f}.")
-    mentioned = ranked[:2] + ranked[-1:] if len(ranked) > 2 else ranked
-    flagged = [g["label"] for g in mentioned if g["bound"]]
-    if flagged:
-        text.append(f"{', '.join(flagged)}: an upper bound on the likelihood (diffusion NELBO), not the likelihood.")
-    if probe_note:
-        text.append(probe_note)
-    text.append("Pareto front (FLOPs): " + (", ".join(g["label"] for g in ranked if g["pareto_flops"]) or "–")
-                + "; (wall-clock): " + (", ".join(g["label"] for g in ranked if g["pareto_time"]) or "–") + ".")
-    return " ".join(text)
 
 
 def _write_files(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:

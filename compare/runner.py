@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import yaml
 
+from archlab.compare.run_evals import evaluate_runs, failed_evaluations
 from archlab.compare.study import RunSpec, Study, load_study, plan_runs, probe_pairs
 from archlab.kernels.common.files import atomic_write, json_text
 from archlab.kernels.common.provenance import git_commit
@@ -72,7 +73,7 @@ def _header(study: Study, device: str) -> dict[str, Any]:
     budget = [b.model_dump(exclude_none=True) for b in study.budgets]
     return {"study": study.study, "kind": study.kind, "budget": budget[0] if len(budget) == 1 else budget or None,
             "seeds": study.seeds, "created": datetime.date.today().isoformat(), "device": device,
-            "torch": torch.__version__, "commit": git_commit()}
+            "torch": torch.__version__, "commit": git_commit(), "resolved_by": study.resolved_by}
 
 
 @contextlib.contextmanager
@@ -177,6 +178,7 @@ def _train_runs(study: Study, out: Path, specs: list[RunSpec], device: str, pyth
         entry["exit_code"] = code
         atomic_write(out / STUDY_FILE, json_text(record))
     _probe_runs(study, out, specs, record)
+    evaluate_runs(study, out, specs, record, save=lambda: atomic_write(out / STUDY_FILE, json_text(record)))
     return record
 
 
@@ -321,6 +323,9 @@ def run_study(path: str | Path, out: str | Path | None = None, *, resume: bool =
     unprobed = [run["name"] for run in record["runs"] if run.get("linear_probe") == "failed"]
     if unprobed:
         raise UserError(f"linear evaluation of {unprobed[0]} failed (output above); rerun with --resume to retry it")
+    unevaluated = failed_evaluations(record)
+    if unevaluated:
+        raise UserError(f"{unevaluated[0]} failed (output above); rerun with --resume to retry it")
     return out
 
 

@@ -15,6 +15,11 @@ A study YAML (configs/studies/*.yaml):
     linear_probe:                 # optional: after training, fresh probes on frozen features (train/linear_probe.py)
       arms: [transformer-jepa]    # these arms' runs, each beside its own step-0 encoder
       baseline: transformer-ar    # and beside this arm's run of the same seed, size and budget
+    evals:                        # optional: after training, for every run of these arms (default: the AR arms)
+      arms: [transformer-ar, mamba-ar]
+      lengths: [1, 2, 4, 8]       # bpb per position bucket and passkey retrieval at multiples of the trained length
+      inference: {contexts: [128, 1024], batch_size: 1, new_tokens: 32}   # prefill, decode speed and memory
+    resolved_by: configs/studies/quick-seeds.yaml   # optional: where more seeds resolve this study's differences
     synthetic:                    # kind: synthetic instead of a budget: every arm x width x task x seed
       widths: [32, 64]            # model.d_model values
       steps: 600                  # and batch_size, lr; workers: rows trained at once (one process, one thread each)
@@ -97,6 +102,30 @@ class SyntheticSettings(BaseModel):
     workers: int = Field(1, gt=0, description="rows trained at once, each in its own one-thread process")
 
 
+class InferenceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    contexts: list[int] = Field(min_length=1, description="context lengths in tokens (`archlab bench inference`)")
+    batch_size: int = Field(1, gt=0)
+    new_tokens: int = Field(32, gt=0, description="tokens decoded one by one after each context")
+
+
+class EvalSettings(BaseModel):
+    """Evaluations of every finished run of `arms` (default: the autoregressive arms), written into the run
+    directory and shown in the report."""
+    model_config = ConfigDict(extra="forbid")
+    arms: Optional[list[str]] = Field(None, min_length=1)
+    lengths: Optional[list[int]] = Field(None, min_length=1, description="multiples of the trained length "
+                                           "(`archlab eval RUN --lengths ... --per-position`)")
+    passkey: bool = Field(True, description="with lengths: passkey retrieval at each length (autoregressive runs)")
+    inference: Optional[InferenceSettings] = None
+
+    @model_validator(mode="after")
+    def _something(self) -> "EvalSettings":
+        if self.lengths is None and self.inference is None:
+            raise ValueError("evals needs lengths: [...] and/or inference: {contexts: [...]}")
+        return self
+
+
 class Study(BaseModel):
     model_config = ConfigDict(extra="forbid")
     study: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -109,6 +138,10 @@ class Study(BaseModel):
     nproc_per_node: int = Field(1, gt=0, description="processes (GPUs) per run: > 1 launches each run with torchrun")
     synthetic: Optional[SyntheticSettings] = None
     linear_probe: Optional[LinearProbeSettings] = None
+    evals: Optional[EvalSettings] = None
+    resolved_by: Optional[str] = Field(None, description="a study file that runs these arms over more seeds: the "
+                                                         "report names it where one seed leaves differences "
+                                                         "unresolved")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Study":
@@ -125,6 +158,8 @@ class Study(BaseModel):
             raise ValueError(f"seeds {self.seeds} repeat a value")
         if self.linear_probe is not None:
             self._check_linear_probe()
+        if self.evals is not None:
+            self._check_evals()
         for name, arm in self.arms.items():
             unknown = sorted(set(arm) - set(RUN_CONFIG_SECTIONS) - {"match"})
             if unknown:
@@ -145,6 +180,13 @@ class Study(BaseModel):
         for name in [*settings.arms, *([settings.baseline] if settings.baseline else [])]:
             if name not in self.arms:
                 raise ValueError(f"linear_probe names arm {name!r}, which the study does not have")
+
+    def _check_evals(self) -> None:
+        if self.kind != "lm":
+            raise ValueError("evals are for lm studies (they score trained runs); remove it")
+        unknown = [name for name in self.evals.arms or [] if name not in self.arms]
+        if unknown:
+            raise ValueError(f"evals names arm {unknown[0]!r}, which the study does not have")
 
     def _check_synthetic(self) -> None:
         """Synthetic studies train each arm's model for synthetic.steps: budgets, sizes, matching and run

@@ -3,8 +3,8 @@ state size (the Zoology/Based figure) and against width, a table with each arm's
 computed from the numbers.
 
 Seed noise: each figure is the mean over seeds ± half their range. Two arms' difference counts as resolved only when
-both have two or more seeds and it is at least the larger of their two half-ranges; otherwise it is marked
-unresolved (in the table: ~ beside an arm not resolved from the best at its width and setting).
+both have two or more seeds and it exceeds the larger of their two half-ranges (compare/reading.py); otherwise it is
+marked unresolved (in the table: ~ beside an arm not resolved from the best at its width and setting).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from archlab.compare.reading import unresolved_reason
 from archlab.compare.report import _csv, _metadata, _write_files
 from archlab.kernels.common.files import atomic_path, atomic_write
 from archlab.kernels.common.markdown import table
@@ -22,8 +23,8 @@ from archlab.train.errors import UserError
 SETTING_KEYS = ("task", "trained_on", "seq_len", "n_pairs")  # what a test setting is; a panel of each plot
 ROW_KEYS = {"arm", "d_model", "seed", "accuracy", "state_bytes", *SETTING_KEYS}
 SPREAD_NOTE = ("mean over seeds ± half their range, (max − min) / 2; ~ marks an arm whose gap to the best arm at its "
-               "width and setting is smaller than the larger of the two half-ranges (or one of them has one seed): "
-               "not resolved; the best is in bold")
+               "width and setting is not larger than the larger of the two half-ranges (or one of them has one "
+               "seed): not resolved; the best is in bold")
 
 
 def _setting_label(setting: tuple) -> str:
@@ -52,8 +53,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def resolved(a: dict, b: dict) -> bool:
-    """Whether two groups' mean accuracies differ by more than seed noise (see the module notes)."""
-    return min(a["n"], b["n"]) >= 2 and abs(a["mean"] - b["mean"]) >= max(a["spread"], b["spread"])
+    """Whether two groups' mean accuracies differ by more than seed noise (compare/reading.py's rule)."""
+    return unresolved_reason(a, b) is None
 
 
 def _overall(rows: list[dict]) -> list[dict]:

@@ -321,6 +321,10 @@ CASES = [
      "takes two run directories"),
     ("cli: decode bench runs swapped", lambda ctx: ["bench", "decode", ctx.runs["ar"], ctx.runs["diffusion"]],
      "must be a masked_diffusion run"),
+    ("cli: inference bench without runs", lambda ctx: ["bench", "inference"], "takes one or more run directories"),
+    ("cli: inference bench context within the new tokens",
+     lambda ctx: ["bench", "inference", ctx.runs["ar"], ctx.runs["diffusion"], "--contexts", "8,64",
+                  "--new-tokens", "8"], "every context must exceed --new-tokens=8"),
     # -- studies: archlab compare / report ----------------------------------------------------------
     ("compare: missing study", lambda ctx: ["compare", ctx.tmp / "nope.yaml"], "study file"),
     ("compare: invalid YAML", compare("arms: {a: {}\n"), "is not valid YAML"),

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from archlab.archs.registry import build_model
+from archlab.archs.summary import decoding_state_bytes
 from archlab.kernels.common import schedule
 from archlab.kernels.common.files import atomic_write, json_text
 from archlab.train import checkpoint as ckpt
@@ -384,6 +385,8 @@ class Trainer:
             "objective": self.cfg.model.objective, "device": str(self.device), "processes": self.world.size,
             "stopped_by": "max_steps" if self.step >= self.cfg.train.max_steps else "max_seconds",
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            **(decoding_state_bytes(self.model, self.cfg.data.seq_len,
+                                    dtype=self.autocast_dtype or torch.float32) or {}),
         }
         atomic_write(self.run_dir / "summary.json", json_text(summary, indent=None))
         return summary

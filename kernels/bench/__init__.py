@@ -145,6 +145,17 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+def write_results_with_plot(result: dict, out_dir: Path, plot: Callable[[dict], bytes],
+                            to_markdown: Callable[[dict, str], str]) -> tuple[Path, Path, Path]:
+    """<benchmark>-<device>-<date>-<commit>.json, .md (which shows the plot) and .png under out_dir, written
+    atomically all three together; returns the three paths."""
+    stem = result_stem(result, out_dir)
+    json_path, md_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
+    atomic_write_all({png_path: plot(result), json_path: json_text(result),
+                      md_path: to_markdown(result, png_path.name)})
+    return json_path, md_path, png_path
+
+
 def result_stem(result: dict, out_dir: Path) -> Path:
     """out_dir/<benchmark>-<device>-<date>-<commit>, what a result's files are named (device as a slug)."""
     return Path(out_dir) / f"{result['benchmark']}-{slug(result['device'])}-{result['date']}-{result['commit']}"

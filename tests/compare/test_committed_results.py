@@ -42,6 +42,16 @@ def lm_runs() -> list[Path]:
             for run in study["runs"] if run["status"] == "finished"]
 
 
+def run_groups() -> list[list[Path]]:
+    """The committed lm runs grouped by their saved config (run.dir aside): studies that share an arm's config
+    (quick, quick-seeds, hybrids) are checked against one replay."""
+    groups: dict[str, list[Path]] = {}
+    for run_dir in lm_runs():
+        saved = load_config(run_dir / "config.yaml", ["run.dir=."], saved=True).to_dict()  # defaults filled in
+        groups.setdefault(json.dumps(saved, sort_keys=True), []).append(run_dir)
+    return list(groups.values())
+
+
 def synthetic_rows() -> list[dict]:
     return [row for _, study in committed_studies() if study.get("kind") == "synthetic"
             for row in study.get("synthetic", [])]
@@ -69,18 +79,20 @@ def test_every_committed_study_is_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run_dir", lm_runs(), ids=lambda path: f"{path.parents[1].name}/{path.name}")
-def test_committed_run_prefix_reproduces(run_dir, tmp_path):
-    committed = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= PREFIX_STEPS]
-    fresh = prefix_of_run(run_dir, tmp_path)
-    assert [(r["kind"], r["step"]) for r in fresh] == [(r["kind"], r["step"]) for r in committed]
-    for old, new in zip(committed, fresh, strict=True):
-        assert set(new) == set(old), f"step {old['step']}: the record's keys changed"
-        for key, value in old.items():
-            if key in MACHINE_DEPENDENT:
-                continue
-            expected = pytest.approx(value, abs=TOLERANCE, rel=TOLERANCE) if isinstance(value, float) else value
-            assert new[key] == expected, f"{run_dir.name} {old['kind']} record at step {old['step']}: {key}"
+@pytest.mark.parametrize("run_dirs", run_groups(), ids=lambda paths: f"{paths[0].parents[1].name}/{paths[0].name}")
+def test_committed_run_prefix_reproduces(run_dirs, tmp_path):
+    fresh = prefix_of_run(run_dirs[0], tmp_path)
+    for run_dir in run_dirs:
+        committed = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= PREFIX_STEPS]
+        assert [(r["kind"], r["step"]) for r in fresh] == [(r["kind"], r["step"]) for r in committed]
+        for old, new in zip(committed, fresh, strict=True):
+            assert set(new) == set(old), f"step {old['step']}: the record's keys changed"
+            for key, value in old.items():
+                if key in MACHINE_DEPENDENT:
+                    continue
+                expected = pytest.approx(value, abs=TOLERANCE, rel=TOLERANCE) if isinstance(value, float) else value
+                assert new[key] == expected, f"{run_dir.parents[1].name}/{run_dir.name} {old['kind']} record at " \
+                                             f"step {old['step']}: {key}"
 
 
 @pytest.mark.slow

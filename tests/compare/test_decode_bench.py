@@ -30,13 +30,7 @@ from ..train.test_cli import run_cli
 N_TOKENS, PROMPT_LEN, SAMPLES = 16, 8, 3  # tiny.yaml: data.seq_len = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from threads, and on a loaded 2-core machine they spin: 1.4 s becomes 80 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(run_dir, *overrides):

@@ -23,6 +23,10 @@ ARMS = {
     "masked-jepa": ("transformer", "jepa", 2.90, 3.1e13, 1600.0, {"probe": True}, "masked_probe_bpb"),
 }
 
+# decoding state per sequence at L and 4L (summary.json): a KV cache grows 4x, a recurrent state stays
+STATE_BYTES = {"transformer": {"state_bytes": 131072, "state_bytes_4x": 524288},
+               "mamba": {"state_bytes": 20480, "state_bytes_4x": 20480}}
+
 
 def add_run(out: Path, study: dict, arm: str, seed: int, final: float, train_flops: float, seconds: float,
             size: str | None = None, params: int = 885888, status: str = "finished", **entry_extra) -> dict:
@@ -52,7 +56,7 @@ def add_run(out: Path, study: dict, arm: str, seed: int, final: float, train_flo
                "probe": bool(flags.get("probe")), "val": {metric: final}, "tokens": tokens,
                "train_flops": train_flops, "train_seconds": seconds, "tokens_per_s": round(tokens / seconds),
                "params": params, "backbone": backbone, "objective": objective, "device": "cpu",
-               "peak_memory_mb": 512.0}
+               "peak_memory_mb": 512.0, **(STATE_BYTES.get(backbone, {}) if objective == "autoregressive" else {})}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return entry
 
@@ -98,11 +102,20 @@ def test_report_lists_every_arm_with_flags_pareto_and_skips(arms_study):
     for arm in ARMS:
         assert f"| {arm} |" in report
     assert table_row(report, "transformer-ar")[1] == "2" and "2.2550 ± 0.0050" in table_row(report, "transformer-ar")
-    marks = {arm: tuple(table_row(report, arm)[-2:]) for arm in ARMS}
-    assert marks == {"transformer-ar": ("★", "★"), "mamba-ar": ("★", ""), "transformer-jepa": ("", ""),
-                     "transformer-diffusion": ("", ""), "masked-jepa": ("", "")}
-    assert table_row(report, "transformer-jepa")[10] == "probe"
-    assert table_row(report, "transformer-diffusion")[10] == "bound"
+    marks = {arm: tuple(table_row(report, arm)[-3:]) for arm in ARMS}
+    assert marks == {"transformer-ar": ("★", "★", "★"), "mamba-ar": ("★", "", "★"), "transformer-jepa": ("", "", ""),
+                     "transformer-diffusion": ("", "", ""), "masked-jepa": ("", "", "")}
+    assert table_row(report, "transformer-jepa")[4] == "probe"
+    assert table_row(report, "transformer-diffusion")[4] == "bound"
+    # seed noise: 2 seeds each and a gap of 0.05 against spreads of 0.005 resolve; one seed never does
+    assert table_row(report, "transformer-ar")[5] == "best"
+    assert table_row(report, "mamba-ar")[5] == "+0.0500 (resolved)"
+    assert table_row(report, "transformer-diffusion")[5] == "+0.9450 (not resolved: one seed)"
+    assert "resolved by the seeds" in report.split("Reading")[1] and "transformer-ar ±0.0050 (2)" in report
+    costs = report.split("## Costs")[1]
+    assert table_row(costs, "transformer-ar")[-2:] == ["128.0 KiB", "512.0 KiB"]
+    assert table_row(costs, "mamba-ar")[-2:] == ["20.0 KiB", "20.0 KiB"]
+    assert table_row(costs, "transformer-diffusion")[-2:] == ["–", "–"]
     assert "not a likelihood" in report and "upper bound" in report and "half the range" in report
     assert "kept out of the plots and the Pareto fronts: masked-jepa" in report
     assert "transformer-ar-s2: status pending" in report and "mamba-ar-s2: finished but" in report
@@ -114,6 +127,41 @@ def test_report_lists_every_arm_with_flags_pareto_and_skips(arms_study):
     for name in ("bpb_vs_flops.png", "bpb_vs_wallclock.png"):
         check_png(arms_study / name)
     assert not list(arms_study.glob("*.tmp"))
+
+
+def test_one_seed_leaves_every_difference_unresolved_and_names_the_study_that_resolves_them(tmp_path):
+    study = new_study() | {"resolved_by": "configs/studies/quick-seeds.yaml"}
+    for arm, final in (("transformer-ar", 2.25), ("mamba-ar", 2.40)):  # a wide gap, but one seed each
+        add_run(tmp_path, study, arm, 0, final, 2.0e13, 1000.0)
+    write_report(save(tmp_path, study))
+    report = (tmp_path / "report.md").read_text()
+    assert table_row(report, "mamba-ar")[5] == "+0.1500 (not resolved: one seed)"
+    assert "no difference in this report is resolved" in report and "`configs/studies/quick-seeds.yaml`" in report
+    assert "**not resolved** (one seed)" in report.split("## Reading")[1]
+
+
+def write_inference(run_dir: Path, decode_ms: float, state: int) -> None:
+    """A run's inference.json (compare/inference_bench.py's schema) at one context."""
+    row = {"run": run_dir.name, "decoding": "cache", "steps": None, "context": 4096, "batch_size": 1,
+           "prefill_ms": 100.0, "decode_ms_per_token": decode_ms, "decode_tokens_per_s": 1000 / decode_ms,
+           "cache_bytes": state, "state_bytes": state, "decode_peak_bytes": state, "peak_bytes": 2 * state}
+    result = {"contexts": [4096], "batch_sizes": [1], "rows": [row], "device": "cpu", "date": "2026-12-07",
+              "commit": "abc1234"}
+    (run_dir / "inference.json").write_text(json.dumps(result))
+
+
+def test_inference_results_add_a_pareto_front_a_section_and_a_plot(arms_study):
+    # mamba-ar decodes faster but is worse: both on the decode front; its 2 seeds average their costs
+    write_inference(arms_study / "runs/transformer-ar-s0", 20.0, 2**24)
+    write_inference(arms_study / "runs/mamba-ar-s0", 10.0, 2**17)
+    write_inference(arms_study / "runs/mamba-ar-s1", 14.0, 2**17)
+    written = write_report(arms_study)
+    report = (arms_study / "report.md").read_text()
+    assert "| Pareto decode |" in report.split("## Results per arm")[1].splitlines()[2]
+    assert table_row(report, "transformer-ar")[-1] == table_row(report, "mamba-ar")[-1] == "★"
+    assert table_row(report, "transformer-diffusion")[-1] == ""
+    assert "## Inference cost" in report and "decode_ms_per_token" in report and "(decode latency)" in report
+    check_png(written["quality_vs_inference.png"])
 
 
 def test_results_csv_has_one_row_per_finished_run(arms_study):

@@ -62,6 +62,28 @@ def test_study_runs_every_arm_resumes_without_redoing_and_reports(tiny_study, tm
     assert finished.stat().st_mtime_ns == before
 
 
+def test_evals_score_each_run_once_and_join_the_report(tmp_path, capsys):
+    study = {"study": "evals", "base": {"include": [str(TINY)], "sample": {"tokens": 0}},
+             "budget": {"tokens": 1280}, "arms": {"transformer": {}, "diffusion": {"model": {"objective":
+                                                                                         "masked_diffusion"}}},
+             "evals": {"lengths": [1, 2], "passkey": False}}
+    path = tmp_path / "evals.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    out = tmp_path / "out"
+    run_study(path, out)
+    record = json.loads((out / "study.json").read_text())
+    assert [run.get("length_eval") for run in record["runs"]] == ["finished", None]  # default: the AR arms
+    result = out / "runs" / "transformer-s0" / "length_eval.json"
+    assert [row["multiple"] for row in json.loads(result.read_text())["lengths"]] == [1, 2]
+    report = (out / "report.md").read_text()
+    assert "## Length" in report and "![length_bpb.png](length_bpb.png)" in report
+    assert (out / "length_bpb.png").read_bytes()[:8] == PNG_SIGNATURE
+    before = result.stat().st_mtime_ns
+    capsys.readouterr()
+    run_study(path, out, resume=True)
+    assert "length eval of" not in capsys.readouterr().out and result.stat().st_mtime_ns == before
+
+
 def test_cli_errors_are_one_line(tiny_study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["compare", str(tmp_path / "missing.yaml")])

@@ -104,6 +104,11 @@ def test_seconds_budget_measures_speed_and_sets_the_time_limit(tmp_path):
       "linear_probe": {"arms": ["masked"], "baseline": "transformer"}}, "probes the next byte, arm masked the masked"),
     ({"kind": "synthetic", "budget": None, "arms": {"a": {}}, "linear_probe": {"arms": ["a"]},
       "synthetic": {"tasks": [{}], "widths": [8], "steps": 1, "batch_size": 1, "lr": 1.0}}, "linear_probe is for lm"),
+    ({"evals": {"arms": ["nope"], "lengths": [1, 2]}}, "evals names arm 'nope'"),
+    ({"evals": {"passkey": True}}, "evals needs lengths"),
+    ({"evals": {"inference": {"contexts": []}}}, "evals.inference.contexts"),
+    ({"kind": "synthetic", "budget": None, "arms": {"a": {}}, "evals": {"lengths": [1]},
+      "synthetic": {"tasks": [{}], "widths": [8], "steps": 1, "batch_size": 1, "lr": 1.0}}, "evals are for lm"),
 ])
 def test_bad_study_files_are_one_line_errors(tmp_path, fields, message):
     path = write_study(tmp_path, **fields)

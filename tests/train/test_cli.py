@@ -41,6 +41,7 @@ def trained_run(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["step"] == 12 and summary["val_bpb"] < 8.0
+    assert summary["state_bytes_4x"] == 4 * summary["state_bytes"] > 0  # attention only: a KV cache
     assert "--- sample" in result.stdout and (run_dir / "sample.txt").read_text().startswith("KING")
     return run_dir
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from archlab.archs.registry import build_model
-from archlab.archs.summary import describe_stack
+from archlab.archs.summary import decoding_state_bytes, describe_stack
 from archlab.train.config import load_config
 
 from .conftest import ROOT
@@ -22,6 +22,19 @@ def test_rows_add_up_to_the_model():
     assert total["flops_per_token"] == sum(r["flops_per_token"] for r in rows[:-1]) == model.flops_per_token(128)
     kv = 2 * 128 * 128 * torch.bfloat16.itemsize  # keys + values of 128 positions, 4 heads x 32 dims
     assert blocks[1]["state_bytes"] == kv and blocks[0]["state_bytes"] == blocks[2]["state_bytes"] > 0
+
+
+def test_run_summaries_state_bytes_grow_with_length_for_attention_only():
+    """What summary.json records: one sequence's state at the trained length and at 4x, the KV cache's part
+    growing 4x, the recurrent part fixed; a bidirectional model keeps no decoding state."""
+    cfg = load_config(QUICKSTART, ["model.layers=mamba,attention"])
+    model = build_model(cfg.model)
+    state = decoding_state_bytes(model, 128, dtype=torch.float32)
+    kv = 2 * 128 * 128 * torch.float32.itemsize
+    recurrent = state["state_bytes"] - kv
+    assert recurrent > 0 and state["state_bytes_4x"] == recurrent + 4 * kv and state["state_dtype"] == "float32"
+    diffusion = build_model(load_config(QUICKSTART, ["model.objective=masked_diffusion", "sample.tokens=0"]).model)
+    assert decoding_state_bytes(diffusion, 128, dtype=torch.float32) is None
 
 
 def test_the_command_prints_the_table(capsys):
