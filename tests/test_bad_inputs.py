@@ -344,6 +344,11 @@ CASES = [
     ("compare: arm data file missing", compare(STUDY_OK + "arms: {a: {data: {path: nosuch.txt, sha256: null}}}\n"),
      "nosuch.txt"),
     ("compare: synthetic without settings", compare("kind: synthetic\narms: {a: {}}\n"), "needs a synthetic: section"),
+    ("compare: synthetic mixture setting with too many keys", lambda ctx: ["compare", ctx.write("mix.yaml", (
+        "study: mix\nkind: synthetic\narms: {a: {}}\nsynthetic: {widths: [16], steps: 1, batch_size: 2, lr: 1.0e-3, "
+        "tasks: [{task: mqar, train: [{seq_len: 16, n_pairs: 2}, {seq_len: 16, n_pairs: 8}], train_examples: 4, "
+        "test_examples: 2}]}\n")), "--out", ctx.tmp / "mix-out"],
+     "train setting L16×8: mqar needs seq_len >= 4 * n_pairs"),
     ("compare: --out not empty, no study", compare_into(lambda out: (out.mkdir(), (out / "notes.txt").write_text("x"))),
      "is not empty and holds no study"),
     ("compare: --out is a file", compare_into(lambda out: out.write_text("x")), "is a file"),
