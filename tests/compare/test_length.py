@@ -29,9 +29,9 @@ from archlab.train.trainer import Trainer
 
 from ..train.conftest import TINY
 from ..train.test_cli import run_cli, snapshot
-from .test_decode_bench import one_thread  # noqa: F401 (autouse: tiny models on one thread)
 
 SEQ_LEN, EVAL_TOKENS = 32, 512  # tiny.yaml's data.seq_len; train.eval_tokens as the runs below set it
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread (tests/compare/conftest.py)
 
 
 @pytest.fixture
