@@ -44,11 +44,15 @@ def lm_runs() -> list[Path]:
 
 def run_groups() -> list[list[Path]]:
     """The committed lm runs grouped by their saved config (run.dir aside): studies that share an arm's config
-    (quick, quick-seeds, hybrids) are checked against one replay."""
+    (quick, quick-seeds, hybrids) are checked against one replay. Of runs that differ only in train.seed, those
+    of the first seed met are replayed (another seed runs the same code)."""
     groups: dict[str, list[Path]] = {}
+    first_seed: dict[str, int] = {}
     for run_dir in lm_runs():
         saved = load_config(run_dir / "config.yaml", ["run.dir=."], saved=True).to_dict()  # defaults filled in
-        groups.setdefault(json.dumps(saved, sort_keys=True), []).append(run_dir)
+        seed = saved["train"].pop("seed")
+        if first_seed.setdefault(json.dumps(saved, sort_keys=True), seed) == seed:
+            groups.setdefault(json.dumps(saved, sort_keys=True), []).append(run_dir)
     return list(groups.values())
 
 
