@@ -45,7 +45,8 @@ def seed_note(groups: list[dict], resolved_by: str | None) -> str:
     their differences resolved."""
     seeds = sorted({g["n"] for g in groups})
     if seeds == [1]:
-        where = (f" `{resolved_by}` runs the same arms over more seeds and resolves them." if resolved_by
+        where = (f" `{resolved_by}` runs arms of this study over more seeds: its report gives their seed spread and "
+                 "which of these differences it resolves." if resolved_by
                  else " Run more seeds (study `seeds:`) to resolve them.")
         return ("Seeds: one per arm, so the seed spread is unknown and **no difference in this report is resolved**."
                 + where)
