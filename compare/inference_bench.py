@@ -394,6 +394,9 @@ def measure_run_inference(run_dir: str | Path, *, contexts: Sequence[int] = CONT
     (`decoding_of(cfg)` is None) is a UserError."""
     result = bench_runs([str(run_dir)], contexts=contexts, batch_sizes=[batch_size], n_tokens=new_tokens,
                         repeats=repeats, device=device)
+    failed = [row for row in result["rows"] if "error" in row]
+    if failed:  # nothing saved: a study retries it on --resume
+        raise UserError(f"{run_dir}: inference at context {failed[0]['context']} failed ({failed[0]['error']})")
     path = Path(run_dir) / INFERENCE_FILE
     atomic_write_all({path: json_text(result)})
     return result, path

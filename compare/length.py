@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--title", default="Length extrapolation and passkey retrieval")
     args = parser.parse_args(argv)
+    missing = [run for run in args.runs if not (Path(run) / LENGTH_FILE).is_file()]
+    if missing:
+        parser.error(f"{missing[0]} has no {LENGTH_FILE}; run `archlab eval {missing[0]} --lengths ...` first")
     results = [(Path(run).name, json.loads((Path(run) / LENGTH_FILE).read_text())) for run in args.runs]
     markdown, images = length_report_section(results, args.title)
     out = Path(args.out)

@@ -171,7 +171,8 @@ def linear_probe_plot(runs: list[dict], study_name: str) -> bytes:
     return png_bytes(fig)
 
 
-def quality_cost_plot(groups: list[dict], costs: list[tuple[str, str]], study_name: str) -> bytes:
+def quality_cost_plot(groups: list[dict], costs: list[tuple[str, str]], study_name: str, *,
+                      cost_tolerance: float) -> bytes:
     """Final val bpb against each inference cost (a panel per (group key, label)), a point per arm, the Pareto
     front of each panel as a step line; arms without that cost are left out of its panel."""
     plt = pyplot()
@@ -181,7 +182,8 @@ def quality_cost_plot(groups: list[dict], costs: list[tuple[str, str]], study_na
         for index, (cost, value, group) in enumerate(points):
             ax.errorbar(cost, value, yerr=group["spread"] or None, fmt="o", capsize=3,
                         label=group["label"], color=f"C{index % 10}")
-        front = sorted((points[i][0], points[i][1]) for i in pareto_front([(c, v) for c, v, _ in points]))
+        front = sorted((points[i][0], points[i][1])
+                       for i in pareto_front([(c, v) for c, v, _ in points], cost_tolerance=cost_tolerance))
         if len(front) > 1:
             ax.step(*zip(*front, strict=True), where="post", color="grey", linestyle="--", linewidth=1,
                     label="Pareto front")
@@ -192,6 +194,16 @@ def quality_cost_plot(groups: list[dict], costs: list[tuple[str, str]], study_na
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.suptitle(f"{study_name}: quality vs inference cost (error bars: seed half-range)", fontsize=10)
     return png_bytes(fig)
+
+
+def human_bytes(value: float | None) -> str:
+    """Bytes in B / KiB / MiB with one decimal; – for none."""
+    if value is None:
+        return "–"
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 def human_count(count: float) -> str:

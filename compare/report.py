@@ -61,10 +61,10 @@ LINEAR_PROBE_NOTE = (
 STATE_NOTE = ("State @L / @4L: one sequence's decoding state (KV cache or recurrent state, from the mixers' "
               "state_bytes) after the trained length and after 4x it, in the run's activation dtype; – for a "
               "bidirectional model, whose sampler reruns the whole sequence.")
-INFERENCE_NOTE = ("Measured by `evals: {inference: ...}` (`archlab bench inference RUN`; method in "
-                  "compare/inference_bench.py): one timed call per setting, so read times as ±50% on a shared CPU; "
-                  "state and peak bytes are exact. Pareto decode in the table above: final val bpb vs decode ms per "
-                  "token at that context.")
+INFERENCE_NOTE = ("Measured by `evals: {{inference: ...}}` (`archlab bench inference RUN`; method in "
+                  "compare/inference_bench.py): times are the median of {repeats} timed call(s) per setting after a "
+                  "warm-up, so on a shared CPU read them as ±50%; state bytes are the cache's tensors; peak memory: "
+                  "{peak}. Pareto decode in the table above: final val bpb vs decode ms per token at that context.")
 # the inference-cost axes of quality_vs_inference.png: (group key, axis label)
 INFERENCE_COSTS = [("state_bytes_4x", "decoding state per sequence at 4x the trained length, bytes"),
                    ("decode_ms", "decode ms per token at the largest measured context")]
@@ -108,10 +108,13 @@ def write_report(out_dir: Path) -> dict[str, Path]:
         files |= images
     measured = [run["inference"] for run in runs if run["inference"]]
     if measured:
-        sections.append("## Inference cost\n\n" + inference_section(measured) + "\n" + INFERENCE_NOTE + "\n\n"
+        note = INFERENCE_NOTE.format(repeats="/".join(sorted({str(r.get("repeats", "?")) for r in measured})),
+                                     peak="; ".join(sorted({str(r.get("peak_memory_measure")) for r in measured})))
+        sections.append(f"## Inference cost\n\n{inference_section(measured)}\n{note}\n\n"
                         "![quality vs inference cost](quality_vs_inference.png)\n")
         files["quality_vs_inference.png"] = plots.quality_cost_plot(
-            [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]], INFERENCE_COSTS, study["study"])
+            [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]], INFERENCE_COSTS, study["study"],
+            cost_tolerance=PARETO_COST_TOLERANCE)
     files["results.csv"] = _csv(runs, CSV_COLUMNS)
     files["report.md"] = _report_md(study, groups, skipped, fits, files, sections).encode()
     return _write_files(out_dir, files)
@@ -171,12 +174,15 @@ def _load_run(out_dir: Path, entry: dict) -> tuple[dict | None, str]:
 def _state_bytes(summary: dict, run_dir: Path) -> dict:
     """The summary's decoding-state figures; for runs from before summaries carried them, the same figures from
     the run's saved config (the mixers' state_bytes need no weights)."""
-    if "state_bytes" in summary or "state_dtype" in summary or not (run_dir / "config.yaml").is_file():
-        return {key: summary.get(key) for key in ("state_bytes", "state_bytes_4x")}
+    keys = ("state_bytes", "state_bytes_4x")
+    if "state_bytes" in summary or not (run_dir / "config.yaml").is_file():
+        return {key: summary.get(key) for key in keys}
     cfg = run_config(run_dir)
+    if not cfg.model.runs_causally:  # no decoding state: nothing to build the model for
+        return dict.fromkeys(keys)
     dtype = autocast_dtype(cfg, torch.device(summary.get("device", "cpu"))) or torch.float32
-    state = decoding_state_bytes(build_model(cfg.model), cfg.data.seq_len, dtype=dtype) or {}
-    return {key: state.get(key) for key in ("state_bytes", "state_bytes_4x")}
+    state = decoding_state_bytes(build_model(cfg.model), cfg.data.seq_len, dtype=dtype)
+    return {key: state[key] for key in keys}
 
 
 def _read_result(path: Path, key: str) -> dict | None:
@@ -354,16 +360,7 @@ def _arm_cells(g: dict, best: dict | None, marks: list[str]) -> list:
 def _cost_cells(g: dict) -> list:
     return [g["label"], _fmt(g["params"], "int"), _fmt(g["flops_per_token"]), _fmt(g["tokens"], "int"),
             _fmt(g["train_flops"]), _fmt(g["tokens_per_s"], "int"), _fmt(g["peak_memory_mb"], "int"),
-            _bytes(g["state_bytes"]), _bytes(g["state_bytes_4x"])]
-
-
-def _bytes(value: float | None) -> str:
-    if value is None:
-        return "–"
-    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
-        if value >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value:.0f} B"
+            plots.human_bytes(g["state_bytes"]), plots.human_bytes(g["state_bytes_4x"])]
 
 
 def _linear_probe_md(runs: list[dict]) -> list[str]:

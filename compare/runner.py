@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from archlab.compare.run_evals import evaluate_runs, failed_evaluations
+from archlab.compare.run_evals import check_evals, evaluate_runs, failed_evaluations
 from archlab.compare.study import RunSpec, Study, load_study, plan_runs, probe_pairs
 from archlab.kernels.common.files import atomic_write, json_text
 from archlab.kernels.common.provenance import git_commit
@@ -32,7 +32,7 @@ from archlab.kernels.common.timing import timed
 from archlab.kernels.hardware import device_name
 from archlab.train.config import RESUMABLE_CHANGES, Config, config_differences, dump_config, load_config
 from archlab.train.data import resolve_data_path
-from archlab.train.errors import UserError
+from archlab.train.errors import ConfigError, UserError
 from archlab.train.linear_probe import RESULT_FILE as PROBE_FILE, probe_run
 from archlab.train.loading import resolve_device
 from archlab.train.trainer import Trainer
@@ -147,6 +147,7 @@ def run_lm_study(study: Study, out: Path, *, resume: bool, python: str = sys.exe
         resolve_data_path(spec.config.data.path)
         resolve_device(spec.config.train.device)
         _check_unchanged(spec, saved.get(spec.name))
+    check_evals(study, specs)
     unplanned = sorted(set(saved) - {spec.name for spec in specs})
     if unplanned:
         raise UserError(f"{out} holds run {unplanned[0]}, which the study no longer plans: the study file changed "
@@ -224,7 +225,7 @@ def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, A
     Each row records everything that made it (the model settings, the task, steps, lr, batch size, seed): on
     --resume a row is reused only when all of that is unchanged, and rows the study no longer plans are refused."""
     from archlab.archs.config import ModelConfig, fit_to_new_stack
-    from archlab.compare.synthetic import SyntheticMixture, SyntheticTask
+    from archlab.compare.synthetic import SyntheticMixture, SyntheticTask, check_training
     from archlab.train.config import deep_merge, validate_config
 
     settings = study.synthetic
@@ -245,6 +246,11 @@ def run_synthetic_study(study: Study, out: Path, *, resume: bool) -> dict[str, A
                 for seed in study.seeds:
                     plan.append((arm, model_cfg, task, seed))
     training = {"steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size}
+    for arm, model_cfg, task, _ in plan:  # what a row would refuse once training starts, refused before the first
+        try:
+            check_training(model_cfg, task, **training)
+        except ValueError as err:
+            raise ConfigError(f"study {study.study} arm {arm}: {err}") from None
 
     def key(arm: str, model: dict, setting: str, seed: int, steps: int, lr: float, batch_size: int) -> str:
         return json.dumps([arm, model, setting, seed, steps, lr, batch_size], sort_keys=True)
@@ -272,6 +278,8 @@ def _score_rows(study: Study, out: Path, planned: dict, done: set, saved: list, 
                 workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                 initargs=(1,)))
             futures = [pool.submit(_train_row, row, device, training) for row in pending]
+            # a row that fails cancels the rows not started yet (rows that finished are saved already)
+            stack.callback(lambda: [future.cancel() for future in futures])
             finished = (future.result() for future in concurrent.futures.as_completed(futures))
         else:
             finished = (_train_row(row, device, training) for row in pending)

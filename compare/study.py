@@ -18,7 +18,7 @@ A study YAML (configs/studies/*.yaml):
     evals:                        # optional: after training, for every run of these arms (default: the AR arms)
       arms: [transformer-ar, mamba-ar]
       lengths: [1, 2, 4, 8]       # bpb per position bucket and passkey retrieval at multiples of the trained length
-      inference: {contexts: [128, 1024], batch_size: 1, new_tokens: 32}   # prefill, decode speed and memory
+      inference: {contexts: [128, 1024], batch_size: 1, new_tokens: 16}   # prefill, decode speed and memory
     resolved_by: configs/studies/quick-seeds.yaml   # optional: where more seeds resolve this study's differences
     synthetic:                    # kind: synthetic instead of a budget: every arm x width x task x seed
       widths: [32, 64]            # model.d_model values
@@ -43,7 +43,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from archlab.archs.model import Objective
 from archlab.archs.config import fit_to_new_stack
@@ -104,9 +104,10 @@ class SyntheticSettings(BaseModel):
 
 class InferenceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    contexts: list[int] = Field(min_length=1, description="context lengths in tokens (`archlab bench inference`)")
-    batch_size: int = Field(1, gt=0)
-    new_tokens: int = Field(32, gt=0, description="tokens decoded one by one after each context")
+    contexts: list[PositiveInt] = Field(min_length=1, description="context lengths in tokens, prompt and new "
+                                                                  "tokens (`archlab bench inference`)")
+    batch_size: PositiveInt = 1
+    new_tokens: PositiveInt = Field(16, description="tokens decoded one by one at the end of each context")
 
 
 class EvalSettings(BaseModel):
@@ -114,7 +115,7 @@ class EvalSettings(BaseModel):
     directory and shown in the report."""
     model_config = ConfigDict(extra="forbid")
     arms: Optional[list[str]] = Field(None, min_length=1)
-    lengths: Optional[list[int]] = Field(None, min_length=1, description="multiples of the trained length "
+    lengths: Optional[list[PositiveInt]] = Field(None, min_length=1, description="multiples of the trained length "
                                            "(`archlab eval RUN --lengths ... --per-position`)")
     passkey: bool = Field(True, description="with lengths: passkey retrieval at each length (autoregressive runs)")
     inference: Optional[InferenceSettings] = None

@@ -40,7 +40,6 @@ from torch import Tensor
 
 from archlab.archs.config import ModelConfig
 from archlab.archs.registry import build_model
-from archlab.archs.summary import describe_stack
 from archlab.kernels.common.schedule import lr_at
 from archlab.train.trainer import parameter_groups
 
@@ -305,13 +304,11 @@ def _epoch(setting_of: Tensor, batch_size: int, gen: torch.Generator) -> list[Te
 
 def state_bytes(model, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
     """Decoding state per sequence after seq_len positions, summed over blocks (a KV cache grows with seq_len)."""
-    return describe_stack(model, seq_len, dtype=dtype)[-1]["state_bytes"]
+    return model.backbone.state_bytes(1, seq_len, dtype=dtype)
 
 
-def _setup(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, lr: float, seed: int,
-           device: torch.device, kernels):
-    """The seeded model, its optimizer and the train set (inputs and targets on `device`, each example's setting,
-    each setting's length)."""
+def check_training(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, lr: float) -> None:
+    """One-line ValueErrors for settings train_and_score cannot train with (a study checks them all up front)."""
     if model_cfg.objective != "autoregressive":
         raise ValueError(f"synthetic recall scores next-token predictions; objective={model_cfg.objective} "
                          "is not autoregressive, set model.objective=autoregressive")
@@ -320,6 +317,13 @@ def _setup(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, l
     if batch_size > min(task.train_examples for task in _parts(spec).train_tasks):
         raise ValueError(f"batch_size={batch_size} exceeds a train setting's train_examples: a batch holds one "
                          "setting; lower batch_size or raise train_examples")
+
+
+def _setup(model_cfg: ModelConfig, spec: Spec, *, steps: int, batch_size: int, lr: float, seed: int,
+           device: torch.device, kernels):
+    """The seeded model, its optimizer and the train set (inputs and targets on `device`, each example's setting,
+    each setting's length)."""
+    check_training(model_cfg, spec, steps=steps, batch_size=batch_size, lr=lr)
     torch.manual_seed(seed)
     model = build_model(model_cfg, kernels=kernels).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, decay_embeddings=False), lr=lr,

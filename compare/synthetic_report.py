@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from archlab.compare.plots import human_bytes
 from archlab.compare.reading import unresolved_reason
 from archlab.compare.report import _csv, _metadata, _write_files
 from archlab.kernels.common.files import atomic_path, atomic_write
@@ -122,10 +123,6 @@ def _shortcut(rows: list[dict], width: int) -> list[str]:
             f"the seed spread in every test setting at d_model={width}: {', '.join(above) or 'no arm'}."]
 
 
-def _bytes(value: int) -> str:
-    return f"{value / 1024:,.1f} KiB" if value >= 1024 else f"{value} B"
-
-
 def accuracy_table(groups: list[dict]) -> list[str]:
     """Markdown lines: arm x width rows, a column per test setting; ~ and bold as SPREAD_NOTE says."""
     settings = sorted({g["setting"] for g in groups})
@@ -141,7 +138,7 @@ def accuracy_table(groups: list[dict]) -> list[str]:
                                                                                                   g["d_model"]))):
         first = next(g for g in groups if g["arm"] == arm and g["d_model"] == width)
         state = cells.get((arm, width, longest), first)["state_bytes"]
-        row = [arm, width, f"{first['params']:,}" if first["params"] else "–", _bytes(state)]
+        row = [arm, width, f"{first['params']:,}" if first["params"] else "–", human_bytes(state)]
         for setting in settings:
             g = cells.get((arm, width, setting))
             if g is None:

@@ -385,8 +385,7 @@ class Trainer:
             "objective": self.cfg.model.objective, "device": str(self.device), "processes": self.world.size,
             "stopped_by": "max_steps" if self.step >= self.cfg.train.max_steps else "max_seconds",
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
-            **(decoding_state_bytes(self.model, self.cfg.data.seq_len,
-                                    dtype=self.autocast_dtype or torch.float32) or {}),
+            **decoding_state_bytes(self.model, self.cfg.data.seq_len, dtype=self.autocast_dtype or torch.float32),
         }
         atomic_write(self.run_dir / "summary.json", json_text(summary, indent=None))
         return summary

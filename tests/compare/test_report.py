@@ -146,7 +146,7 @@ def write_inference(run_dir: Path, decode_ms: float, state: int) -> None:
            "prefill_ms": 100.0, "decode_ms_per_token": decode_ms, "decode_tokens_per_s": 1000 / decode_ms,
            "cache_bytes": state, "state_bytes": state, "decode_peak_bytes": state, "peak_bytes": 2 * state}
     result = {"contexts": [4096], "batch_sizes": [1], "rows": [row], "device": "cpu", "date": "2026-12-07",
-              "commit": "abc1234"}
+              "commit": "abc1234", "repeats": 3, "peak_memory_measure": "torch.profiler allocator events"}
     (run_dir / "inference.json").write_text(json.dumps(result))
 
 
@@ -161,6 +161,7 @@ def test_inference_results_add_a_pareto_front_a_section_and_a_plot(arms_study):
     assert table_row(report, "transformer-ar")[-1] == table_row(report, "mamba-ar")[-1] == "★"
     assert table_row(report, "transformer-diffusion")[-1] == ""
     assert "## Inference cost" in report and "decode_ms_per_token" in report and "(decode latency)" in report
+    assert "median of 3 timed call(s)" in report and "peak memory: torch.profiler allocator events" in report
     check_png(written["quality_vs_inference.png"])
 
 

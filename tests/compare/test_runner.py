@@ -7,7 +7,7 @@ from matplotlib.image import imread
 
 from archlab.compare.cli import main
 from archlab.compare.runner import run_study
-from archlab.train.errors import UserError
+from archlab.train.errors import ConfigError, UserError
 
 from ..train.conftest import TINY
 from .test_report import table_row
@@ -83,6 +83,28 @@ def test_evals_score_each_run_once_and_join_the_report(tmp_path, capsys):
     run_study(path, out, resume=True)
     assert "length eval of" not in capsys.readouterr().out and result.stat().st_mtime_ns == before
 
+    # evals changed since: the diffusion arm joins (its overall bpb per length: no positions, no passkey) and the
+    # transformer's result, made with the same settings, stays; other lengths redo it
+    path.write_text(yaml.safe_dump(study | {"evals": {"arms": ["transformer", "diffusion"], "lengths": [1, 2],
+                                                      "passkey": False}}, sort_keys=False))
+    run_study(path, out, resume=True)
+    diffusion = json.loads((out / "runs" / "diffusion-s0" / "length_eval.json").read_text())
+    assert [("buckets" in row, "passkey" in row) for row in diffusion["lengths"]] == [(False, False)] * 2
+    assert result.stat().st_mtime_ns == before
+    path.write_text(yaml.safe_dump(study | {"evals": {"lengths": [1], "passkey": False}}, sort_keys=False))
+    run_study(path, out, resume=True)
+    assert [row["multiple"] for row in json.loads(result.read_text())["lengths"]] == [1]
+
+
+def test_evals_that_could_not_run_are_refused_before_the_first_run(tmp_path):
+    study = {"study": "bad", "base": {"include": [str(TINY)], "sample": {"tokens": 0}}, "budget": {"tokens": 1280},
+             "arms": {"transformer": {}}, "evals": {"inference": {"contexts": [16, 64], "new_tokens": 16}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    with pytest.raises(UserError, match="every context must exceed --new-tokens=16"):
+        run_study(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
 
 def test_cli_errors_are_one_line(tiny_study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -105,6 +127,18 @@ def test_dry_run_prints_the_plan(tiny_study, capsys, tmp_path):
     assert [run["name"] for run in plan] == ["transformer-s0", "mamba-s0"]
     assert all(run["max_steps"] == 10 for run in plan)
     assert not (tmp_path / "runs").exists()
+
+
+def test_synthetic_settings_no_row_could_train_are_refused_before_anything_is_written(tmp_path):
+    study = {"study": "recall", "kind": "synthetic", "arms": {"transformer": {"model": {"n_layers": 1}}},
+             "synthetic": {"widths": [16], "steps": 3, "batch_size": 32, "lr": 1e-3,
+                           "tasks": [{"task": "mqar", "seq_len": 16, "n_pairs": 2, "train_examples": 16,
+                                      "test_examples": 8}]}}
+    path = tmp_path / "recall.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    with pytest.raises(ConfigError, match="arm transformer: batch_size=32 exceeds a train setting's train_examples"):
+        run_study(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_synthetic_study_rows_resume_and_report(tmp_path, capsys):
