@@ -8,15 +8,13 @@ layer below; the handlers import what they run, so `archlab --help` starts witho
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 from pathlib import Path
 
+from archlab.compare.bench_commands import DEFAULT_BENCH_CONFIG, cmd_bench, int_list
 from archlab.train.errors import UserError
-
-DEFAULT_BENCH_CONFIG = "configs/quickstart.yaml"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,114 +173,6 @@ def cmd_report(args) -> None:
 
     for kind, path in write_report(Path(args.out_dir)).items():
         print(f"{kind}: {path}")
-
-
-def cmd_bench(args) -> None:
-    if args.what == "trainer":
-        _bench_trainer(args)
-    elif args.what == "packing":
-        _bench_packing(args)
-    elif args.what == "decode":
-        _bench_decode(args)
-    elif args.what == "inference":
-        _bench_inference(args)
-    elif args.what == "prepare":
-        from archlab.train.prepare_bench import main as bench_prepare
-
-        if args.config or args.overrides:
-            raise UserError("archlab bench prepare takes no config or overrides")
-        bench_prepare(["--out", args.out or "compare/results"])
-    else:
-        _bench_kernel(args)
-
-
-def _bench_trainer(args) -> None:
-    from archlab.kernels.common.files import atomic_write, json_text
-    from archlab.train.bench import bench_trainer
-
-    config, overrides = args.config or DEFAULT_BENCH_CONFIG, list(args.overrides)
-    if "=" in config:  # `archlab bench trainer key=value`: the config was left out
-        config, overrides = DEFAULT_BENCH_CONFIG, [config, *overrides]
-    repeats = 6 if args.repeats is None else args.repeats
-    result = bench_trainer(config, overrides, steps=args.steps, repeats=repeats)
-    if args.out:
-        atomic_write(Path(args.out), json_text(result))
-    print(json.dumps(result))
-
-
-def _bench_packing(args) -> None:
-    from archlab.kernels.common.files import atomic_write, json_text
-    from archlab.kernels.common.provenance import git_commit
-    from archlab.kernels.common.files import slug
-    from archlab.train.bench import SPEECHES, bench_packing
-
-    config, overrides = args.config or "configs/quickstart.yaml", list(args.overrides)
-    if "=" in config:
-        config, overrides = "configs/quickstart.yaml", [config, *overrides]
-    repeats = 6 if args.repeats is None else args.repeats
-    result = bench_packing(config, overrides, separator=SPEECHES, steps=args.steps, repeats=repeats)
-    result |= {"commit": git_commit() or "unknown", "date": datetime.date.today().isoformat()}
-    name = f"packing-{slug(result['device'])}-{result['date']}-{result['commit']}.json"
-    out = Path(args.out or "compare/results") / name
-    atomic_write(out, json_text(result))
-    print(json.dumps(result))
-    print(f"wrote {out}")
-
-
-def _bench_decode(args) -> None:
-    from archlab.compare.decode_bench import bench_decode, load_pair, to_markdown, write_results
-
-    if not args.config or len(args.overrides) != 1:
-        raise UserError("archlab bench decode takes two run directories: a masked_diffusion run, then an "
-                        "autoregressive run")
-    diffusion, ar = load_pair(args.config, args.overrides[0], args.device, n_tokens=args.tokens,
-                              prompt_len=args.prompt_len)
-    result = bench_decode(diffusion, ar, n_tokens=args.tokens, samples=args.samples, prompt_len=args.prompt_len)
-    json_path, md_path, png_path = write_results(result, Path(args.out or "compare/results"))
-    print(to_markdown(result, png_path.name))
-    print(f"wrote {json_path}, {md_path} and {png_path}")
-
-
-def _bench_inference(args) -> None:
-    from archlab.compare.inference_bench import BATCH_SIZES, CONTEXTS, REPEATS, bench_runs, to_markdown, write_results
-
-    if not args.config:
-        raise UserError("archlab bench inference takes one or more run directories")
-    result = bench_runs([args.config, *args.overrides], contexts=args.contexts or CONTEXTS,
-                        batch_sizes=args.batch_sizes or BATCH_SIZES, n_tokens=args.new_tokens,
-                        repeats=REPEATS if args.repeats is None else args.repeats, device=args.device)
-    json_path, md_path, png_path = write_results(result, Path(args.out or "compare/results"))
-    print(to_markdown(result, png_path.name))
-    print(f"wrote {json_path}, {md_path} and {png_path}")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _bench_kernel(args) -> None:
-    import torch
-
-    from archlab.kernels.registry import kernel_benches
-
-    bench = kernel_benches().get(args.what)
-    if bench is None:
-        raise UserError(f"unknown benchmark {args.what!r}; available: trainer, packing, decode, inference, prepare, "
-                        f"{', '.join(kernel_benches())}")
-    if args.config or args.overrides:
-        raise UserError(f"archlab bench {args.what} takes no config or overrides")
-    if bench.needs_cuda and not torch.cuda.is_available():
-        print(f"archlab bench {args.what} needs a CUDA GPU and this machine has none: nothing measured")
-        return
-    from archlab.kernels.bench import to_markdown, write_results
-
-    result = bench.load()()
-    json_path, md_path = write_results(result, Path(args.out or "compare/results"))
-    print(to_markdown(result))
-    print(f"wrote {json_path} and {md_path}")
 
 
 def cmd_doctor(args) -> None:
@@ -460,9 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=int, default=8, help="decode: prompts, sampled together as one batch")
     bench.add_argument("--prompt-len", type=int, default=32, help="decode: prompt bytes (val-split windows)")
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], help="decode, inference: where to load the runs")
-    bench.add_argument("--contexts", type=_int_list, help="inference: context lengths in tokens, comma-separated "
+    bench.add_argument("--contexts", type=int_list, help="inference: context lengths in tokens, comma-separated "
                                                           "(default 128,512,1024,2048,4096)")
-    bench.add_argument("--batch-sizes", type=_int_list, help="inference: batch sizes, comma-separated (default 1,8)")
+    bench.add_argument("--batch-sizes", type=int_list, help="inference: batch sizes, comma-separated (default 1,8)")
     bench.add_argument("--new-tokens", type=int, default=16, help="inference: tokens generated per setting")
     bench.add_argument("--out", help="trainer: also write the JSON here; kernels and prepare: folder for JSON + "
                                      "Markdown; decode, inference: folder for JSON + Markdown + PNG "
