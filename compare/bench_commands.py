@@ -79,7 +79,8 @@ def _bench_decode(args) -> None:
 
 
 def _bench_inference(args) -> None:
-    from archlab.compare.inference_bench import BATCH_SIZES, CONTEXTS, REPEATS, bench_runs, to_markdown, write_results
+    from archlab.compare.inference_bench import BATCH_SIZES, CONTEXTS, REPEATS, bench_runs, write_results
+    from archlab.compare.inference_plots import to_markdown
 
     if not args.config:
         raise UserError("archlab bench inference takes one or more run directories")
