@@ -1,7 +1,8 @@
 """A study's `evals:` on its trained runs: length extrapolation with passkey retrieval (compare/length.py, as
 `archlab eval RUN --lengths ... --per-position`) and inference cost (compare/inference_bench.py, as
-`archlab bench inference RUN`). Each writes one file into the run directory, which the report reads; a run that has
-its file already is skipped, so `archlab compare --resume` finishes only what is missing.
+`archlab bench inference RUN`). Each writes one file into the run directory, which the report reads; a run whose
+file holds the study's current settings is skipped, so `archlab compare --resume` does only what is missing or
+was asked for differently since.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def check_evals(study: Study, specs: list[RunSpec]) -> None:
 
 def evaluate_runs(study: Study, out: Path, specs: list[RunSpec], record: dict[str, Any], *,
                   save: Callable[[], None]) -> None:
-    """Runs each requested evaluation on each finished run that lacks its file; marks the entry `finished` or
+    """Runs each requested evaluation on each finished run that lacks its result (or has one made with other
+    settings); marks the entry `finished` or
     `failed` under the evaluation's name (a failure is printed and the other runs still get theirs), calling
     `save` (which writes study.json) after each."""
     if study.evals is None:
