@@ -40,19 +40,31 @@ def ranked_groups(groups: list[dict]) -> list[dict]:
     return sorted((g for g in groups if _ranked(g)), key=lambda g: g["mean"])
 
 
-def seed_note(groups: list[dict], resolved_by: str | None) -> str:
+def seed_note(groups: list[dict], resolved_by: str | None, resolving: list[dict] | None = None) -> str:
     """One line on the seeds behind the table: each arm's count and spread, and where single-seed studies get
-    their differences resolved."""
+    their differences resolved; `resolving` (the aggregated arms of the resolved_by study, when its results lie
+    beside this one's) adds their measured spreads."""
     seeds = sorted({g["n"] for g in groups})
-    if seeds == [1]:
-        where = (f" `{resolved_by}` runs arms of this study over more seeds: its report gives their seed spread and "
-                 "which of these differences it resolves." if resolved_by
-                 else " Run more seeds (study `seeds:`) to resolve them.")
-        return ("Seeds: one per arm, so the seed spread is unknown and **no difference in this report is resolved**."
-                + where)
-    spreads = ", ".join(f"{g['label']} ±{g['spread']:.4f} ({g['n']})" for g in groups if _ranked(g) or g["probe"])
-    return (f"Seeds: spread (half the range) and seed count per arm: {spreads}. A difference is resolved only when "
-            f"both arms ran >= {MIN_SEEDS} seeds and it exceeds the larger spread.")
+    if seeds != [1]:
+        spreads = ", ".join(f"{g['label']} ±{g['spread']:.4f} ({g['n']})" for g in groups if _ranked(g) or g["probe"])
+        return (f"Seeds: spread (half the range) and seed count per arm: {spreads}. A difference is resolved only "
+                f"when both arms ran >= {MIN_SEEDS} seeds and it exceeds the larger spread.")
+    text = "Seeds: one per arm, so the seed spread is unknown and **no difference in this report is resolved**."
+    if not resolved_by:
+        return text + " Run more seeds (study `seeds:`) to resolve them."
+    shared = [g for g in resolving or [] if g["n"] >= MIN_SEEDS and any(h["arm"] == g["arm"] for h in groups)]
+    if not shared:
+        return text + (f" `{resolved_by}` runs arms of this study over more seeds: its report gives their seed "
+                       "spread and which of these differences it resolves.")
+    spreads = ", ".join(f"{g['label']} ±{g['spread']:.4f} ({g['n']} seeds)" for g in shared)
+    here = {g["arm"]: g for g in groups if _ranked(g)}
+    gaps = [abs(here[a["arm"]]["mean"] - here[b["arm"]]["mean"]) for i, a in enumerate(shared) for b in shared[i + 1:]
+            if a["arm"] in here and b["arm"] in here]
+    largest = max(g["spread"] for g in shared)
+    compared = (f" The smallest gap between those arms here, {min(gaps):.4f}, is "
+                + ("larger" if min(gaps) > largest else "not larger")
+                + f" than the largest of those spreads, {largest:.4f}." if gaps else "")
+    return text + f" `{resolved_by}` ran some of its arms over more seeds; their spread there: {spreads}." + compared
 
 
 def reading(groups: list[dict], fmt) -> str:

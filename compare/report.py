@@ -116,8 +116,21 @@ def write_report(out_dir: Path) -> dict[str, Path]:
             [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]], INFERENCE_COSTS, study["study"],
             cost_tolerance=PARETO_COST_TOLERANCE)
     files["results.csv"] = _csv(runs, CSV_COLUMNS)
-    files["report.md"] = _report_md(study, groups, skipped, fits, files, sections).encode()
+    resolving = _resolving_groups(out_dir, study.get("resolved_by"))
+    files["report.md"] = _report_md(study, groups, skipped, fits, files, sections, resolving).encode()
     return _write_files(out_dir, files)
+
+
+def _resolving_groups(out_dir: Path, resolved_by: str | None) -> list[dict] | None:
+    """The arms of the resolved_by study, aggregated over its seeds, when its output lies beside this one's (as
+    `archlab compare` puts them: runs/studies/NAME, or compare/results/NAME); None otherwise."""
+    if not resolved_by:
+        return None
+    sibling = out_dir.resolve().parent / Path(resolved_by).stem
+    if sibling == out_dir.resolve() or not (sibling / "study.json").is_file():
+        return None
+    loaded = [_load_run(sibling, entry)[0] for entry in _read_study(sibling)["runs"]]
+    return _aggregate([run for run in loaded if run is not None]) if any(loaded) else None
 
 
 def _read_study(out_dir: Path) -> dict:
@@ -306,7 +319,7 @@ def _final(group: dict) -> str:
 
 
 def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None, files: dict,
-               sections: list[str]) -> str:
+               sections: list[str], resolving: list[dict] | None) -> str:
     best = next(iter(ranked_groups(groups)), None)
     decode = any("pareto_decode" in g for g in groups)
     marks, columns = PARETO_MARKS + ["pareto_decode"] * decode, ARM_COLUMNS + ["Pareto decode"] * decode
@@ -315,7 +328,7 @@ def _report_md(study: dict, groups: list[dict], skipped: list, fits: dict | None
              *table(columns, [_arm_cells(g, best, marks) for g in groups], compact_rule=True)]
     lines += ["", f"Final metric: mean over seeds {SPREAD}. Lower is better. Flags: "
               + "; ".join(f"**{k}** = {v}" for k, v in FLAG_NOTES.items()) + ".",
-              seed_note(groups, study.get("resolved_by")),
+              seed_note(groups, study.get("resolved_by"), resolving),
               "★ = on the Pareto front of final val bpb vs total training FLOPs (Pareto FLOPs), vs training "
               "wall-clock (Pareto time) or vs one sequence's decoding state at 4x the trained length (Pareto state): "
               f"no other arm is both cheaper and better (costs within {PARETO_COST_TOLERANCE:.0%} count as equal; "

@@ -130,14 +130,29 @@ def test_report_lists_every_arm_with_flags_pareto_and_skips(arms_study):
 
 
 def test_one_seed_leaves_every_difference_unresolved_and_names_the_study_that_resolves_them(tmp_path):
+    out = tmp_path / "quick"
+    out.mkdir()
     study = new_study() | {"resolved_by": "configs/studies/quick-seeds.yaml"}
     for arm, final in (("transformer-ar", 2.25), ("mamba-ar", 2.40)):  # a wide gap, but one seed each
-        add_run(tmp_path, study, arm, 0, final, 2.0e13, 1000.0)
-    write_report(save(tmp_path, study))
-    report = (tmp_path / "report.md").read_text()
+        add_run(out, study, arm, 0, final, 2.0e13, 1000.0)
+    write_report(save(out, study))
+    report = (out / "report.md").read_text()
     assert table_row(report, "mamba-ar")[5] == "+0.1500 (not resolved: one seed)"
     assert "no difference in this report is resolved" in report and "`configs/studies/quick-seeds.yaml`" in report
     assert "**not resolved** (one seed)" in report.split("## Reading")[1]
+
+    # the resolving study's results beside this one's: the report quotes their spreads against its own gaps
+    seeds = tmp_path / "quick-seeds"
+    seeds.mkdir()
+    resolving = new_study("quick-seeds")
+    for arm, final in (("transformer-ar", 2.25), ("mamba-ar", 2.40)):
+        for seed in (0, 1):
+            add_run(seeds, resolving, arm, seed, final + 0.02 * seed, 2.0e13, 1000.0)
+    save(seeds, resolving)
+    write_report(out)
+    report = (out / "report.md").read_text()
+    assert "their spread there: transformer-ar ±0.0100 (2 seeds), mamba-ar ±0.0100 (2 seeds)" in report
+    assert "The smallest gap between those arms here, 0.1500, is larger than the largest of those spreads" in report
 
 
 def write_inference(run_dir: Path, decode_ms: float, state: int) -> None:
