@@ -183,14 +183,10 @@ def _plot(groups: list[dict], settings: list[tuple], x_key: str, path: Path) -> 
 
 def plot_accuracy_vs_state(rows: list[dict], path: Path) -> None:
     """The Zoology/Based figure: accuracy against decoding state bytes, a line per arm, a panel per setting."""
-    groups = summarize(_nonempty(rows))
-    _plot(groups, sorted({g["setting"] for g in groups}), "state_bytes", Path(path))
-
-
-def _nonempty(rows: list[dict]) -> list[dict]:
     if not rows:
         raise UserError("no synthetic rows to plot; run the synthetic study first")
-    return rows
+    groups = summarize(rows)
+    _plot(groups, sorted({g["setting"] for g in groups}), "state_bytes", Path(path))
 
 
 def write_synthetic_report(study: dict, out_dir: Path) -> dict[str, Path]:
@@ -213,7 +209,7 @@ def write_synthetic_report(study: dict, out_dir: Path) -> dict[str, Path]:
     # the plots are drawn before the other files are written: one that fails leaves the directory as it was
     with atomic_path(out_dir / "recall_vs_state.png") as state_plot, \
             atomic_path(out_dir / "recall_vs_width.png") as width_plot:
-        _plot(groups, settings, "state_bytes", state_plot)
+        plot_accuracy_vs_state(rows, state_plot)
         _plot(groups, settings, "d_model", width_plot)
         written = _write_files(out_dir, {"results.csv": _csv(rows, columns),
                                          "report.md": ("\n".join(lines) + "\n").encode()})
