@@ -181,9 +181,13 @@ class Model(nn.Module):
                              f"{self.token_bytes.numel()}; set model.vocab_size from the tokenizer")
         self.token_bytes.copy_(values)
 
+    def bytes_per_target(self, targets: Tensor) -> Tensor:
+        """The UTF-8 bytes of each target id, IGNORE positions counting 0 (float, the shape of `targets`)."""
+        return self.token_bytes[targets.clamp(min=0)] * (targets != IGNORE)
+
     def bytes_of(self, targets: Tensor) -> Tensor:
         """The UTF-8 bytes of the target ids, IGNORE positions counting 0 (a 0-dim float tensor, no host sync)."""
-        return (self.token_bytes[targets.clamp(min=0)] * (targets != IGNORE)).sum()
+        return self.bytes_per_target(targets).sum()
 
     def forward(self, tokens: Tensor, cache=None, documents: Documents | None = None) -> Tensor:
         """tokens (B, L) byte ids -> hidden states (B, L, d). `cache` comes from backbone.new_cache; `documents`

@@ -148,7 +148,7 @@ def token_nats(run: LoadedRun, batch: torch.Tensor) -> tuple[torch.Tensor, torch
     with run.autocast():
         logits = run.model.objective.logits(run.model, inputs, documents=documents)
     nats = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-    n_bytes = run.model.token_bytes[targets.clamp(min=0)] * (targets != IGNORE)
+    n_bytes = run.model.bytes_per_target(targets)
     return nats, n_bytes, logits
 
 

@@ -26,7 +26,7 @@ def unresolved_reason(a: dict, b: dict) -> str | None:
 
 def versus_best(group: dict, best: dict | None) -> str:
     """The table's cell: the gap to the best comparable arm, marked when the seeds do not resolve it."""
-    if best is None or not _ranked(group):
+    if best is None or not comparable(group):
         return "–"
     if group is best:
         return "best"
@@ -37,7 +37,7 @@ def versus_best(group: dict, best: dict | None) -> str:
 
 def ranked_groups(groups: list[dict]) -> list[dict]:
     """The groups the study ranks by final val bpb (probes are not likelihoods), best first."""
-    return sorted((g for g in groups if _ranked(g)), key=lambda g: g["mean"])
+    return sorted((g for g in groups if comparable(g)), key=lambda g: g["mean"])
 
 
 def seed_note(groups: list[dict], resolved_by: str | None, resolving: list[dict] | None = None) -> str:
@@ -46,7 +46,8 @@ def seed_note(groups: list[dict], resolved_by: str | None, resolving: list[dict]
     beside this one's) adds their measured spreads."""
     seeds = sorted({g["n"] for g in groups})
     if seeds != [1]:
-        spreads = ", ".join(f"{g['label']} ±{g['spread']:.4f} ({g['n']})" for g in groups if _ranked(g) or g["probe"])
+        spreads = ", ".join(f"{g['label']} ±{g['spread']:.4f} ({g['n']})" for g in groups
+                            if comparable(g) or g["probe"])
         return (f"Seeds: spread (half the range) and seed count per arm: {spreads}. A difference is resolved only "
                 f"when both arms ran >= {MIN_SEEDS} seeds and it exceeds the larger spread.")
     text = "Seeds: one per arm, so the seed spread is unknown and **no difference in this report is resolved**."
@@ -57,7 +58,7 @@ def seed_note(groups: list[dict], resolved_by: str | None, resolving: list[dict]
         return text + (f" `{resolved_by}` runs arms of this study over more seeds: its report gives their seed "
                        "spread and which of these differences it resolves.")
     spreads = ", ".join(f"{g['label']} ±{g['spread']:.4f} ({g['n']} seeds)" for g in shared)
-    here = {g["arm"]: g for g in groups if _ranked(g)}
+    here = {g["arm"]: g for g in groups if comparable(g)}
     gaps = [abs(here[a["arm"]]["mean"] - here[b["arm"]]["mean"]) for i, a in enumerate(shared) for b in shared[i + 1:]
             if a["arm"] in here and b["arm"] in here]
     largest = max(g["spread"] for g in shared)
@@ -104,5 +105,6 @@ def reading(groups: list[dict], fmt) -> str:
     return " ".join(text)
 
 
-def _ranked(group: dict) -> bool:
+def comparable(group: dict) -> bool:
+    """Whether an aggregated arm competes on val bpb (a probe's bpb is not a likelihood of the model)."""
     return group["quality_metric"] == "bpb" and not group["probe"] and not math.isnan(group["mean"])

@@ -21,7 +21,7 @@ from archlab.archs.summary import decoding_state_bytes
 from archlab.compare import plots
 from archlab.compare.inference_bench import INFERENCE_FILE, inference_cost, inference_section
 from archlab.compare.length import LENGTH_FILE, length_report_section
-from archlab.compare.reading import ranked_groups, reading, seed_note, versus_best
+from archlab.compare.reading import comparable, ranked_groups, reading, seed_note, versus_best
 from archlab.compare.scaling import budget_frontier, fit_power_law, pareto_front
 from archlab.kernels.common.files import atomic_write_all
 from archlab.kernels.common.markdown import table, table_row
@@ -113,7 +113,7 @@ def write_report(out_dir: Path) -> dict[str, Path]:
         sections.append(f"## Inference cost\n\n{inference_section(measured)}\n{note}\n\n"
                         "![quality vs inference cost](quality_vs_inference.png)\n")
         files["quality_vs_inference.png"] = plots.quality_cost_plot(
-            [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]], INFERENCE_COSTS, study["study"],
+            [g for g in groups if comparable(g)], INFERENCE_COSTS, study["study"],
             cost_tolerance=PARETO_COST_TOLERANCE)
     files["results.csv"] = _csv(runs, CSV_COLUMNS)
     resolving = _resolving_groups(out_dir, study.get("resolved_by"))
@@ -257,16 +257,16 @@ def _aggregate(runs: list[dict]) -> list[dict]:
         group["decode_ms"] = _mean(_decode_cost(m) for m in members)
         groups.append(group)
     # a probe's bpb is not the model's likelihood: it never competes on the front
-    comparable = [g for g in groups if g["quality_metric"] == "bpb" and not g["probe"]]
+    competing = [g for g in groups if comparable(g)]
     costs = [("train_flops", "pareto_flops"), ("train_seconds", "pareto_time"), ("state_bytes_4x", "pareto_state")]
-    if any(g["decode_ms"] is not None for g in comparable):
+    if any(g["decode_ms"] is not None for g in competing):
         costs.append(("decode_ms", "pareto_decode"))
     for cost, mark in costs:
         for group in groups:
             group.setdefault(mark, False)
-        points = [(g[cost] if g[cost] is not None else math.nan, g["mean"]) for g in comparable]
+        points = [(g[cost] if g[cost] is not None else math.nan, g["mean"]) for g in competing]
         for index in pareto_front(points, cost_tolerance=PARETO_COST_TOLERANCE):
-            comparable[index][mark] = True
+            competing[index][mark] = True
     return groups
 
 

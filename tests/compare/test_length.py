@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from archlab.compare import length
+from archlab.archs.model import Model
 from archlab.compare.length import (
     LENGTH_FILE,
     LENGTH_PLOT,
@@ -174,7 +175,9 @@ def test_passkey_bits_of_a_uniform_model_are_chance():
     from types import SimpleNamespace
 
     uniform = SimpleNamespace(logits=lambda model, tokens, documents=None: torch.zeros(*tokens.shape, 256))
-    run = SimpleNamespace(model=SimpleNamespace(objective=uniform, token_bytes=torch.ones(256)),
+    one_byte_each = SimpleNamespace(token_bytes=torch.ones(256), objective=uniform)
+    one_byte_each.bytes_per_target = lambda targets: Model.bytes_per_target(one_byte_each, targets)
+    run = SimpleNamespace(model=one_byte_each,
                           corpus=SimpleNamespace(tokenizer=ByteTokenizer()), device=torch.device("cpu"),
                           autocast=contextlib.nullcontext)
     data = np.frombuffer(b"to be or not to be " * 20, dtype=np.uint8)
