@@ -106,6 +106,25 @@ def predictor_mixer(choice: str | None, encoder_mixers: list[str]) -> str:
     return encoder_mixers[0] if len(set(encoder_mixers)) == 1 else "attention"
 
 
+class BlockDiffusionConfig(BaseModel):
+    """model.block_diffusion: the block diffusion objective's settings (archs/objectives/block_diffusion.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    block_size: int = Field(16, gt=0, description="positions per block, dividing data.seq_len: 1 is autoregressive "
+                                                   "(in expectation), data.seq_len is MDLM")
+    clip_min: float = Field(1e-3, gt=0, le=1, description="training draws each block's time t uniformly in "
+                            "[clip_min, clip_max] (BD3-LM's clipped schedule: less gradient variance); evaluation "
+                            "always integrates over [1e-3, 1], so val bpb stays a bound")
+    clip_max: float = Field(1.0, gt=0, le=1, description="see clip_min")
+
+    @model_validator(mode="after")
+    def _clip_range(self) -> "BlockDiffusionConfig":
+        if self.clip_min >= self.clip_max:
+            raise ValueError(f"model.block_diffusion.clip_min={self.clip_min} must be below clip_max={self.clip_max}")
+        return self
+
+
 # Settings added after runs had been saved, whose default for new runs is not how those runs were built: a saved
 # model config (a checkpoint's meta.json, a run's config.yaml) of that objective that lacks the key was built with
 # this value. (objective, key in its section model.<objective>) -> value. Other objectives ignore the section.
@@ -150,13 +169,15 @@ class ModelConfig(BaseModel):
     init_std: float = Field(0.02, gt=0)
     causal: Optional[bool] = Field(None, description="None = what the objective needs; a bidirectional Mamba "
                                    "also scans the reversed sequence and averages the two directions")
-    # masked diffusion (objective=masked_diffusion; the other objectives ignore these)
+    # masked and block diffusion (objective=masked_diffusion or block_diffusion; the others ignore these)
     noise_schedule: Literal["log_linear", "cosine"] = Field(
         "log_linear", description="masked_diffusion: alpha_t (probability a byte is still unmasked at time t); "
                                   "log_linear = 1 - t, cosine = cos(pi t / 2)")
     diffusion_eval_draws: int = Field(4, gt=0, description="masked_diffusion: (t, mask) draws per eval batch "
                                       "averaged into val bpb (fixed seed: the same batch gives the same figure)")
     jepa: JepaConfig = Field(JepaConfig(), description="objective=jepa: its settings (other objectives ignore them)")
+    block_diffusion: BlockDiffusionConfig = Field(BlockDiffusionConfig(), description="objective=block_diffusion: its "
+                                                  "settings (other objectives ignore them)")
     # model.<mixer> sections, one per mixer the model uses (filled with defaults); dumped as model.<mixer>
     mixers: dict[str, Any] = Field(default_factory=dict, exclude=True)
 

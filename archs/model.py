@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 
+from archlab.archs.block_layout import BlockLayout
 from archlab.archs.config import ModelConfig
 from archlab.archs.documents import Documents
 
@@ -32,7 +33,8 @@ class Backbone(nn.Module):
     #: the kernel ops (kernels/backend.py) it runs, whose configured backends must work on the device
     kernel_ops: tuple[str, ...] = ()
 
-    def forward(self, x: Tensor, *, causal: bool, cache=None, documents: Documents | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, causal: bool, cache=None, documents: Documents | None = None,
+                layout: BlockLayout | None = None) -> Tensor:
         raise NotImplementedError  # pragma: no cover - interface
 
     def flops_per_token(self, seq_len: int, *, causal: bool) -> int:  # pragma: no cover - interface
@@ -189,14 +191,16 @@ class Model(nn.Module):
         """The UTF-8 bytes of the target ids, IGNORE positions counting 0 (a 0-dim float tensor, no host sync)."""
         return self.bytes_per_target(targets).sum()
 
-    def forward(self, tokens: Tensor, cache=None, documents: Documents | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, cache=None, documents: Documents | None = None,
+                layout: BlockLayout | None = None) -> Tensor:
         """tokens (B, L) byte ids -> hidden states (B, L, d). `cache` comes from backbone.new_cache; `documents`
-        (archs/documents.py) keeps the documents packed in each row apart.
+        (archs/documents.py) keeps the documents packed in each row apart; a block `layout` (archs/block_layout.py)
+        runs a block-causal stack block by block (block diffusion).
 
         Objectives that put their own vectors in place of some bytes (a mask embedding) pass the embedded
         sequence (B, L, d) instead: they still go through forward, so torch.compile and wrappers see them."""
         embedded = tokens if tokens.is_floating_point() else self.embedding(tokens)
-        return self.backbone(embedded, causal=self.causal, cache=cache, documents=documents)
+        return self.backbone(embedded, causal=self.causal, cache=cache, documents=documents, layout=layout)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token, backbone + output head (training costs about 3x this)."""

@@ -14,12 +14,13 @@ from archlab.archs.backbones.stack import ResidualStack
 from archlab.archs.config import ModelConfig
 from archlab.archs.model import Model
 from archlab.archs.objectives.autoregressive import AutoregressiveObjective
+from archlab.archs.objectives.block_diffusion import BlockDiffusionObjective
 from archlab.archs.objectives.jepa import JepaObjective
 from archlab.archs.objectives.masked_diffusion import MaskedDiffusionObjective
 from archlab.kernels.backend import check_backend
 
 OBJECTIVES: dict[str, type] = {"autoregressive": AutoregressiveObjective, "masked_diffusion": MaskedDiffusionObjective,
-                               "jepa": JepaObjective}
+                               "block_diffusion": BlockDiffusionObjective, "jepa": JepaObjective}
 
 
 def build_model(cfg: ModelConfig, *, kernels: Mapping[str, str] | None = None) -> Model:

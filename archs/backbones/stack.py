@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from archlab.archs.block_layout import BlockLayout
 from archlab.archs.config import ModelConfig
 from archlab.archs.documents import Documents
 from archlab.archs.layers.mixer import MIXERS, Mixer, MixerSettings
@@ -45,8 +46,11 @@ class Block(nn.Module):
             self.mlp_norm = self.mlp = None
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
-    def forward(self, x: Tensor, *, causal: bool, cache=None, documents: Documents | None = None) -> Tensor:
-        x = x + self.mixer(self.norm(x), causal=causal, state=cache, documents=documents)
+    def forward(self, x: Tensor, *, causal: bool, cache=None, documents: Documents | None = None,
+                layout: BlockLayout | None = None) -> Tensor:
+        # only block-causal mixers take a layout (the objective that passes one has checked the stack)
+        extra = {} if layout is None else {"layout": layout}
+        x = x + self.mixer(self.norm(x), causal=causal, state=cache, documents=documents, **extra)
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device):
@@ -95,12 +99,13 @@ class ResidualStack(Backbone):
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
 
     def forward(self, x: Tensor, *, causal: bool, cache: list | None = None,
-                documents: Documents | None = None) -> Tensor:
-        """x: (B, L, d) -> (B, L, d). `cache` (from new_cache) is advanced past these L positions; `documents`
-        keeps packed documents apart in every layer."""
+                documents: Documents | None = None, layout: BlockLayout | None = None) -> Tensor:
+        """x: (B, L, d) -> (B, L, d). `cache` (from new_cache) is advanced past these L positions (unless a
+        `layout` says not to store them); `documents` keeps packed documents apart in every layer; a block `layout`
+        (block-causal mixers only) sets what each position reads."""
         layer_caches = cache if cache is not None else [None] * self.n_layers
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
-            x = block(x, causal=causal, cache=layer_cache, documents=documents)
+            x = block(x, causal=causal, cache=layer_cache, documents=documents, layout=layout)
         return self.norm(x)
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,

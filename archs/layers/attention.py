@@ -5,7 +5,10 @@ Causal or bidirectional per call (the same weights); its blocks add a SwiGLU MLP
 window always on (model.swa.window, default 128), so a stack can mix both: '(attention,swa*3)*2'. A window is how
 many positions each query sees, itself included; it is defined for causal attention only, so a windowed layer
 refuses bidirectional objectives. Its decoding cache is a ring buffer of the last `window` positions: memory bounded
-by the window, not the length. RoPE is applied before caching, so cached keys keep their absolute positions."""
+by the window, not the length. RoPE is applied before caching, so cached keys keep their absolute positions.
+
+Attention without a window runs block-causally too (`block_causal`): given a `layout` (archs/block_layout.py) it
+reads the keys the layout's mask allows at the layout's RoPE positions, which block diffusion needs."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -16,6 +19,7 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
+from archlab.archs.block_layout import BlockLayout
 from archlab.archs.documents import Documents
 from archlab.archs.layers.mixer import (
     Mixer,
@@ -122,6 +126,15 @@ class KVCache:
             return self.keys[:, :, :min(end, capacity)], self.values[:, :, :min(end, capacity)]
         return k, v
 
+    def read_with(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The cached keys and values followed by k, v (B, H_kv, L, D), without storing them (a block being
+        denoised reads the cache but is not part of it). Full caches only."""
+        if self.window is not None:
+            raise ValueError("a windowed KV cache keeps no fixed layout to read without storing; block-causal "
+                             "decoding needs attention without a window")
+        keys, values = self.keys[:, :, :self.length], self.values[:, :, :self.length]
+        return torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+
 
 @register_mixer
 class Attention(Mixer):
@@ -129,6 +142,7 @@ class Attention(Mixer):
     settings = AttentionSettings
     kernel_ops = ("attention",)
     bidirectional = "per_call"
+    block_causal = True
 
     def __init__(self, d_model: int, settings: AttentionSettings, *, causal: bool = True,
                  kernels: Mapping[str, str] | None = None):
@@ -145,20 +159,36 @@ class Attention(Mixer):
         self.rope = RotaryEmbedding(self.head_dim, settings.rope_theta)
 
     def forward(self, x: Tensor, *, causal: bool, state: KVCache | None = None,
-                documents: Documents | None = None) -> Tensor:
+                documents: Documents | None = None, layout: BlockLayout | None = None) -> Tensor:
         """x: (B, L, d). With a cache, x holds the L positions after those already cached. With `documents`, each
-        position attends within its own document only, and RoPE counts positions from each document's start."""
+        position attends within its own document only, and RoPE counts positions from each document's start.
+        A block `layout` (which carries any documents itself) sets the keys each position reads and its position."""
         if documents is not None:
             check_documents(documents, state, x, "attention")
         q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
+        if layout is not None:
+            return self._block_causal(q, k, v, state, layout)
         offset = 0 if state is None else state.length
         q, k = self.rope(q, k, offset, positions=None if documents is None else documents.positions)
         if state is not None:
             k, v = state.append(k, v)
         out = attention(q, k, v, causal=causal, window=self.window, backend=self.attention_backend,
                         seq_idx=None if documents is None else documents.seq_idx)
+        return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
+
+    def _block_causal(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache | None, layout: BlockLayout) -> Tensor:
+        if self.window is not None:
+            raise ValueError(f"model.{self.name}.window={self.window}: windowed attention cannot run block-causally; "
+                             "use attention without a window")
+        layout.check_matches(q.transpose(1, 2), "attention")
+        q, k = self.rope(q, k, positions=layout.positions.expand(q.shape[0], -1))
+        if state is not None:
+            k, v = state.append(k, v) if layout.store else state.read_with(k, v)
+        mask = layout.mask
+        out = attention(q, k, v, causal=False, backend=self.attention_backend,
+                        mask=None if mask is None else mask.to(q.device))
         return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
 
     def new_state(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> KVCache:

@@ -14,7 +14,9 @@ decorates it with `@register_mixer`. It owns:
   - `bidirectional`: "per_call" (the same weights run either way, e.g. attention), "built" (a bidirectional
     layer has other weights, e.g. Mamba's reversed scan: subclass `BuiltDirectionMixer`), or "no" (it can only run
     causally); settings can narrow it further (`MixerSettings.causal_only`: attention with a sliding window runs
-    causally only).
+    causally only);
+  - `block_causal`: whether forward also takes `layout=` (archs/block_layout.py), an arbitrary pattern of keys to
+    read and positions, which block diffusion needs (attention can; a recurrence reads its inputs in order only).
 Blocks, stacks, configs, FLOPs accounting and `archlab model` find everything through this interface.
 """
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Mixer(nn.Module):
     settings: ClassVar[type[MixerSettings]]
     kernel_ops: ClassVar[tuple[str, ...]] = ()
     bidirectional: ClassVar[Literal["per_call", "built", "no"]] = "per_call"
+    block_causal: ClassVar[bool] = False
 
     def __init__(self, d_model: int, settings: MixerSettings, *, causal: bool, kernels: Mapping[str, str] | None):
         """`causal` is how the model runs (a "built" mixer builds its direction's weights); `kernels` maps an op

@@ -19,6 +19,8 @@ not fall as t grows still bounds the NLL from above (evaluate reports `bound: 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +83,26 @@ class MaskedDiffusionObjective(Objective):
         return t if self.schedule == "log_linear" else 2 * math.sin(math.pi * t / 4) ** 2
 
     @staticmethod
-    def draw_times(n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """n low-discrepancy times in [eps, 1]: t_i = (u + i / n) mod 1, one uniform u, mapped to [eps, 1]."""
+    def draw_times(n: int, *, generator: torch.Generator | None = None, device=None, low: float = EPS,
+                   high: float = 1.0) -> Tensor:
+        """n low-discrepancy times in [low, high] (default [eps, 1]): t_i = (u + i / n) mod 1, one uniform u,
+        mapped to [low, high]."""
         u = torch.rand((), generator=generator, device=device)
         t = (u + torch.arange(n, device=u.device) / n) % 1
-        return EPS + (1 - EPS) * t
+        return low + (high - low) * t
+
+    def training_times(self, n: int, device) -> Tensor:
+        """The n noise levels a training step draws (block diffusion clips their range)."""
+        return self.draw_times(n, device=device)
+
+    def blocks_in(self, seq_len: int) -> int:
+        """Noise levels drawn per row of seq_len positions: one here; block diffusion draws one per block."""
+        return 1
+
+    @staticmethod
+    def per_position(t: Tensor, seq_len: int) -> Tensor:
+        """t (B, n_blocks), one time per block of seq_len // n_blocks positions -> (B, seq_len)."""
+        return t.repeat_interleave(seq_len // t.shape[1], dim=1)
 
     # -- network ------------------------------------------------------------------------------------
     def head_weight(self, model: Model) -> Tensor:
@@ -108,6 +125,11 @@ class MaskedDiffusionObjective(Objective):
         """z (B, L) partly masked ids -> float32 logits (B, L, 256) over the clean byte at each position."""
         return self.head(model, self.hidden(model, z))
 
+    def denoiser_hidden(self, model: Model, z: Tensor, x: Tensor, documents: Documents | None) -> Tensor:
+        """Hidden states (B, L, d) of the noised sequence z in training; x is the clean one (block diffusion
+        reads it too)."""
+        return self.hidden(model, z, documents)
+
     # -- loss and evaluation ------------------------------------------------------------------------
     @staticmethod
     def _sequence(batch: Tensor) -> tuple[Tensor, Documents | None]:
@@ -116,19 +138,20 @@ class MaskedDiffusionObjective(Objective):
 
     def weighted_nll(self, model: Model, x: Tensor, t: Tensor, mask: Tensor,
                      documents: Documents | None = None) -> Tensor:
-        """sum over rows b and masked positions i of w(t_b) * -log p(x_bi | z_t): the head runs on masked ones only."""
+        """sum over masked positions (b, i) of w(t_bi) * -log p(x_bi | z_t), t (B, L) each position's time: the head
+        runs on masked ones only."""
         z = x.masked_fill(mask, self.mask_id)
-        logits = self.head(model, self.hidden(model, z, documents)[mask])
+        logits = self.head(model, self.denoiser_hidden(model, z, x, documents)[mask])
         nll = F.cross_entropy(logits, x[mask], reduction="none")
-        weights = self.loss_weight(t).unsqueeze(1).expand(mask.shape)[mask]
-        return (weights * nll).sum()
+        return (self.loss_weight(t[mask]) * nll).sum()
 
     def loss(self, model: Model, batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """NELBO per token in nats (one (t, mask) draw per row, t stratified across the batch; global RNG); the bpb
-        metric divides the same sum by the tokens' UTF-8 bytes."""
+        """NELBO per token in nats (one (t, mask) draw per row, or per block, t stratified across them all; global
+        RNG); the bpb metric divides the same sum by the tokens' UTF-8 bytes."""
         x, documents = self._sequence(batch)
-        t = self.draw_times(x.shape[0], device=x.device)
-        mask = torch.rand(x.shape, device=x.device) < self.mask_prob(t).unsqueeze(1)
+        n_blocks = self.blocks_in(x.shape[1])
+        t = self.per_position(self.training_times(x.shape[0] * n_blocks, x.device).view(-1, n_blocks), x.shape[1])
+        mask = torch.rand(x.shape, device=x.device) < self.mask_prob(t)
         nats = self.weighted_nll(model, x, t, mask, documents)
         loss = nats / x.numel()
         metrics = {"loss": loss.detach(), "bpb": nats.detach() / (math.log(2) * model.bytes_of(x).clamp(min=1)),
@@ -145,12 +168,12 @@ class MaskedDiffusionObjective(Objective):
         """
         x, documents = self._sequence(batch)
         generator = batch_seeded_generator(x, EVAL_SEED)
-        draws = self.eval_draws
-        times = self.draw_times(x.shape[0] * draws, generator=generator)
+        draws, n_blocks = self.eval_draws, self.blocks_in(x.shape[1])
+        times = self.draw_times(x.shape[0] * n_blocks * draws, generator=generator).view(-1, n_blocks, draws)
         total = 0.0
         for d in range(draws):
-            t = times[d::draws]
-            mask = torch.rand(x.shape, generator=generator) < self.mask_prob(t).unsqueeze(1)
+            t = self.per_position(times[..., d], x.shape[1])
+            mask = torch.rand(x.shape, generator=generator) < self.mask_prob(t)
             total += self.weighted_nll(model, x, t.to(x.device), mask.to(x.device), documents).item()
         n_bytes = max(model.bytes_of(x).item(), 1)
         return {"loss": total / (draws * x.numel()), "bpb": total / (draws * math.log(2) * n_bytes), "n_bytes": n_bytes,
@@ -187,20 +210,22 @@ class MaskedDiffusionObjective(Objective):
         with inference(model):
             z = torch.cat([prompt, prompt.new_full((batch, n_tokens), self.mask_id)], dim=1)
             draw = dict(temperature=temperature, top_k=top_k, generator=generator)
+            logits_of = partial(self.logits, model)
             if strategy == "ancestral":
-                self._ancestral(model, z, steps, **draw)
+                self._ancestral(logits_of, z, steps, **draw)
             elif strategy == "confidence":
-                self._confidence(model, z, prompt_len, z.shape[1], steps, **draw)
+                self._confidence(logits_of, z, prompt_len, z.shape[1], steps, **draw)
             else:
                 per_block = max(1, steps * block_size // n_tokens)
                 for start in range(prompt_len, z.shape[1], block_size):
-                    self._confidence(model, z, start, start + block_size, per_block, **draw)
+                    self._confidence(logits_of, z, start, start + block_size, per_block, **draw)
             return z
 
-    def _ancestral(self, model: Model, z: Tensor, steps: int, **draw) -> None:
+    def _ancestral(self, logits_of: Callable[[Tensor], Tensor], z: Tensor, steps: int, **draw) -> None:
+        """Unmasks z in place from t = 1 to 0 in `steps` steps; logits_of(z) runs the network."""
         logits = None
         stats = self.last_sample_stats
-        stats["unmasked_per_step"] = []  # bytes unmasked at each step, summed over the batch
+        unmasked_per_step = stats.setdefault("unmasked_per_step", [])  # bytes unmasked per step, summed over the batch
         for j in range(steps):
             masked = z == self.mask_id
             if not masked.any():
@@ -210,17 +235,19 @@ class MaskedDiffusionObjective(Objective):
             p_unmask = 1.0 if j == steps - 1 else (mask_t - mask_s) / mask_t
             stats["steps"] += 1
             if logits is None:  # the input changed since the last network call (or there was none)
-                logits = self.logits(model, z)
+                logits = logits_of(z)
                 stats["network_evals"] += 1
             unmask = masked & (torch.rand(z.shape, generator=draw["generator"], device=z.device) < p_unmask)
             count = int(unmask.sum())
-            stats["unmasked_per_step"].append(count)
+            unmasked_per_step.append(count)
             if count:
                 z[unmask] = self._draw(logits[unmask], **draw)[0]
                 logits = None
 
-    def _confidence(self, model: Model, z: Tensor, start: int, stop: int, steps: int, **draw) -> None:
-        """Unmasks positions start..stop-1 of z in `steps` steps, the most confident first; other masks stay."""
+    def _confidence(self, logits_of: Callable[[Tensor], Tensor], z: Tensor, start: int, stop: int, steps: int,
+                    **draw) -> None:
+        """Unmasks positions start..stop-1 of z in `steps` steps, the most confident first; other masks stay;
+        logits_of(z) runs the network."""
         stats = self.last_sample_stats
         window = torch.zeros_like(z, dtype=torch.bool)
         window[:, start:stop] = True
@@ -231,7 +258,7 @@ class MaskedDiffusionObjective(Objective):
                 break
             stats["steps"] += 1
             stats["network_evals"] += 1
-            logits = self.logits(model, z)
+            logits = logits_of(z)
             tokens, confidence = self._draw(logits[masked], **draw)  # row-major: (B * left,)
             positions = masked.nonzero()[:, 1].view(z.shape[0], left)
             keep = confidence.view(z.shape[0], left).topk(-(-left // (steps - j)), dim=1).indices

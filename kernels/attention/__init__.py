@@ -13,6 +13,12 @@ key j only if seq_idx[b, i] == seq_idx[b, j], on top of the causal and window ru
 block-diagonal bidirectional attention. Each document then attends exactly as if it ran alone. The Triton kernels
 mask by document and skip the key blocks of other documents; SDPA gets a boolean (B, 1, L, L) mask (on CPU about as
 fast as is_causal; on a GPU it moves SDPA from its flash kernel to cuDNN or memory-efficient attention).
+
+Any other pattern (issue 21: block diffusion's block-causal mask over a noisy and a clean copy of the sequence):
+`mask`, a bool tensor broadcastable to (B, H, Lq, Lk), True where query i may read key j, with causal=False and no
+window or seq_idx (the mask says it all). The torch, peer and reference backends take it; our Triton kernels know
+only the causal, window and document rules, so `auto` runs SDPA for a mask and `triton` refuses one. Every query
+must see at least one key (a row of False has no softmax).
 """
 from __future__ import annotations
 
@@ -42,12 +48,14 @@ _SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
-              window: int | None = None, backend: str = "auto", seq_idx: Tensor | None = None) -> Tensor:
+              window: int | None = None, backend: str = "auto", seq_idx: Tensor | None = None,
+              mask: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention; `scale` defaults to D ** -0.5; `window` (causal only) is how many keys each
     query sees, itself included (None = all); `seq_idx` (B, L) the document ids of packed rows (None = one document
-    per row). See the module docstring for layout."""
+    per row); `mask` any other pattern of visible keys (bool, True = visible). See the module docstring for layout."""
     _check_inputs(q, k, v, causal, window)
     _check_seq_idx(seq_idx, q, k)
+    _check_mask(mask, q, k, causal=causal, window=window, seq_idx=seq_idx)
     if window is not None and window >= k.shape[2]:
         window = None  # every query already sees all its keys: the full causal path, exactly
     name = resolve_backend("attention", backend, q.device, q.dtype)
@@ -56,6 +64,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | N
             raise ValueError(f"attention: the triton backend takes head_dim in {TRITON_HEAD_DIMS}, got "
                              f"{q.shape[-1]}; choose another n_heads or backend")
         name = "torch"  # auto: our kernel does not cover this head dim, SDPA does
+    if name == "triton" and mask is not None:
+        if backend != "auto":
+            raise ValueError("attention: the triton backend takes no explicit mask (only causal, window and "
+                             "documents); use kernels.attention=torch or auto")
+        name = "torch"
     if name == "triton" and backend == "auto" and (q.dtype == torch.float32 or q.shape[2] < AUTO_TRITON_MIN_LEN_Q):
         # auto takes SDPA where our kernel is the wrong tool: fp32 (exact fp32 dots, no tensor cores)
         # and decoding-sized queries (a 64-row query tile would be mostly padding)
@@ -64,11 +77,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | N
         return flash_attention(q, k, v, seq_idx, causal=causal, scale=q.shape[-1] ** -0.5 if scale is None else scale,
                                window=window or 0)[0]
     if name == "reference":
-        return attention_reference(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx)[0]
+        return attention_reference(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx,
+                                   mask=mask)[0]
     if name == "peer":  # with a mask (window, documents) SDPA leaves flash for cuDNN or memory-efficient attention
         with sdpa_kernel(PEER_SDPA_KERNELS):
-            return _sdpa(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx)
-    return _sdpa(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx)
+            return _sdpa(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx, mask=mask)
+    return _sdpa(q, k, v, causal=causal, scale=scale, window=window, seq_idx=seq_idx, mask=mask)
 
 
 # -- our Triton kernels as a torch.library custom op: opaque to torch.compile, differentiable ------------
@@ -131,9 +145,8 @@ flash_attention.register_autograd(_flash_attention_grad, setup_context=_save_for
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None, window: int | None,
-          seq_idx: Tensor | None) -> Tensor:
+          seq_idx: Tensor | None, mask: Tensor | None = None) -> Tensor:
     len_q, len_k = q.shape[2], k.shape[2]
-    mask = None
     if causal and (len_q != len_k or window is not None or seq_idx is not None):
         # SDPA's is_causal is top-left aligned and knows no window or documents; a single query at the end sees
         # every key anyway unless a window hides some.
@@ -188,6 +201,24 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | N
         if not causal:
             raise ValueError("attention: a window needs causal=True: it counts the keys up to each query's own "
                              "position, which a bidirectional query does not have")
+
+
+def _check_mask(mask: Tensor | None, q: Tensor, k: Tensor, *, causal: bool, window: int | None,
+                seq_idx: Tensor | None) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"attention: mask must be a bool tensor (True = visible), got {getattr(mask, 'dtype', mask)}")
+    if causal or window is not None or seq_idx is not None:
+        raise ValueError("attention: an explicit mask comes alone: pass causal=False, no window and no seq_idx, and "
+                         "put those rules into the mask")
+    try:
+        torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    except RuntimeError:
+        raise ValueError(f"attention: mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, len_q, "
+                         f"len_k) = {(q.shape[0], q.shape[1], q.shape[2], k.shape[2])}") from None
+    if mask.device != q.device:
+        raise ValueError(f"attention: mask is on {mask.device} but q on {q.device}; move it")
 
 
 def _check_seq_idx(seq_idx: Tensor | None, q: Tensor, k: Tensor) -> None:

@@ -20,7 +20,8 @@ def same_document(seq_idx: Tensor) -> Tensor:
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
-                        window: int | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                        window: int | None = None, seq_idx: Tensor | None = None,
+                        mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Returns (out, lse): out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 log-sum-exp of the scores.
 
     q is (B, H, Lq, D), k and v are (B, H_kv, Lk, D); query head h reads kv head h // (H / H_kv).
@@ -28,6 +29,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale:
     FlashAttention), so a block of new queries attends to the whole KV cache before it. A window (causal only)
     keeps each query to the last `window` keys up to its own position. seq_idx (B, L), with Lq == Lk == L, is
     each position's document id in packed rows: a query sees only keys of its own document, on top of the rest.
+    mask, bool and broadcastable to (B, H, Lq, Lk), hides the keys where it is False (any other pattern).
     Math runs in float32 (float64 inputs stay float64, for gradcheck), and so does lse; autograd
     differentiates it.
     """
@@ -41,6 +43,8 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale:
         scores = scores.masked_fill(~visible, float("-inf"))
     if seq_idx is not None:
         scores = scores.masked_fill(~same_document(seq_idx), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     lse = scores.logsumexp(dim=-1)
     probs = torch.exp(scores - lse[..., None])
     out = torch.einsum("bhqk,bhkd->bhqd", probs, v.to(compute_dtype))

@@ -80,8 +80,9 @@ def test_masking_rate_and_weight_follow_the_schedule(schedule):
 
     model.objective.weighted_nll = spy
     _, metrics = model.objective.loss(model, torch.randint(0, 256, (len(times), 129)))
-    t, mask = seen[-1]
-    p = objective.mask_prob(t)
+    t, mask = seen[-1]  # t: each position's time, one per row
+    assert t.shape == mask.shape and torch.equal(t, t[:, :1].expand_as(t))
+    p = objective.mask_prob(t[:, 0])
     counts = mask.sum(1).double()
     z = (counts - 128 * p).sum() / (128 * p * (1 - p)).sum().sqrt()
     assert abs(z) < 5, z

@@ -1,0 +1,66 @@
+"""Block-causal layouts (BD3-LM, Arriola et al. 2025): which keys each position reads when a model runs block by
+block, and at which positions RoPE places them. Only mixers with `Mixer.block_causal` (attention) take one.
+
+Blocks are `block_size` consecutive positions counted from 0 (position p is in block p // block_size). Two uses:
+
+- `BlockLayout.training(seq_len, block_size)`: one pass over the noisy and the clean copy of a sequence side by
+  side, [x_t, x_0], 2 * seq_len positions, both halves at positions 0 .. seq_len - 1. A noisy position reads its own
+  noisy block (M_BD, block diagonal) and the clean blocks before it (M_OBC, offset block-causal); a clean position
+  reads its own and the earlier clean blocks (M_BC, block-causal): the clean half is what a KV cache holds when
+  sampling. With `documents` (packed rows) a position also reads only its own document, and RoPE counts from each
+  document's start, as in every other mixer.
+- `BlockLayout.decoding(start, length, block_size, store=)`: `length` positions from `start` after a KV cache of
+  the `start` before them: block-causal (a position reads the cache and its block-mates, not later blocks).
+  store=True appends them to the cache (clean blocks); store=False reads the cache without changing it (a noisy
+  block being denoised).
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from archlab.archs.documents import Documents
+
+
+class BlockLayout:
+    """`mask` (Lq, Lk) or (B, 1, Lq, Lk) bool, True where a query reads a key, or None (every key); `positions`
+    (B or 1, Lq) the RoPE position of each query; `store`: whether a decoding pass appends its keys to the cache."""
+
+    def __init__(self, mask: Tensor | None, positions: Tensor, *, store: bool = True):
+        self.mask, self.positions, self.store = mask, positions, store
+
+    @classmethod
+    def training(cls, seq_len: int, block_size: int, *, device: torch.device | str | None = None,
+                 documents: Documents | None = None) -> "BlockLayout":
+        """The [x_t, x_0] layout of 2 * seq_len positions (see the module docstring)."""
+        position = torch.arange(seq_len, device=device)
+        block = torch.cat([position, position]) // block_size
+        clean = torch.arange(2 * seq_len, device=device) >= seq_len
+        q_block, k_block = rearrange(block, "q -> q 1"), rearrange(block, "k -> 1 k")
+        q_clean, k_clean = rearrange(clean, "q -> q 1"), rearrange(clean, "k -> 1 k")
+        mask = ((q_block == k_block) & (q_clean == k_clean)  # M_BD: own block, own copy
+                | (~q_clean & k_clean & (k_block < q_block))  # M_OBC: a noisy block reads earlier clean blocks
+                | (q_clean & k_clean & (k_block <= q_block)))  # M_BC: the clean copy, block-causal
+        if documents is None:
+            return cls(mask, rearrange(torch.cat([position, position]), "l -> 1 l"))
+        seq_idx = torch.cat([documents.seq_idx, documents.seq_idx], dim=1)
+        same_document = rearrange(seq_idx, "b q -> b 1 q 1") == rearrange(seq_idx, "b k -> b 1 1 k")
+        return cls(mask & same_document, torch.cat([documents.positions, documents.positions], dim=1))
+
+    @classmethod
+    def decoding(cls, start: int, length: int, block_size: int, *, store: bool,
+                 device: torch.device | str | None = None) -> "BlockLayout":
+        """`length` positions from `start`, after a cache of positions 0 .. start - 1 (see the module docstring)."""
+        position = torch.arange(start, start + length, device=device)
+        mask = None
+        if start // block_size != (start + length - 1) // block_size:  # more than one block: block-causal
+            keys = torch.arange(start + length, device=device)
+            mask = rearrange(keys // block_size, "k -> 1 k") <= rearrange(position // block_size, "q -> q 1")
+        return cls(mask, rearrange(position, "l -> 1 l"), store=store)
+
+    def check_matches(self, x: Tensor, where: str) -> None:
+        """x (B, L, ...) has the length (and, per row, the batch) these positions describe."""
+        if x.shape[1] != self.positions.shape[1] or self.positions.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"{where}: the block layout describes (batch, length) {tuple(self.positions.shape)} but "
+                             f"the input is {tuple(x.shape[:2])}; build the layout for this input")
