@@ -79,6 +79,10 @@ class Objective(nn.Module):
         """Raises ValueError when training windows of seq_len bytes cannot work with this config."""
 
     @classmethod
+    def check_kernels(cls, cfg: ModelConfig, kernels: Mapping[str, str]) -> None:
+        """Raises ValueError (one line) when a chosen kernel backend (op -> name) cannot run this objective."""
+
+    @classmethod
     def can_sample(cls, cfg: ModelConfig) -> bool:
         """Whether `sample` can generate text for this config."""
         return True

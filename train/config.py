@@ -209,6 +209,7 @@ class Config(_Section):
         from archlab.archs.registry import OBJECTIVES
 
         objective = OBJECTIVES[self.model.objective]
+        objective.check_kernels(self.model, self.kernels.model_dump())
         unused = sorted(set(self.sample.options()) - set(objective.sample_options))
         if unused:
             raise ValueError(f"sample.{unused[0]} does not apply to objective {self.model.objective}; remove it")
