@@ -65,14 +65,15 @@ def _bench_packing(args) -> None:
 
 
 def _bench_decode(args) -> None:
-    from archlab.compare.decode_bench import bench_decode, load_pair, to_markdown, write_results
+    from archlab.compare.decode_bench import bench_decode, load_runs, to_markdown, write_results
 
-    if not args.config or len(args.overrides) != 1:
-        raise UserError("archlab bench decode takes two run directories: a masked_diffusion run, then an "
-                        "autoregressive run")
-    diffusion, ar = load_pair(args.config, args.overrides[0], args.device, n_tokens=args.tokens,
-                              prompt_len=args.prompt_len)
-    result = bench_decode(diffusion, ar, n_tokens=args.tokens, samples=args.samples, prompt_len=args.prompt_len)
+    if not args.config or not args.overrides:
+        raise UserError("archlab bench decode takes run directories: masked_diffusion and/or block_diffusion runs "
+                        "and one autoregressive run (it scores the samples)")
+    samplers, ar = load_runs([args.config, *args.overrides], args.device, n_tokens=args.tokens,
+                             prompt_len=args.prompt_len)
+    result = bench_decode(samplers, ar, n_tokens=args.tokens, samples=args.samples, prompt_len=args.prompt_len,
+                          steps=args.denoising_steps)
     json_path, md_path, png_path = write_results(result, Path(args.out or "compare/results"))
     print(to_markdown(result, png_path.name))
     print(f"wrote {json_path}, {md_path} and {png_path}")

@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", add_help=False,
                            help="benchmarks: `trainer` (trainer overhead vs a bare loop), `packing` (trainer "
                                 "tokens/s on packed documents vs stream windows), "
-                                "`decode RUN_DIFFUSION RUN_AR` (masked-diffusion vs autoregressive "
-                                "sampling: tokens/s vs generative bpb), `inference RUN [RUN ...]` (prefill, "
+                                "`decode RUN [RUN ...]` (masked and block diffusion runs vs one autoregressive "
+                                "run: tokens/s vs generative bpb), `inference RUN [RUN ...]` (prefill, "
                                 "decode tokens/s, cache and peak memory against context length and batch size), "
                                 "`prepare` (archlab data prepare on "
                                 "refdocs: MB/s per core, peak RSS), and one per kernel op (listed by "
@@ -339,16 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", help="trainer, packing, decode, inference, prepare, or a kernel benchmark listed "
                                     "below")
     bench.add_argument("config", nargs="?", help=f"trainer: the model's config (default {DEFAULT_BENCH_CONFIG}); "
-                                                 "decode: the masked_diffusion run directory; inference: a run "
-                                                 "directory")
-    bench.add_argument("overrides", nargs="*", help="trainer: dotted overrides; decode: the autoregressive run "
-                                                    "directory; inference: more run directories")
+                                                 "decode, inference: a run directory")
+    bench.add_argument("overrides", nargs="*", help="trainer: dotted overrides; decode, inference: more run "
+                                                    "directories")
     bench.add_argument("--steps", type=int, default=50, help="trainer, packing: steps per timed chunk")
     bench.add_argument("--repeats", type=int, help="trainer, packing: timed chunks of each, interleaved (default 6); "
                                                    "inference: timed calls per setting after a warm-up (default 3)")
     bench.add_argument("--tokens", type=int, default=96, help="decode: bytes generated after each prompt")
     bench.add_argument("--samples", type=int, default=8, help="decode: prompts, sampled together as one batch")
     bench.add_argument("--prompt-len", type=int, default=32, help="decode: prompt bytes (val-split windows)")
+    bench.add_argument("--denoising-steps", type=int_list, help="decode: denoising step counts, comma-separated "
+                                                               "(default 8,16,32,64 and --tokens)")
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], help="decode, inference: where to load the runs")
     bench.add_argument("--contexts", type=int_list, help="inference: context lengths in tokens, comma-separated "
                                                           "(default 128,512,1024,2048,4096)")

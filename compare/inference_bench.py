@@ -6,8 +6,9 @@ C - n_tokens random token ids, then generates n_tokens, so its decoding state en
   sampler's pieces (backbone.new_cache, objective.logits(model, tokens, cache=), objective.draw_tokens, greedy)
   time the prefill (one forward over the prompt, filling the cache) and the decode (one single-position step per
   new token);
-- masked diffusion: no cache, each denoising step re-runs the whole sequence: objective.sample at each step count
-  of decode_bench.step_grid (ancestral), timed as one call, reported per generated token;
+- masked diffusion: no cache, each denoising step re-runs the whole sequence; block diffusion: a KV cache its
+  sampler keeps (not walked here), each step runs one block: objective.sample at each step count of
+  decode_bench.step_grid (ancestral), timed as one call, reported per generated token;
 - memory: `cache_bytes`, the bytes of the distinct storages the decoding state's tensors hold after prefill +
   decode (walked, not computed), beside `state_bytes`, the mixers' analytic count (archs/layers/mixer.py);
   `decode_peak_bytes`, the peak of bytes allocated while decoding (from the end of the prefill: the cache and each
@@ -32,7 +33,7 @@ import torch
 from archlab.archs.backbones.stack import activation_dtype
 from archlab.archs.model import inference
 from archlab.archs.registry import OBJECTIVES
-from archlab.compare.decode_bench import DIFFUSION_OBJECTIVE, step_grid
+from archlab.compare.decode_bench import step_grid
 from archlab.compare.inference_plots import plot, to_markdown
 from archlab.kernels.bench import environment, error_note, markdown_table, write_results_with_plot
 from archlab.kernels.common.files import atomic_write_all, json_text
@@ -207,8 +208,9 @@ def measure_diffusion(run: LoadedRun, context: int, batch_size: int, n_tokens: i
 # -- runs -------------------------------------------------------------------------------------------
 
 def decoding_of(cfg) -> str | None:
-    """How a run's objective generates: "diffusion", "cache" (the KV-cached AR loop), or None (it cannot)."""
-    if cfg.model.objective == DIFFUSION_OBJECTIVE:
+    """How a run's objective generates: "diffusion" (a denoising sampler that takes `steps`: masked or block
+    diffusion), "cache" (the KV-cached AR loop), or None (it cannot)."""
+    if "steps" in OBJECTIVES[cfg.model.objective].sample_options:
         return "diffusion"
     return "cache" if OBJECTIVES[cfg.model.objective].can_sample(cfg.model) else None
 

@@ -44,6 +44,7 @@ SAMPLERS = ("ancestral", "confidence")  # within a block
 
 class BlockDiffusionObjective(MaskedDiffusionObjective):
     sample_options = ("steps", "strategy")
+    strategies = SAMPLERS
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -113,12 +114,13 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         (strategy, steps, network_evals: every pass, cache fills included). Runs in eval mode, restoring it.
         """
         steps = max(n_tokens, 1) if steps is None else steps
-        if strategy not in SAMPLERS:
-            raise ValueError(f"block_diffusion samples within a block by {' or '.join(SAMPLERS)}, not {strategy!r}")
+        if strategy not in self.strategies:
+            raise ValueError(f"block_diffusion samples within a block by {' or '.join(self.strategies)}, not "
+                             f"{strategy!r}")
         self._check_sample_args(prompt, n_tokens, temperature, top_k, context_len, steps, strategy, None)
         batch, prompt_len = prompt.shape
         size = self.block_size
-        self.last_sample_stats = stats = {"strategy": strategy, "steps": 0, "network_evals": 0, "block_size": size}
+        self.last_sample_stats = {"strategy": strategy, "steps": 0, "network_evals": 0, "block_size": size}
         if n_tokens == 0:
             return prompt.clone()
         end = -(-(prompt_len + n_tokens) // size) * size  # whole blocks

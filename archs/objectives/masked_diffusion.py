@@ -45,6 +45,7 @@ STRATEGIES = ("ancestral", "confidence", "block")
 class MaskedDiffusionObjective(Objective):
     requires_causal = False
     sample_options = ("steps", "strategy", "block_size")
+    strategies = STRATEGIES  # what `sample(strategy=...)` takes
     samples_within_context = True  # the whole sequence is denoised at once
     quality_is_bound = True  # val bpb is the NELBO
 

@@ -1,5 +1,5 @@
-"""`archlab bench decode`: the study's metrics, rows, report and plot (with the AR model standing in for the
-diffusion sampler until masked_diffusion exists), and every bad input to the command."""
+"""`archlab bench decode`: the study's metrics, rows, report and plot (with the AR model standing in for a
+diffusion sampler), end to end on masked and block diffusion runs, and every bad input to the command."""
 import json
 import math
 from types import SimpleNamespace
@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from archlab.archs.registry import OBJECTIVES
 from archlab.compare.decode_bench import (
     bench_decode,
-    check_pair,
+    check_runs,
     default_block_size,
     generative_bpb,
     step_grid,
@@ -50,6 +49,8 @@ def _load(run_dir):
 
 class StandInDiffusion:
     """The diffusion sampler's interface on top of the AR sampler; rejects `block` below n_tokens steps."""
+
+    strategies = ("ancestral", "confidence", "block")
 
     def __init__(self, ar):
         self.ar, self.last_sample_stats = ar, None
@@ -95,17 +96,23 @@ def test_generative_bpb_scores_only_generated_bytes(ar_run):
     assert generative_bpb(ar, prompts, generated) == pytest.approx(float(nll) / math.log(2), rel=1e-5)
 
 
+def stand_in(ar, objective="masked_diffusion"):
+    cfg = SimpleNamespace(model=SimpleNamespace(objective=objective), run=SimpleNamespace(dir="runs/stand-in"),
+                          data=ar.cfg.data)
+    return SimpleNamespace(model=SimpleNamespace(objective=StandInDiffusion(ar)), device=ar.device, cfg=cfg)
+
+
 def test_decode_study_report_and_plot(ar_run, tmp_path):
     import matplotlib.image
 
     ar = _load(ar_run)
-    diffusion = SimpleNamespace(model=SimpleNamespace(objective=StandInDiffusion(ar)), device=ar.device, cfg=ar.cfg)
-    result = bench_decode(diffusion, ar, n_tokens=N_TOKENS, samples=SAMPLES, prompt_len=PROMPT_LEN)
+    result = bench_decode([stand_in(ar)], ar, n_tokens=N_TOKENS, samples=SAMPLES, prompt_len=PROMPT_LEN)
     rows = result["rows"]
+    md = "masked_diffusion"
     assert [(r["model"], r["strategy"], r["steps"]) for r in rows] == [
-        ("diffusion", "ancestral", 8), ("diffusion", "ancestral", 16), ("diffusion", "confidence", 8),
-        ("diffusion", "confidence", 16), ("diffusion", "block", 8), ("diffusion", "block", 16),
-        ("autoregressive", "kv-cache", 16), ("data", "val continuation", None)]
+        (md, "ancestral", 8), (md, "ancestral", 16), (md, "confidence", 8), (md, "confidence", 16), (md, "block", 8),
+        (md, "block", 16), ("autoregressive", "kv-cache", 16), ("data", "val continuation", None)]
+    assert {r["run"] for r in rows[:-1]} == {"stand-in", ar_run.name}
     block_8 = rows[4]
     assert block_8["error"] == "block: 8 steps are too few" and "generative_bpb" not in block_8
     ok = [r for r in rows if "error" not in r]
@@ -113,6 +120,8 @@ def test_decode_study_report_and_plot(ar_run, tmp_path):
     assert ar_row["network_evals_per_token"] == 1.0 and ar_row["tokens_per_s"] > 0
     for row in ok[:-2]:
         assert row["network_evals_per_token"] == row["steps"] / N_TOKENS and row["tokens_per_s"] > 0
+        assert row["steps_taken"] == row["steps"] and "speedup_vs_mdlm" not in row
+        assert row["speed_vs_ar"] == round(row["tokens_per_s"] / ar_row["tokens_per_s"], 3)
         # the stand-in draws the AR model's samples with the same seed: the same bytes, so the same scores
         assert row["generative_bpb"] == ar_row["generative_bpb"]
         assert row["unigram_entropy_bits"] == ar_row["unigram_entropy_bits"]
@@ -138,62 +147,78 @@ def test_cli_writes_the_report(capsys, ar_run, tmp_path, monkeypatch):
     """`archlab bench decode` end to end, with the stand-in as the diffusion run (load_pair is checked below)."""
     import archlab.compare.decode_bench as decode_bench
 
-    def stand_in_pair(diffusion_dir, ar_dir, device, *, n_tokens, prompt_len):
-        assert (diffusion_dir, device, n_tokens, prompt_len) == (str(ar_run), "cpu", N_TOKENS, PROMPT_LEN)
-        ar = _load(ar_dir)
-        diffusion = SimpleNamespace(model=SimpleNamespace(objective=StandInDiffusion(ar)), device=ar.device,
-                                    cfg=ar.cfg)
-        return diffusion, ar
+    def stand_in_runs(run_dirs, device, *, n_tokens, prompt_len):
+        assert (run_dirs, device, n_tokens, prompt_len) == ([str(ar_run)] * 2, "cpu", N_TOKENS, PROMPT_LEN)
+        ar = _load(run_dirs[1])
+        return [stand_in(ar)], ar
 
-    monkeypatch.setattr(decode_bench, "load_pair", stand_in_pair)
+    monkeypatch.setattr(decode_bench, "load_runs", stand_in_runs)
     out = tmp_path / "results"
     code, stdout, err = run_cli(capsys, "bench", "decode", ar_run, ar_run, "--tokens", N_TOKENS, "--samples", 2,
-                                "--prompt-len", PROMPT_LEN, "--device", "cpu", "--out", out)
+                                "--prompt-len", PROMPT_LEN, "--device", "cpu", "--out", out, "--denoising-steps", "4")
     assert code == 0, err
     (json_path,) = out.glob("decode-*.json")
-    assert f"wrote {json_path}" in stdout and "| autoregressive | kv-cache | 16 |" in stdout
-    assert json.loads(json_path.read_text())["samples"] == 2 and json_path.with_suffix(".png").is_file()
+    assert f"wrote {json_path}" in stdout and f"| autoregressive | {ar_run.name} | kv-cache | 16 |" in stdout
+    result = json.loads(json_path.read_text())
+    assert result["samples"] == 2 and json_path.with_suffix(".png").is_file()
+    assert {r["steps"] for r in result["rows"] if r["model"] == "masked_diffusion"} == {4}
 
 
 def test_bad_inputs(capsys, ar_run, tmp_path):
     code, _, err = run_cli(capsys, "bench", "decode", ar_run, ar_run, "--out", tmp_path / "out")
-    assert code == 2 and "first run must be a masked_diffusion run" in err and len(err.splitlines()) == 1
+    assert code == 2 and "exactly one autoregressive run (it scores every sample), got 2" in err
+    assert len(err.splitlines()) == 1
     code, _, err = run_cli(capsys, "bench", "decode", tmp_path / "nowhere", ar_run)
     assert code == 2 and "not a run directory" in err
     code, _, err = run_cli(capsys, "bench", "decode", ar_run)
-    assert code == 2 and "two run directories" in err
+    assert code == 2 and "takes run directories" in err
     assert not (tmp_path / "out").exists()
 
     def cfg(objective, seq_len=32):
         return SimpleNamespace(model=SimpleNamespace(objective=objective), data=SimpleNamespace(seq_len=seq_len),
                                run=SimpleNamespace(dir="runs/x"))
 
-    check_pair(cfg("masked_diffusion"), cfg("autoregressive"), 24, 8)
-    with pytest.raises(Exception, match="second run must be an autoregressive run"):
-        check_pair(cfg("masked_diffusion"), cfg("masked_diffusion"), 16, 8)
-    with pytest.raises(Exception, match=r"differ in data.seq_len \(64 vs 32\)"):
-        check_pair(cfg("masked_diffusion", 64), cfg("autoregressive"), 16, 8)
+    check_runs([cfg("masked_diffusion"), cfg("autoregressive")], 24, 8)
+    check_runs([cfg("autoregressive"), cfg("block_diffusion"), cfg("masked_diffusion")], 24, 8)
+    with pytest.raises(Exception, match="exactly one autoregressive run .*, got 0"):
+        check_runs([cfg("masked_diffusion"), cfg("masked_diffusion")], 16, 8)
+    with pytest.raises(Exception, match="at least one masked_diffusion or block_diffusion run"):
+        check_runs([cfg("autoregressive")], 16, 8)
+    with pytest.raises(Exception, match="trained model.objective=jepa, which bench decode does not sample"):
+        check_runs([cfg("jepa"), cfg("autoregressive")], 16, 8)
+    with pytest.raises(Exception, match=r"differ in data.seq_len \(32, 64\)"):
+        check_runs([cfg("masked_diffusion", 64), cfg("autoregressive")], 16, 8)
     with pytest.raises(Exception, match="must be >= 2 bytes and fit in data.seq_len=32"):
-        check_pair(cfg("masked_diffusion"), cfg("autoregressive"), 25, 8)
+        check_runs([cfg("masked_diffusion"), cfg("autoregressive")], 25, 8)
 
 
-@pytest.mark.skipif("masked_diffusion" not in OBJECTIVES,
-                    reason="model.objective=masked_diffusion is not registered yet "
-                           "(archs/objectives/masked_diffusion.py)")
 def test_decode_bench_end_to_end(capsys, ar_run, tmp_path):
-    diffusion_run = _train(tmp_path / "diffusion", "model.objective=masked_diffusion")
+    diffusion_run = _train(tmp_path / "diffusion", "model.objective=masked_diffusion", "sample.tokens=0")
+    block_run = _train(tmp_path / "block", "model.objective=block_diffusion", "model.block_diffusion.block_size=4",
+                       "sample.tokens=0")
     out = tmp_path / "results"
-    code, stdout, err = run_cli(capsys, "bench", "decode", diffusion_run, ar_run, "--tokens", N_TOKENS,
+    code, stdout, err = run_cli(capsys, "bench", "decode", diffusion_run, ar_run, block_run, "--tokens", N_TOKENS,
                                 "--samples", 2, "--prompt-len", PROMPT_LEN, "--device", "cpu", "--out", out)
     assert code == 0, err
     (json_path,) = out.glob("decode-*.json")
     result = json.loads(json_path.read_text())
     assert str(json_path) in stdout and json_path.with_suffix(".png").is_file()
+    assert {name: run["objective"] for name, run in result["runs"].items()} == {
+        "diffusion": "masked_diffusion", "block": "block_diffusion", ar_run.name: "autoregressive"}
     rows = {(r["model"], r["strategy"], r["steps"]): r for r in result["rows"]}
-    for strategy in ("ancestral", "confidence"):
-        for steps in (8, 16):
-            row = rows[("diffusion", strategy, steps)]
-            assert "error" not in row, row
-            assert row["tokens_per_s"] > 0 and 0 < row["generative_bpb"] < 16
-            assert 0 < row["network_evals_per_token"] <= 2 * steps / N_TOKENS + 1
+    for model in ("masked_diffusion", "block_diffusion"):
+        for strategy in ("ancestral", "confidence"):
+            for steps in (8, 16):
+                row = rows[(model, strategy, steps)]
+                assert "error" not in row, row
+                assert row["tokens_per_s"] > 0 and 0 < row["generative_bpb"] < 16
+                assert 0 < row["network_evals_per_token"] <= 2 * steps / N_TOKENS + 1
+    assert ("block_diffusion", "block", 8) not in rows  # block diffusion has no `block` strategy
+    # 16 bytes after an 8-byte prompt in blocks of 4: 4 blocks to generate, so 8 steps take 2 per block
+    block_8 = rows[("block_diffusion", "confidence", 8)]
+    assert block_8["block_size"] == 4 and block_8["steps_taken"] == 8
+    assert block_8["network_evals_per_token"] == (1 + 8 + 3) / N_TOKENS  # prompt blocks, steps, 3 cache fills
+    assert block_8["speedup_vs_mdlm"] == round(
+        block_8["tokens_per_s"] / rows[("masked_diffusion", "confidence", 8)]["tokens_per_s"], 2)
     assert rows[("autoregressive", "kv-cache", N_TOKENS)]["network_evals_per_token"] == 1.0
+    assert any("masked diffusion run's tokens/s" in line for line in result["reading"])
