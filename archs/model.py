@@ -58,6 +58,9 @@ class Objective(nn.Module):
     quality_is_bound: bool = False
     #: further eval metrics the progress bar shows (e.g. JEPA's collapse monitors)
     progress_metrics: tuple[str, ...] = ()
+    #: whether its sampler keeps a decoding state (a KV cache) though the backbone runs bidirectionally (block
+    #: diffusion caches its finished blocks); a causal backbone always does
+    caches_while_sampling: bool = False
     #: whether it reads only one stream of bytes (no packed documents, no other tokenizer)
     byte_streams_only: bool = False
     #: what a fresh probe on this objective's frozen representations predicts (`probe_features`): "next byte",

@@ -32,8 +32,9 @@ LONG_CONTEXT_MULTIPLE = 4  # summaries also give the state at 4x the trained len
 def decoding_state_bytes(model: Model, seq_len: int, *, dtype: torch.dtype) -> dict:
     """One sequence's decoding state in bytes after seq_len positions and after LONG_CONTEXT_MULTIPLE x seq_len
     (a KV cache grows with it, a recurrent state does not), with the activations' dtype; all None for a model that
-    runs bidirectionally: it keeps no state between positions (its sampler reruns the whole sequence)."""
-    if not model.causal:
+    runs bidirectionally and keeps no state between positions (masked diffusion's sampler reruns the whole
+    sequence); block diffusion caches its finished blocks' keys and values, as a causal model does."""
+    if not (model.causal or model.objective.caches_while_sampling):
         return {"state_bytes": None, f"state_bytes_{LONG_CONTEXT_MULTIPLE}x": None, "state_dtype": None}
     longer = LONG_CONTEXT_MULTIPLE * seq_len
     return {"state_bytes": model.backbone.state_bytes(1, seq_len, dtype=dtype),

@@ -278,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=0.8)
     sample.add_argument("--top-k", type=int, default=None)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--steps", type=int, help="masked_diffusion: denoising steps (default: one per byte)")
-    sample.add_argument("--strategy", help="masked_diffusion: ancestral (default), confidence or block")
+    sample.add_argument("--steps", type=int, help="masked_diffusion, block_diffusion: denoising steps (default: one "
+                                                  "per byte)")
+    sample.add_argument("--strategy", help="masked_diffusion: ancestral (default), confidence or block; "
+                                           "block_diffusion, within each block: ancestral (default) or confidence")
     sample.add_argument("--block-size", type=int, help="masked_diffusion, --strategy block: bytes per block")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"])
     sample.set_defaults(handler=cmd_sample)

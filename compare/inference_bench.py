@@ -244,7 +244,7 @@ def check_runs(run_dirs: Sequence[str], contexts: Sequence[int], device: str | N
         usable.append(str(run_dir))
     if not usable:
         raise UserError(f"none of the runs can generate ({'; '.join(s['reason'] for s in skipped)}); give an "
-                        "autoregressive, masked_diffusion or next_latent jepa run")
+                        "autoregressive, masked_diffusion, block_diffusion or next_latent jepa run")
     return usable, skipped
 
 

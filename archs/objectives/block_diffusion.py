@@ -44,6 +44,7 @@ SAMPLERS = ("ancestral", "confidence")  # within a block
 
 class BlockDiffusionObjective(MaskedDiffusionObjective):
     sample_options = ("steps", "strategy")
+    caches_while_sampling = True
     strategies = SAMPLERS
 
     def __init__(self, cfg: ModelConfig):

@@ -202,6 +202,16 @@ def test_evaluation_is_reproducible_and_a_bound():
     assert first["bound"] == 1.0
 
 
+def test_decoding_state_is_the_kv_cache():
+    from archlab.archs.summary import decoding_state_bytes
+
+    model = tiny_model(block_size=4)
+    state = decoding_state_bytes(model, 32, dtype=torch.float32)
+    assert state["state_bytes"] == model.backbone.state_bytes(1, 32, dtype=torch.float32) == 2 * 2 * 1 * 32 * 16 * 4
+    assert state["state_bytes_4x"] == 4 * state["state_bytes"]
+    assert decoding_state_bytes(tiny_model("masked_diffusion"), 32, dtype=torch.float32)["state_bytes"] is None
+
+
 def test_training_flops_count_both_halves():
     model = tiny_model(block_size=4)
     one_copy = model.backbone.flops_per_token(18, causal=False)  # (32 + 4) / 2 keys per position
