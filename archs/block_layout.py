@@ -8,7 +8,10 @@ Blocks are `block_size` consecutive positions counted from 0 (position p is in b
   noisy block (M_BD, block diagonal) and the clean blocks before it (M_OBC, offset block-causal); a clean position
   reads its own and the earlier clean blocks (M_BC, block-causal): the clean half is what a KV cache holds when
   sampling. With `documents` (packed rows) a position also reads only its own document, and RoPE counts from each
-  document's start, as in every other mixer.
+  document's start, as in every other mixer. Blocks stay counted from the row's start (as the noise levels are,
+  one per row block), so a document that starts inside a block trains with its blocks offset, while the sampler
+  starts them at its position 0: the bound holds either way (documents never read each other), the alignment
+  differs. Its mask is then per row, (B, 1, 2L, 2L) booleans: 0.5 GB at B = 32, L = 2048.
 - `BlockLayout.decoding(start, length, block_size, store=)`: `length` positions from `start` after a KV cache of
   the `start` before them: block-causal (a position reads the cache and its block-mates, not later blocks).
   store=True appends them to the cache (clean blocks); store=False reads the cache without changing it (a noisy
@@ -25,10 +28,11 @@ from archlab.archs.documents import Documents
 
 class BlockLayout:
     """`mask` (Lq, Lk) or (B, 1, Lq, Lk) bool, True where a query reads a key, or None (every key); `positions`
-    (B or 1, Lq) the RoPE position of each query; `store`: whether a decoding pass appends its keys to the cache."""
+    (B or 1, Lq) the RoPE position of each query; `store`: whether a decoding pass appends its keys to the cache;
+    `start`: the positions a decoding pass expects in the cache before it (None: a pass without a cache)."""
 
-    def __init__(self, mask: Tensor | None, positions: Tensor, *, store: bool = True):
-        self.mask, self.positions, self.store = mask, positions, store
+    def __init__(self, mask: Tensor | None, positions: Tensor, *, store: bool = True, start: int | None = None):
+        self.mask, self.positions, self.store, self.start = mask, positions, store, start
 
     @classmethod
     def training(cls, seq_len: int, block_size: int, *, device: torch.device | str | None = None,
@@ -57,10 +61,14 @@ class BlockLayout:
         if start // block_size != (start + length - 1) // block_size:  # more than one block: block-causal
             keys = torch.arange(start + length, device=device)
             mask = rearrange(keys // block_size, "k -> 1 k") <= rearrange(position // block_size, "q -> q 1")
-        return cls(mask, rearrange(position, "l -> 1 l"), store=store)
+        return cls(mask, rearrange(position, "l -> 1 l"), store=store, start=start)
 
-    def check_matches(self, x: Tensor, where: str) -> None:
-        """x (B, L, ...) has the length (and, per row, the batch) these positions describe."""
-        if x.shape[1] != self.positions.shape[1] or self.positions.shape[0] not in (1, x.shape[0]):
+    def check_matches(self, batch_size: int, length: int, cached: int, where: str) -> None:
+        """An input of (batch_size, length) after `cached` positions in a cache (0 without one) is what this
+        layout describes."""
+        if length != self.positions.shape[1] or self.positions.shape[0] not in (1, batch_size):
             raise ValueError(f"{where}: the block layout describes (batch, length) {tuple(self.positions.shape)} but "
-                             f"the input is {tuple(x.shape[:2])}; build the layout for this input")
+                             f"the input is {(batch_size, length)}; build the layout for this input")
+        if cached != (self.start or 0):
+            raise ValueError(f"{where}: the block layout starts at position {self.start or 0} but the cache holds "
+                             f"{cached}; build the layout from the cache's length")

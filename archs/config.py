@@ -114,8 +114,8 @@ class BlockDiffusionConfig(BaseModel):
     block_size: int = Field(16, gt=0, description="positions per block, dividing data.seq_len: 1 is autoregressive "
                                                    "(in expectation), data.seq_len is MDLM")
     clip_min: float = Field(1e-3, gt=0, le=1, description="training draws each block's time t uniformly in "
-                            "[clip_min, clip_max] (BD3-LM's clipped schedule: less gradient variance); evaluation "
-                            "always integrates over [1e-3, 1], so val bpb stays a bound")
+                            "[clip_min, clip_max] (BD3-LM's clipped schedule: less gradient variance; the training "
+                            "loss is then no bound); evaluation always integrates over [1e-3, 1], so val bpb stays one")
     clip_max: float = Field(1.0, gt=0, le=1, description="see clip_min")
 
     @model_validator(mode="after")

@@ -6,7 +6,8 @@ from archlab.kernels.bench import markdown_table
 from archlab.kernels.common.plotting import png_bytes, pyplot
 
 AR_OBJECTIVE = "autoregressive"
-LABELS = {"masked_diffusion": "MDLM", "block_diffusion": "block diffusion"}
+MDLM_OBJECTIVE = "masked_diffusion"
+LABELS = {MDLM_OBJECTIVE: "MDLM", "block_diffusion": "block diffusion"}
 
 
 def to_markdown(result: dict, plot_name: str | None = None) -> str:
@@ -41,7 +42,7 @@ def plot(result: dict) -> bytes:
     for label in dict.fromkeys(series_label(r) for r in diffusion):
         points = sorted((r for r in diffusion if series_label(r) == label), key=lambda r: r["steps_taken"] or 0)
         xs, ys = [r["tokens_per_s"] for r in points], [r["generative_bpb"] for r in points]
-        ax.plot(xs, ys, marker="o" if points[0]["model"] == "masked_diffusion" else "s",
+        ax.plot(xs, ys, marker="o" if points[0]["model"] == MDLM_OBJECTIVE else "s",
                 linestyle=styles.get(points[0]["strategy"], "-"), label=label)
         for r in points:
             ax.annotate(f"{r['steps_taken']}", (r["tokens_per_s"], r["generative_bpb"]), textcoords="offset points",

@@ -202,7 +202,19 @@ def measure_diffusion(run: LoadedRun, context: int, batch_size: int, n_tokens: i
     return {"decoding": "diffusion", "steps": steps, "prefill_ms": None,
             "decode_ms_per_token": round(seconds * 1e3 / n_tokens, 3),
             "decode_tokens_per_s": round(batch_size * n_tokens / seconds, 2), "cache_bytes": None,
-            "state_bytes": None, "peak_bytes": peak.bytes, "decode_peak_bytes": peak.bytes}
+            "state_bytes": _sampler_cache_bytes(run, batch_size, context), "peak_bytes": peak.bytes,
+            "decode_peak_bytes": peak.bytes}
+
+
+def _sampler_cache_bytes(run: LoadedRun, batch_size: int, context: int) -> int | None:
+    """What a denoising sampler caches at this context: block diffusion's KV cache of the finished blocks (the
+    mixers' analytic count, in the dtype its cache is made in); None for masked diffusion, which caches nothing."""
+    model = run.model
+    if not model.objective.caches_while_sampling:
+        return None
+    with run.autocast():
+        dtype = activation_dtype(model.backbone.norm.weight, run.device)
+    return model.backbone.state_bytes(batch_size, context, dtype=dtype)
 
 
 # -- runs -------------------------------------------------------------------------------------------

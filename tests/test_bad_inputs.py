@@ -259,7 +259,7 @@ CASES = [
      train("model.objective=block_diffusion", "model.block_diffusion.block_size=5"),
      "model.block_diffusion.block_size=5 must divide the sequence length 32 (data.seq_len)"),
     ("arch: block diffusion on a recurrent mixer", train("model.objective=block_diffusion", "model.layers=mamba"),
-     "which mixer mamba cannot (it reads its inputs in order); use mixers that can: attention, swa"),
+     "which mixer mamba cannot (it reads its inputs in order); use mixers that can: attention"),
     ("arch: block diffusion on a hybrid", train("model.objective=block_diffusion", "model.layers=mamba,attention"),
      "which mixer mamba cannot"),
     ("arch: block diffusion on the Triton attention kernel",

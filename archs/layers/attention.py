@@ -179,10 +179,7 @@ class Attention(Mixer):
         return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
 
     def _block_causal(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache | None, layout: BlockLayout) -> Tensor:
-        if self.window is not None:
-            raise ValueError(f"model.{self.name}.window={self.window}: windowed attention cannot run block-causally; "
-                             "use attention without a window")
-        layout.check_matches(q.transpose(1, 2), "attention")
+        layout.check_matches(q.shape[0], q.shape[2], 0 if state is None else state.length, "attention")
         q, k = self.rope(q, k, positions=layout.positions.expand(q.shape[0], -1))
         if state is not None:
             k, v = state.append(k, v) if layout.store else state.read_with(k, v)
@@ -221,3 +218,4 @@ class SlidingWindowAttention(Attention):
 
     name = "swa"
     settings = SlidingWindowSettings
+    block_causal = False  # its window is always on, and a window is causal

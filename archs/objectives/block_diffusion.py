@@ -70,8 +70,9 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
             raise ValueError(f"model.block_diffusion.block_size={block_size} must divide the sequence length "
                              f"{seq_len} (data.seq_len): blocks tile each sequence")
 
-    def attach(self, model: Model, *, kernels: Mapping[str, str] | None) -> None:
-        if (kernels or {}).get("attention") == "triton":
+    @classmethod
+    def check_kernels(cls, cfg: ModelConfig, kernels: Mapping[str, str]) -> None:
+        if kernels.get("attention") == "triton":
             raise ValueError("block_diffusion needs an attention mask our Triton kernels do not take; set "
                              "kernels.attention=auto or torch")
 
@@ -95,12 +96,19 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
 
     def training_flops_per_token(self, model: Model, seq_len: int) -> int:
         """3x the forward of both halves: 2 * seq_len positions, each reading (seq_len + B) / 2 keys on average (a
-        block b position reads b + 1 blocks), which costs as much as bidirectional attention over that many; the
-        head counted once per byte, as MDLM does. One block runs the noisy half alone (MDLM's count)."""
+        block b position reads b + 1 blocks), which costs as much as bidirectional attention over that many (linear
+        in it: an odd sum averages the counts either side); the head counted once per byte, as MDLM does. One block
+        runs the noisy half alone (MDLM's count). This is the useful work: SDPA with a dense boolean mask computes
+        scores for all 2 * seq_len keys and discards the hidden ones."""
         if seq_len == self.block_size:
             return super().training_flops_per_token(model, seq_len)
-        backbone = model.backbone.flops_per_token((seq_len + self.block_size) // 2, causal=False)
-        return 3 * (2 * backbone + self.head_flops_per_token(model.backbone.d_model))
+        keys = seq_len + self.block_size
+        both_halves = sum(model.backbone.flops_per_token(half, causal=False) for half in (keys // 2, (keys + 1) // 2))
+        return 3 * (both_halves + self.head_flops_per_token(model.backbone.d_model))
+
+    def logits(self, model: Model, z: Tensor) -> Tensor:
+        raise NotImplementedError("block diffusion predicts a block from the clean blocks before it, not from z "
+                                  "alone: use denoiser_hidden(model, z, x) or sample")
 
     # -- sampling -----------------------------------------------------------------------------------
     def sample(self, model: Model, prompt: Tensor, n_tokens: int, *, temperature: float = 1.0,
@@ -108,11 +116,13 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
                steps: int | None = None, strategy: str = "ancestral") -> Tensor:
         """Generates n_tokens bytes after prompt (B, P) block by block with a KV cache; returns (B, P + n_tokens).
 
-        steps (default n_tokens) is the denoising budget of the whole span: each block being generated gets
-        ceil(steps / blocks) of them (at least one), so the steps taken (`last_sample_stats["steps"]`) may exceed
-        it. strategy: `ancestral` (MDLM) or `confidence` (LLaDA) within each block. The last block is denoised
-        whole and cut to n_tokens. P + n_tokens must fit in `context_len` when given. Sets `last_sample_stats`
-        (strategy, steps, network_evals: every pass, cache fills included). Runs in eval mode, restoring it.
+        steps (default n_tokens) is the denoising budget of the whole span, split over the blocks being generated
+        as evenly as whole steps allow (earlier blocks get the remainder); a block gets at least one, so with
+        fewer steps than blocks the steps taken (`last_sample_stats["steps"]`) exceed it (`blocks_to_generate`
+        says how many). strategy: `ancestral` (MDLM) or `confidence` (LLaDA) within each block. The last block is
+        denoised whole and cut to n_tokens. P + n_tokens must fit in `context_len` when given. Sets
+        `last_sample_stats` (strategy, steps, network_evals: every pass, cache fills included). Runs in eval mode,
+        restoring it.
         """
         steps = max(n_tokens, 1) if steps is None else steps
         if strategy not in self.strategies:
@@ -126,14 +136,16 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
             return prompt.clone()
         end = -(-(prompt_len + n_tokens) // size) * size  # whole blocks
         first = prompt_len // size * size  # where the first block with something to generate starts
-        per_block = max(1, -(-steps // ((end - first) // size)))
+        n_blocks = (end - first) // size
+        self.last_sample_stats["blocks_to_generate"] = n_blocks
         draw = dict(temperature=temperature, top_k=top_k, generator=generator)
         with inference(model):
             cache = model.backbone.new_cache(batch, end, device=prompt.device)
             if first:
                 self._append(model, prompt[:, :first], cache, 0)
             tokens = prompt[:, :first]
-            for start in range(first, end, size):
+            for index, start in enumerate(range(first, end, size)):
+                per_block = max(1, steps // n_blocks + (index < steps % n_blocks))
                 known = prompt[:, start:start + size]
                 z = torch.cat([known, known.new_full((batch, size - known.shape[1]), self.mask_id)], dim=1)
                 layout = BlockLayout.decoding(start, size, size, store=False, device=prompt.device)

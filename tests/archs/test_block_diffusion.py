@@ -125,6 +125,10 @@ def test_cached_decoding_matches_the_training_pass():
             assert cache[0].length == start  # reading did not store
             objective._append(model, x[:, start:start + 4], cache, start)
         assert cache[0].length == 16 and objective.last_sample_stats["network_evals"] == 3
+    with torch.no_grad(), pytest.raises(ValueError, match="layout starts at position 8 but the cache holds 16"):
+        objective._block_logits(model, z[:, 8:12], cache=cache, layout=BlockLayout.decoding(8, 4, 4, store=False))
+    with pytest.raises(NotImplementedError, match="use denoiser_hidden"):
+        objective.logits(model, z)
 
 
 def test_packed_documents_stay_apart():
@@ -158,9 +162,14 @@ def test_sampler_keeps_the_prompt_and_counts_its_passes(strategy):
     assert out.shape == (2, 16) and torch.equal(out[:, :6], prompt) and int(out.max()) < 256
     stats = objective.last_sample_stats
     # blocks 1..3 generated, ceil(6 / 3) = 2 steps each; passes: the prompt's block 0, those steps, 2 cache fills
-    assert stats["steps"] == 6
+    assert stats["steps"] == 6 and stats["blocks_to_generate"] == 3
     if strategy == "confidence":
         assert stats["network_evals"] == 1 + 6 + 2
+        aligned = prompt[:, :4]  # then every block to generate starts fully masked
+        objective.sample(model, aligned, 12, steps=7, strategy=strategy)  # 3 + 2 + 2 steps
+        assert objective.last_sample_stats["steps"] == 7
+        objective.sample(model, aligned, 12, steps=2, strategy=strategy)  # one per block at least
+        assert objective.last_sample_stats["steps"] == 3
     again = objective.sample(model, prompt, 10, steps=6, strategy=strategy, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again, out)
     greedy = objective.sample(model, prompt, 4, steps=4, temperature=0, strategy=strategy)
@@ -179,8 +188,10 @@ def test_sampler_refuses_bad_settings():
 
 
 def test_config_refusals_and_settings():
-    with pytest.raises(ValueError, match="mixer mamba cannot"):
+    with pytest.raises(ValueError, match=r"mixer mamba cannot .* use mixers that can: attention \[type"):
         ModelConfig(objective="block_diffusion", layers="attention,mamba")
+    with pytest.raises(ValueError, match="mixer swa cannot"):  # its window is causal
+        ModelConfig(objective="block_diffusion", layers="swa")
     with pytest.raises(ValueError, match="clip_min=0.5 must be below clip_max=0.5"):
         ModelConfig(objective="block_diffusion", block_diffusion={"clip_min": 0.5, "clip_max": 0.5})
     with pytest.raises(ValueError, match="block_size=3 must divide the sequence length 16"):
