@@ -12,10 +12,10 @@ Blocks are `block_size` consecutive positions counted from 0 (position p is in b
   one per row block), so a document that starts inside a block trains with its blocks offset, while the sampler
   starts them at its position 0: the bound holds either way (documents never read each other), the alignment
   differs. Its mask is then per row, (B, 1, 2L, 2L) booleans: 0.5 GB at B = 32, L = 2048.
-- `BlockLayout.decoding(start, length, block_size, store=)`: `length` positions from `start` after a KV cache of
-  the `start` before them: block-causal (a position reads the cache and its block-mates, not later blocks).
-  store=True appends them to the cache (clean blocks); store=False reads the cache without changing it (a noisy
-  block being denoised).
+- `BlockLayout.decoding(start, length, block_size, store=n)`: `length` positions from `start` after a KV cache of
+  the `start` before them: block-causal (a position reads the cache and its block-mates, not later blocks). The
+  first n positions are appended to the cache (clean blocks); the rest read it without changing it (a noisy block
+  being denoised), so one pass can both fill the cache with a finished block and denoise the next.
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from archlab.archs.documents import Documents
 
 class BlockLayout:
     """`mask` (Lq, Lk) or (B, 1, Lq, Lk) bool, True where a query reads a key, or None (every key); `positions`
-    (B or 1, Lq) the RoPE position of each query; `store`: whether a decoding pass appends its keys to the cache;
-    `start`: the positions a decoding pass expects in the cache before it (None: a pass without a cache)."""
+    (B or 1, Lq) the RoPE position of each query; `store`: how many leading positions a decoding pass appends to
+    the cache; `start`: the positions a decoding pass expects in the cache before it (None: a pass without one)."""
 
-    def __init__(self, mask: Tensor | None, positions: Tensor, *, store: bool = True, start: int | None = None):
+    def __init__(self, mask: Tensor | None, positions: Tensor, *, store: int = 0, start: int | None = None):
         self.mask, self.positions, self.store, self.start = mask, positions, store, start
 
     @classmethod
@@ -53,7 +53,7 @@ class BlockLayout:
         return cls(mask & same_document, torch.cat([documents.positions, documents.positions], dim=1))
 
     @classmethod
-    def decoding(cls, start: int, length: int, block_size: int, *, store: bool,
+    def decoding(cls, start: int, length: int, block_size: int, *, store: int,
                  device: torch.device | str | None = None) -> "BlockLayout":
         """`length` positions from `start`, after a cache of positions 0 .. start - 1 (see the module docstring)."""
         position = torch.arange(start, start + length, device=device)

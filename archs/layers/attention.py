@@ -182,7 +182,13 @@ class Attention(Mixer):
         layout.check_matches(q.shape[0], q.shape[2], 0 if state is None else state.length, "attention")
         q, k = self.rope(q, k, positions=layout.positions.expand(q.shape[0], -1))
         if state is not None:
-            k, v = state.append(k, v) if layout.store else state.read_with(k, v)
+            stored = layout.store
+            if stored == k.shape[2]:
+                k, v = state.append(k, v)
+            else:
+                if stored:
+                    state.append(k[:, :, :stored], v[:, :, :stored])
+                k, v = state.read_with(k[:, :, stored:], v[:, :, stored:])
         mask = layout.mask
         out = attention(q, k, v, causal=False, backend=self.attention_backend,
                         mask=None if mask is None else mask.to(q.device))

@@ -18,16 +18,17 @@ Training may clip the times to [clip_min, clip_max] (BD3-LM's clipped schedules,
 of large blocks); evaluation always integrates over [1e-3, 1] like MDLM, so val bpb is an upper bound on the NLL
 (`bound: 1.0`) whatever the training clip.
 
-Sampling goes block by block with a KV cache: the prompt's whole blocks are run once, block-causally, into the
-cache; each new block starts masked (holding the prompt's tail, when the prompt ends inside it), is denoised by
-MDLM's ancestral or LLaDA's confidence sampler reading the cache without writing it, and, once clean, is run
-once more to append its keys and values. A denoising step costs one pass over B positions, not seq_len.
+Sampling goes block by block with a KV cache: each new block starts masked (holding the prompt's tail, when the
+prompt ends inside it) and is denoised by MDLM's ancestral or LLaDA's confidence sampler, each step one pass over
+its B positions that reads the cache without writing it. The clean positions not yet cached (the prompt's whole
+blocks, then each finished block) ride along in the next block's first pass, block-causally, and are appended
+there: a step costs one pass over B positions (2B when it carries a finished block), not over seq_len, and
+filling the cache costs no pass of its own.
 Only mixers that can run block-causally (Mixer.block_causal: attention without a window) can train this way.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 
 import torch
 from torch import Tensor
@@ -116,13 +117,13 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
                steps: int | None = None, strategy: str = "ancestral") -> Tensor:
         """Generates n_tokens bytes after prompt (B, P) block by block with a KV cache; returns (B, P + n_tokens).
 
-        steps (default n_tokens) is the denoising budget of the whole span, split over the blocks being generated
+        steps (default n_tokens) is the denoising budget of the whole span (one network pass each), split over the
+        blocks being generated
         as evenly as whole steps allow (earlier blocks get the remainder); a block gets at least one, so with
         fewer steps than blocks the steps taken (`last_sample_stats["steps"]`) exceed it (`blocks_to_generate`
         says how many). strategy: `ancestral` (MDLM) or `confidence` (LLaDA) within each block. The last block is
         denoised whole and cut to n_tokens. P + n_tokens must fit in `context_len` when given. Sets
-        `last_sample_stats` (strategy, steps, network_evals: every pass, cache fills included). Runs in eval mode,
-        restoring it.
+        `last_sample_stats` (strategy, steps, network_evals, blocks_to_generate). Runs in eval mode, restoring it.
         """
         steps = max(n_tokens, 1) if steps is None else steps
         if strategy not in self.strategies:
@@ -140,30 +141,40 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         self.last_sample_stats["blocks_to_generate"] = n_blocks
         draw = dict(temperature=temperature, top_k=top_k, generator=generator)
         with inference(model):
-            cache = model.backbone.new_cache(batch, end, device=prompt.device)
-            if first:
-                self._append(model, prompt[:, :first], cache, 0)
-            tokens = prompt[:, :first]
+            blocks = CachedBlocks(self, model, prompt[:, :first], end)
             for index, start in enumerate(range(first, end, size)):
                 per_block = max(1, steps // n_blocks + (index < steps % n_blocks))
                 known = prompt[:, start:start + size]
                 z = torch.cat([known, known.new_full((batch, size - known.shape[1]), self.mask_id)], dim=1)
-                layout = BlockLayout.decoding(start, size, size, store=False, device=prompt.device)
-                logits_of = partial(self._block_logits, model, cache=cache, layout=layout)
                 if strategy == "ancestral":
-                    self._ancestral(logits_of, z, per_block, **draw)
+                    self._ancestral(blocks.logits, z, per_block, **draw)
                 else:
-                    self._confidence(logits_of, z, 0, size, per_block, **draw)
-                tokens = torch.cat([tokens, z], dim=1)
-                if start + size < end:
-                    self._append(model, z, cache, start)
-        return tokens[:, :prompt_len + n_tokens]
+                    self._confidence(blocks.logits, z, 0, size, per_block, **draw)
+                blocks.finish(z)
+        return blocks.tokens[:, :prompt_len + n_tokens]
 
-    def _block_logits(self, model: Model, z: Tensor, *, cache: list, layout: BlockLayout) -> Tensor:
-        return self.head(model, model(self.embed(model, z), cache=cache, layout=layout))
 
-    def _append(self, model: Model, clean: Tensor, cache: list, start: int) -> None:
-        """Runs clean blocks (B, n * block_size) from position `start` into the cache, block-causally."""
-        model(clean, cache=cache, layout=BlockLayout.decoding(start, clean.shape[1], self.block_size, store=True,
-                                                              device=clean.device))
-        self.last_sample_stats["network_evals"] += 1
+class CachedBlocks:
+    """A block-by-block sampler's KV cache (room for `length` positions) and the clean tokens so far; those not yet
+    cached (`pending`: the prompt's whole blocks, then the last finished block) go in with the next pass."""
+
+    def __init__(self, objective: BlockDiffusionObjective, model: Model, clean_prefix: Tensor, length: int):
+        self.objective, self.model = objective, model
+        self.cache = model.backbone.new_cache(clean_prefix.shape[0], length, device=clean_prefix.device)
+        self.tokens = self.pending = clean_prefix
+
+    def logits(self, z: Tensor) -> Tensor:
+        """Logits (B, block, 256) for the block z (partly masked) that follows the clean tokens; the pending ones
+        are appended to the cache by this pass, z is not."""
+        stored, size = self.pending.shape[1], self.objective.block_size
+        layout = BlockLayout.decoding(self.cache[0].length, stored + z.shape[1], size, store=stored,
+                                      device=z.device)
+        hidden = self.model(self.objective.embed(self.model, torch.cat([self.pending, z], dim=1)), cache=self.cache,
+                            layout=layout)
+        self.pending = self.pending[:, :0]
+        return self.objective.head(self.model, hidden[:, stored:])
+
+    def finish(self, block: Tensor) -> None:
+        """The block denoised last is clean now: the next pass caches it."""
+        self.tokens = torch.cat([self.tokens, block], dim=1)
+        self.pending = block

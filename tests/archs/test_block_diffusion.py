@@ -40,11 +40,11 @@ def test_training_layout_is_bd3lms_mask():
 
 
 def test_decoding_layout_is_block_causal_over_cache_and_new_positions():
-    one_block = BlockLayout.decoding(8, 4, 4, store=False)
-    assert one_block.mask is None and one_block.positions.tolist() == [[8, 9, 10, 11]] and not one_block.store
-    prefill = BlockLayout.decoding(4, 8, 4, store=True)  # blocks 1 and 2 after a cache holding block 0
-    assert prefill.mask.shape == (8, 12)
-    assert prefill.mask[:4].sum(1).tolist() == [8] * 4 and prefill.mask[4:].sum(1).tolist() == [12] * 4
+    one_block = BlockLayout.decoding(8, 4, 4, store=0)
+    assert one_block.mask is None and one_block.positions.tolist() == [[8, 9, 10, 11]] and one_block.store == 0
+    two = BlockLayout.decoding(4, 8, 4, store=4)  # blocks 1 and 2 after a cache holding block 0; block 1 stored
+    assert two.mask.shape == (8, 12) and two.store == 4
+    assert two.mask[:4].sum(1).tolist() == [8] * 4 and two.mask[4:].sum(1).tolist() == [12] * 4
 
 
 def test_one_block_is_mdlm_exactly():
@@ -108,25 +108,26 @@ def test_noisy_block_reads_its_noisy_self_and_earlier_clean_blocks_only():
 
 
 def test_cached_decoding_matches_the_training_pass():
-    """A block denoised after a KV cache of the clean blocks sees what the training pass shows it."""
+    """A block denoised after a KV cache of the clean blocks sees what the training pass shows it, whether the pass
+    also carries clean blocks into the cache (the prompt's two, then each finished one) or reads the cache only."""
+    from archlab.archs.objectives.block_diffusion import CachedBlocks
+
     model = tiny_model(block_size=4)
     objective = model.objective
     x = torch.randint(0, 256, (3, 16))
     z = x.masked_fill(torch.rand(x.shape) < 0.5, MASK)
     with torch.no_grad():
         expected = objective.head(model, objective.denoiser_hidden(model, z, x, None))
-        cache = model.backbone.new_cache(3, 16)
-        objective.last_sample_stats = {"network_evals": 0}
-        objective._append(model, x[:, :8], cache, 0)  # blocks 0 and 1 at once (block-causal)
+        blocks = CachedBlocks(objective, model, x[:, :8], 16)
         for start in (8, 12):
-            layout = BlockLayout.decoding(start, 4, 4, store=False)
-            got = objective._block_logits(model, z[:, start:start + 4], cache=cache, layout=layout)
-            torch.testing.assert_close(got, expected[:, start:start + 4], rtol=1e-5, atol=1e-5)
-            assert cache[0].length == start  # reading did not store
-            objective._append(model, x[:, start:start + 4], cache, start)
-        assert cache[0].length == 16 and objective.last_sample_stats["network_evals"] == 3
-    with torch.no_grad(), pytest.raises(ValueError, match="layout starts at position 8 but the cache holds 16"):
-        objective._block_logits(model, z[:, 8:12], cache=cache, layout=BlockLayout.decoding(8, 4, 4, store=False))
+            for _ in range(2):  # the first pass stores the pending clean blocks, the second only reads
+                got = blocks.logits(z[:, start:start + 4])
+                torch.testing.assert_close(got, expected[:, start:start + 4], rtol=1e-5, atol=1e-5)
+                assert blocks.cache[0].length == start  # the block being denoised is never stored
+            blocks.finish(x[:, start:start + 4])
+        assert torch.equal(blocks.tokens, x)
+        with pytest.raises(ValueError, match="layout starts at position 8 but the cache holds 12"):
+            model(x[:, 8:12], cache=blocks.cache, layout=BlockLayout.decoding(8, 4, 4, store=0))
     with pytest.raises(NotImplementedError, match="use denoiser_hidden"):
         objective.logits(model, z)
 
@@ -161,10 +162,10 @@ def test_sampler_keeps_the_prompt_and_counts_its_passes(strategy):
                            context_len=16)
     assert out.shape == (2, 16) and torch.equal(out[:, :6], prompt) and int(out.max()) < 256
     stats = objective.last_sample_stats
-    # blocks 1..3 generated, ceil(6 / 3) = 2 steps each; passes: the prompt's block 0, those steps, 2 cache fills
+    # blocks 1..3 generated, 6 / 3 = 2 steps each, one pass each (the cache fills ride along)
     assert stats["steps"] == 6 and stats["blocks_to_generate"] == 3
     if strategy == "confidence":
-        assert stats["network_evals"] == 1 + 6 + 2
+        assert stats["network_evals"] == 6
         aligned = prompt[:, :4]  # then every block to generate starts fully masked
         objective.sample(model, aligned, 12, steps=7, strategy=strategy)  # 3 + 2 + 2 steps
         assert objective.last_sample_stats["steps"] == 7
