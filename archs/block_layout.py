@@ -39,7 +39,8 @@ class BlockLayout:
                  documents: Documents | None = None) -> "BlockLayout":
         """The [x_t, x_0] layout of 2 * seq_len positions (see the module docstring)."""
         position = torch.arange(seq_len, device=device)
-        block = torch.cat([position, position]) // block_size
+        both_halves = torch.cat([position, position])
+        block = both_halves // block_size
         clean = torch.arange(2 * seq_len, device=device) >= seq_len
         q_block, k_block = rearrange(block, "q -> q 1"), rearrange(block, "k -> 1 k")
         q_clean, k_clean = rearrange(clean, "q -> q 1"), rearrange(clean, "k -> 1 k")
@@ -47,7 +48,7 @@ class BlockLayout:
                 | (~q_clean & k_clean & (k_block < q_block))  # M_OBC: a noisy block reads earlier clean blocks
                 | (q_clean & k_clean & (k_block <= q_block)))  # M_BC: the clean copy, block-causal
         if documents is None:
-            return cls(mask, rearrange(torch.cat([position, position]), "l -> 1 l"))
+            return cls(mask, rearrange(both_halves, "l -> 1 l"))
         seq_idx = torch.cat([documents.seq_idx, documents.seq_idx], dim=1)
         same_document = rearrange(seq_idx, "b q -> b 1 q 1") == rearrange(seq_idx, "b k -> b 1 1 k")
         return cls(mask & same_document, torch.cat([documents.positions, documents.positions], dim=1))

@@ -33,6 +33,7 @@ import torch
 from archlab.archs.backbones.stack import activation_dtype
 from archlab.archs.model import inference
 from archlab.archs.registry import OBJECTIVES
+from archlab.archs.summary import decoding_state_bytes
 from archlab.compare.decode_bench import step_grid
 from archlab.compare.inference_plots import plot, to_markdown
 from archlab.kernels.bench import environment, error_note, markdown_table, write_results_with_plot
@@ -207,14 +208,13 @@ def measure_diffusion(run: LoadedRun, context: int, batch_size: int, n_tokens: i
 
 
 def _sampler_cache_bytes(run: LoadedRun, batch_size: int, context: int) -> int | None:
-    """What a denoising sampler caches at this context: block diffusion's KV cache of the finished blocks (the
-    mixers' analytic count, in the dtype its cache is made in); None for masked diffusion, which caches nothing."""
-    model = run.model
-    if not model.objective.caches_while_sampling:
-        return None
+    """What a denoising sampler caches at this context (archs/summary.py decides which models keep a decoding
+    state): block diffusion's KV cache of the finished blocks, in the dtype its cache is made in; None for masked
+    diffusion, which caches nothing."""
     with run.autocast():
-        dtype = activation_dtype(model.backbone.norm.weight, run.device)
-    return model.backbone.state_bytes(batch_size, context, dtype=dtype)
+        dtype = activation_dtype(run.model.backbone.norm.weight, run.device)
+    per_sequence = decoding_state_bytes(run.model, context, dtype=dtype)["state_bytes"]
+    return None if per_sequence is None else batch_size * per_sequence
 
 
 # -- runs -------------------------------------------------------------------------------------------
